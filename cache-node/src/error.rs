@@ -1,0 +1,44 @@
+//! The node's errors, and the one place they become gRPC statuses.
+
+use ringcache_common::validate::ValidationError;
+
+use crate::store::StoreError;
+
+/// Everything a cache-node request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The request breaks a limit or is malformed.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The store refused a write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A batch's answer would be larger than a message may be.
+    #[error(
+        "response would be over {limit} bytes (--max-message-bytes) after {answered} of {requested} keys; ask for fewer keys per call"
+    )]
+    ResponseTooLarge {
+        /// The message size limit.
+        limit: usize,
+        /// Keys answered before the limit was hit.
+        answered: usize,
+        /// Keys asked for.
+        requested: usize,
+    },
+}
+
+impl From<NodeError> for tonic::Status {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Invalid(e) => e.into(),
+            // An entry too large for a shard is a configuration limit the
+            // request ran into: the same request will never fit.
+            NodeError::Store(e @ StoreError::EntryTooLarge { .. }) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            e @ NodeError::ResponseTooLarge { .. } => {
+                tonic::Status::resource_exhausted(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Storage metrics for Prometheus, read from the store at scrape time so
+//! the request path pays nothing for them.
+
+use std::sync::Arc;
+
+use prometheus::{
+    IntCounter, IntGauge,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+use crate::store::Store;
+
+/// Exposes the store's counters as `ringcache_store_*` metrics.
+#[derive(Debug)]
+pub struct StoreCollector {
+    store: Arc<Store>,
+    items: IntGauge,
+    bytes: IntGauge,
+    capacity: IntGauge,
+    hits: IntCounter,
+    misses: IntCounter,
+    evictions: IntCounter,
+    expirations: IntCounter,
+}
+
+impl StoreCollector {
+    /// A collector over `store`.
+    pub fn new(store: Arc<Store>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            store,
+            items: IntGauge::new(
+                "ringcache_store_items",
+                "Entries held (expired ones not yet reclaimed included).",
+            )?,
+            bytes: IntGauge::new(
+                "ringcache_store_bytes",
+                "Bytes accounted to entries: key + value + per-entry overhead.",
+            )?,
+            capacity: IntGauge::new(
+                "ringcache_store_capacity_bytes",
+                "The most bytes the store may hold (--capacity).",
+            )?,
+            hits: IntCounter::new(
+                "ringcache_store_hits_total",
+                "Reads that found a live value.",
+            )?,
+            misses: IntCounter::new(
+                "ringcache_store_misses_total",
+                "Reads that found nothing live.",
+            )?,
+            evictions: IntCounter::new(
+                "ringcache_store_evictions_total",
+                "Entries evicted to make room.",
+            )?,
+            expirations: IntCounter::new(
+                "ringcache_store_expirations_total",
+                "Entries removed because their TTL ran out.",
+            )?,
+        })
+    }
+}
+
+/// Moves a counter up to `value` (counters only go up; the store's do too).
+fn catch_up(counter: &IntCounter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+fn gauge(g: &IntGauge, value: u64) {
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+}
+
+impl Collector for StoreCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [
+            self.items.desc(),
+            self.bytes.desc(),
+            self.capacity.desc(),
+            self.hits.desc(),
+            self.misses.desc(),
+            self.evictions.desc(),
+            self.expirations.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = self.store.total_stats();
+        gauge(&self.items, s.items);
+        gauge(&self.bytes, s.bytes_used);
+        gauge(&self.capacity, s.capacity_bytes);
+        catch_up(&self.hits, s.hits);
+        catch_up(&self.misses, s.misses);
+        catch_up(&self.evictions, s.evictions);
+        catch_up(&self.expirations, s.expirations);
+        [
+            self.items.collect(),
+            self.bytes.collect(),
+            self.capacity.collect(),
+            self.hits.collect(),
+            self.misses.collect(),
+            self.evictions.collect(),
+            self.expirations.collect(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::{Encoder, Registry, TextEncoder};
+
+    use super::*;
+    use crate::store::{Condition, StoreConfig};
+
+    #[test]
+    fn scrape_reads_the_store() {
+        let store = Arc::new(
+            Store::new(StoreConfig {
+                capacity: 1 << 20,
+                shards: 2,
+            })
+            .unwrap(),
+        );
+        let registry = Registry::new();
+        registry
+            .register(Box::new(StoreCollector::new(store.clone()).unwrap()))
+            .unwrap();
+        store.set("a", b"1", None, Condition::Always).unwrap();
+        store.get("a");
+        store.get("a");
+        store.get("nope");
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("ringcache_store_items 1\n"), "{text}");
+        assert!(text.contains("ringcache_store_hits_total 2\n"));
+        assert!(text.contains("ringcache_store_misses_total 1\n"));
+        assert!(text.contains("ringcache_store_capacity_bytes 1048576\n"));
+        // A second scrape does not double-count.
+        store.get("a");
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("ringcache_store_hits_total 3\n")
+        );
+    }
+}

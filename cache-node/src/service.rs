@@ -1,0 +1,379 @@
+//! The node's gRPC services: `ringcache.v1.Cache` over the [`Store`], and
+//! `ringcache.v1.Node` for its statistics.
+//!
+//! Each method validates the whole request first (so a refused request
+//! changes nothing), then calls the store, then maps the outcome. Errors
+//! become statuses in one place, `From<NodeError> for Status`.
+
+use std::{sync::Arc, time::Instant};
+
+use ringcache_common::validate::{RequestLimits, to_proto_duration};
+use ringcache_proto::v1::{
+    DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
+    StatsResponse, cache_server::Cache, node_server::Node,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::NodeError,
+    store::{self, Found, Store},
+};
+
+/// Bytes a `GetResult` costs on the wire beyond its value: tags, lengths,
+/// version and TTL. Used to stop building a `GetMany` answer before it
+/// outgrows the message limit.
+const RESULT_FRAMING: usize = 48;
+
+/// `ringcache.v1.Cache` served from a local [`Store`].
+#[derive(Debug, Clone)]
+pub struct CacheService {
+    store: Arc<Store>,
+    limits: RequestLimits,
+    max_message_bytes: usize,
+}
+
+impl CacheService {
+    /// Serves `store`, refusing requests over `limits`, and never building a
+    /// response larger than `max_message_bytes`.
+    pub fn new(store: Arc<Store>, limits: RequestLimits, max_message_bytes: usize) -> Self {
+        Self {
+            store,
+            limits,
+            max_message_bytes,
+        }
+    }
+
+    fn set_one(&self, req: &SetRequest, prefix: &str) -> Result<SetResponse, NodeError> {
+        let checked = self.limits.check_set(prefix, req)?;
+        let out = self
+            .store
+            .set(&req.key, &req.value, checked.ttl, checked.condition)?;
+        Ok(SetResponse {
+            stored: out.stored,
+            version: out.version,
+        })
+    }
+}
+
+fn get_response(found: Option<Found>) -> GetResponse {
+    match found {
+        Some(f) => GetResponse {
+            found: true,
+            value: f.value,
+            version: f.version,
+            ttl: f.ttl.map(to_proto_duration),
+        },
+        None => GetResponse::default(),
+    }
+}
+
+#[tonic::async_trait]
+impl Cache for CacheService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        self.limits
+            .check_key(|| "key".to_owned(), &req.key)
+            .map_err(NodeError::from)?;
+        Ok(Response::new(get_response(self.store.get(&req.key))))
+    }
+
+    async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        Ok(Response::new(self.set_one(&request.into_inner(), "")?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.limits
+            .check_key(|| "key".to_owned(), &req.key)
+            .map_err(NodeError::from)?;
+        Ok(Response::new(DeleteResponse {
+            deleted: self.store.delete(&req.key),
+        }))
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<GetManyRequest>,
+    ) -> Result<Response<GetManyResponse>, Status> {
+        let req = request.into_inner();
+        self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
+        let mut size = 0usize;
+        let mut results = Vec::with_capacity(req.keys.len());
+        for key in &req.keys {
+            let r = get_response(self.store.get(key));
+            size += r.value.len() + RESULT_FRAMING;
+            if size > self.max_message_bytes {
+                return Err(NodeError::ResponseTooLarge {
+                    limit: self.max_message_bytes,
+                    answered: results.len(),
+                    requested: req.keys.len(),
+                }
+                .into());
+            }
+            results.push(GetResult {
+                found: r.found,
+                value: r.value,
+                version: r.version,
+                ttl: r.ttl,
+                error: None,
+            });
+        }
+        Ok(Response::new(GetManyResponse { results }))
+    }
+
+    async fn set_many(
+        &self,
+        request: Request<SetManyRequest>,
+    ) -> Result<Response<SetManyResponse>, Status> {
+        let req = request.into_inner();
+        // Validate every entry before writing any, so a refused batch
+        // changes nothing.
+        let checked = self
+            .limits
+            .check_entries(&req.entries)
+            .map_err(NodeError::from)?;
+        for e in &req.entries {
+            let weight = Store::entry_weight(e.key.len(), e.value.len(), e.ttl.is_some());
+            if weight > self.store.shard_capacity() {
+                return Err(NodeError::from(store::StoreError::EntryTooLarge {
+                    weight,
+                    shard_capacity: self.store.shard_capacity(),
+                })
+                .into());
+            }
+        }
+        let mut results = Vec::with_capacity(req.entries.len());
+        for (e, c) in req.entries.iter().zip(checked) {
+            let out = self
+                .store
+                .set(&e.key, &e.value, c.ttl, c.condition)
+                .map_err(NodeError::from)?;
+            results.push(SetResult {
+                stored: out.stored,
+                version: out.version,
+                error: None,
+            });
+        }
+        Ok(Response::new(SetManyResponse { results }))
+    }
+}
+
+/// `ringcache.v1.Node`: the node's storage statistics.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    store: Arc<Store>,
+    started: Instant,
+}
+
+impl NodeService {
+    /// Reports on `store`; uptime counts from now.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            started: Instant::now(),
+        }
+    }
+}
+
+fn shard_stats(index: u32, s: &store::ShardStats) -> ringcache_proto::v1::ShardStats {
+    ringcache_proto::v1::ShardStats {
+        shard: index,
+        items: s.items,
+        bytes_used: s.bytes_used,
+        capacity_bytes: s.capacity_bytes,
+        hits: s.hits,
+        misses: s.misses,
+        evictions: s.evictions,
+        expirations: s.expirations,
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let shards = self.store.shard_stats();
+        let total = Store::sum(&shards);
+        Ok(Response::new(StatsResponse {
+            total: Some(shard_stats(0, &total)),
+            shards: shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| shard_stats(u32::try_from(i).unwrap_or(u32::MAX), s))
+                .collect(),
+            uptime: Some(to_proto_duration(self.started.elapsed())),
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn service() -> CacheService {
+        let store = Store::new(StoreConfig {
+            capacity: 64 << 20,
+            shards: 4,
+        })
+        .unwrap();
+        CacheService::new(Arc::new(store), RequestLimits::default(), 4 << 20)
+    }
+
+    fn set_req(key: &str, value: &[u8]) -> SetRequest {
+        SetRequest {
+            key: key.into(),
+            value: value.to_vec().into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn get_set_delete() {
+        let svc = service();
+        let get = |k: &str| svc.get(Request::new(GetRequest { key: k.into() }));
+        assert!(!get("a").await.unwrap().into_inner().found);
+        let set = svc
+            .set(Request::new(set_req("a", b"1")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(set.stored);
+        let got = get("a").await.unwrap().into_inner();
+        assert_eq!(
+            (got.found, &got.value[..], got.version),
+            (true, &b"1"[..], set.version)
+        );
+        assert!(got.ttl.is_none());
+        let del = svc
+            .delete(Request::new(DeleteRequest { key: "a".into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(del.deleted);
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_are_refused_whole() {
+        let svc = service();
+        let status = svc
+            .get(Request::new(GetRequest { key: String::new() }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+        // One bad entry refuses the batch, and the good ones are not written.
+        let big = vec![0u8; (1 << 20) + 1];
+        let status = svc
+            .set_many(Request::new(SetManyRequest {
+                entries: vec![set_req("good", b"x"), set_req("bad", &big)],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .starts_with("entries[1].value: value is 1048577 bytes")
+        );
+        assert!(
+            !svc.get(Request::new(GetRequest { key: "good".into() }))
+                .await
+                .unwrap()
+                .into_inner()
+                .found
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_answer_in_request_order() {
+        let svc = service();
+        let entries = (0..50)
+            .map(|i| set_req(&format!("k{i}"), format!("v{i}").as_bytes()))
+            .collect();
+        let set = svc
+            .set_many(Request::new(SetManyRequest { entries }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.results.len(), 50);
+        assert!(set.results.iter().all(|r| r.stored && r.error.is_none()));
+        let keys: Vec<String> = (0..60).rev().map(|i| format!("k{i}")).collect();
+        let got = svc
+            .get_many(Request::new(GetManyRequest { keys: keys.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        for (key, r) in keys.iter().zip(&got.results) {
+            let i: usize = key[1..].parse().unwrap();
+            if i < 50 {
+                assert!(r.found);
+                assert_eq!(&r.value[..], format!("v{i}").as_bytes());
+            } else {
+                assert!(!r.found);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn get_many_refuses_an_answer_over_the_message_limit() {
+        let store = Arc::new(
+            Store::new(StoreConfig {
+                capacity: 64 << 20,
+                shards: 4,
+            })
+            .unwrap(),
+        );
+        let svc = CacheService::new(store, RequestLimits::default(), 1 << 20);
+        let value = vec![1u8; 400 * 1024];
+        for k in ["a", "b", "c"] {
+            svc.set(Request::new(set_req(k, &value))).await.unwrap();
+        }
+        let status = svc
+            .get_many(Request::new(GetManyRequest {
+                keys: vec!["a".into(), "b".into(), "c".into()],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("after 2 of 3 keys"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn stats_report_totals_and_shards() {
+        let svc = service();
+        svc.set(Request::new(set_req("a", b"1"))).await.unwrap();
+        svc.get(Request::new(GetRequest { key: "a".into() }))
+            .await
+            .unwrap();
+        svc.get(Request::new(GetRequest { key: "b".into() }))
+            .await
+            .unwrap();
+        let node = NodeService::new(svc.store.clone());
+        let stats = node
+            .stats(Request::new(StatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let total = stats.total.unwrap();
+        assert_eq!((total.items, total.hits, total.misses), (1, 1, 1));
+        assert_eq!(total.capacity_bytes, 64 << 20);
+        assert_eq!(stats.shards.len(), 4);
+        assert_eq!(stats.shards.iter().map(|s| s.items).sum::<u64>(), 1);
+        assert!(
+            stats
+                .shards
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.shard as usize == i)
+        );
+    }
+}

@@ -1,0 +1,633 @@
+//! The node's storage: a fixed number of shards, each a byte-weighted
+//! `quick_cache` with TTLs and per-key versions. No gRPC in here.
+//!
+//! # Memory
+//!
+//! Every entry is weighed as `key bytes + value bytes + ENTRY_OVERHEAD`
+//! (plus `EXPIRY_OVERHEAD` when it has a TTL, for its slot in the expiry
+//! index). Each shard holds at most `capacity / shards` of that weight, and
+//! quick_cache evicts (CLOCK-Pro-like, scan resistant) to stay within it, so
+//! the accounted total never exceeds the configured capacity. The overhead
+//! constants were measured (see `BENCHMARKS.md`), so the accounted bytes
+//! track the real heap use of the entries.
+//!
+//! Values are copied into an allocation of their own on write. A value
+//! decoded from a request is a slice of the request's buffer; keeping that
+//! slice would keep the whole buffer (for a `SetMany`, every other entry's
+//! bytes too) alive, invisibly to the accounting.
+//!
+//! # Expiry
+//!
+//! quick_cache has no TTLs. An entry carries its deadline; a read treats an
+//! expired entry as absent. Each shard also keeps an exact index of
+//! deadlines (`(deadline, version) → key`), kept in step on overwrite,
+//! delete and eviction, so [`Store::reclaim_expired`] (run by a background
+//! task) frees expired entries in deadline order without scanning the
+//! cache, and the index never holds more than the live entries with TTLs.
+//!
+//! # Versions and atomicity
+//!
+//! A shard's writes happen under its write lock, so a conditional write
+//! (`if_absent`, `if_version`) checks and writes atomically. Versions come
+//! from a per-shard hybrid clock: `max(previous + 1, wall clock in µs)`.
+//! Every write of a key therefore gets a larger version than the key ever had
+//! (the key always lives in the same shard), and versions keep growing across
+//! a node restart, so a client holding a version from before the restart
+//! cannot have its compare-and-set match a different value by accident.
+//!
+//! Reads take the shard's read lock only, so they run in parallel.
+
+use std::{
+    collections::BTreeMap,
+    hash::BuildHasher,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, unsync};
+
+/// Bytes accounted to every entry beyond its key and value: the cache's
+/// slot and bookkeeping, the `Entry` itself, and the allocator headers of
+/// the key and value allocations.
+pub const ENTRY_OVERHEAD: u64 = 128;
+
+/// Extra bytes accounted to an entry with a TTL: its node in the expiry
+/// index.
+pub const EXPIRY_OVERHEAD: u64 = 48;
+
+/// The most shards a store may have.
+pub const MAX_SHARDS: usize = 4096;
+
+/// Reclamation removes at most this many expired entries per lock hold, so
+/// a burst of expiries never blocks a shard's readers for long.
+const RECLAIM_BATCH: usize = 256;
+
+/// A store's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    /// The most bytes the store accounts to entries, over all shards.
+    pub capacity: u64,
+    /// How many shards, each with its own lock and `capacity / shards`
+    /// bytes.
+    pub shards: usize,
+}
+
+/// Why a store cannot be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The shard count is outside `1..=MAX_SHARDS`.
+    #[error("--shards must be between 1 and {MAX_SHARDS}, got {0}")]
+    Shards(usize),
+    /// A shard's share of the capacity is too small to be useful.
+    #[error(
+        "--capacity {capacity} over {shards} shards leaves {per_shard} bytes per shard; at least {min} bytes per shard are needed"
+    )]
+    TooSmall {
+        /// The configured capacity.
+        capacity: u64,
+        /// The configured shard count.
+        shards: usize,
+        /// What each shard would get.
+        per_shard: u64,
+        /// The minimum per shard.
+        min: u64,
+    },
+}
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The entry weighs more than a whole shard may hold.
+    #[error(
+        "entry of {weight} bytes (key + value + {ENTRY_OVERHEAD} bytes overhead) exceeds the {shard_capacity}-byte capacity of a shard (--capacity / --shards)"
+    )]
+    EntryTooLarge {
+        /// The entry's accounted weight.
+        weight: u64,
+        /// One shard's capacity.
+        shard_capacity: u64,
+    },
+}
+
+pub use ringcache_common::validate::WriteCondition as Condition;
+
+/// A live value read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The stored bytes (a cheap reference-counted handle).
+    pub value: Bytes,
+    /// The key's version.
+    pub version: u64,
+    /// Time left to live; `None` if the entry does not expire.
+    pub ttl: Option<Duration>,
+}
+
+/// The outcome of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetOutcome {
+    /// Whether the value was written.
+    pub stored: bool,
+    /// The new version if stored, else the current one (0 if absent).
+    pub version: u64,
+}
+
+/// The counters of one shard, or of the whole store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Entries held, including expired ones not yet reclaimed.
+    pub items: u64,
+    /// Accounted bytes held.
+    pub bytes_used: u64,
+    /// Accounted bytes the shard may hold.
+    pub capacity_bytes: u64,
+    /// Reads that found a live value.
+    pub hits: u64,
+    /// Reads that found nothing live.
+    pub misses: u64,
+    /// Entries removed to make room.
+    pub evictions: u64,
+    /// Entries removed because their TTL ran out.
+    pub expirations: u64,
+}
+
+impl ShardStats {
+    fn add(&mut self, other: &ShardStats) {
+        self.items += other.items;
+        self.bytes_used += other.bytes_used;
+        self.capacity_bytes += other.capacity_bytes;
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.evictions += other.evictions;
+        self.expirations += other.expirations;
+    }
+}
+
+/// The time source for deadlines: milliseconds since the store started.
+///
+/// Tests use [`Clock::manual`] to move time by hand instead of sleeping.
+#[derive(Debug, Clone)]
+pub enum Clock {
+    /// The monotonic system clock.
+    System(Instant),
+    /// A clock that moves only when told to.
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    /// The monotonic system clock, starting now.
+    pub fn system() -> Self {
+        Clock::System(Instant::now())
+    }
+
+    /// A manual clock at 0 ms, and the handle that moves it.
+    pub fn manual() -> (Self, Arc<AtomicU64>) {
+        let t = Arc::new(AtomicU64::new(0));
+        (Clock::Manual(t.clone()), t)
+    }
+
+    fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System(start) => u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Clock::Manual(t) => t.load(Relaxed),
+        }
+    }
+}
+
+/// One stored value.
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Bytes,
+    version: u64,
+    /// Deadline in clock milliseconds; 0 = never expires.
+    expires_at: u64,
+}
+
+impl Entry {
+    #[inline]
+    fn is_live(&self, now: impl FnOnce() -> u64) -> bool {
+        self.expires_at == 0 || now() < self.expires_at
+    }
+}
+
+fn weigh(key_len: usize, value_len: usize, expires: bool) -> u64 {
+    key_len as u64 + value_len as u64 + ENTRY_OVERHEAD + if expires { EXPIRY_OVERHEAD } else { 0 }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct EntryWeighter;
+
+impl Weighter<Arc<str>, Entry> for EntryWeighter {
+    #[inline]
+    fn weight(&self, key: &Arc<str>, val: &Entry) -> u64 {
+        weigh(key.len(), val.value.len(), val.expires_at != 0)
+    }
+}
+
+/// Collects what quick_cache evicts during one write, so the expiry index
+/// and counters can be updated under the same lock, and the values freed
+/// after it is released.
+#[derive(Debug, Clone, Copy)]
+struct EvictionLog;
+
+impl Lifecycle<Arc<str>, Entry> for EvictionLog {
+    type RequestState = Vec<(Arc<str>, Entry)>;
+
+    #[inline]
+    fn on_evict(&self, state: &mut Self::RequestState, key: Arc<str>, val: Entry) {
+        state.push((key, val));
+    }
+}
+
+type ShardCache = unsync::Cache<Arc<str>, Entry, EntryWeighter, DefaultHashBuilder, EvictionLog>;
+
+/// What a shard's lock protects.
+#[derive(Debug)]
+struct ShardInner {
+    cache: ShardCache,
+    /// `(deadline, version) → key` for every entry with a TTL. Versions are
+    /// unique within a shard, so the pair is a unique key.
+    expiry: BTreeMap<(u64, u64), Arc<str>>,
+    /// The last version handed out by this shard.
+    last_version: u64,
+}
+
+impl ShardInner {
+    fn next_version(&mut self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        self.last_version = wall.max(self.last_version + 1);
+        self.last_version
+    }
+
+    fn unindex(&mut self, entry: &Entry) {
+        if entry.expires_at != 0 {
+            self.expiry.remove(&(entry.expires_at, entry.version));
+        }
+    }
+}
+
+/// One shard. Aligned to its own cache lines so that the lock and counters
+/// of neighbouring shards do not share them (false sharing between cores).
+#[derive(Debug)]
+#[repr(align(128))]
+struct Shard {
+    inner: RwLock<ShardInner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+}
+
+/// The sharded store. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    shards: Box<[Shard]>,
+    /// Picks a key's shard. Seeded differently from quick_cache's own hasher
+    /// so the keys of one shard still spread over its hash table.
+    shard_hasher: foldhash::fast::FixedState,
+    shard_capacity: u64,
+    clock: Clock,
+}
+
+impl Store {
+    /// Builds an empty store on the system clock.
+    pub fn new(config: StoreConfig) -> Result<Self, ConfigError> {
+        Self::with_clock(config, Clock::system())
+    }
+
+    /// Builds an empty store on `clock`.
+    pub fn with_clock(config: StoreConfig, clock: Clock) -> Result<Self, ConfigError> {
+        let StoreConfig { capacity, shards } = config;
+        if shards == 0 || shards > MAX_SHARDS {
+            return Err(ConfigError::Shards(shards));
+        }
+        let shard_capacity = capacity / shards as u64;
+        let min = 16 * (ENTRY_OVERHEAD + EXPIRY_OVERHEAD);
+        if shard_capacity < min {
+            return Err(ConfigError::TooSmall {
+                capacity,
+                shards,
+                per_shard: shard_capacity,
+                min,
+            });
+        }
+        let shards = (0..shards)
+            .map(|_| {
+                // Unwrap-free: these options are valid by construction (a
+                // positive capacity and allocations in 0..=1), but map any
+                // error to the default shape rather than panicking.
+                let options = OptionsBuilder::new()
+                    .weight_capacity(shard_capacity)
+                    // Only sizes the ghost list (recently evicted keys); small
+                    // entries are the common case in a cache.
+                    .estimated_items_capacity((shard_capacity / 256).max(16) as usize)
+                    .build();
+                let cache = match options {
+                    Ok(options) => ShardCache::with_options(
+                        options,
+                        EntryWeighter,
+                        DefaultHashBuilder::default(),
+                        EvictionLog,
+                    ),
+                    Err(_) => ShardCache::with(
+                        (shard_capacity / 256).max(16) as usize,
+                        shard_capacity,
+                        EntryWeighter,
+                        DefaultHashBuilder::default(),
+                        EvictionLog,
+                    ),
+                };
+                Shard {
+                    inner: RwLock::new(ShardInner {
+                        cache,
+                        expiry: BTreeMap::new(),
+                        last_version: 0,
+                    }),
+                    hits: AtomicU64::new(0),
+                    misses: AtomicU64::new(0),
+                    evictions: AtomicU64::new(0),
+                    expirations: AtomicU64::new(0),
+                }
+            })
+            .collect();
+        Ok(Self {
+            shards,
+            shard_hasher: foldhash::fast::FixedState::with_seed(0x7269_6e67_6361_6368),
+            shard_capacity,
+            clock,
+        })
+    }
+
+    /// The number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The capacity of one shard, and so the heaviest entry the store can
+    /// hold.
+    pub fn shard_capacity(&self) -> u64 {
+        self.shard_capacity
+    }
+
+    /// The weight a store would account to an entry of this size.
+    pub fn entry_weight(key_len: usize, value_len: usize, has_ttl: bool) -> u64 {
+        weigh(key_len, value_len, has_ttl)
+    }
+
+    /// The index of the shard that holds `key`.
+    pub fn shard_of(&self, key: &str) -> usize {
+        (self.shard_hasher.hash_one(key) % self.shards.len() as u64) as usize
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[self.shard_of(key)]
+    }
+
+    /// Reads `key`; `None` if absent or expired.
+    pub fn get(&self, key: &str) -> Option<Found> {
+        let shard = self.shard(key);
+        let found = {
+            let inner = shard.inner.read();
+            match inner.cache.get(key) {
+                Some(entry) => {
+                    let mut now = 0;
+                    if entry.is_live(|| {
+                        now = self.clock.now_ms();
+                        now
+                    }) {
+                        Some(Found {
+                            value: entry.value.clone(),
+                            version: entry.version,
+                            ttl: (entry.expires_at != 0)
+                                .then(|| Duration::from_millis(entry.expires_at - now)),
+                        })
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        let counter = if found.is_some() {
+            &shard.hits
+        } else {
+            &shard.misses
+        };
+        counter.fetch_add(1, Relaxed);
+        found
+    }
+
+    /// Writes `value` under `key` if `condition` holds. A `ttl` of `None`
+    /// means no expiry; a zero `ttl` is treated as one millisecond (callers
+    /// validate that TTLs are positive).
+    pub fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        condition: Condition,
+    ) -> Result<SetOutcome, StoreError> {
+        let weight = weigh(key.len(), value.len(), ttl.is_some());
+        if weight > self.shard_capacity {
+            return Err(StoreError::EntryTooLarge {
+                weight,
+                shard_capacity: self.shard_capacity,
+            });
+        }
+        // Allocate before taking the lock, to keep the critical section short.
+        let owned_key: Arc<str> = Arc::from(key);
+        let value = Bytes::copy_from_slice(value);
+        let ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+
+        let shard = self.shard(key);
+        let mut evicted = Vec::new();
+        let outcome = {
+            let mut inner = shard.inner.write();
+            let now = self.clock.now_ms();
+            let current = inner
+                .cache
+                .peek(key)
+                .map(|e| (e.version, e.expires_at, e.is_live(|| now)));
+            let live_version = match current {
+                Some((version, _, true)) => version,
+                _ => 0,
+            };
+            let allowed = match condition {
+                Condition::Always => true,
+                Condition::IfAbsent => live_version == 0,
+                Condition::IfVersion(expected) => live_version == expected,
+            };
+            if !allowed {
+                return Ok(SetOutcome {
+                    stored: false,
+                    version: live_version,
+                });
+            }
+            if let Some((version, expires_at, live)) = current {
+                if expires_at != 0 {
+                    inner.expiry.remove(&(expires_at, version));
+                }
+                if !live {
+                    // Overwriting a dead entry retires it: count it as expired.
+                    shard.expirations.fetch_add(1, Relaxed);
+                }
+            }
+            let version = inner.next_version();
+            let expires_at = ttl_ms.map_or(0, |ms| now.saturating_add(ms));
+            if expires_at != 0 {
+                inner
+                    .expiry
+                    .insert((expires_at, version), owned_key.clone());
+            }
+            let entry = Entry {
+                value,
+                version,
+                expires_at,
+            };
+            inner
+                .cache
+                .insert_with_lifecycle(owned_key, entry, &mut evicted);
+            let mut evictions = 0;
+            let mut expirations = 0;
+            for (_, gone) in &evicted {
+                inner.unindex(gone);
+                if gone.is_live(|| now) {
+                    evictions += 1;
+                } else {
+                    expirations += 1;
+                }
+            }
+            if evictions > 0 {
+                shard.evictions.fetch_add(evictions, Relaxed);
+            }
+            if expirations > 0 {
+                shard.expirations.fetch_add(expirations, Relaxed);
+            }
+            SetOutcome {
+                stored: true,
+                version,
+            }
+        };
+        // Evicted values are freed here, outside the lock.
+        drop(evicted);
+        Ok(outcome)
+    }
+
+    /// Removes `key`. Returns whether a live value was removed.
+    pub fn delete(&self, key: &str) -> bool {
+        let shard = self.shard(key);
+        let removed = {
+            let mut inner = shard.inner.write();
+            let removed = inner.cache.remove(key);
+            if let Some((_, entry)) = &removed {
+                inner.unindex(entry);
+            }
+            removed
+        };
+        match removed {
+            Some((_, entry)) => {
+                let live = entry.is_live(|| self.clock.now_ms());
+                if !live {
+                    shard.expirations.fetch_add(1, Relaxed);
+                }
+                live
+            }
+            None => false,
+        }
+    }
+
+    /// Frees every entry whose deadline has passed, in batches so readers
+    /// are never blocked for long. Returns how many were freed.
+    pub fn reclaim_expired(&self) -> u64 {
+        let mut total = 0;
+        for shard in &*self.shards {
+            loop {
+                let mut freed = Vec::new();
+                {
+                    let mut inner = shard.inner.write();
+                    let now = self.clock.now_ms();
+                    while freed.len() < RECLAIM_BATCH {
+                        let Some(entry) = inner.expiry.first_entry() else {
+                            break;
+                        };
+                        if entry.key().0 > now {
+                            break;
+                        }
+                        let ((_, version), key) = entry.remove_entry();
+                        if let Some(removed) =
+                            inner.cache.remove_if(&*key, |e| e.version == version)
+                        {
+                            freed.push(removed);
+                        }
+                    }
+                }
+                let n = freed.len();
+                shard.expirations.fetch_add(n as u64, Relaxed);
+                total += n as u64;
+                // Values are freed here, outside the lock.
+                drop(freed);
+                if n < RECLAIM_BATCH {
+                    break;
+                }
+            }
+        }
+        total
+    }
+
+    /// The counters of every shard, in shard order.
+    pub fn shard_stats(&self) -> Vec<ShardStats> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let (items, bytes_used, capacity_bytes) = {
+                    let inner = shard.inner.read();
+                    (
+                        inner.cache.len() as u64,
+                        inner.cache.weight(),
+                        inner.cache.capacity(),
+                    )
+                };
+                ShardStats {
+                    items,
+                    bytes_used,
+                    capacity_bytes,
+                    hits: shard.hits.load(Relaxed),
+                    misses: shard.misses.load(Relaxed),
+                    evictions: shard.evictions.load(Relaxed),
+                    expirations: shard.expirations.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// The counters summed over all shards.
+    pub fn total_stats(&self) -> ShardStats {
+        Self::sum(&self.shard_stats())
+    }
+
+    /// Sums per-shard counters.
+    pub fn sum(shards: &[ShardStats]) -> ShardStats {
+        let mut total = ShardStats::default();
+        for s in shards {
+            total.add(s);
+        }
+        total
+    }
+
+    /// Entries with a TTL currently indexed (live or not yet reclaimed).
+    pub fn indexed_expiries(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.inner.read().expiry.len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

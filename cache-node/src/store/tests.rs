@@ -1,0 +1,396 @@
+use std::{sync::Barrier, thread};
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn store(capacity: u64, shards: usize) -> Store {
+    Store::new(StoreConfig { capacity, shards }).unwrap()
+}
+
+fn manual_store(capacity: u64, shards: usize) -> (Store, Arc<AtomicU64>) {
+    let (clock, time) = Clock::manual();
+    (
+        Store::with_clock(StoreConfig { capacity, shards }, clock).unwrap(),
+        time,
+    )
+}
+
+fn set(s: &Store, key: &str, value: &[u8]) -> SetOutcome {
+    s.set(key, value, None, Condition::Always).unwrap()
+}
+
+#[test]
+fn set_get_delete_round_trip() {
+    let s = store(MIB, 4);
+    assert_eq!(s.get("k"), None);
+    let out = set(&s, "k", b"hello");
+    assert!(out.stored);
+    let found = s.get("k").unwrap();
+    assert_eq!(&found.value[..], b"hello");
+    assert_eq!(found.version, out.version);
+    assert_eq!(found.ttl, None);
+    assert!(s.delete("k"));
+    assert!(!s.delete("k"));
+    assert_eq!(s.get("k"), None);
+    let total = s.total_stats();
+    assert_eq!((total.hits, total.misses, total.items), (1, 2, 0));
+}
+
+#[test]
+fn empty_values_are_values() {
+    let s = store(MIB, 1);
+    set(&s, "k", b"");
+    assert_eq!(s.get("k").unwrap().value.len(), 0);
+}
+
+#[test]
+fn every_write_gets_a_larger_version() {
+    let s = store(MIB, 2);
+    let mut last = 0;
+    for i in 0..1000 {
+        let v = set(&s, "k", format!("{i}").as_bytes()).version;
+        assert!(v > last, "version {v} after {last}");
+        last = v;
+    }
+    // Deleting and re-creating a key does not reuse versions.
+    s.delete("k");
+    assert!(set(&s, "k", b"again").version > last);
+}
+
+#[test]
+fn conditions() {
+    let s = store(MIB, 2);
+    // if_absent on a missing key writes; on a present key it does not and
+    // reports the current version.
+    let first = s.set("k", b"1", None, Condition::IfAbsent).unwrap();
+    assert!(first.stored);
+    let again = s.set("k", b"2", None, Condition::IfAbsent).unwrap();
+    assert_eq!(
+        again,
+        SetOutcome {
+            stored: false,
+            version: first.version
+        }
+    );
+    // Compare-and-set with the right version writes; with a stale one not.
+    let cas = s
+        .set("k", b"3", None, Condition::IfVersion(first.version))
+        .unwrap();
+    assert!(cas.stored && cas.version > first.version);
+    let stale = s
+        .set("k", b"4", None, Condition::IfVersion(first.version))
+        .unwrap();
+    assert_eq!(
+        stale,
+        SetOutcome {
+            stored: false,
+            version: cas.version
+        }
+    );
+    assert_eq!(&s.get("k").unwrap().value[..], b"3");
+    // Version 0 means absent.
+    assert!(
+        !s.set("k", b"5", None, Condition::IfVersion(0))
+            .unwrap()
+            .stored
+    );
+    assert!(
+        s.set("new", b"5", None, Condition::IfVersion(0))
+            .unwrap()
+            .stored
+    );
+}
+
+#[test]
+fn ttl_expires_and_reports_remaining_time() {
+    let (s, time) = manual_store(MIB, 2);
+    s.set("k", b"v", Some(Duration::from_secs(10)), Condition::Always)
+        .unwrap();
+    time.store(4_000, Relaxed);
+    assert_eq!(s.get("k").unwrap().ttl, Some(Duration::from_secs(6)));
+    time.store(9_999, Relaxed);
+    assert!(s.get("k").is_some());
+    time.store(10_000, Relaxed);
+    assert_eq!(s.get("k"), None, "expired entries read as absent");
+    // An expired key is absent for conditions too.
+    assert!(
+        !s.delete("k"),
+        "deleting an expired key deletes nothing live"
+    );
+    s.set("k", b"v", Some(Duration::from_secs(1)), Condition::Always)
+        .unwrap();
+    time.store(11_000, Relaxed);
+    assert!(s.set("k", b"w", None, Condition::IfAbsent).unwrap().stored);
+    assert_eq!(s.get("k").unwrap().ttl, None);
+}
+
+#[test]
+fn sub_millisecond_ttl_rounds_up() {
+    let (s, time) = manual_store(MIB, 1);
+    s.set(
+        "k",
+        b"v",
+        Some(Duration::from_micros(10)),
+        Condition::Always,
+    )
+    .unwrap();
+    assert!(s.get("k").is_some());
+    time.store(1, Relaxed);
+    assert!(s.get("k").is_none());
+}
+
+#[test]
+fn reclamation_frees_expired_entries_only() {
+    let (s, time) = manual_store(MIB, 4);
+    for i in 0..1000 {
+        let ttl = Duration::from_millis(if i % 2 == 0 { 100 } else { 10_000 });
+        s.set(&format!("k{i}"), b"value", Some(ttl), Condition::Always)
+            .unwrap();
+    }
+    for i in 0..100 {
+        set(&s, &format!("forever{i}"), b"value");
+    }
+    assert_eq!(s.total_stats().items, 1100);
+    assert_eq!(s.reclaim_expired(), 0, "nothing is due yet");
+
+    time.store(100, Relaxed);
+    assert_eq!(s.reclaim_expired(), 500);
+    let stats = s.total_stats();
+    assert_eq!(stats.items, 600);
+    assert_eq!(stats.expirations, 500);
+    assert_eq!(s.indexed_expiries(), 500);
+    // The freed entries' bytes are returned: what is left is exactly the
+    // long-lived half and the entries without TTL.
+    let expected: u64 = (1..1000)
+        .step_by(2)
+        .map(|i| Store::entry_weight(format!("k{i}").len(), 5, true))
+        .chain((0..100).map(|i| Store::entry_weight(format!("forever{i}").len(), 5, false)))
+        .sum();
+    assert_eq!(stats.bytes_used, expected);
+
+    time.store(10_000, Relaxed);
+    assert_eq!(s.reclaim_expired(), 500);
+    assert_eq!(s.total_stats().items, 100);
+    assert_eq!(s.indexed_expiries(), 0);
+}
+
+#[test]
+fn overwrite_and_delete_keep_the_expiry_index_exact() {
+    let (s, time) = manual_store(MIB, 1);
+    s.set(
+        "k",
+        b"v",
+        Some(Duration::from_millis(50)),
+        Condition::Always,
+    )
+    .unwrap();
+    // Overwritten without TTL: the old deadline must not remove the new value.
+    set(&s, "k", b"forever");
+    assert_eq!(s.indexed_expiries(), 0);
+    time.store(100, Relaxed);
+    assert_eq!(s.reclaim_expired(), 0);
+    assert_eq!(&s.get("k").unwrap().value[..], b"forever");
+
+    s.set(
+        "d",
+        b"v",
+        Some(Duration::from_millis(50)),
+        Condition::Always,
+    )
+    .unwrap();
+    assert_eq!(s.indexed_expiries(), 1);
+    assert!(s.delete("d"));
+    assert_eq!(s.indexed_expiries(), 0);
+}
+
+#[test]
+fn eviction_keeps_bytes_within_capacity() {
+    let capacity = 4 * MIB;
+    let s = store(capacity, 8);
+    let value = vec![7u8; 1000];
+    // Write 20× the capacity, half of it with TTLs.
+    for i in 0..80_000 {
+        let ttl = (i % 2 == 0).then(|| Duration::from_secs(3600));
+        s.set(&format!("key-{i}"), &value, ttl, Condition::Always)
+            .unwrap();
+        if i % 10_000 == 0 {
+            assert!(s.total_stats().bytes_used <= capacity);
+        }
+    }
+    let shards = s.shard_stats();
+    for shard in &shards {
+        assert!(
+            shard.bytes_used <= shard.capacity_bytes,
+            "shard over capacity: {shard:?}"
+        );
+    }
+    let total = Store::sum(&shards);
+    assert!(total.bytes_used <= capacity);
+    assert_eq!(total.capacity_bytes, capacity);
+    assert!(total.evictions > 60_000, "{total:?}");
+    assert_eq!(total.items + total.evictions, 80_000);
+    // Evicted entries leave the expiry index too: it never outgrows the cache.
+    assert!(s.indexed_expiries() as u64 <= total.items);
+    assert!(s.indexed_expiries() > 0);
+}
+
+#[test]
+fn entry_larger_than_a_shard_is_refused() {
+    let s = store(64 * 1024, 4);
+    let err = s
+        .set("k", &vec![0u8; 20 * 1024], None, Condition::Always)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::EntryTooLarge {
+            shard_capacity: 16384,
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("capacity of a shard"));
+    assert_eq!(s.total_stats().items, 0);
+}
+
+#[test]
+fn config_is_validated() {
+    assert_eq!(
+        Store::new(StoreConfig {
+            capacity: MIB,
+            shards: 0
+        })
+        .unwrap_err(),
+        ConfigError::Shards(0)
+    );
+    assert!(matches!(
+        Store::new(StoreConfig {
+            capacity: 1000,
+            shards: 4
+        })
+        .unwrap_err(),
+        ConfigError::TooSmall { .. }
+    ));
+}
+
+#[test]
+fn keys_spread_evenly_over_shards() {
+    let s = store(64 * MIB, 16);
+    let mut counts = vec![0u32; 16];
+    let n = 160_000;
+    for i in 0..n {
+        counts[s.shard_of(&format!("user:{i}"))] += 1;
+    }
+    let mean = n as f64 / 16.0;
+    for (shard, &c) in counts.iter().enumerate() {
+        let ratio = f64::from(c) / mean;
+        assert!(
+            (0.95..1.05).contains(&ratio),
+            "shard {shard} holds {c} ({ratio:.3}× mean)"
+        );
+    }
+    // The choice is deterministic.
+    assert_eq!(s.shard_of("user:1"), store(64 * MIB, 16).shard_of("user:1"));
+}
+
+#[test]
+fn compare_and_set_is_atomic_under_concurrent_writers() {
+    let s = Arc::new(store(MIB, 4));
+    set(&s, "counter", b"0");
+    let threads = 8;
+    let increments = 500;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                let mut retries = 0u64;
+                for _ in 0..increments {
+                    loop {
+                        let cur = s.get("counter").unwrap();
+                        let n: u64 = std::str::from_utf8(&cur.value).unwrap().parse().unwrap();
+                        let next = (n + 1).to_string();
+                        let out = s
+                            .set(
+                                "counter",
+                                next.as_bytes(),
+                                None,
+                                Condition::IfVersion(cur.version),
+                            )
+                            .unwrap();
+                        if out.stored {
+                            break;
+                        }
+                        retries += 1;
+                    }
+                }
+                retries
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let final_value = s.get("counter").unwrap();
+    assert_eq!(
+        std::str::from_utf8(&final_value.value).unwrap(),
+        (threads * increments).to_string(),
+        "no increment lost"
+    );
+}
+
+#[test]
+fn set_if_absent_has_exactly_one_winner() {
+    let s = Arc::new(store(MIB, 4));
+    let threads = 8;
+    for round in 0..200 {
+        let key = format!("race-{round}");
+        let barrier = Arc::new(Barrier::new(threads));
+        let winners: usize = (0..threads)
+            .map(|t| {
+                let s = s.clone();
+                let key = key.clone();
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    barrier.wait();
+                    s.set(&key, format!("{t}").as_bytes(), None, Condition::IfAbsent)
+                        .unwrap()
+                        .stored
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum();
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+#[test]
+fn concurrent_versions_of_one_key_are_unique_and_increasing() {
+    let s = Arc::new(store(MIB, 2));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            thread::spawn(move || {
+                (0..2000)
+                    .map(|_| set(&s, "k", b"v").version)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        let versions = h.join().unwrap();
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "each writer sees increasing versions"
+        );
+        all.extend(versions);
+    }
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n, "no version handed out twice");
+}

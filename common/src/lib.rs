@@ -1,0 +1,23 @@
+//! Code both ringcache services share, so it lives once.
+//!
+//! # Layout
+//!
+//! - [`logging`]: `tracing` subscriber set-up, text or JSON, filtered by
+//!   `RUST_LOG`.
+//! - [`shutdown`]: the SIGTERM/SIGINT future that starts a graceful drain.
+//! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint and a tower layer
+//!   that counts and times every gRPC call by service, method and status.
+//! - [`limits`]: a tower layer that caps in-flight requests and sheds the
+//!   excess with `RESOURCE_EXHAUSTED` instead of queueing it.
+//! - [`grpc`]: reflection (v1 and v1alpha) and health wiring.
+//! - [`size`]: parsing of `512MiB`-style byte sizes for flags.
+//! - [`validate`]: request limits (key, value, batch sizes, TTLs), checked
+//!   before any work is done, with messages that name the limit.
+
+pub mod grpc;
+pub mod limits;
+pub mod logging;
+pub mod metrics;
+pub mod shutdown;
+pub mod size;
+pub mod validate;
