@@ -194,13 +194,13 @@ impl Config {
         if entry > shard {
             return Err(ConfigError::EntryExceedsShard { entry, shard });
         }
-        if let Some(message) = self.max_message_bytes {
-            if message.bytes() < self.max_single_set() {
-                return Err(ConfigError::MessageTooSmall {
-                    message: message.bytes(),
-                    needed: self.max_single_set(),
-                });
-            }
+        if let Some(message) = self.max_message_bytes
+            && message.bytes() < self.max_single_set()
+        {
+            return Err(ConfigError::MessageTooSmall {
+                message: message.bytes(),
+                needed: self.max_single_set(),
+            });
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use prometheus::Registry;
 use ringcache_common::{
-    grpc::add_reflection,
+    grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA, add_reflection},
     limits::InFlightLimitLayer,
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
 };
@@ -55,7 +55,16 @@ pub async fn run(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
     registry.register(Box::new(StoreCollector::new(store.clone())?))?;
-    let grpc_metrics = GrpcMetrics::new(&registry, &[CACHE, NODE])?;
+    let grpc_metrics = GrpcMetrics::new(
+        &registry,
+        &[
+            CACHE,
+            NODE,
+            HEALTH_SERVICE,
+            REFLECTION_V1,
+            REFLECTION_V1ALPHA,
+        ],
+    )?;
 
     // Expired entries already read as absent; this frees their memory.
     let reclaimer = {

@@ -54,11 +54,11 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, unsyn
 /// Bytes accounted to every entry beyond its key and value: the cache's
 /// slot and bookkeeping, the `Entry` itself, and the allocator headers of
 /// the key and value allocations.
-pub const ENTRY_OVERHEAD: u64 = 128;
+pub const ENTRY_OVERHEAD: u64 = 176;
 
 /// Extra bytes accounted to an entry with a TTL: its node in the expiry
 /// index.
-pub const EXPIRY_OVERHEAD: u64 = 48;
+pub const EXPIRY_OVERHEAD: u64 = 64;
 
 /// The most shards a store may have.
 pub const MAX_SHARDS: usize = 4096;

@@ -6,6 +6,10 @@ use tonic::service::RoutesBuilder;
 
 /// The name health checks use for the health service itself.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// The server reflection service, v1.
+pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+/// The server reflection service, v1alpha (older grpcurl and tools).
+pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// Adds reflection v1 and v1alpha to `routes`, describing exactly the
 /// services named in `served` (plus health and reflection themselves) from
@@ -32,8 +36,8 @@ pub fn add_reflection(
         }
         b
     };
-    let v1 = builder("grpc.reflection.v1.ServerReflection").build_v1()?;
-    let v1alpha = builder("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
+    let v1 = builder(REFLECTION_V1).build_v1()?;
+    let v1alpha = builder(REFLECTION_V1ALPHA).build_v1alpha()?;
     routes.add_service(v1).add_service(v1alpha);
     Ok(())
 }

@@ -275,7 +275,7 @@ fn config_is_validated() {
 #[test]
 fn keys_spread_evenly_over_shards() {
     let s = store(64 * MIB, 16);
-    let mut counts = vec![0u32; 16];
+    let mut counts = [0u32; 16];
     let n = 160_000;
     for i in 0..n {
         counts[s.shard_of(&format!("user:{i}"))] += 1;

@@ -1,0 +1,372 @@
+//! A harness that runs the real ringcache binaries and the real tools
+//! users drive them with.
+//!
+//! # Layout
+//!
+//! - [`binary`]: builds (once per test process) and locates `cache-node`
+//!   and, later, `orchestrator`.
+//! - [`Process`]: one running server on ephemeral ports of 127.0.0.1. It
+//!   reads the addresses the server logs once it is serving (no port
+//!   guessing, no races), keeps draining its logs, and is killed when
+//!   dropped. [`Process::terminate`] sends SIGTERM for shutdown tests.
+//! - [`NodeProcess`]: a `cache-node` with gRPC clients to it.
+//! - [`tools`]: real `grpcurl`, installed from the Go module proxy by
+//!   `scripts/install-tools.sh` on first use.
+//! - [`eventually`]: retries an async check until it passes or times out,
+//!   instead of fixed sleeps.
+
+#![forbid(unsafe_code)]
+// A test harness: failing loudly with a message is its job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use ringcache_proto::v1::{cache_client::CacheClient, node_client::NodeClient};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+pub mod tools;
+
+/// The workspace root (where `Cargo.toml` and `scripts/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The path of a workspace binary (`cache-node`, `orchestrator`), built
+/// once per test process with the same profile as the tests.
+///
+/// Set `RINGCACHE_BIN_DIR` to use binaries built elsewhere (for example a
+/// release build).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    if let Ok(dir) = std::env::var("RINGCACHE_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let dir = BUILT.get_or_init(|| {
+        // Tests run from target/<profile>/deps/<test-binary>: build the
+        // binaries with the same profile, into the same directory.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .ok_or_else(|| "cannot find the target directory".to_owned())?;
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--bins", "--quiet", "--profile", &profile])
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build --bins failed: {status}"));
+        }
+        Ok(dir)
+    });
+    match dir {
+        Ok(dir) => dir.join(name),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Retries `check` every 50 ms until it returns `Ok` or `timeout` passes;
+/// then panics with the last error.
+pub async fn eventually<T, E, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("condition not met within {timeout:?}: {e:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A running server process, killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    name: String,
+    /// The gRPC address it serves on.
+    pub grpc: SocketAddr,
+    /// The `/metrics` address.
+    pub metrics: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `binary` with `args`, on ephemeral ports of 127.0.0.1 unless
+    /// `args` set `--listen`/`--metrics-listen`, and waits until it logs
+    /// that it is serving. `env` adds environment variables.
+    pub fn start(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cmd = Command::new(binary);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--log-format", "json"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("RINGCACHE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(addrs) = serving_addresses(&line)
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(addrs);
+                    }
+                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        let (grpc, metrics) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                let logs = logs.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+                panic!("{name} did not start serving; its logs:\n{logs}");
+            }
+        };
+        Process {
+            child,
+            name,
+            grpc,
+            metrics,
+            logs,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `http://` URL of the gRPC address, for tonic.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The log lines written so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal_term();
+        match self.wait_exit(timeout) {
+            Some(status) => status,
+            None => panic!("{} did not exit within {timeout:?} of SIGTERM", self.name),
+        }
+    }
+
+    /// The process' resident memory, from `/proc/<pid>/status`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// The `/metrics` page.
+    pub async fn scrape(&self) -> String {
+        scrape(self.metrics).await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Picks the `grpc` and `metrics` addresses out of the JSON line a server
+/// logs once it is serving.
+fn serving_addresses(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if !v.get("message")?.as_str()?.ends_with("serving") {
+        return None;
+    }
+    let grpc = v.get("grpc")?.as_str()?.parse().ok()?;
+    let metrics = v.get("metrics")?.as_str()?.parse().ok()?;
+    Some((grpc, metrics))
+}
+
+/// GETs `/metrics` from `addr` (plain HTTP/1.1, no client library needed).
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "unexpected response: {response}"
+    );
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text page; the
+/// labels are matched as a substring, e.g. `grpc_method="Get"`.
+pub fn metric_value(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|lab| l.contains(lab)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Asks `grpc.health.v1.Health/Check` for `service` at `url`.
+pub async fn health(url: &str, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let channel = Channel::from_shared(url.to_owned())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(resp.into_inner().status())
+}
+
+/// A running `cache-node`.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// The process.
+    pub process: Process,
+}
+
+impl NodeProcess {
+    /// Starts a cache node with extra `args` and waits until its
+    /// `ringcache.v1.Cache` health is SERVING.
+    pub async fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// As [`NodeProcess::start`], with environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let process = Process::start(&binary("cache-node"), args, env);
+        let url = process.grpc_url();
+        eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                match health(&url, "ringcache.v1.Cache").await {
+                    Ok(ServingStatus::Serving) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+        NodeProcess { process }
+    }
+
+    /// A connected channel to the node.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.process.grpc_url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect to cache-node")
+    }
+
+    /// A `ringcache.v1.Cache` client.
+    pub async fn cache(&self) -> CacheClient<Channel> {
+        CacheClient::new(self.channel().await)
+    }
+
+    /// A `ringcache.v1.Node` client.
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel().await)
+    }
+
+    /// `host:port` for grpcurl.
+    pub fn addr(&self) -> String {
+        self.process.grpc.to_string()
+    }
+}

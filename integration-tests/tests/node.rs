@@ -1,0 +1,326 @@
+//! The real `cache-node` binary, through a tonic client.
+
+use std::time::Duration;
+
+use integration_tests::{NodeProcess, eventually, health, metric_value};
+use ringcache_proto::v1::{
+    DeleteRequest, GetManyRequest, GetRequest, SetManyRequest, SetRequest, StatsRequest,
+    set_request::Condition,
+};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn set(key: &str, value: &[u8]) -> SetRequest {
+    SetRequest {
+        key: key.into(),
+        value: value.to_vec().into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn set_get_delete_with_versions_and_ttl() {
+    let node = NodeProcess::start(&[]).await;
+    let mut c = node.cache().await;
+
+    let miss = c
+        .get(GetRequest { key: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!miss.found);
+
+    let v1 = c.set(set("a", b"one")).await.unwrap().into_inner();
+    assert!(v1.stored && v1.version > 0);
+    let got = c
+        .get(GetRequest { key: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.found, &got.value[..], got.version),
+        (true, &b"one"[..], v1.version)
+    );
+
+    // Compare-and-set: the right version wins once, a stale one loses.
+    let mut cas = set("a", b"two");
+    cas.condition = Some(Condition::IfVersion(v1.version));
+    let v2 = c.set(cas.clone()).await.unwrap().into_inner();
+    assert!(v2.stored && v2.version > v1.version);
+    let stale = c.set(cas).await.unwrap().into_inner();
+    assert!(!stale.stored);
+    assert_eq!(stale.version, v2.version);
+
+    // TTL: reported, then gone.
+    let mut short = set("ttl", b"x");
+    short.ttl = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 300_000_000,
+    });
+    c.set(short).await.unwrap();
+    let live = c
+        .get(GetRequest { key: "ttl".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ttl = live.ttl.expect("ttl reported");
+    assert!(ttl.seconds == 0 && ttl.nanos > 0 && ttl.nanos <= 300_000_000);
+    eventually(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .get(GetRequest { key: "ttl".into() })
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.into_inner().found {
+                Err("still there".to_owned())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+
+    let del = c
+        .delete(DeleteRequest { key: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(del.deleted);
+    let del = c
+        .delete(DeleteRequest { key: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!del.deleted);
+}
+
+#[tokio::test]
+async fn batches_keep_request_order_and_limits_name_the_flag() {
+    let node = NodeProcess::start(&["--max-batch", "100", "--max-key-bytes", "64"]).await;
+    let mut c = node.cache().await;
+    let entries = (0..100)
+        .map(|i| set(&format!("k{i}"), format!("v{i}").as_bytes()))
+        .collect();
+    let out = c
+        .set_many(SetManyRequest { entries })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.results.len(), 100);
+    assert!(out.results.iter().all(|r| r.stored));
+
+    let keys: Vec<String> = (0..100).rev().map(|i| format!("k{}", i * 2)).collect();
+    let got = c
+        .get_many(GetManyRequest { keys: keys.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.results.len(), keys.len());
+    for (k, r) in keys.iter().zip(&got.results) {
+        let i: usize = k[1..].parse().unwrap();
+        assert_eq!(r.found, i < 100, "{k}");
+        if r.found {
+            assert_eq!(r.value, format!("v{i}").as_bytes());
+        }
+    }
+
+    let too_many: Vec<String> = (0..101).map(|i| format!("k{i}")).collect();
+    let err = c
+        .get_many(GetManyRequest { keys: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("--max-batch"), "{}", err.message());
+
+    let err = c
+        .get(GetRequest {
+            key: "x".repeat(65),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "key: key is 65 bytes, over the 64-byte limit (--max-key-bytes)"
+    );
+
+    // The node keeps serving after refusals.
+    assert!(
+        c.get(GetRequest { key: "k1".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+}
+
+#[tokio::test]
+async fn memory_stays_within_capacity_under_a_far_larger_write_load() {
+    let capacity: u64 = 32 << 20;
+    let node = NodeProcess::start(&["--capacity", "32MiB", "--shards", "8"]).await;
+    let mut c = node.cache().await;
+    let baseline = node.process.rss_bytes();
+    // Write 10× the capacity: 320 MiB in 4 KiB values, 100 per batch.
+    let value = vec![0xABu8; 4096];
+    for batch in 0..800 {
+        let entries = (0..100)
+            .map(|i| set(&format!("key-{batch}-{i}"), &value))
+            .collect();
+        c.set_many(SetManyRequest { entries }).await.unwrap();
+    }
+    let stats = node
+        .node()
+        .await
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let total = stats.total.unwrap();
+    assert!(total.bytes_used <= capacity, "{total:?}");
+    assert!(
+        total.bytes_used > capacity * 9 / 10,
+        "the cache fills up: {total:?}"
+    );
+    assert!(total.evictions > 70_000, "{total:?}");
+    for shard in &stats.shards {
+        assert!(shard.bytes_used <= shard.capacity_bytes, "{shard:?}");
+    }
+    // The process' real memory tracks the accounting: capacity plus the
+    // allocator's and runtime's share, not the 320 MiB that was written.
+    let rss = node.process.rss_bytes();
+    assert!(
+        rss < baseline + capacity * 2,
+        "rss {} MiB (baseline {} MiB) for a {} MiB capacity",
+        rss >> 20,
+        baseline >> 20,
+        capacity >> 20
+    );
+    let page = node.process.scrape().await;
+    assert_eq!(
+        metric_value(&page, "ringcache_store_capacity_bytes", &[]),
+        Some(capacity as f64)
+    );
+    assert!(metric_value(&page, "ringcache_store_evictions_total", &[]).unwrap() > 70_000.0);
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_done() {
+    let node = NodeProcess::start(&[]).await;
+    let mut c = node.cache().await;
+    for i in 0..7 {
+        c.set(set(&format!("m{i}"), b"v")).await.unwrap();
+    }
+    for i in 0..10 {
+        c.get(GetRequest {
+            key: format!("m{i}"),
+        })
+        .await
+        .unwrap();
+    }
+    c.get(GetRequest { key: String::new() }).await.unwrap_err();
+    let page = node.process.scrape().await;
+    let handled = |method: &str, code: &str| {
+        metric_value(
+            &page,
+            "grpc_server_handled_total",
+            &[
+                &format!("grpc_method=\"{method}\""),
+                &format!("grpc_code=\"{code}\""),
+                "grpc_service=\"ringcache.v1.Cache\"",
+            ],
+        )
+    };
+    assert_eq!(handled("Set", "OK"), Some(7.0));
+    assert_eq!(handled("Get", "OK"), Some(10.0));
+    assert_eq!(handled("Get", "InvalidArgument"), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &page,
+            "grpc_server_handling_seconds_count",
+            &["grpc_method=\"Get\"", "grpc_code=\"OK\""]
+        ),
+        Some(10.0)
+    );
+    assert_eq!(metric_value(&page, "ringcache_store_items", &[]), Some(7.0));
+    assert_eq!(
+        metric_value(&page, "ringcache_store_hits_total", &[]),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric_value(&page, "ringcache_store_misses_total", &[]),
+        Some(3.0)
+    );
+    assert!(metric_value(&page, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn configuration_comes_from_the_environment_too() {
+    let node = NodeProcess::start_with_env(
+        &[],
+        &[("RINGCACHE_SHARDS", "4"), ("RINGCACHE_CAPACITY", "64MiB")],
+    )
+    .await;
+    let stats = node
+        .node()
+        .await
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.shards.len(), 4);
+    assert_eq!(stats.total.unwrap().capacity_bytes, 64 << 20);
+}
+
+#[tokio::test]
+async fn inconsistent_configuration_is_refused_at_startup() {
+    let out = std::process::Command::new(integration_tests::binary("cache-node"))
+        .args([
+            "--capacity",
+            "8MiB",
+            "--shards",
+            "16",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not fit in a shard"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_cleanly() {
+    let mut node = NodeProcess::start(&["--drain-delay", "1s"]).await;
+    let url = node.process.grpc_url();
+    let mut c = node.cache().await;
+    c.set(set("k", b"v")).await.unwrap();
+    node.process.signal_term();
+    // During the drain delay, readiness is NOT_SERVING but calls still work.
+    eventually(Duration::from_secs(5), || {
+        let url = url.clone();
+        async move {
+            match health(&url, "ringcache.v1.Cache").await {
+                Ok(ServingStatus::NotServing) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(
+        c.get(GetRequest { key: "k".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let status = node
+        .process
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after draining");
+    assert!(status.success(), "{status}");
+    let logs = node.process.logs().join("\n");
+    assert!(logs.contains("cache-node stopped"), "{logs}");
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs ringcache's whole test suite, installing what the tests need first.
+#
+#   scripts/test.sh
+#
+# Steps: install the real tools the tests drive (grpcurl, from the Go module
+# proxy, cached), check formatting and lints, then run every test: unit
+# tests, the store benchmark in test mode, and the integration tests that
+# start the real binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing test tools"
+scripts/install-tools.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --all-targets --locked
