@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use cache_node::store::{Condition, ENTRY_OVERHEAD, EXPIRY_OVERHEAD, Store, StoreConfig};
+use cache_node::store::{Condition, Store, StoreConfig};
 
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -25,30 +25,37 @@ fn rss() -> u64 {
 }
 
 fn measure(ttl: Option<Duration>) -> anyhow::Result<()> {
-    const N: usize = 1_000_000;
+    let n: usize = std::env::var("ITEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let key_len: usize = std::env::var("KEY_LEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
     let store = Store::new(StoreConfig {
         capacity: 8 << 30,
         shards: 16,
     })?;
     let value = [42u8; 100];
     let before = rss();
-    for i in 0..N {
-        store.set(&format!("key:{i:08}"), &value, ttl, Condition::Always)?;
+    for i in 0..n {
+        store.set(&format!("{i:0key_len$}"), &value, ttl, Condition::Always)?;
     }
-    for i in 0..N {
-        store.get(&format!("key:{i:08}"));
+    for i in 0..n {
+        store.get(&format!("{i:0key_len$}"));
     }
     let grown = rss().saturating_sub(before);
     let stats = store.total_stats();
-    let payload = (N * (12 + 100)) as u64;
+    let payload = (n * (key_len + 100)) as u64;
     println!(
         "ttl={:<5} items={} accounted={} MiB rss growth={} MiB real overhead/entry={} B accounted overhead/entry={} B",
         ttl.is_some(),
         stats.items,
         stats.bytes_used >> 20,
         grown >> 20,
-        grown.saturating_sub(payload) / N as u64,
-        ENTRY_OVERHEAD + if ttl.is_some() { EXPIRY_OVERHEAD } else { 0 },
+        grown.saturating_sub(payload) / n as u64,
+        (Store::entry_weight(key_len, 100, ttl.is_some()) - (key_len + 100) as u64),
     );
     Ok(())
 }

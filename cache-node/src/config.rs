@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use clap::Parser;
 use ringcache_common::{logging::LogFormat, size::ByteSize, validate::RequestLimits};
 
-use crate::store::{ENTRY_OVERHEAD, EXPIRY_OVERHEAD, MAX_SHARDS, StoreConfig};
+use crate::store::{MAX_SHARDS, Store, StoreConfig};
 
 /// The smallest default for the gRPC message size limit (gRPC's own
 /// default).
@@ -186,10 +186,11 @@ impl Config {
             "--reclaim-interval",
             self.reclaim_interval.as_millis() as u64,
         )?;
-        let entry = self.max_key_bytes.bytes()
-            + self.max_value_bytes.bytes()
-            + ENTRY_OVERHEAD
-            + EXPIRY_OVERHEAD;
+        let entry = Store::entry_weight(
+            usize::try_from(self.max_key_bytes.bytes()).unwrap_or(usize::MAX),
+            usize::try_from(self.max_value_bytes.bytes()).unwrap_or(usize::MAX),
+            true,
+        );
         let shard = self.capacity.bytes() / self.shards as u64;
         if entry > shard {
             return Err(ConfigError::EntryExceedsShard { entry, shard });
