@@ -33,6 +33,14 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// The node's identity on the orchestrators' hash ring, reported by
+    /// ringcache.v1.Node/Stats. Must be unique in the cluster and stable
+    /// across restarts (a restarted node with the same id owns the same
+    /// keys). Default: the host name and the gRPC port, e.g. "cache-0:50061"
+    /// (in a StatefulSet, the host name is the pod name).
+    #[arg(long, env = "RINGCACHE_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Most bytes the node holds: key + value + per-entry overhead, summed
     /// over all entries. When full, writes evict other entries. Set it below
     /// the memory limit of the container (see README: about 80%).
@@ -125,6 +133,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The node's identity: `--node-id`, or the host name and `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        match &self.node_id {
+            Some(id) => id.clone(),
+            None => format!("{}:{port}", gethostname::gethostname().to_string_lossy()),
+        }
+    }
+
     /// The request limits these flags set.
     pub fn limits(&self) -> RequestLimits {
         RequestLimits {

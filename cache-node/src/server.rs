@@ -90,6 +90,7 @@ pub async fn run(
     health.set_not_serving::<CacheServer<CacheService>>().await;
     health.set_not_serving::<NodeServer<NodeService>>().await;
 
+    let grpc_addr = grpc_listener.local_addr()?;
     let max_message = config.max_message_bytes();
     let cache = CacheService::new(store.clone(), config.limits(), max_message);
     let mut routes = RoutesBuilder::default();
@@ -99,7 +100,10 @@ pub async fn run(
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )
-        .add_service(NodeServer::new(NodeService::new(store.clone())))
+        .add_service(NodeServer::new(NodeService::new(
+            store.clone(),
+            config.node_id(grpc_addr.port()),
+        )))
         .add_service(health_service);
     add_reflection(&mut routes, &[CACHE, NODE], &[FILE_DESCRIPTOR_SET])?;
 
@@ -112,7 +116,6 @@ pub async fn run(
             "--max-in-flight",
         ));
 
-    let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let incoming = TcpIncoming::from(grpc_listener)
         .with_nodelay(Some(true))
@@ -142,6 +145,7 @@ pub async fn run(
         metrics = %metrics_addr,
         capacity = config.capacity.bytes(),
         shards = config.shards,
+        node_id = %config.node_id(grpc_addr.port()),
         "cache-node serving"
     );
 

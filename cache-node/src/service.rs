@@ -166,14 +166,16 @@ impl Cache for CacheService {
 #[derive(Debug, Clone)]
 pub struct NodeService {
     store: Arc<Store>,
+    node_id: String,
     started: Instant,
 }
 
 impl NodeService {
-    /// Reports on `store`; uptime counts from now.
-    pub fn new(store: Arc<Store>) -> Self {
+    /// Reports on `store` as node `node_id`; uptime counts from now.
+    pub fn new(store: Arc<Store>, node_id: String) -> Self {
         Self {
             store,
+            node_id,
             started: Instant::now(),
         }
     }
@@ -206,6 +208,7 @@ impl Node for NodeService {
                 .collect(),
             uptime: Some(to_proto_duration(self.started.elapsed())),
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            node_id: self.node_id.clone(),
         }))
     }
 }
@@ -357,7 +360,7 @@ mod tests {
         svc.get(Request::new(GetRequest { key: "b".into() }))
             .await
             .unwrap();
-        let node = NodeService::new(svc.store.clone());
+        let node = NodeService::new(svc.store.clone(), "node-a".into());
         let stats = node
             .stats(Request::new(StatsRequest {}))
             .await
@@ -367,6 +370,7 @@ mod tests {
         assert_eq!((total.items, total.hits, total.misses), (1, 1, 1));
         assert_eq!(total.capacity_bytes, 64 << 20);
         assert_eq!(stats.shards.len(), 4);
+        assert_eq!(stats.node_id, "node-a");
         assert_eq!(stats.shards.iter().map(|s| s.items).sum::<u64>(), 1);
         assert!(
             stats

@@ -494,6 +494,7 @@ impl Store {
                 Condition::Always => true,
                 Condition::IfAbsent => live_version == 0,
                 Condition::IfVersion(expected) => live_version == expected,
+                Condition::Replica(version) => live_version < version,
             };
             if !allowed {
                 return Ok(SetOutcome {
@@ -510,7 +511,14 @@ impl Store {
                     shard.expirations.fetch_add(1, Relaxed);
                 }
             }
-            let version = inner.next_version();
+            let version = match condition {
+                Condition::Replica(version) => {
+                    // Later local writes must still get larger versions.
+                    inner.last_version = inner.last_version.max(version);
+                    version
+                }
+                _ => inner.next_version(),
+            };
             let expires_at = ttl_ms.map_or(0, |ms| now.saturating_add(ms));
             if expires_at != 0 {
                 inner

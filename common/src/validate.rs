@@ -71,6 +71,12 @@ pub enum ValidationError {
         /// The limit.
         max: usize,
     },
+    /// A replica write without a version.
+    #[error("{field}: must be positive")]
+    ZeroReplicaVersion {
+        /// Where in the request.
+        field: String,
+    },
     /// A TTL that is not a positive duration.
     #[error("{field}: ttl must be a positive duration, got {seconds}s {nanos}ns")]
     BadTtl {
@@ -98,6 +104,9 @@ pub enum WriteCondition {
     IfAbsent,
     /// Write only if the current version is this one (0 = absent).
     IfVersion(u64),
+    /// Replicate: write with exactly this version, only if it is greater
+    /// than the current version.
+    Replica(u64),
 }
 
 /// A checked `SetRequest`'s TTL and condition.
@@ -175,6 +184,12 @@ impl RequestLimits {
             None | Some(set_request::Condition::IfAbsent(false)) => WriteCondition::Always,
             Some(set_request::Condition::IfAbsent(true)) => WriteCondition::IfAbsent,
             Some(set_request::Condition::IfVersion(v)) => WriteCondition::IfVersion(v),
+            Some(set_request::Condition::ReplicaVersion(0)) => {
+                return Err(ValidationError::ZeroReplicaVersion {
+                    field: format!("{prefix}replica_version"),
+                });
+            }
+            Some(set_request::Condition::ReplicaVersion(v)) => WriteCondition::Replica(v),
         };
         Ok(CheckedSet { ttl, condition })
     }

@@ -394,3 +394,34 @@ fn concurrent_versions_of_one_key_are_unique_and_increasing() {
     all.dedup();
     assert_eq!(all.len(), n, "no version handed out twice");
 }
+
+#[test]
+fn replica_writes_keep_the_given_version_and_converge_on_the_newest() {
+    let s = store(MIB, 2);
+    let out = s.set("k", b"v1", None, Condition::Replica(100)).unwrap();
+    assert_eq!(
+        out,
+        SetOutcome {
+            stored: true,
+            version: 100
+        }
+    );
+    assert_eq!(s.get("k").unwrap().version, 100);
+    // An older replica write loses; a newer one wins.
+    let old = s.set("k", b"v0", None, Condition::Replica(50)).unwrap();
+    assert_eq!(
+        old,
+        SetOutcome {
+            stored: false,
+            version: 100
+        }
+    );
+    let new = s.set("k", b"v2", None, Condition::Replica(200)).unwrap();
+    assert!(new.stored);
+    assert_eq!(&s.get("k").unwrap().value[..], b"v2");
+    // A far-future replica version pushes local versions past it.
+    s.set("k", b"v3", None, Condition::Replica(u64::MAX / 2))
+        .unwrap();
+    let local = set(&s, "k", b"v4");
+    assert!(local.version > u64::MAX / 2);
+}
