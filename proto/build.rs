@@ -5,7 +5,11 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["ringcache/v1/cache.proto", "ringcache/v1/node.proto"];
+const PROTOS: &[&str] = &[
+    "ringcache/v1/cache.proto",
+    "ringcache/v1/cluster.proto",
+    "ringcache/v1/node.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

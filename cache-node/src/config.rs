@@ -5,13 +5,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use ringcache_common::{logging::LogFormat, size::ByteSize, validate::RequestLimits};
+use ringcache_common::{
+    config::{LimitArgs, LimitError, ProcessArgs},
+    size::ByteSize,
+    validate::RequestLimits,
+};
 
 use crate::store::{MAX_SHARDS, Store, StoreConfig};
-
-/// The smallest default for the gRPC message size limit (gRPC's own
-/// default).
-const MIN_DEFAULT_MESSAGE_BYTES: u64 = 4 << 20;
 
 /// ringcache cache node: sharded in-memory storage served over gRPC.
 ///
@@ -29,9 +29,13 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
     pub metrics_listen: SocketAddr,
 
-    /// Log format on stderr. Filter with RUST_LOG (default "info").
-    #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logging and shutdown.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+
+    /// Request limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// The node's identity on the orchestrators' hash ring, reported by
     /// ringcache.v1.Node/Stats. Must be unique in the cluster and stable
@@ -52,49 +56,10 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_SHARDS", default_value_t = 16)]
     pub shards: usize,
 
-    /// Longest key accepted.
-    #[arg(long, env = "RINGCACHE_MAX_KEY_BYTES", default_value = "1KiB")]
-    pub max_key_bytes: ByteSize,
-
-    /// Largest value accepted.
-    #[arg(long, env = "RINGCACHE_MAX_VALUE_BYTES", default_value = "1MiB")]
-    pub max_value_bytes: ByteSize,
-
-    /// Most keys in one GetMany, or entries in one SetMany.
-    #[arg(long, env = "RINGCACHE_MAX_BATCH", default_value_t = 1000)]
-    pub max_batch: usize,
-
-    /// Largest gRPC message, in either direction. Default: the larger of
-    /// 4MiB and one maximal Set (max key + max value + 64KiB). A GetMany
-    /// whose answer would be larger is refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "RINGCACHE_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<ByteSize>,
-
-    /// Most requests in flight at once; beyond it, calls are answered
-    /// RESOURCE_EXHAUSTED at once instead of queueing.
-    #[arg(long, env = "RINGCACHE_MAX_IN_FLIGHT", default_value_t = 4096)]
-    pub max_in_flight: usize,
-
-    /// Longest time a request may run; a shorter client deadline
-    /// (grpc-timeout) wins.
-    #[arg(long, env = "RINGCACHE_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
-
     /// How often expired entries are reclaimed (expired entries read as
     /// absent at once; this only frees their memory).
     #[arg(long, env = "RINGCACHE_RECLAIM_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reclaim_interval: Duration,
-
-    /// On SIGTERM, how long to keep serving while reporting NOT_SERVING, so
-    /// load balancers stop sending new calls before the listener closes.
-    #[arg(long, env = "RINGCACHE_DRAIN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
-    pub drain_delay: Duration,
-
-    /// On SIGTERM, how long in-flight calls get to finish after the listener
-    /// closes. Keep drain delay + this below the pod's
-    /// terminationGracePeriodSeconds.
-    #[arg(long, env = "RINGCACHE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
 }
 
 /// A configuration whose values do not fit together.
@@ -120,16 +85,9 @@ pub enum ConfigError {
         /// A shard's capacity.
         shard: u64,
     },
-    /// The message size limit is smaller than one maximal Set.
-    #[error(
-        "--max-message-bytes {message} is smaller than one maximal Set ({needed} bytes); raise it or lower --max-value-bytes"
-    )]
-    MessageTooSmall {
-        /// The configured limit.
-        message: u64,
-        /// What one maximal Set needs.
-        needed: u64,
-    },
+    /// A request limit is wrong.
+    #[error(transparent)]
+    Limits(#[from] LimitError),
 }
 
 impl Config {
@@ -143,11 +101,7 @@ impl Config {
 
     /// The request limits these flags set.
     pub fn limits(&self) -> RequestLimits {
-        RequestLimits {
-            max_key_bytes: usize::try_from(self.max_key_bytes.bytes()).unwrap_or(usize::MAX),
-            max_value_bytes: usize::try_from(self.max_value_bytes.bytes()).unwrap_or(usize::MAX),
-            max_batch: self.max_batch,
-        }
+        self.limits.limits()
     }
 
     /// The store shape these flags set.
@@ -156,20 +110,6 @@ impl Config {
             capacity: self.capacity.bytes(),
             shards: self.shards,
         }
-    }
-
-    /// One maximal Set request on the wire: key, value and framing.
-    fn max_single_set(&self) -> u64 {
-        self.max_key_bytes.bytes() + self.max_value_bytes.bytes() + 64 * 1024
-    }
-
-    /// The gRPC message size limit, explicit or derived.
-    pub fn max_message_bytes(&self) -> usize {
-        let bytes = self.max_message_bytes.map_or_else(
-            || self.max_single_set().max(MIN_DEFAULT_MESSAGE_BYTES),
-            ByteSize::bytes,
-        );
-        usize::try_from(bytes).unwrap_or(usize::MAX)
     }
 
     /// Checks that the values fit together, with a message naming the flags
@@ -194,30 +134,19 @@ impl Config {
             });
         }
         positive("--capacity", self.capacity.bytes())?;
-        positive("--max-key-bytes", self.max_key_bytes.bytes())?;
-        positive("--max-value-bytes", self.max_value_bytes.bytes())?;
-        positive("--max-batch", self.max_batch as u64)?;
-        positive("--max-in-flight", self.max_in_flight as u64)?;
+        self.limits.validate()?;
         positive(
             "--reclaim-interval",
             self.reclaim_interval.as_millis() as u64,
         )?;
         let entry = Store::entry_weight(
-            usize::try_from(self.max_key_bytes.bytes()).unwrap_or(usize::MAX),
-            usize::try_from(self.max_value_bytes.bytes()).unwrap_or(usize::MAX),
+            self.limits().max_key_bytes,
+            self.limits().max_value_bytes,
             true,
         );
         let shard = self.capacity.bytes() / self.shards as u64;
         if entry > shard {
             return Err(ConfigError::EntryExceedsShard { entry, shard });
-        }
-        if let Some(message) = self.max_message_bytes
-            && message.bytes() < self.max_single_set()
-        {
-            return Err(ConfigError::MessageTooSmall {
-                message: message.bytes(),
-                needed: self.max_single_set(),
-            });
         }
         Ok(())
     }
@@ -237,7 +166,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.capacity.bytes(), 256 << 20);
         assert_eq!(c.limits(), RequestLimits::default());
-        assert_eq!(c.max_message_bytes(), 4 << 20);
+        assert_eq!(c.limits.max_message_bytes(), 4 << 20);
     }
 
     #[test]
@@ -252,7 +181,7 @@ mod tests {
         ]);
         c.validate().unwrap();
         assert_eq!(c.capacity.bytes(), 1 << 30);
-        assert_eq!(c.max_message_bytes(), (8 << 20) + 1024 + 64 * 1024);
+        assert_eq!(c.limits.max_message_bytes(), (8 << 20) + 1024 + 64 * 1024);
     }
 
     #[test]
@@ -268,7 +197,7 @@ mod tests {
         let c = parse(&["--max-message-bytes", "1MiB"]);
         assert!(matches!(
             c.validate(),
-            Err(ConfigError::MessageTooSmall { .. })
+            Err(ConfigError::Limits(LimitError::MessageTooSmall { .. }))
         ));
 
         let c = parse(&["--shards", "0"]);

@@ -2,6 +2,9 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: the flags both binaries take (limits, logging, shutdown).
+//! - [`server`]: serving with the shared layers, readiness and graceful
+//!   shutdown; the runtime both binaries use.
 //! - [`logging`]: `tracing` subscriber set-up, text or JSON, filtered by
 //!   `RUST_LOG`.
 //! - [`shutdown`]: the SIGTERM/SIGINT future that starts a graceful drain.
@@ -14,10 +17,12 @@
 //! - [`validate`]: request limits (key, value, batch sizes, TTLs), checked
 //!   before any work is done, with messages that name the limit.
 
+pub mod config;
 pub mod grpc;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod server;
 pub mod shutdown;
 pub mod size;
 pub mod validate;

@@ -13,7 +13,6 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -251,13 +250,6 @@ async fn render(State(registry): State<Registry>) -> impl IntoResponse {
             format!("cannot encode metrics: {error}").into_bytes(),
         ),
     }
-}
-
-/// Binds the metrics listener, with an error that names the flag.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind --metrics-listen {addr}: {e}"))
 }
 
 #[cfg(test)]

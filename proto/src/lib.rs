@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`v1`]: the messages and the tonic client and server stubs generated
-//!   from `proto/ringcache/v1/*.proto` (`Cache`, `Node`).
+//!   from `proto/ringcache/v1/*.proto` (`Cache`, `Node`, `Cluster`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, with the `.proto`
 //!   comments, for server reflection.
 //!
@@ -30,6 +30,8 @@ pub mod service_names {
     pub const CACHE: &str = "ringcache.v1.Cache";
     /// The node's storage statistics API.
     pub const NODE: &str = "ringcache.v1.Node";
+    /// The orchestrator's cluster API.
+    pub const CLUSTER: &str = "ringcache.v1.Cluster";
 }
 
 #[cfg(test)]

@@ -1,0 +1,181 @@
+//! Flags both binaries take, flattened into each binary's own `clap`
+//! configuration so they are spelled, documented and checked once.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::{logging::LogFormat, size::ByteSize, validate::RequestLimits};
+
+/// The smallest default for the gRPC message size limit (gRPC's own
+/// default).
+const MIN_DEFAULT_MESSAGE_BYTES: u64 = 4 << 20;
+
+/// Request limits, shared by the cache node and the orchestrator so a
+/// request is refused at the first hop with the message it would get at
+/// the last.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Longest key accepted.
+    #[arg(long, env = "RINGCACHE_MAX_KEY_BYTES", default_value = "1KiB")]
+    pub max_key_bytes: ByteSize,
+
+    /// Largest value accepted.
+    #[arg(long, env = "RINGCACHE_MAX_VALUE_BYTES", default_value = "1MiB")]
+    pub max_value_bytes: ByteSize,
+
+    /// Most keys in one GetMany, or entries in one SetMany.
+    #[arg(long, env = "RINGCACHE_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Largest gRPC message, in either direction. Default: the larger of
+    /// 4MiB and one maximal Set (max key + max value + 64KiB). A GetMany
+    /// whose answer would be larger is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGCACHE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<ByteSize>,
+
+    /// Most requests in flight at once; beyond it, calls are answered
+    /// RESOURCE_EXHAUSTED at once instead of queueing.
+    #[arg(long, env = "RINGCACHE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Longest time a request may run; a shorter client deadline
+    /// (grpc-timeout) wins.
+    #[arg(long, env = "RINGCACHE_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+/// Logging and graceful shutdown.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessArgs {
+    /// Log format on stderr. Filter with RUST_LOG (default "info").
+    #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM, how long to keep serving while reporting NOT_SERVING, so
+    /// load balancers stop sending new calls before the listener closes.
+    #[arg(long, env = "RINGCACHE_DRAIN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
+
+    /// On SIGTERM, how long in-flight calls get to finish after the listener
+    /// closes. Keep drain delay + this below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "RINGCACHE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// A limit that is zero, out of range or inconsistent with another.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LimitError {
+    /// A limit is zero.
+    #[error("{flag} must be positive")]
+    Zero {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// The message size limit is smaller than one maximal Set.
+    #[error(
+        "--max-message-bytes {message} is smaller than one maximal Set ({needed} bytes); raise it or lower --max-value-bytes"
+    )]
+    MessageTooSmall {
+        /// The configured limit.
+        message: u64,
+        /// What one maximal Set needs.
+        needed: u64,
+    },
+}
+
+impl LimitArgs {
+    /// The request limits these flags set.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_key_bytes: usize::try_from(self.max_key_bytes.bytes()).unwrap_or(usize::MAX),
+            max_value_bytes: usize::try_from(self.max_value_bytes.bytes()).unwrap_or(usize::MAX),
+            max_batch: self.max_batch,
+        }
+    }
+
+    /// One maximal Set request on the wire: key, value and framing.
+    fn max_single_set(&self) -> u64 {
+        self.max_key_bytes.bytes() + self.max_value_bytes.bytes() + 64 * 1024
+    }
+
+    /// The gRPC message size limit, explicit or derived.
+    pub fn max_message_bytes(&self) -> usize {
+        let bytes = self.max_message_bytes.map_or_else(
+            || self.max_single_set().max(MIN_DEFAULT_MESSAGE_BYTES),
+            ByteSize::bytes,
+        );
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Checks the limits are positive and fit together.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        for (flag, value) in [
+            ("--max-key-bytes", self.max_key_bytes.bytes()),
+            ("--max-value-bytes", self.max_value_bytes.bytes()),
+            ("--max-batch", self.max_batch as u64),
+            ("--max-in-flight", self.max_in_flight as u64),
+            ("--request-timeout", self.request_timeout.as_millis() as u64),
+        ] {
+            if value == 0 {
+                return Err(LimitError::Zero { flag });
+            }
+        }
+        if let Some(message) = self.max_message_bytes
+            && message.bytes() < self.max_single_set()
+        {
+            return Err(LimitError::MessageTooSmall {
+                message: message.bytes(),
+                needed: self.max_single_set(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        process: ProcessArgs,
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&[]);
+        cli.limits.validate().unwrap();
+        assert_eq!(cli.limits.limits(), RequestLimits::default());
+        assert_eq!(cli.limits.max_message_bytes(), 4 << 20);
+        assert_eq!(cli.process.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn message_size_follows_value_size() {
+        let cli = parse(&["--max-value-bytes", "8MiB"]);
+        assert_eq!(cli.limits.max_message_bytes(), (8 << 20) + 1024 + 64 * 1024);
+        let cli = parse(&["--max-message-bytes", "1MiB"]);
+        assert!(matches!(
+            cli.limits.validate(),
+            Err(LimitError::MessageTooSmall { .. })
+        ));
+        let cli = parse(&["--max-batch", "0"]);
+        assert_eq!(
+            cli.limits.validate(),
+            Err(LimitError::Zero {
+                flag: "--max-batch"
+            })
+        );
+    }
+}

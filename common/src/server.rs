@@ -1,0 +1,166 @@
+//! Serving and draining, the same way in both binaries: the tower layers,
+//! the `/metrics` endpoint, readiness, and graceful shutdown.
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context as _;
+use prometheus::Registry;
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::{service::Routes, transport::server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::ServiceBuilder;
+
+use crate::{
+    grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA},
+    limits::InFlightLimitLayer,
+    metrics::{self, GrpcMetrics, GrpcMetricsLayer},
+};
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The binary's name, for logs (`cache-node`, `orchestrator`).
+    pub name: &'static str,
+    /// The gRPC services this binary serves; their health turns SERVING
+    /// when serving starts and NOT_SERVING when draining starts. They are
+    /// also the services the RPC metrics label by name.
+    pub services: Vec<&'static str>,
+    /// Most requests in flight at once (`--max-in-flight`).
+    pub max_in_flight: usize,
+    /// Longest a request may run (`--request-timeout`).
+    pub request_timeout: Duration,
+    /// Time spent NOT_SERVING before the listener closes (`--drain-delay`).
+    pub drain_delay: Duration,
+    /// Time in-flight calls get after the listener closes
+    /// (`--shutdown-grace`).
+    pub shutdown_grace: Duration,
+}
+
+/// Serves `routes` on `grpc_listener` and `registry` on `metrics_listener`
+/// until `shutdown` completes, then drains.
+///
+/// Layers, outermost first: RPC metrics (so they see every call, including
+/// the ones shed), the in-flight limit (before any work is done), then
+/// tonic's timeout (the shorter of the client's `grpc-timeout` and
+/// `request_timeout`).
+///
+/// Readiness: the named `services` are NOT_SERVING until the server is
+/// about to accept calls, and turn NOT_SERVING again as soon as `shutdown`
+/// completes; the empty service name stays SERVING (liveness). Then, after
+/// `drain_delay`, the listener closes and in-flight calls get
+/// `shutdown_grace` to finish.
+///
+/// Logs `"<name> serving"` with the `grpc` and `metrics` addresses once
+/// ready (the integration harness waits for that line).
+pub async fn serve(
+    options: ServeOptions,
+    routes: Routes,
+    health: HealthReporter,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ServeOptions {
+        name,
+        services,
+        max_in_flight,
+        request_timeout,
+        drain_delay,
+        shutdown_grace,
+    } = options;
+    let set_all = |status| {
+        let health = health.clone();
+        let services = services.clone();
+        async move {
+            for s in services {
+                health.set_service_status(s, status).await;
+            }
+        }
+    };
+    set_all(ServingStatus::NotServing).await;
+
+    let mut labelled = services.clone();
+    labelled.extend([HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA]);
+    let grpc_metrics = GrpcMetrics::new(&registry, &labelled)?;
+    let layers = ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(grpc_metrics))
+        .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"));
+
+    let grpc_addr = grpc_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let incoming = TcpIncoming::from(grpc_listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+
+    let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(layers)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = grpc_stopped.await;
+        });
+    let mut server = tokio::spawn(server);
+
+    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(metrics::serve(metrics_listener, registry, async {
+        let _ = metrics_stopped.await;
+    }));
+
+    set_all(ServingStatus::Serving).await;
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "{name} serving");
+
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut server => {
+            let _ = stop_metrics.send(());
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("grpc server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e).context("grpc server failed"),
+                Err(e) => Err(e).context("grpc server task failed"),
+            };
+        }
+    }
+
+    tracing::info!(?drain_delay, grace = ?shutdown_grace, "draining: health is NOT_SERVING");
+    set_all(ServingStatus::NotServing).await;
+    tokio::time::sleep(drain_delay).await;
+    let _ = stop_grpc.send(());
+    match tokio::time::timeout(shutdown_grace, &mut server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight calls finished"),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "grpc server ended with an error while draining")
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server task failed while draining"),
+        Err(_) => {
+            tracing::warn!(grace = ?shutdown_grace, "in-flight calls did not finish within the grace period; stopping anyway");
+            server.abort();
+        }
+    }
+    let _ = stop_metrics.send(());
+    let _ = metrics_server.await;
+    tracing::info!("{name} stopped");
+    Ok(())
+}
+
+/// Builds the multi-threaded runtime both binaries run on: at least two
+/// workers whatever the CPU count, so a one-CPU pod still serves a call
+/// while another task (an exporter, a health check) runs.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+/// Binds a listener, with an error that names the flag.
+pub async fn bind(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind {flag} {addr}"))
+}
