@@ -99,7 +99,7 @@ impl GrpcMetrics {
 }
 
 /// The status name used in the `grpc_code` label.
-fn code_name(code: tonic::Code) -> &'static str {
+pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

@@ -1,0 +1,239 @@
+//! The orchestrator's configuration: flags, each also read from an
+//! environment variable (`RINGCACHE_*`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use ringcache_common::config::{LimitArgs, LimitError, ProcessArgs};
+
+use crate::{
+    health::HealthPolicy,
+    membership::{Source, parse_static, validate_host_port},
+};
+
+/// ringcache orchestrator: routes ringcache.v1.Cache calls to the cache
+/// nodes that own each key.
+///
+/// Serves ringcache.v1.Cache, ringcache.v1.Cluster, grpc.health.v1.Health
+/// and server reflection. Give the nodes with --nodes (a fixed list) or
+/// --nodes-dns (a DNS name, such as a Kubernetes headless Service). Every
+/// flag can also be set by the environment variable shown next to it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orchestrator", version, about, long_about)]
+pub struct Config {
+    /// Address for the gRPC server.
+    #[arg(long, env = "RINGCACHE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Address for the Prometheus /metrics endpoint.
+    #[arg(long, env = "RINGCACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// The cache nodes, as host:port,host:port. Each entry is the node's
+    /// identity on the ring: give every orchestrator the same list.
+    #[arg(
+        long,
+        env = "RINGCACHE_NODES",
+        conflicts_with = "nodes_dns",
+        required_unless_present = "nodes_dns"
+    )]
+    pub nodes: Option<String>,
+
+    /// Discover the cache nodes by resolving this name:port periodically
+    /// (e.g. a headless Service). Each address is asked for its --node-id.
+    #[arg(long, env = "RINGCACHE_NODES_DNS")]
+    pub nodes_dns: Option<String>,
+
+    /// How often --nodes-dns is resolved again.
+    #[arg(long, env = "RINGCACHE_DNS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dns_interval: Duration,
+
+    /// Copies of each key: writes go to this many nodes.
+    #[arg(long, env = "RINGCACHE_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+
+    /// Longest a call to a node may take (a shorter client deadline wins).
+    #[arg(long, env = "RINGCACHE_NODE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub node_timeout: Duration,
+
+    /// Longest wait for a connection to a node.
+    #[arg(long, env = "RINGCACHE_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Most calls in flight to one node from this orchestrator; beyond it,
+    /// calls for that node's keys are answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGCACHE_MAX_NODE_IN_FLIGHT", default_value_t = 1024)]
+    pub max_node_in_flight: usize,
+
+    /// How often every node's health is checked.
+    #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Longest a health check may take.
+    #[arg(long, env = "RINGCACHE_HEALTH_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive failed checks or calls that eject a node.
+    #[arg(long, env = "RINGCACHE_EJECT_AFTER", default_value_t = 3)]
+    pub eject_after: u32,
+
+    /// The first ejection's length; it doubles while a node keeps failing.
+    #[arg(long, env = "RINGCACHE_EJECT_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub eject_backoff: Duration,
+
+    /// The longest ejection.
+    #[arg(long, env = "RINGCACHE_EJECT_MAX_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub eject_max_backoff: Duration,
+
+    /// Logging and shutdown.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+
+    /// Request limits (the same as the nodes', so requests are refused at
+    /// the first hop).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// A configuration whose values do not fit together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A flag's value is out of range or malformed.
+    #[error("{flag}: {message}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A request limit is wrong.
+    #[error(transparent)]
+    Limits(#[from] LimitError),
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Where the membership comes from.
+    pub fn source(&self) -> Result<Source, ConfigError> {
+        match (&self.nodes, &self.nodes_dns) {
+            (Some(list), None) => Ok(Source::Static(
+                parse_static(list).map_err(|e| invalid("--nodes", e))?,
+            )),
+            (None, Some(target)) => {
+                validate_host_port(target).map_err(|e| invalid("--nodes-dns", e))?;
+                Ok(Source::Dns {
+                    target: target.clone(),
+                    interval: self.dns_interval,
+                })
+            }
+            _ => Err(invalid(
+                "--nodes",
+                "give exactly one of --nodes and --nodes-dns",
+            )),
+        }
+    }
+
+    /// When to eject nodes.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            eject_after: self.eject_after,
+            base_backoff: self.eject_backoff,
+            max_backoff: self.eject_max_backoff,
+        }
+    }
+
+    /// Checks that the values fit together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
+        self.source()?;
+        if self.replicas == 0 || self.replicas > 16 {
+            return Err(invalid(
+                "--replicas",
+                format!("must be between 1 and 16, got {}", self.replicas),
+            ));
+        }
+        for (flag, zero) in [
+            ("--node-timeout", self.node_timeout.is_zero()),
+            ("--connect-timeout", self.connect_timeout.is_zero()),
+            ("--health-interval", self.health_interval.is_zero()),
+            ("--health-timeout", self.health_timeout.is_zero()),
+            ("--dns-interval", self.dns_interval.is_zero()),
+            ("--eject-backoff", self.eject_backoff.is_zero()),
+            ("--max-node-in-flight", self.max_node_in_flight == 0),
+            ("--eject-after", self.eject_after == 0),
+        ] {
+            if zero {
+                return Err(invalid(flag, "must be positive"));
+            }
+        }
+        if self.eject_max_backoff < self.eject_backoff {
+            return Err(invalid(
+                "--eject-max-backoff",
+                "must be at least --eject-backoff",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("orchestrator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn static_membership() {
+        let c = parse(&["--nodes", "a:1,b:2"]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.source().unwrap(),
+            Source::Static(vec!["a:1".into(), "b:2".into()])
+        );
+        assert_eq!(c.replicas, 1);
+        assert_eq!(c.listen.port(), 50051);
+        assert_eq!(c.metrics_listen.port(), 9090);
+    }
+
+    #[test]
+    fn dns_membership() {
+        let c = parse(&[
+            "--nodes-dns",
+            "nodes.default.svc:50061",
+            "--dns-interval",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.source().unwrap(),
+            Source::Dns {
+                target: "nodes.default.svc:50061".into(),
+                interval: Duration::from_secs(2)
+            }
+        );
+    }
+
+    #[test]
+    fn membership_is_required_and_exclusive() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--nodes", "a:1", "--nodes-dns", "b:2"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let c = parse(&["--nodes", "a:1", "--replicas", "0"]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("--replicas"));
+        let c = parse(&["--nodes", "nonsense"]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("--nodes"));
+        let c = parse(&["--nodes-dns", "nodes"]).unwrap();
+        assert!(c.validate().is_err());
+    }
+}

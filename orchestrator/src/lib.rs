@@ -1,0 +1,31 @@
+//! The ringcache orchestrator: serves `ringcache.v1.Cache` and routes each
+//! key to the cache node(s) that own it.
+//!
+//! # Layout
+//!
+//! - [`ring`]: rendezvous hashing — which nodes own a key, in preference
+//!   order. Pure, deterministic, heavily tested and benchmarked.
+//! - [`health`]: the ejection state machine (pure; times passed in).
+//! - [`nodes`]: the [`nodes::Cluster`] — one channel per node, the current
+//!   topology behind an `ArcSwap`, calls with timeouts, per-node in-flight
+//!   limits, metrics and passive health, and the active health checks.
+//! - [`membership`]: static `--nodes` or DNS discovery (`--nodes-dns`).
+//! - [`service`]: the router (`ringcache.v1.Cache`: reads with fallback,
+//!   writes with replication, batches split by node) and
+//!   `ringcache.v1.Cluster`.
+//! - [`deadline`]: the client's `grpc-timeout`, carried to node calls.
+//! - [`metrics`]: per-node call metrics and cluster gauges.
+//! - [`config`], [`server`]: flags and wiring; `main.rs` is a table of
+//!   contents.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod deadline;
+pub mod health;
+pub mod membership;
+pub mod metrics;
+pub mod nodes;
+pub mod ring;
+pub mod server;
+pub mod service;

@@ -1,0 +1,139 @@
+//! Prometheus metrics about the nodes the orchestrator calls. The `node`
+//! label is a ring identity, so its values are bounded by the membership;
+//! a node that leaves has its series removed.
+
+use std::time::Duration;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use ringcache_common::metrics::code_name;
+use tonic::Code;
+
+/// The methods the orchestrator calls on nodes.
+const METHODS: [&str; 5] = ["Get", "GetMany", "Set", "SetMany", "Delete"];
+
+/// Every gRPC status code.
+const CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// Latency buckets for node calls, in seconds: 50 µs to 2.5 s.
+const BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// Per-node call metrics and cluster gauges.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    calls: IntCounterVec,
+    latency: HistogramVec,
+    routable: IntGaugeVec,
+    /// Nodes on the ring.
+    pub ring_nodes: IntGauge,
+    /// Replica writes that failed, by node.
+    pub replica_failures: IntCounterVec,
+    /// Ejections, by node.
+    pub ejections: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            calls: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_node_calls_total",
+                    "Calls from this orchestrator to cache nodes, by node, method and status code.",
+                ),
+                &["node", "method", "code"],
+            )?,
+            latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "ringcache_node_call_seconds",
+                    "Latency of calls to cache nodes, by node and method.",
+                )
+                .buckets(BUCKETS.to_vec()),
+                &["node", "method"],
+            )?,
+            routable: IntGaugeVec::new(
+                Opts::new(
+                    "ringcache_node_healthy",
+                    "1 if the node gets calls, 0 if it is ejected.",
+                ),
+                &["node"],
+            )?,
+            ring_nodes: IntGauge::new("ringcache_ring_nodes", "Cache nodes on the ring.")?,
+            replica_failures: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_replica_write_failures_total",
+                    "Replica writes that failed (the write itself succeeded on its first owner), by node.",
+                ),
+                &["node"],
+            )?,
+            ejections: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_node_ejections_total",
+                    "Times a node was ejected after consecutive failures.",
+                ),
+                &["node"],
+            )?,
+        };
+        registry.register(Box::new(m.calls.clone()))?;
+        registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.routable.clone()))?;
+        registry.register(Box::new(m.ring_nodes.clone()))?;
+        registry.register(Box::new(m.replica_failures.clone()))?;
+        registry.register(Box::new(m.ejections.clone()))?;
+        Ok(m)
+    }
+
+    /// Records one call to `node`.
+    pub fn observe(&self, node: &str, method: &str, code: Code, elapsed: Duration) {
+        self.calls
+            .with_label_values(&[node, method, code_name(code)])
+            .inc();
+        self.latency
+            .with_label_values(&[node, method])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets whether `node` gets calls.
+    pub fn set_routable(&self, node: &str, routable: bool) {
+        self.routable
+            .with_label_values(&[node])
+            .set(i64::from(routable));
+    }
+
+    /// Removes every series of a node that left the membership.
+    pub fn forget_node(&self, node: &str) {
+        for method in METHODS {
+            let _ = self.latency.remove_label_values(&[node, method]);
+            for code in CODES {
+                let _ = self
+                    .calls
+                    .remove_label_values(&[node, method, code_name(code)]);
+            }
+        }
+        let _ = self.routable.remove_label_values(&[node]);
+        let _ = self.replica_failures.remove_label_values(&[node]);
+        let _ = self.ejections.remove_label_values(&[node]);
+    }
+}

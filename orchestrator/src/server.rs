@@ -1,0 +1,114 @@
+//! Wiring: membership, health checks, the router, and serving.
+
+use std::{future::Future, sync::Arc};
+
+use prometheus::Registry;
+use ringcache_common::{
+    grpc::add_reflection,
+    server::{ServeOptions, serve},
+};
+use ringcache_proto::{
+    FILE_DESCRIPTOR_SET,
+    service_names::{CACHE, CLUSTER},
+    v1::{cache_server::CacheServer, cluster_server::ClusterServer},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::service::RoutesBuilder;
+
+use crate::{
+    config::Config,
+    membership,
+    metrics::ClusterMetrics,
+    nodes::{CallSettings, Cluster},
+    service::Router,
+};
+
+/// Aborts a background task when dropped, so no task outlives [`run`].
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs an orchestrator on the given listeners until `shutdown` completes,
+/// then drains as the cache node does.
+pub async fn run(
+    config: Config,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let source = config.source()?;
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let metrics = Arc::new(ClusterMetrics::new(&registry)?);
+    let max_message = config.limits.max_message_bytes();
+    let cluster = Arc::new(Cluster::new(
+        CallSettings {
+            connect_timeout: config.connect_timeout,
+            node_timeout: config.node_timeout,
+            max_node_in_flight: config.max_node_in_flight,
+            max_message_bytes: max_message,
+            health: config.health_policy(),
+        },
+        metrics,
+    ));
+
+    let _membership = AbortOnDrop(tokio::spawn(membership::run(source, cluster.clone())));
+    let _health_checks = {
+        let cluster = cluster.clone();
+        let (every, timeout) = (config.health_interval, config.health_timeout);
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                cluster.check_all(timeout).await;
+            }
+        }))
+    };
+
+    let router = Router::new(
+        cluster,
+        config.limits.limits(),
+        config.replicas,
+        max_message,
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(
+            CacheServer::new(router.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(ClusterServer::new(router))
+        .add_service(health_service);
+    add_reflection(&mut routes, &[CACHE, CLUSTER], &[FILE_DESCRIPTOR_SET])?;
+
+    tracing::info!(replicas = config.replicas, "orchestrator starting");
+    serve(
+        ServeOptions {
+            name: "orchestrator",
+            services: vec![CACHE, CLUSTER],
+            max_in_flight: config.limits.max_in_flight,
+            request_timeout: config.limits.request_timeout,
+            drain_delay: config.process.drain_delay,
+            shutdown_grace: config.process.shutdown_grace,
+        },
+        routes.routes(),
+        health,
+        grpc_listener,
+        metrics_listener,
+        registry,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,579 @@
+//! `ringcache.v1.Cache` routed to the owning nodes, and
+//! `ringcache.v1.Cluster`.
+//!
+//! # Routing
+//!
+//! A key's preference order is every node sorted by its rendezvous score
+//! (see [`crate::ring`]). Its owners are the first `--replicas` nodes of
+//! that order. Ejected nodes are skipped, so while an owner is ejected its
+//! keys are read from and written to the next node in the order.
+//!
+//! - **Reads** go to the first routable node. If the call fails because
+//!   the node is in trouble (unavailable, timed out), the keys are retried
+//!   on the next routable node, up to `max(replicas, 2)` nodes in all. With
+//!   one replica the next node usually answers "not found": a miss, not an
+//!   error.
+//! - **Writes** go to the first routable node (the primary) with the
+//!   client's condition; a primary that is unavailable (the write certainly
+//!   did not happen) is replaced by the next node. Once the primary has
+//!   stored an entry, it is copied to the other owners with the primary's
+//!   version (`replica_version`), in parallel, before the reply. The
+//!   **acknowledgement rule**: a write succeeds when its primary stored it;
+//!   a replica that fails is counted (`ringcache_replica_write_failures_total`)
+//!   and logged, and a later read that falls back to it sees a miss or an
+//!   older value.
+//! - **Deletes** go to every owner in parallel; `deleted` is true if any
+//!   owner deleted the key. A delete fails only if every owner failed.
+//! - **Batches** are split by node, sent in parallel, and reassembled in
+//!   the caller's order. A node that fails affects only its own keys, whose
+//!   results carry an `error` after the fallback has been tried. A group of
+//!   one key is sent as a single-key call.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use futures::future::join_all;
+use ringcache_common::validate::RequestLimits;
+use ringcache_proto::v1::{
+    DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse,
+    NodeInfo, NodeState, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
+    cache_server::Cache, cluster_server::Cluster as ClusterApi, set_request,
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    deadline::deadline,
+    health::State,
+    nodes::{Cluster, Node, Topology, is_node_failure},
+    ring::Preference,
+};
+
+/// Bytes a `GetResult` costs on the wire beyond its value.
+const RESULT_FRAMING: usize = 48;
+
+/// Routes `ringcache.v1.Cache` calls to cache nodes.
+#[derive(Debug, Clone)]
+pub struct Router {
+    cluster: Arc<Cluster>,
+    limits: RequestLimits,
+    replicas: usize,
+    max_message_bytes: usize,
+}
+
+/// The first routable node of `pref` that this request has not seen fail;
+/// if none is routable, the first not seen to fail (every node may be
+/// ejected after an outage: trying beats refusing).
+fn choose(topo: &Topology, pref: &[usize], failed: &[bool]) -> Option<usize> {
+    pref.iter()
+        .copied()
+        .find(|&i| !failed[i] && topo.nodes[i].routable())
+        .or_else(|| pref.iter().copied().find(|&i| !failed[i]))
+}
+
+/// Up to `n` routable nodes of `pref` not seen to fail, in order.
+fn routable_owners(topo: &Topology, pref: &[usize], failed: &[bool], n: usize) -> Preference {
+    pref.iter()
+        .copied()
+        .filter(|&i| !failed[i] && topo.nodes[i].routable())
+        .take(n)
+        .collect()
+}
+
+/// Items grouped by the node chosen for them, in node order.
+fn group(
+    items: impl IntoIterator<Item = usize>,
+    mut target: impl FnMut(usize) -> Option<usize>,
+    mut unroutable: impl FnMut(usize),
+) -> BTreeMap<usize, Vec<usize>> {
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for item in items {
+        match target(item) {
+            Some(node) => groups.entry(node).or_default().push(item),
+            None => unroutable(item),
+        }
+    }
+    groups
+}
+
+fn key_error(node: Option<&Node>, status: &Status) -> KeyError {
+    KeyError {
+        code: status.code() as i32,
+        message: match node {
+            Some(n) => format!("node {}: {}", n.id, status.message()),
+            None => status.message().to_owned(),
+        },
+    }
+}
+
+fn no_nodes() -> Status {
+    Status::unavailable("no cache node is known (check --nodes or --nodes-dns)")
+}
+
+fn status_of(error: KeyError) -> Status {
+    Status::new(Code::from_i32(error.code), error.message)
+}
+
+impl Router {
+    /// A router over `cluster`, writing `replicas` copies of each key.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        limits: RequestLimits,
+        replicas: usize,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            cluster,
+            limits,
+            replicas: replicas.max(1),
+            max_message_bytes,
+        }
+    }
+
+    /// Reads `keys`, answering each in order.
+    async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        if topo.nodes.is_empty() {
+            let e = key_error(None, &no_nodes());
+            return keys
+                .iter()
+                .map(|_| GetResult {
+                    error: Some(e.clone()),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        let prefs: Vec<Preference> = keys.iter().map(|k| topo.ring.preference(k)).collect();
+        let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
+        let mut failed = vec![false; topo.nodes.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let attempts = self.replicas.max(2).min(topo.nodes.len());
+        for attempt in 0..attempts {
+            let groups = group(
+                pending.drain(..),
+                |i| choose(topo, &prefs[i], &failed),
+                |_| {},
+            );
+            let calls = groups.into_iter().map(|(n, items)| {
+                let node = &topo.nodes[n];
+                let cluster = &self.cluster;
+                async move {
+                    let result = if let [item] = items[..] {
+                        let key = keys[item].clone();
+                        cluster
+                            .call(node, "Get", deadline, move |mut c, t| async move {
+                                let mut r = Request::new(GetRequest { key });
+                                r.set_timeout(t);
+                                c.get(r).await
+                            })
+                            .await
+                            .map(|g| {
+                                vec![GetResult {
+                                    found: g.found,
+                                    value: g.value,
+                                    version: g.version,
+                                    ttl: g.ttl,
+                                    error: None,
+                                }]
+                            })
+                    } else {
+                        let keys: Vec<String> = items.iter().map(|&i| keys[i].clone()).collect();
+                        cluster
+                            .call(node, "GetMany", deadline, move |mut c, t| async move {
+                                let mut r = Request::new(GetManyRequest { keys });
+                                r.set_timeout(t);
+                                c.get_many(r).await
+                            })
+                            .await
+                            .map(|r| r.results)
+                    };
+                    (n, items, result)
+                }
+            });
+            for (n, items, result) in join_all(calls).await {
+                match result {
+                    Ok(answers) if answers.len() == items.len() => {
+                        for (item, answer) in items.into_iter().zip(answers) {
+                            results[item] = Some(answer);
+                        }
+                    }
+                    Ok(answers) => {
+                        let e = key_error(
+                            Some(&topo.nodes[n]),
+                            &Status::internal(format!(
+                                "answered {} results for {} keys",
+                                answers.len(),
+                                items.len()
+                            )),
+                        );
+                        for item in items {
+                            results[item] = Some(GetResult {
+                                error: Some(e.clone()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    Err(status) if is_node_failure(&status) && attempt + 1 < attempts => {
+                        failed[n] = true;
+                        pending.extend(items);
+                    }
+                    Err(status) => {
+                        let e = key_error(Some(&topo.nodes[n]), &status);
+                        for item in items {
+                            results[item] = Some(GetResult {
+                                error: Some(e.clone()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+        }
+        let unanswered = key_error(None, &no_nodes());
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| GetResult {
+                    error: Some(unanswered.clone()),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    /// Sends `entries` (with their own conditions) to `node`, as one `Set`
+    /// or one `SetMany`.
+    async fn send_writes(
+        &self,
+        node: &Node,
+        entries: Vec<SetRequest>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<SetResult>, Status> {
+        if entries.len() == 1 {
+            let entry = entries.into_iter().next().unwrap_or_default();
+            self.cluster
+                .call(node, "Set", deadline, move |mut c, t| async move {
+                    let mut r = Request::new(entry);
+                    r.set_timeout(t);
+                    c.set(r).await
+                })
+                .await
+                .map(|s| {
+                    vec![SetResult {
+                        stored: s.stored,
+                        version: s.version,
+                        error: None,
+                    }]
+                })
+        } else {
+            let n = entries.len();
+            let results = self
+                .cluster
+                .call(node, "SetMany", deadline, move |mut c, t| async move {
+                    let mut r = Request::new(SetManyRequest { entries });
+                    r.set_timeout(t);
+                    c.set_many(r).await
+                })
+                .await?
+                .results;
+            if results.len() == n {
+                Ok(results)
+            } else {
+                Err(Status::internal(format!(
+                    "answered {} results for {n} entries",
+                    results.len()
+                )))
+            }
+        }
+    }
+
+    /// Writes `entries`: each to its primary with its condition, then to
+    /// the other owners with the primary's version.
+    async fn write(&self, entries: &[SetRequest], deadline: Option<Instant>) -> Vec<SetResult> {
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        if topo.nodes.is_empty() {
+            let e = key_error(None, &no_nodes());
+            return entries
+                .iter()
+                .map(|_| SetResult {
+                    error: Some(e.clone()),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        let prefs: Vec<Preference> = entries
+            .iter()
+            .map(|e| topo.ring.preference(&e.key))
+            .collect();
+        let mut results: Vec<Option<SetResult>> = vec![None; entries.len()];
+        let mut primary: Vec<Option<usize>> = vec![None; entries.len()];
+        let mut failed = vec![false; topo.nodes.len()];
+        let mut pending: Vec<usize> = (0..entries.len()).collect();
+        let attempts = self.replicas.max(2).min(topo.nodes.len());
+
+        // Phase 1: primaries.
+        for attempt in 0..attempts {
+            let groups = group(
+                pending.drain(..),
+                |i| choose(topo, &prefs[i], &failed),
+                |_| {},
+            );
+            let calls = groups.into_iter().map(|(n, items)| {
+                let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();
+                async move {
+                    (
+                        n,
+                        self.send_writes(&topo.nodes[n], batch, deadline).await,
+                        items,
+                    )
+                }
+            });
+            for (n, result, items) in join_all(calls).await {
+                match result {
+                    Ok(answers) => {
+                        for (item, answer) in items.into_iter().zip(answers) {
+                            primary[item] = Some(n);
+                            results[item] = Some(answer);
+                        }
+                    }
+                    // Unavailable: the node never saw the write, so another
+                    // node may take it. (A timeout is ambiguous: not retried.)
+                    Err(status) if status.code() == Code::Unavailable && attempt + 1 < attempts => {
+                        failed[n] = true;
+                        pending.extend(items);
+                    }
+                    Err(status) => {
+                        let e = key_error(Some(&topo.nodes[n]), &status);
+                        for item in items {
+                            results[item] = Some(SetResult {
+                                error: Some(e.clone()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+        }
+
+        // Phase 2: replicas, with the primary's version.
+        if self.replicas > 1 {
+            let mut copies: BTreeMap<usize, Vec<SetRequest>> = BTreeMap::new();
+            for (i, entry) in entries.iter().enumerate() {
+                let (
+                    Some(p),
+                    Some(SetResult {
+                        stored: true,
+                        version,
+                        ..
+                    }),
+                ) = (primary[i], &results[i])
+                else {
+                    continue;
+                };
+                for n in routable_owners(topo, &prefs[i], &failed, self.replicas + 1)
+                    .into_iter()
+                    .filter(|&n| n != p)
+                    .take(self.replicas - 1)
+                {
+                    let mut copy = entry.clone();
+                    copy.condition = Some(set_request::Condition::ReplicaVersion(*version));
+                    copies.entry(n).or_default().push(copy);
+                }
+            }
+            let calls = copies.into_iter().map(|(n, batch)| async move {
+                (n, self.send_writes(&topo.nodes[n], batch, deadline).await)
+            });
+            for (n, result) in join_all(calls).await {
+                if let Err(status) = result {
+                    self.cluster.replica_failed(&topo.nodes[n], &status);
+                }
+            }
+        }
+
+        let unanswered = key_error(None, &no_nodes());
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| SetResult {
+                    error: Some(unanswered.clone()),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    fn node_info(&self, topo: &Topology, index: usize) -> NodeInfo {
+        let node = &topo.nodes[index];
+        let (state, failures) = node.health();
+        NodeInfo {
+            id: node.id.to_string(),
+            address: node.address.clone(),
+            state: match state {
+                State::Unknown => NodeState::Unknown,
+                State::Healthy => NodeState::Healthy,
+                State::Ejected { .. } => NodeState::Ejected,
+            } as i32,
+            key_share: 1.0 / topo.nodes.len() as f64,
+            consecutive_failures: failures,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cache for Router {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let mut results = self.read(std::slice::from_ref(&req.key), deadline).await;
+        let r = results.pop().unwrap_or_default();
+        if let Some(error) = r.error {
+            return Err(status_of(error));
+        }
+        Ok(Response::new(GetResponse {
+            found: r.found,
+            value: r.value,
+            version: r.version,
+            ttl: r.ttl,
+        }))
+    }
+
+    async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_set("", &req)?;
+        let mut results = self.write(std::slice::from_ref(&req), deadline).await;
+        let r = results.pop().unwrap_or_default();
+        if let Some(error) = r.error {
+            return Err(status_of(error));
+        }
+        Ok(Response::new(SetResponse {
+            stored: r.stored,
+            version: r.version,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let topo = self.cluster.topology();
+        let pref = topo.ring.preference(&req.key);
+        let none_failed = vec![false; topo.nodes.len()];
+        let mut targets = routable_owners(&topo, &pref, &none_failed, self.replicas);
+        if targets.is_empty() {
+            targets.extend(choose(&topo, &pref, &none_failed));
+        }
+        if targets.is_empty() {
+            return Err(no_nodes());
+        }
+        let calls = targets.iter().map(|&n| {
+            let key = req.key.clone();
+            self.cluster.call(
+                &topo.nodes[n],
+                "Delete",
+                deadline,
+                move |mut c, t| async move {
+                    let mut r = Request::new(DeleteRequest { key });
+                    r.set_timeout(t);
+                    c.delete(r).await
+                },
+            )
+        });
+        let mut deleted = false;
+        let mut first_error = None;
+        let mut any_ok = false;
+        for (&n, result) in targets.iter().zip(join_all(calls).await) {
+            match result {
+                Ok(r) => {
+                    any_ok = true;
+                    deleted |= r.deleted;
+                }
+                Err(status) => {
+                    first_error
+                        .get_or_insert_with(|| status_of(key_error(Some(&topo.nodes[n]), &status)));
+                }
+            }
+        }
+        match (any_ok, first_error) {
+            (false, Some(error)) => Err(error),
+            _ => Ok(Response::new(DeleteResponse { deleted })),
+        }
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<GetManyRequest>,
+    ) -> Result<Response<GetManyResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_keys(&req.keys)?;
+        let results = self.read(&req.keys, deadline).await;
+        let size: usize = results.iter().map(|r| r.value.len() + RESULT_FRAMING).sum();
+        if size > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "response would be about {size} bytes, over the {}-byte limit (--max-message-bytes); ask for fewer keys per call",
+                self.max_message_bytes
+            )));
+        }
+        Ok(Response::new(GetManyResponse { results }))
+    }
+
+    async fn set_many(
+        &self,
+        request: Request<SetManyRequest>,
+    ) -> Result<Response<SetManyResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_entries(&req.entries)?;
+        let results = self.write(&req.entries, deadline).await;
+        Ok(Response::new(SetManyResponse { results }))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterApi for Router {
+    async fn list_nodes(
+        &self,
+        _: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let topo = self.cluster.topology();
+        Ok(Response::new(ListNodesResponse {
+            nodes: (0..topo.nodes.len())
+                .map(|i| self.node_info(&topo, i))
+                .collect(),
+            replicas: u32::try_from(self.replicas).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn locate(
+        &self,
+        request: Request<LocateRequest>,
+    ) -> Result<Response<LocateResponse>, Status> {
+        let req = request.into_inner();
+        self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let topo = self.cluster.topology();
+        let pref = topo.ring.preference(&req.key);
+        let none_failed = vec![false; topo.nodes.len()];
+        Ok(Response::new(LocateResponse {
+            owners: pref
+                .iter()
+                .take(self.replicas)
+                .map(|&i| self.node_info(&topo, i))
+                .collect(),
+            read_from: routable_owners(&topo, &pref, &none_failed, 1)
+                .first()
+                .map(|&i| self.node_info(&topo, i)),
+        }))
+    }
+}
