@@ -9,7 +9,10 @@
 //!   reads the addresses the server logs once it is serving (no port
 //!   guessing, no races), keeps draining its logs, and is killed when
 //!   dropped. [`Process::terminate`] sends SIGTERM for shutdown tests.
-//! - [`NodeProcess`]: a `cache-node` with gRPC clients to it.
+//! - [`NodeProcess`], [`OrchestratorProcess`]: the binaries with gRPC
+//!   clients to them.
+//! - [`TestCluster`]: cache nodes plus an orchestrator, with nodes that
+//!   can be killed and restarted on their old address.
 //! - [`tools`]: real `grpcurl`, installed from the Go module proxy by
 //!   `scripts/install-tools.sh` on first use.
 //! - [`eventually`]: retries an async check until it passes or times out,
@@ -28,7 +31,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ringcache_proto::v1::{cache_client::CacheClient, node_client::NodeClient};
+use ringcache_proto::v1::{
+    ListNodesRequest, NodeState, cache_client::CacheClient, cluster_client::ClusterClient,
+    node_client::NodeClient,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -368,5 +374,178 @@ impl NodeProcess {
     /// `host:port` for grpcurl.
     pub fn addr(&self) -> String {
         self.process.grpc.to_string()
+    }
+}
+
+/// A running `orchestrator`.
+#[derive(Debug)]
+pub struct OrchestratorProcess {
+    /// The process.
+    pub process: Process,
+}
+
+impl OrchestratorProcess {
+    /// Starts an orchestrator with `args` (which must give `--nodes` or
+    /// `--nodes-dns`) and waits until its `ringcache.v1.Cache` health is
+    /// SERVING.
+    pub async fn start(args: &[&str]) -> Self {
+        let process = Process::start(&binary("orchestrator"), args, &[]);
+        let url = process.grpc_url();
+        eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                match health(&url, "ringcache.v1.Cache").await {
+                    Ok(ServingStatus::Serving) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+        OrchestratorProcess { process }
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.process.grpc_url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect to orchestrator")
+    }
+
+    /// A `ringcache.v1.Cache` client.
+    pub async fn cache(&self) -> CacheClient<Channel> {
+        CacheClient::new(self.channel().await)
+    }
+
+    /// A `ringcache.v1.Cluster` client.
+    pub async fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel().await)
+    }
+
+    /// `host:port` for grpcurl.
+    pub fn addr(&self) -> String {
+        self.process.grpc.to_string()
+    }
+}
+
+/// Health settings that make ejection and readmission quick in tests.
+pub const FAST_HEALTH: &[&str] = &[
+    "--health-interval",
+    "100ms",
+    "--health-timeout",
+    "200ms",
+    "--eject-after",
+    "2",
+    "--eject-backoff",
+    "300ms",
+    "--eject-max-backoff",
+    "1s",
+    "--node-timeout",
+    "500ms",
+    "--connect-timeout",
+    "300ms",
+];
+
+/// Cache nodes plus an orchestrator routing to them, as separate
+/// processes.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The nodes; `None` once stopped by [`TestCluster::kill_node`].
+    pub nodes: Vec<Option<NodeProcess>>,
+    /// Each node's address, fixed for the cluster's life (a restarted node
+    /// comes back on the same port).
+    pub node_addrs: Vec<String>,
+    /// The orchestrator.
+    pub orchestrator: OrchestratorProcess,
+    node_args: Vec<String>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes and an orchestrator over them, with
+    /// `orchestrator_args` added (e.g. `--replicas 2`) and quick health
+    /// checks.
+    pub async fn start(n: usize, orchestrator_args: &[&str]) -> Self {
+        Self::start_with(n, &[], orchestrator_args).await
+    }
+
+    /// As [`TestCluster::start`], with extra node arguments.
+    pub async fn start_with(n: usize, node_args: &[&str], orchestrator_args: &[&str]) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            nodes.push(Some(NodeProcess::start(node_args).await));
+        }
+        let node_addrs: Vec<String> = nodes.iter().flatten().map(NodeProcess::addr).collect();
+        let orchestrator = Self::orchestrator_for(&node_addrs, orchestrator_args).await;
+        TestCluster {
+            nodes,
+            node_addrs,
+            orchestrator,
+            node_args: node_args.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    /// Starts another orchestrator over `node_addrs`.
+    pub async fn orchestrator_for(node_addrs: &[String], extra: &[&str]) -> OrchestratorProcess {
+        let list = node_addrs.join(",");
+        let mut args = vec!["--nodes", &list];
+        // The quick health settings, except where `extra` sets its own.
+        for pair in FAST_HEALTH.chunks(2) {
+            if !extra.contains(&pair[0]) {
+                args.extend_from_slice(pair);
+            }
+        }
+        args.extend_from_slice(extra);
+        OrchestratorProcess::start(&args).await
+    }
+
+    /// Kills node `i` with SIGKILL (no drain: a crash).
+    pub fn kill_node(&mut self, i: usize) {
+        self.nodes[i] = None;
+    }
+
+    /// Starts node `i` again on its old address.
+    pub async fn restart_node(&mut self, i: usize) {
+        let addr = self.node_addrs[i].clone();
+        let mut args: Vec<&str> = vec!["--listen", &addr];
+        args.extend(self.node_args.iter().map(String::as_str));
+        self.nodes[i] = Some(NodeProcess::start(&args).await);
+    }
+
+    /// A client straight to node `i`.
+    pub async fn node_cache(&self, i: usize) -> CacheClient<Channel> {
+        self.nodes[i]
+            .as_ref()
+            .expect("node is running")
+            .cache()
+            .await
+    }
+
+    /// Waits until the orchestrator reports node `i` in `state`.
+    pub async fn wait_node_state(&self, i: usize, state: NodeState) {
+        let cluster = self.orchestrator.cluster().await;
+        let addr = self.node_addrs[i].clone();
+        eventually(Duration::from_secs(15), || {
+            let addr = addr.clone();
+            let mut cluster = cluster.clone();
+            async move {
+                let nodes = cluster
+                    .list_nodes(ListNodesRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .nodes;
+                let node = nodes
+                    .iter()
+                    .find(|n| n.address == addr)
+                    .ok_or("node not listed")?;
+                if node.state() == state {
+                    Ok(())
+                } else {
+                    Err(format!("{addr} is {:?}", node.state()))
+                }
+            }
+        })
+        .await;
     }
 }

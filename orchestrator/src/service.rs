@@ -145,6 +145,9 @@ impl Router {
         }
         let prefs: Vec<Preference> = keys.iter().map(|k| topo.ring.preference(k)).collect();
         let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
+        // Why each retried item's last attempt failed, for items no node is
+        // left to try.
+        let mut last_error: Vec<Option<KeyError>> = vec![None; keys.len()];
         let mut failed = vec![false; topo.nodes.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         let attempts = self.replicas.max(2).min(topo.nodes.len());
@@ -215,6 +218,10 @@ impl Router {
                     }
                     Err(status) if is_node_failure(&status) && attempt + 1 < attempts => {
                         failed[n] = true;
+                        let e = key_error(Some(&topo.nodes[n]), &status);
+                        for &item in &items {
+                            last_error[item] = Some(e.clone());
+                        }
                         pending.extend(items);
                     }
                     Err(status) => {
@@ -235,9 +242,10 @@ impl Router {
         let unanswered = key_error(None, &no_nodes());
         results
             .into_iter()
-            .map(|r| {
+            .zip(last_error)
+            .map(|(r, e)| {
                 r.unwrap_or_else(|| GetResult {
-                    error: Some(unanswered.clone()),
+                    error: Some(e.unwrap_or_else(|| unanswered.clone())),
                     ..Default::default()
                 })
             })
@@ -311,6 +319,7 @@ impl Router {
             .collect();
         let mut results: Vec<Option<SetResult>> = vec![None; entries.len()];
         let mut primary: Vec<Option<usize>> = vec![None; entries.len()];
+        let mut last_error: Vec<Option<KeyError>> = vec![None; entries.len()];
         let mut failed = vec![false; topo.nodes.len()];
         let mut pending: Vec<usize> = (0..entries.len()).collect();
         let attempts = self.replicas.max(2).min(topo.nodes.len());
@@ -344,6 +353,10 @@ impl Router {
                     // node may take it. (A timeout is ambiguous: not retried.)
                     Err(status) if status.code() == Code::Unavailable && attempt + 1 < attempts => {
                         failed[n] = true;
+                        let e = key_error(Some(&topo.nodes[n]), &status);
+                        for &item in &items {
+                            last_error[item] = Some(e.clone());
+                        }
                         pending.extend(items);
                     }
                     Err(status) => {
@@ -400,9 +413,10 @@ impl Router {
         let unanswered = key_error(None, &no_nodes());
         results
             .into_iter()
-            .map(|r| {
+            .zip(last_error)
+            .map(|(r, e)| {
                 r.unwrap_or_else(|| SetResult {
-                    error: Some(unanswered.clone()),
+                    error: Some(e.unwrap_or_else(|| unanswered.clone())),
                     ..Default::default()
                 })
             })

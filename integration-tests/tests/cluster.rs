@@ -1,0 +1,479 @@
+//! Three real cache nodes and a real orchestrator, as separate processes.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use integration_tests::{NodeProcess, TestCluster, metric_value};
+use ringcache_proto::v1::{
+    DeleteRequest, GetManyRequest, GetRequest, ListNodesRequest, LocateRequest, NodeState,
+    SetManyRequest, SetRequest,
+};
+
+fn set(key: &str, value: &str) -> SetRequest {
+    SetRequest {
+        key: key.into(),
+        value: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn keys_live_exactly_where_locate_says_and_spread_by_share() {
+    let cluster = TestCluster::start(3, &[]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let mut api = cluster.orchestrator.cluster().await;
+    let n = 1500;
+    let entries: Vec<SetRequest> = (0..n)
+        .map(|i| set(&format!("user:{i}"), &format!("v{i}")))
+        .collect();
+    for chunk in entries.chunks(500) {
+        let r = cache
+            .set_many(SetManyRequest {
+                entries: chunk.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.stored && r.error.is_none()));
+    }
+
+    let nodes = api
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 3);
+    let index: HashMap<String, usize> = cluster
+        .node_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.clone(), i))
+        .collect();
+    let mut direct = Vec::new();
+    for i in 0..3 {
+        direct.push(cluster.node_cache(i).await);
+    }
+    let mut per_node = [0usize; 3];
+    for i in (0..n).step_by(5) {
+        let key = format!("user:{i}");
+        let located = api
+            .locate(LocateRequest { key: key.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(located.owners.len(), 1);
+        let owner = index[&located.owners[0].address];
+        assert_eq!(
+            located.read_from.unwrap().address,
+            located.owners[0].address
+        );
+        // The value is on the owner and on no other node.
+        for (j, client) in direct.iter_mut().enumerate() {
+            let found = client
+                .get(GetRequest { key: key.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(found.found, j == owner, "{key} on node {j} (owner {owner})");
+            if found.found {
+                assert_eq!(found.value, format!("v{i}").as_bytes());
+            }
+        }
+    }
+    // Every key counted once by asking the nodes how many items they hold.
+    for (j, node) in cluster.nodes.iter().enumerate() {
+        let stats = node
+            .as_ref()
+            .unwrap()
+            .node()
+            .await
+            .stats(ringcache_proto::v1::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        per_node[j] = stats.total.unwrap().items as usize;
+    }
+    assert_eq!(per_node.iter().sum::<usize>(), n);
+    for (j, &count) in per_node.iter().enumerate() {
+        let share = count as f64 / n as f64;
+        assert!(
+            (0.28..0.39).contains(&share),
+            "node {j} holds {share:.3} of the keys: {per_node:?}"
+        );
+        assert!((nodes[0].key_share - 1.0 / 3.0).abs() < 1e-9);
+    }
+}
+
+#[tokio::test]
+async fn get_many_across_all_nodes_answers_every_key_in_order() {
+    let cluster = TestCluster::start(3, &[]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let entries: Vec<SetRequest> = (0..300)
+        .map(|i| set(&format!("k{i}"), &format!("value-{i}")))
+        .collect();
+    cache.set_many(SetManyRequest { entries }).await.unwrap();
+    // Reverse order, with missing keys interleaved.
+    let keys: Vec<String> = (0..400).rev().map(|i| format!("k{i}")).collect();
+    let got = cache
+        .get_many(GetManyRequest { keys: keys.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.results.len(), keys.len());
+    for (key, r) in keys.iter().zip(&got.results) {
+        let i: usize = key[1..].parse().unwrap();
+        assert!(r.error.is_none(), "{key}: {:?}", r.error);
+        assert_eq!(r.found, i < 300, "{key}");
+        if r.found {
+            assert_eq!(r.value, format!("value-{i}").as_bytes());
+        }
+    }
+    // Every node took part.
+    let page = cluster.orchestrator.process.scrape().await;
+    for addr in &cluster.node_addrs {
+        let calls = metric_value(
+            &page,
+            "ringcache_node_calls_total",
+            &[&format!("node=\"{addr}\""), "method=\"GetMany\""],
+        );
+        assert!(calls.unwrap_or(0.0) >= 1.0, "no GetMany to {addr}:\n{page}");
+    }
+    // Deletes go through the router too.
+    let del = cache
+        .delete(DeleteRequest { key: "k1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(del.deleted);
+    assert!(
+        !cache
+            .get(GetRequest { key: "k1".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+}
+
+/// Runs Gets and Sets against the orchestrator until stopped; counts
+/// failures after `strict` is set.
+fn traffic(
+    cluster: &TestCluster,
+    mut cache: ringcache_proto::v1::cache_client::CacheClient<tonic::transport::Channel>,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let _ = cluster;
+    let stop = Arc::new(AtomicBool::new(false));
+    let strict = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let handle = {
+        let (stop, strict, calls, failures) = (
+            stop.clone(),
+            strict.clone(),
+            calls.clone(),
+            failures.clone(),
+        );
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let key = format!("load:{}", i % 200);
+                let ok = if i % 2 == 0 {
+                    cache.get(GetRequest { key }).await.is_ok()
+                } else {
+                    cache.set(set(&key, "x")).await.is_ok()
+                };
+                if strict.load(Ordering::Relaxed) {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    (stop, strict, calls, failures, handle)
+}
+
+#[tokio::test]
+async fn with_one_replica_a_dead_nodes_keys_miss_and_no_call_fails_once_it_is_ejected() {
+    let mut cluster = TestCluster::start(3, &[]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let entries: Vec<SetRequest> = (0..300).map(|i| set(&format!("k{i}"), "v")).collect();
+    cache.set_many(SetManyRequest { entries }).await.unwrap();
+    let mut api = cluster.orchestrator.cluster().await;
+    let mut owner = HashMap::new();
+    for i in 0..300 {
+        let key = format!("k{i}");
+        let l = api
+            .locate(LocateRequest { key: key.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        owner.insert(key, l.owners[0].address.clone());
+    }
+
+    let (stop, strict, calls, failures, load) =
+        traffic(&cluster, cluster.orchestrator.cache().await);
+    let dead = cluster.node_addrs[1].clone();
+    cluster.kill_node(1);
+    cluster.wait_node_state(1, NodeState::Ejected).await;
+    strict.store(true, Ordering::Relaxed);
+    for i in 0..300 {
+        let key = format!("k{i}");
+        let r = cache
+            .get(GetRequest { key: key.clone() })
+            .await
+            .expect("no call fails once the node is ejected")
+            .into_inner();
+        assert_eq!(
+            r.found,
+            owner[&key] != dead,
+            "{key} (owner {})",
+            owner[&key]
+        );
+    }
+    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let got = cache
+        .get_many(GetManyRequest { keys })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.results.iter().all(|r| r.error.is_none()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(calls.load(Ordering::Relaxed) > 10);
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls failed after the node was ejected"
+    );
+
+    // Restarted, it rejoins and takes its keys again (empty: a cache).
+    cluster.restart_node(1).await;
+    cluster.wait_node_state(1, NodeState::Healthy).await;
+    let key = owner
+        .iter()
+        .find(|(_, a)| **a == dead)
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    cache.set(set(&key, "again")).await.unwrap();
+    let direct = cluster
+        .node_cache(1)
+        .await
+        .get(GetRequest { key: key.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(direct.found, "writes reach the rejoined node");
+}
+
+#[tokio::test]
+async fn with_two_replicas_no_key_is_lost_when_a_node_dies() {
+    let mut cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let entries: Vec<SetRequest> = (0..300)
+        .map(|i| set(&format!("k{i}"), &format!("v{i}")))
+        .collect();
+    let written = cache
+        .set_many(SetManyRequest { entries })
+        .await
+        .unwrap()
+        .into_inner();
+    // Each key is on exactly two nodes, with the same version.
+    let mut copies = 0;
+    for i in 0..3 {
+        let mut direct = cluster.node_cache(i).await;
+        for (k, w) in written.results.iter().enumerate().step_by(10) {
+            let r = direct
+                .get(GetRequest {
+                    key: format!("k{k}"),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.found {
+                copies += 1;
+                assert_eq!(r.version, w.version, "replicas carry the primary's version");
+            }
+        }
+    }
+    assert_eq!(copies, 2 * 30);
+
+    let (stop, strict, calls, failures, load) =
+        traffic(&cluster, cluster.orchestrator.cache().await);
+    strict.store(true, Ordering::Relaxed);
+    cluster.kill_node(0);
+    // Before and after ejection alike, every key is still there.
+    for round in 0..2 {
+        let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+        let got = cache
+            .get_many(GetManyRequest { keys })
+            .await
+            .unwrap()
+            .into_inner();
+        for (i, r) in got.results.iter().enumerate() {
+            assert!(r.error.is_none(), "round {round} k{i}: {:?}", r.error);
+            assert!(r.found, "round {round}: k{i} lost");
+            assert_eq!(r.value, format!("v{i}").as_bytes());
+        }
+        for i in (0..300).step_by(7) {
+            let r = cache
+                .get(GetRequest {
+                    key: format!("k{i}"),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.found, "round {round}: k{i} lost");
+        }
+        cluster.wait_node_state(0, NodeState::Ejected).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(calls.load(Ordering::Relaxed) > 10);
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no call fails with a replica left"
+    );
+}
+
+#[tokio::test]
+async fn two_orchestrators_with_the_same_membership_route_identically() {
+    let cluster = TestCluster::start(3, &[]).await;
+    // The second one is given the nodes in another order.
+    let mut reversed = cluster.node_addrs.clone();
+    reversed.reverse();
+    let second = TestCluster::orchestrator_for(&reversed, &[]).await;
+    let mut a = cluster.orchestrator.cluster().await;
+    let mut b = second.cluster().await;
+    for i in 0..500 {
+        let key = format!("item-{i}");
+        let la = a
+            .locate(LocateRequest { key: key.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let lb = b.locate(LocateRequest { key }).await.unwrap().into_inner();
+        assert_eq!(la.owners[0].id, lb.owners[0].id);
+    }
+    // What one writes, the other reads.
+    let mut ca = cluster.orchestrator.cache().await;
+    let mut cb = second.cache().await;
+    for i in 0..50 {
+        ca.set(set(&format!("shared-{i}"), "x")).await.unwrap();
+    }
+    for i in 0..50 {
+        assert!(
+            cb.get(GetRequest {
+                key: format!("shared-{i}")
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_batch_reports_the_keys_whose_node_failed_and_answers_the_rest() {
+    // One node takes smaller values than the others (a misconfigured node):
+    // its keys fail, and only its keys.
+    let strict = NodeProcess::start(&["--max-value-bytes", "1KiB"]).await;
+    let others = [NodeProcess::start(&[]).await, NodeProcess::start(&[]).await];
+    let addrs: Vec<String> = std::iter::once(strict.addr())
+        .chain(others.iter().map(NodeProcess::addr))
+        .collect();
+    let orchestrator = TestCluster::orchestrator_for(&addrs, &[]).await;
+    let mut cache = orchestrator.cache().await;
+    let mut api = orchestrator.cluster().await;
+    let big = "x".repeat(2048);
+    let entries: Vec<SetRequest> = (0..150).map(|i| set(&format!("k{i}"), &big)).collect();
+    let out = cache
+        .set_many(SetManyRequest { entries })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.results.len(), 150);
+    let (mut failed, mut stored) = (0, 0);
+    for (i, r) in out.results.iter().enumerate() {
+        let owner = api
+            .locate(LocateRequest {
+                key: format!("k{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .owners[0]
+            .address
+            .clone();
+        if owner == strict.addr() {
+            let e = r.error.as_ref().expect("the strict node's keys fail");
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+            assert!(
+                e.message.contains(&strict.addr()),
+                "names the node: {}",
+                e.message
+            );
+            assert!(e.message.contains("--max-value-bytes"), "{}", e.message);
+            assert!(!r.stored);
+            failed += 1;
+        } else {
+            assert!(r.error.is_none() && r.stored, "k{i}: {r:?}");
+            stored += 1;
+        }
+    }
+    assert!(failed > 0 && stored > 0, "{failed} failed, {stored} stored");
+    // The single-key path answers the same failure as a status.
+    let key = (0..150)
+        .map(|i| format!("k{i}"))
+        .zip(&out.results)
+        .find(|(_, r)| r.error.is_some())
+        .map(|(k, _)| k)
+        .unwrap();
+    let status = cache.set(set(&key, &big)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn when_every_owner_is_down_the_keys_say_so() {
+    let mut cluster = TestCluster::start(2, &["--eject-after", "1000000"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    cluster.kill_node(0);
+    cluster.kill_node(1);
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let got = cache
+        .get_many(GetManyRequest { keys })
+        .await
+        .unwrap()
+        .into_inner();
+    for r in &got.results {
+        let e = r.error.as_ref().expect("every key fails");
+        assert_eq!(e.code, tonic::Code::Unavailable as i32, "{e:?}");
+        assert!(
+            cluster.node_addrs.iter().any(|a| e.message.contains(a)),
+            "names the node: {e:?}"
+        );
+    }
+    let status = cache
+        .get(GetRequest { key: "k1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+}
