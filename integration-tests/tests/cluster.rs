@@ -1,5 +1,8 @@
 //! Three real cache nodes and a real orchestrator, as separate processes.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::HashMap,
     sync::{
@@ -162,50 +165,68 @@ async fn get_many_across_all_nodes_answers_every_key_in_order() {
     );
 }
 
-/// Runs Gets and Sets against the orchestrator until stopped; counts
-/// failures after `strict` is set.
-fn traffic(
-    cluster: &TestCluster,
-    mut cache: ringcache_proto::v1::cache_client::CacheClient<tonic::transport::Channel>,
-) -> (
-    Arc<AtomicBool>,
-    Arc<AtomicBool>,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    tokio::task::JoinHandle<()>,
-) {
-    let _ = cluster;
-    let stop = Arc::new(AtomicBool::new(false));
-    let strict = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(AtomicU64::new(0));
-    let handle = {
-        let (stop, strict, calls, failures) = (
-            stop.clone(),
-            strict.clone(),
-            calls.clone(),
-            failures.clone(),
-        );
-        tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let key = format!("load:{}", i % 200);
-                let ok = if i % 2 == 0 {
-                    cache.get(GetRequest { key }).await.is_ok()
-                } else {
-                    cache.set(set(&key, "x")).await.is_ok()
-                };
-                if strict.load(Ordering::Relaxed) {
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failures.fetch_add(1, Ordering::Relaxed);
+/// Gets and Sets running against the orchestrator in the background.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    /// Once set, calls and failures are counted.
+    strict: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(
+        mut cache: ringcache_proto::v1::cache_client::CacheClient<tonic::transport::Channel>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let strict = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (stop, strict, calls, failures) = (
+                stop.clone(),
+                strict.clone(),
+                calls.clone(),
+                failures.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("load:{}", i % 200);
+                    let ok = if i.is_multiple_of(2) {
+                        cache.get(GetRequest { key }).await.is_ok()
+                    } else {
+                        cache.set(set(&key, "x")).await.is_ok()
+                    };
+                    if strict.load(Ordering::Relaxed) {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        if !ok {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-        })
-    };
-    (stop, strict, calls, failures, handle)
+            })
+        };
+        Traffic {
+            stop,
+            strict,
+            calls,
+            failures,
+            task,
+        }
+    }
+
+    /// Stops the traffic; returns (calls, failures) counted while strict.
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
 }
 
 #[tokio::test]
@@ -226,12 +247,11 @@ async fn with_one_replica_a_dead_nodes_keys_miss_and_no_call_fails_once_it_is_ej
         owner.insert(key, l.owners[0].address.clone());
     }
 
-    let (stop, strict, calls, failures, load) =
-        traffic(&cluster, cluster.orchestrator.cache().await);
+    let load = Traffic::start(cluster.orchestrator.cache().await);
     let dead = cluster.node_addrs[1].clone();
     cluster.kill_node(1);
     cluster.wait_node_state(1, NodeState::Ejected).await;
-    strict.store(true, Ordering::Relaxed);
+    load.strict.store(true, Ordering::Relaxed);
     for i in 0..300 {
         let key = format!("k{i}");
         let r = cache
@@ -254,14 +274,9 @@ async fn with_one_replica_a_dead_nodes_keys_miss_and_no_call_fails_once_it_is_ej
         .into_inner();
     assert!(got.results.iter().all(|r| r.error.is_none()));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(calls.load(Ordering::Relaxed) > 10);
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "calls failed after the node was ejected"
-    );
+    let (calls, failures) = load.finish().await;
+    assert!(calls > 10);
+    assert_eq!(failures, 0, "calls failed after the node was ejected");
 
     // Restarted, it rejoins and takes its keys again (empty: a cache).
     cluster.restart_node(1).await;
@@ -314,9 +329,8 @@ async fn with_two_replicas_no_key_is_lost_when_a_node_dies() {
     }
     assert_eq!(copies, 2 * 30);
 
-    let (stop, strict, calls, failures, load) =
-        traffic(&cluster, cluster.orchestrator.cache().await);
-    strict.store(true, Ordering::Relaxed);
+    let load = Traffic::start(cluster.orchestrator.cache().await);
+    load.strict.store(true, Ordering::Relaxed);
     cluster.kill_node(0);
     // Before and after ejection alike, every key is still there.
     for round in 0..2 {
@@ -343,14 +357,9 @@ async fn with_two_replicas_no_key_is_lost_when_a_node_dies() {
         }
         cluster.wait_node_state(0, NodeState::Ejected).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(calls.load(Ordering::Relaxed) > 10);
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "no call fails with a replica left"
-    );
+    let (calls, failures) = load.finish().await;
+    assert!(calls > 10);
+    assert_eq!(failures, 0, "no call fails with a replica left");
 }
 
 #[tokio::test]
@@ -476,4 +485,58 @@ async fn when_every_owner_is_down_the_keys_say_so() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn dns_discovery_finds_nodes_by_name_and_places_them_by_node_id() {
+    // `localhost` resolves through the system resolver, as a headless
+    // Service's name would; the node is placed by the id it reports.
+    let node = NodeProcess::start(&["--node-id", "cache-0"]).await;
+    let port = node.process.grpc.port();
+    let target = format!("localhost:{port}");
+    let mut args = vec!["--nodes-dns", &target, "--dns-interval", "200ms"];
+    args.extend_from_slice(integration_tests::FAST_HEALTH);
+    let orchestrator = integration_tests::OrchestratorProcess::start(&args).await;
+    let mut api = orchestrator.cluster().await;
+    let nodes = integration_tests::eventually(Duration::from_secs(10), || {
+        let mut api = api.clone();
+        async move {
+            let nodes = api
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .nodes;
+            if nodes.is_empty() {
+                Err("no node discovered yet".to_owned())
+            } else {
+                Ok(nodes)
+            }
+        }
+    })
+    .await;
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].id, "cache-0");
+    assert!(nodes[0].address.ends_with(&format!(":{port}")));
+    let mut cache = orchestrator.cache().await;
+    cache.set(set("via-dns", "yes")).await.unwrap();
+    assert!(
+        node.cache()
+            .await
+            .get(GetRequest {
+                key: "via-dns".into()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let located = api
+        .locate(LocateRequest {
+            key: "via-dns".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(located.owners[0].id, "cache-0");
 }

@@ -1,9 +1,12 @@
 //! The real `cache-node` binary, through real grpcurl — the way users
 //! first meet it — including every grpcurl example in the README.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use base64::{Engine, prelude::BASE64_STANDARD};
 use integration_tests::{
-    NodeProcess, metric_value,
+    NodeProcess, TestCluster, metric_value,
     tools::{grpcurl, tool},
     workspace_root,
 };
@@ -212,27 +215,26 @@ async fn health_check_answers_serving() {
     }
 }
 
-/// The grpcurl commands in the README's cache-node section, run as pasted
-/// (with the node's real address in place of `localhost:50061`).
+/// Runs the grpcurl commands of the README block between
+/// `<!-- {marker}:start -->` and `<!-- {marker}:end -->` as pasted, with
+/// `placeholder` (`localhost:50051`) replaced by the real address.
 ///
 /// A command may end in `# fails: Code` to say it is meant to be refused
 /// with that status.
-#[tokio::test]
-async fn readme_examples_work_as_pasted() {
+fn run_readme_block(marker: &str, placeholder: &str, addr: &str) {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
     let section = readme
-        .split("<!-- grpcurl-node-examples:start -->")
+        .split(&format!("<!-- {marker}:start -->"))
         .nth(1)
-        .and_then(|s| s.split("<!-- grpcurl-node-examples:end -->").next())
-        .expect("README has the grpcurl-node-examples markers");
+        .and_then(|s| s.split(&format!("<!-- {marker}:end -->")).next())
+        .unwrap_or_else(|| panic!("README has no {marker} block"));
     let commands: Vec<&str> = section
         .lines()
         .map(str::trim)
-        .filter(|l| l.starts_with("grpcurl ") || l.starts_with("echo ") || l.starts_with("VALUE="))
+        .filter(|l| l.starts_with("grpcurl "))
         .collect();
     assert!(commands.len() >= 5, "too few examples found: {commands:?}");
 
-    let node = NodeProcess::start(&[]).await;
     let bin_dir = tool("grpcurl").parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}",
@@ -244,7 +246,11 @@ async fn readme_examples_work_as_pasted() {
             Some((c, code)) => (c.trim(), Some(code.trim())),
             None => (command, None),
         };
-        let command = command.replace("localhost:50061", &node.addr());
+        assert!(
+            command.contains(placeholder),
+            "`{command}` does not use {placeholder}"
+        );
+        let command = command.replace(placeholder, addr);
         let out = std::process::Command::new("bash")
             .args(["-o", "pipefail", "-c", &command])
             .env("PATH", &path)
@@ -262,4 +268,41 @@ async fn readme_examples_work_as_pasted() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn readme_node_examples_work_as_pasted() {
+    let node = NodeProcess::start(&[]).await;
+    run_readme_block("grpcurl-node-examples", "localhost:50061", &node.addr());
+}
+
+#[tokio::test]
+async fn readme_cluster_examples_work_as_pasted() {
+    let cluster = TestCluster::start(3, &[]).await;
+    run_readme_block(
+        "grpcurl-examples",
+        "localhost:50051",
+        &cluster.orchestrator.addr(),
+    );
+    // The examples' keys really were spread by the orchestrator.
+    let nodes_with_keys = {
+        let mut n = 0;
+        for node in cluster.nodes.iter().flatten() {
+            let stats = node
+                .node()
+                .await
+                .stats(ringcache_proto::v1::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if stats.total.unwrap().items > 0 {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(
+        nodes_with_keys >= 2,
+        "keys landed on {nodes_with_keys} node(s)"
+    );
 }

@@ -1,5 +1,8 @@
 //! The real `cache-node` binary, through a tonic client.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use integration_tests::{NodeProcess, eventually, health, metric_value};

@@ -187,7 +187,7 @@ mod tests {
     fn backoff_doubles_while_flapping_and_resets_when_stable() {
         let mut t = Instant::now();
         let mut h = Health::default();
-        let mut eject = |h: &mut Health, t: Instant| {
+        let eject = |h: &mut Health, t: Instant| {
             for _ in 0..3 {
                 h.failed(t, &POLICY);
             }

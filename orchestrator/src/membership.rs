@@ -92,7 +92,10 @@ pub async fn run(source: Source, cluster: Arc<Cluster>) {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(error) = resolve_once(&target, &cluster, &mut known).await {
+                let addrs = tokio::net::lookup_host(target.as_str())
+                    .await
+                    .map(Iterator::collect::<Vec<_>>);
+                if let Err(error) = discover(addrs, &cluster, &mut known).await {
                     tracing::warn!(%target, %error, "cannot resolve the nodes' DNS name; keeping the current membership");
                 }
             }
@@ -100,13 +103,15 @@ pub async fn run(source: Source, cluster: Arc<Cluster>) {
     }
 }
 
-/// One round of DNS discovery: resolve, identify new addresses, publish.
-async fn resolve_once(
-    target: &str,
+/// One round of discovery, given what the name resolved to: identify new
+/// addresses, forget vanished ones, publish the membership. `known` carries
+/// the identities learned in earlier rounds.
+pub async fn discover(
+    resolved: std::io::Result<Vec<SocketAddr>>,
     cluster: &Cluster,
     known: &mut HashMap<SocketAddr, NodeId>,
 ) -> std::io::Result<()> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target).await?.collect();
+    let addrs = resolved?;
     known.retain(|addr, _| addrs.contains(addr));
     let unknown: Vec<SocketAddr> = addrs
         .iter()
@@ -167,5 +172,124 @@ mod tests {
         assert!(parse_static(":80").is_err());
         assert!(parse_static("a:1,a:1").unwrap_err().contains("twice"));
         assert!(parse_static("[::1]:50061").is_ok());
+    }
+}
+
+#[cfg(test)]
+mod discovery_tests {
+    use std::sync::Arc;
+
+    use cache_node::config::Config as NodeConfig;
+    use clap::Parser;
+    use tokio::{net::TcpListener, sync::oneshot};
+
+    use super::*;
+    use crate::{health::HealthPolicy, metrics::ClusterMetrics, nodes::CallSettings};
+
+    /// A real cache node, in this process, on an ephemeral port.
+    async fn node(id: &str) -> (SocketAddr, oneshot::Sender<()>) {
+        let config = NodeConfig::try_parse_from([
+            "cache-node",
+            "--node-id",
+            id,
+            "--capacity",
+            "16MiB",
+            "--shards",
+            "2",
+        ])
+        .unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(cache_node::server::run(config, grpc, metrics, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    fn cluster() -> Arc<Cluster> {
+        let registry = prometheus::Registry::new();
+        Arc::new(Cluster::new(
+            CallSettings {
+                connect_timeout: Duration::from_secs(1),
+                node_timeout: Duration::from_secs(1),
+                max_node_in_flight: 16,
+                max_message_bytes: 4 << 20,
+                health: HealthPolicy {
+                    eject_after: 3,
+                    base_backoff: Duration::from_secs(1),
+                    max_backoff: Duration::from_secs(4),
+                },
+            },
+            Arc::new(ClusterMetrics::new(&registry).unwrap()),
+        ))
+    }
+
+    fn members(cluster: &Cluster) -> Vec<(String, String)> {
+        cluster
+            .topology()
+            .nodes
+            .iter()
+            .map(|n| (n.id.to_string(), n.address.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn identities_come_from_the_nodes_and_survive_a_new_address() {
+        let (a, _stop_a) = node("cache-0").await;
+        let (b, stop_b) = node("cache-1").await;
+        let cluster = cluster();
+        let mut known = HashMap::new();
+        discover(Ok(vec![a, b]), &cluster, &mut known)
+            .await
+            .unwrap();
+        assert_eq!(
+            members(&cluster),
+            vec![
+                ("cache-0".into(), a.to_string()),
+                ("cache-1".into(), b.to_string())
+            ]
+        );
+        let ring_before = cluster.topology().ring.clone();
+
+        // cache-1 restarts elsewhere (a pod's new IP): the old address
+        // vanishes from DNS, the new one answers with the same identity.
+        let _ = stop_b.send(());
+        let (b2, _stop_b2) = node("cache-1").await;
+        discover(Ok(vec![a, b2]), &cluster, &mut known)
+            .await
+            .unwrap();
+        assert_eq!(
+            members(&cluster),
+            vec![
+                ("cache-0".into(), a.to_string()),
+                ("cache-1".into(), b2.to_string())
+            ]
+        );
+        // Same identities, same ring: every key keeps its owner.
+        let ring_after = cluster.topology().ring.clone();
+        for i in 0..1000 {
+            let k = format!("k{i}");
+            assert_eq!(
+                ring_before.ids()[ring_before.primary(&k).unwrap()],
+                ring_after.ids()[ring_after.primary(&k).unwrap()]
+            );
+        }
+
+        // Scaling up is picked up; an address that does not answer yet is
+        // left out until it does; a resolver error keeps the membership.
+        let (c, _stop_c) = node("cache-2").await;
+        let silent: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        discover(Ok(vec![a, b2, c, silent]), &cluster, &mut known)
+            .await
+            .unwrap();
+        assert_eq!(members(&cluster).len(), 3);
+        assert!(
+            discover(Err(std::io::Error::other("dns down")), &cluster, &mut known)
+                .await
+                .is_err()
+        );
+        assert_eq!(members(&cluster).len(), 3);
     }
 }

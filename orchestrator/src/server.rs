@@ -61,7 +61,18 @@ pub async fn run(
         metrics,
     ));
 
-    let _membership = AbortOnDrop(tokio::spawn(membership::run(source, cluster.clone())));
+    // A static list is in place before the first call is accepted; DNS
+    // discovery runs its first round at once, then every --dns-interval.
+    let _membership = match source {
+        source @ membership::Source::Static(_) => {
+            membership::run(source, cluster.clone()).await;
+            None
+        }
+        source => Some(AbortOnDrop(tokio::spawn(membership::run(
+            source,
+            cluster.clone(),
+        )))),
+    };
     let _health_checks = {
         let cluster = cluster.clone();
         let (every, timeout) = (config.health_interval, config.health_timeout);
