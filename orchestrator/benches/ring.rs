@@ -24,6 +24,13 @@ fn bench(c: &mut Criterion) {
                 black_box(ring.primary(&keys[i]))
             })
         });
+        // What the router computes: the first few nodes in preference order.
+        group.bench_with_input(BenchmarkId::new("owners_4", nodes), &ring, |b, ring| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(ring.owners(&keys[i], 4))
+            })
+        });
         group.bench_with_input(BenchmarkId::new("preference", nodes), &ring, |b, ring| {
             b.iter(|| {
                 i = (i + 1) % keys.len();

@@ -118,12 +118,34 @@ impl Ring {
         })
     }
 
-    /// The `n` owners of `key` (fewer if the ring is smaller), most
-    /// preferred first. Always distinct nodes.
+    /// The `n` most preferred nodes for `key` (fewer if the ring is
+    /// smaller), most preferred first: always distinct nodes, and the same
+    /// as the first `n` of [`Ring::preference`]. Costs O(nodes × n) with no
+    /// sort, so routing, which needs only the first few nodes, stays cheap
+    /// on large rings.
     pub fn owners(&self, key: &str, n: usize) -> Preference {
-        let mut p = self.preference(key);
-        p.truncate(n);
-        p
+        let n = n.min(self.ids.len());
+        if n == 0 {
+            return Preference::new();
+        }
+        let hash = key_hash(key);
+        // The best `n` so far, best first; insertion keeps it sorted.
+        let mut best: SmallVec<[(u64, usize); 16]> = SmallVec::with_capacity(n);
+        for i in 0..self.ids.len() {
+            let score = self.score(i, hash);
+            // Ties go to the lower index, which comes first in this loop.
+            let at = best
+                .iter()
+                .position(|&(s, _)| score > s)
+                .unwrap_or(best.len());
+            if at < n {
+                if best.len() == n {
+                    best.pop();
+                }
+                best.insert(at, (score, i));
+            }
+        }
+        best.into_iter().map(|(_, i)| i).collect()
     }
 }
 

@@ -70,6 +70,14 @@ fn choose(topo: &Topology, pref: &[usize], failed: &[bool]) -> Option<usize> {
         .or_else(|| pref.iter().copied().find(|&i| !failed[i]))
 }
 
+/// How much of a key's preference order a request computes: enough for
+/// every attempt even if all the currently ejected nodes come first. (A
+/// request that still runs out computes the full order: see [`target`].)
+fn prefix_len(topo: &Topology, replicas: usize) -> usize {
+    let ejected = topo.nodes.iter().filter(|n| !n.routable()).count();
+    (replicas.max(2) + 1 + ejected).min(topo.nodes.len())
+}
+
 /// Up to `n` routable nodes of `pref` not seen to fail, in order.
 fn routable_owners(topo: &Topology, pref: &[usize], failed: &[bool], n: usize) -> Preference {
     pref.iter()
@@ -79,17 +87,37 @@ fn routable_owners(topo: &Topology, pref: &[usize], failed: &[bool], n: usize) -
         .collect()
 }
 
-/// Items grouped by the node chosen for them, in node order.
-fn group(
-    items: impl IntoIterator<Item = usize>,
-    mut target: impl FnMut(usize) -> Option<usize>,
-    mut unroutable: impl FnMut(usize),
+/// The node to try next for `key`, as [`choose`] picks it, extending
+/// `pref` (a prefix of the key's preference order) to the full order when
+/// no routable node is left in the prefix.
+fn target(topo: &Topology, key: &str, pref: &mut Preference, failed: &[bool]) -> Option<usize> {
+    let routable = |p: &Preference| {
+        p.iter()
+            .copied()
+            .find(|&i| !failed[i] && topo.nodes[i].routable())
+    };
+    if let Some(n) = routable(pref) {
+        return Some(n);
+    }
+    if pref.len() < topo.nodes.len() {
+        *pref = topo.ring.preference(key);
+    }
+    choose(topo, pref, failed)
+}
+
+/// Pending items grouped by the node to try next, in node order. Items
+/// with no node left to try are not grouped (they keep their last error).
+fn group<'k>(
+    topo: &Topology,
+    pending: &mut Vec<usize>,
+    key: impl Fn(usize) -> &'k str,
+    prefs: &mut [Preference],
+    failed: &[bool],
 ) -> BTreeMap<usize, Vec<usize>> {
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for item in items {
-        match target(item) {
-            Some(node) => groups.entry(node).or_default().push(item),
-            None => unroutable(item),
+    for item in pending.drain(..) {
+        if let Some(node) = target(topo, key(item), &mut prefs[item], failed) {
+            groups.entry(node).or_default().push(item);
         }
     }
     groups
@@ -143,7 +171,8 @@ impl Router {
                 })
                 .collect();
         }
-        let prefs: Vec<Preference> = keys.iter().map(|k| topo.ring.preference(k)).collect();
+        let k = prefix_len(topo, self.replicas);
+        let mut prefs: Vec<Preference> = keys.iter().map(|key| topo.ring.owners(key, k)).collect();
         let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
         // Why each retried item's last attempt failed, for items no node is
         // left to try.
@@ -153,9 +182,11 @@ impl Router {
         let attempts = self.replicas.max(2).min(topo.nodes.len());
         for attempt in 0..attempts {
             let groups = group(
-                pending.drain(..),
-                |i| choose(topo, &prefs[i], &failed),
-                |_| {},
+                topo,
+                &mut pending,
+                |i| keys[i].as_str(),
+                &mut prefs,
+                &failed,
             );
             let calls = groups.into_iter().map(|(n, items)| {
                 let node = &topo.nodes[n];
@@ -313,9 +344,10 @@ impl Router {
                 })
                 .collect();
         }
-        let prefs: Vec<Preference> = entries
+        let k = prefix_len(topo, self.replicas);
+        let mut prefs: Vec<Preference> = entries
             .iter()
-            .map(|e| topo.ring.preference(&e.key))
+            .map(|e| topo.ring.owners(&e.key, k))
             .collect();
         let mut results: Vec<Option<SetResult>> = vec![None; entries.len()];
         let mut primary: Vec<Option<usize>> = vec![None; entries.len()];
@@ -327,9 +359,11 @@ impl Router {
         // Phase 1: primaries.
         for attempt in 0..attempts {
             let groups = group(
-                pending.drain(..),
-                |i| choose(topo, &prefs[i], &failed),
-                |_| {},
+                topo,
+                &mut pending,
+                |i| entries[i].key.as_str(),
+                &mut prefs,
+                &failed,
             );
             let calls = groups.into_iter().map(|(n, items)| {
                 let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();

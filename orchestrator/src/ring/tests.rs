@@ -101,6 +101,12 @@ fn owners_are_distinct_and_deterministic() {
         assert_eq!(owners.len(), 3);
         assert!(owners[0] != owners[1] && owners[1] != owners[2] && owners[0] != owners[2]);
         assert_eq!(owners, b.owners(&k, 3));
+        assert_eq!(
+            &owners[..],
+            &a.preference(&k)[..3],
+            "owners are the head of the preference"
+        );
+        assert_eq!(&a.owners(&k, 5)[..], &a.preference(&k)[..]);
         assert_eq!(owners[0], a.primary(&k).unwrap());
         assert_eq!(a.preference(&k).len(), 5);
     }
