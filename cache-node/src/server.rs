@@ -6,14 +6,14 @@ use std::{future::Future, sync::Arc};
 use prometheus::Registry;
 use ringcache_common::{
     grpc::add_reflection,
-    server::{ServeOptions, serve},
+    server::{AbortOnDrop, ServeOptions, serve},
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
     service_names::{CACHE, NODE},
     v1::{cache_server::CacheServer, node_server::NodeServer},
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::{
@@ -22,16 +22,6 @@ use crate::{
     service::{CacheService, NodeService},
     store::Store,
 };
-
-/// Aborts a background task when dropped, so no task outlives [`run`].
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Runs a cache node on the given listeners until `shutdown` completes,
 /// then drains: health turns NOT_SERVING, after `--drain-delay` the

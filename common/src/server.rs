@@ -146,6 +146,43 @@ pub async fn serve(
     Ok(())
 }
 
+/// Aborts a background task when dropped, so no task outlives the server
+/// that started it.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The body of both binaries' `main`: set up logging, start the runtime,
+/// bind `--listen` and `--metrics-listen`, and run `serve` with the
+/// SIGTERM/SIGINT future until it returns. Logs the error it fails with.
+pub fn main<F, Fut>(
+    name: &'static str,
+    log_format: crate::logging::LogFormat,
+    listen: std::net::SocketAddr,
+    metrics_listen: std::net::SocketAddr,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener, TcpListener, crate::shutdown::Signal) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    crate::logging::init(log_format)?;
+    let result = runtime()?.block_on(async {
+        let grpc = bind("--listen", listen).await?;
+        let metrics = bind("--metrics-listen", metrics_listen).await?;
+        serve(grpc, metrics, crate::shutdown::signal()).await
+    });
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "{name} failed");
+    }
+    result
+}
+
 /// Builds the multi-threaded runtime both binaries run on: at least two
 /// workers whatever the CPU count, so a one-CPU pod still serves a call
 /// while another task (an exporter, a health check) runs.

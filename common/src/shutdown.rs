@@ -6,7 +6,14 @@
 /// If a signal handler cannot be installed (which only happens when the
 /// runtime has no signal driver), the error is logged and that signal is
 /// ignored, rather than shutting down at once.
-pub async fn signal() {
+pub fn signal() -> Signal {
+    Box::pin(wait())
+}
+
+/// The future [`signal`] returns.
+pub type Signal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+async fn wait() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

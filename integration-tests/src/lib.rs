@@ -249,6 +249,30 @@ impl Process {
     pub async fn scrape(&self) -> String {
         scrape(self.metrics).await
     }
+
+    /// Waits until the process reports `ringcache.v1.Cache` SERVING.
+    pub async fn wait_ready(&self) {
+        let url = self.grpc_url();
+        eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                match health(&url, "ringcache.v1.Cache").await {
+                    Ok(ServingStatus::Serving) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// A connected gRPC channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.grpc_url())
+            .expect("valid url")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.name))
+    }
 }
 
 impl Drop for Process {
@@ -338,37 +362,18 @@ impl NodeProcess {
     /// As [`NodeProcess::start`], with environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let process = Process::start(&binary("cache-node"), args, env);
-        let url = process.grpc_url();
-        eventually(Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                match health(&url, "ringcache.v1.Cache").await {
-                    Ok(ServingStatus::Serving) => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        })
-        .await;
+        process.wait_ready().await;
         NodeProcess { process }
-    }
-
-    /// A connected channel to the node.
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.process.grpc_url())
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("connect to cache-node")
     }
 
     /// A `ringcache.v1.Cache` client.
     pub async fn cache(&self) -> CacheClient<Channel> {
-        CacheClient::new(self.channel().await)
+        CacheClient::new(self.process.channel().await)
     }
 
     /// A `ringcache.v1.Node` client.
     pub async fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel().await)
+        NodeClient::new(self.process.channel().await)
     }
 
     /// `host:port` for grpcurl.
@@ -390,37 +395,18 @@ impl OrchestratorProcess {
     /// SERVING.
     pub async fn start(args: &[&str]) -> Self {
         let process = Process::start(&binary("orchestrator"), args, &[]);
-        let url = process.grpc_url();
-        eventually(Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                match health(&url, "ringcache.v1.Cache").await {
-                    Ok(ServingStatus::Serving) => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        })
-        .await;
+        process.wait_ready().await;
         OrchestratorProcess { process }
-    }
-
-    /// A connected channel.
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.process.grpc_url())
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("connect to orchestrator")
     }
 
     /// A `ringcache.v1.Cache` client.
     pub async fn cache(&self) -> CacheClient<Channel> {
-        CacheClient::new(self.channel().await)
+        CacheClient::new(self.process.channel().await)
     }
 
     /// A `ringcache.v1.Cluster` client.
     pub async fn cluster(&self) -> ClusterClient<Channel> {
-        ClusterClient::new(self.channel().await)
+        ClusterClient::new(self.process.channel().await)
     }
 
     /// `host:port` for grpcurl.

@@ -5,14 +5,14 @@ use std::{future::Future, sync::Arc};
 use prometheus::Registry;
 use ringcache_common::{
     grpc::add_reflection,
-    server::{ServeOptions, serve},
+    server::{AbortOnDrop, ServeOptions, serve},
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
     service_names::{CACHE, CLUSTER},
     v1::{cache_server::CacheServer, cluster_server::ClusterServer},
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::{
@@ -22,16 +22,6 @@ use crate::{
     nodes::{CallSettings, Cluster},
     service::Router,
 };
-
-/// Aborts a background task when dropped, so no task outlives [`run`].
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Runs an orchestrator on the given listeners until `shutdown` completes,
 /// then drains as the cache node does.

@@ -29,7 +29,7 @@
 //!   results carry an `error` after the fallback has been tried. A group of
 //!   one key is sent as a single-key call.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
 
 use futures::future::join_all;
 use ringcache_common::validate::RequestLimits;
@@ -141,6 +141,67 @@ fn status_of(error: KeyError) -> Status {
     Status::new(Code::from_i32(error.code), error.message)
 }
 
+/// A batch result type that can carry a per-key error.
+trait KeyResult: Sized {
+    /// A result saying this key failed with `error`.
+    fn failed(error: KeyError) -> Self;
+}
+
+impl KeyResult for GetResult {
+    fn failed(error: KeyError) -> Self {
+        GetResult {
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
+impl KeyResult for SetResult {
+    fn failed(error: KeyError) -> Self {
+        SetResult {
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
+/// What [`Router::route`] found out, item by item.
+struct Routed<R> {
+    /// The answers, in item order.
+    results: Vec<R>,
+    /// The node that answered each item.
+    served_by: Vec<Option<usize>>,
+    /// Each item's preference order (as far as it was computed).
+    prefs: Vec<Preference>,
+    /// Nodes that failed during the request.
+    failed: Vec<bool>,
+}
+
+/// [`Routed`] while results are still being filled in.
+struct Routing<R> {
+    results: Vec<Option<R>>,
+    served_by: Vec<Option<usize>>,
+    prefs: Vec<Preference>,
+    failed: Vec<bool>,
+}
+
+impl<R: KeyResult> Routing<R> {
+    /// Fills every unanswered item with `error(item)`.
+    fn finish_with(self, error: impl Fn(usize) -> KeyError) -> Routed<R> {
+        Routed {
+            results: self
+                .results
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.unwrap_or_else(|| R::failed(error(i))))
+                .collect(),
+            served_by: self.served_by,
+            prefs: self.prefs,
+            failed: self.failed,
+        }
+    }
+}
+
 impl Router {
     /// A router over `cluster`, writing `replicas` copies of each key.
     pub fn new(
@@ -157,111 +218,74 @@ impl Router {
         }
     }
 
-    /// Reads `keys`, answering each in order.
-    async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
-        let topology = self.cluster.topology();
-        let topo = &*topology;
+    /// Routes `count` items (keys or entries) to nodes: groups them by the
+    /// node to try, sends each group with `send`, and retries the items of a
+    /// group whose failure `retryable` accepts on their next node, up to
+    /// `max(replicas, 2)` nodes per item. Answers in item order, with the
+    /// node that answered each item; items that found no node carry their
+    /// last error.
+    async fn route<'k, R, F, Fut>(
+        &self,
+        topo: &Topology,
+        count: usize,
+        key: impl Fn(usize) -> &'k str + Copy,
+        retryable: fn(&Status) -> bool,
+        send: F,
+    ) -> Routed<R>
+    where
+        R: KeyResult,
+        F: Fn(usize, Vec<usize>) -> Fut,
+        Fut: Future<Output = (usize, Vec<usize>, Result<Vec<R>, Status>)>,
+    {
+        let k = prefix_len(topo, self.replicas);
+        let mut routed = Routing {
+            results: (0..count).map(|_| None).collect(),
+            served_by: vec![None; count],
+            prefs: (0..count).map(|i| topo.ring.owners(key(i), k)).collect(),
+            failed: vec![false; topo.nodes.len()],
+        };
         if topo.nodes.is_empty() {
             let e = key_error(None, &no_nodes());
-            return keys
-                .iter()
-                .map(|_| GetResult {
-                    error: Some(e.clone()),
-                    ..Default::default()
-                })
-                .collect();
+            return routed.finish_with(|_| e.clone());
         }
-        let k = prefix_len(topo, self.replicas);
-        let mut prefs: Vec<Preference> = keys.iter().map(|key| topo.ring.owners(key, k)).collect();
-        let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
-        // Why each retried item's last attempt failed, for items no node is
-        // left to try.
-        let mut last_error: Vec<Option<KeyError>> = vec![None; keys.len()];
-        let mut failed = vec![false; topo.nodes.len()];
-        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut last_error: Vec<Option<KeyError>> = vec![None; count];
+        let mut pending: Vec<usize> = (0..count).collect();
         let attempts = self.replicas.max(2).min(topo.nodes.len());
         for attempt in 0..attempts {
-            let groups = group(
-                topo,
-                &mut pending,
-                |i| keys[i].as_str(),
-                &mut prefs,
-                &failed,
-            );
-            let calls = groups.into_iter().map(|(n, items)| {
-                let node = &topo.nodes[n];
-                let cluster = &self.cluster;
-                async move {
-                    let result = if let [item] = items[..] {
-                        let key = keys[item].clone();
-                        cluster
-                            .call(node, "Get", deadline, move |mut c, t| async move {
-                                let mut r = Request::new(GetRequest { key });
-                                r.set_timeout(t);
-                                c.get(r).await
-                            })
-                            .await
-                            .map(|g| {
-                                vec![GetResult {
-                                    found: g.found,
-                                    value: g.value,
-                                    version: g.version,
-                                    ttl: g.ttl,
-                                    error: None,
-                                }]
-                            })
-                    } else {
-                        let keys: Vec<String> = items.iter().map(|&i| keys[i].clone()).collect();
-                        cluster
-                            .call(node, "GetMany", deadline, move |mut c, t| async move {
-                                let mut r = Request::new(GetManyRequest { keys });
-                                r.set_timeout(t);
-                                c.get_many(r).await
-                            })
-                            .await
-                            .map(|r| r.results)
-                    };
-                    (n, items, result)
-                }
-            });
+            let groups = group(topo, &mut pending, key, &mut routed.prefs, &routed.failed);
+            let calls = groups.into_iter().map(|(n, items)| send(n, items));
             for (n, items, result) in join_all(calls).await {
+                let node = &topo.nodes[n];
+                let result = result.and_then(|answers| {
+                    if answers.len() == items.len() {
+                        Ok(answers)
+                    } else {
+                        Err(Status::internal(format!(
+                            "answered {} results for {} items",
+                            answers.len(),
+                            items.len()
+                        )))
+                    }
+                });
                 match result {
-                    Ok(answers) if answers.len() == items.len() => {
-                        for (item, answer) in items.into_iter().zip(answers) {
-                            results[item] = Some(answer);
-                        }
-                    }
                     Ok(answers) => {
-                        let e = key_error(
-                            Some(&topo.nodes[n]),
-                            &Status::internal(format!(
-                                "answered {} results for {} keys",
-                                answers.len(),
-                                items.len()
-                            )),
-                        );
-                        for item in items {
-                            results[item] = Some(GetResult {
-                                error: Some(e.clone()),
-                                ..Default::default()
-                            });
+                        for (item, answer) in items.into_iter().zip(answers) {
+                            routed.results[item] = Some(answer);
+                            routed.served_by[item] = Some(n);
                         }
                     }
-                    Err(status) if is_node_failure(&status) && attempt + 1 < attempts => {
-                        failed[n] = true;
-                        let e = key_error(Some(&topo.nodes[n]), &status);
+                    Err(status) if retryable(&status) && attempt + 1 < attempts => {
+                        routed.failed[n] = true;
+                        let e = key_error(Some(node), &status);
                         for &item in &items {
                             last_error[item] = Some(e.clone());
                         }
                         pending.extend(items);
                     }
                     Err(status) => {
-                        let e = key_error(Some(&topo.nodes[n]), &status);
+                        let e = key_error(Some(node), &status);
                         for item in items {
-                            results[item] = Some(GetResult {
-                                error: Some(e.clone()),
-                                ..Default::default()
-                            });
+                            routed.results[item] = Some(R::failed(e.clone()));
                         }
                     }
                 }
@@ -271,16 +295,58 @@ impl Router {
             }
         }
         let unanswered = key_error(None, &no_nodes());
-        results
-            .into_iter()
-            .zip(last_error)
-            .map(|(r, e)| {
-                r.unwrap_or_else(|| GetResult {
-                    error: Some(e.unwrap_or_else(|| unanswered.clone())),
-                    ..Default::default()
-                })
-            })
-            .collect()
+        routed.finish_with(|i| last_error[i].clone().unwrap_or_else(|| unanswered.clone()))
+    }
+
+    /// Reads `keys`, answering each in order.
+    async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        let send = |n: usize, items: Vec<usize>| {
+            let node = &topo.nodes[n];
+            let cluster = &self.cluster;
+            async move {
+                let result = if let [item] = items[..] {
+                    let key = keys[item].clone();
+                    cluster
+                        .call(node, "Get", deadline, move |mut c, t| async move {
+                            let mut r = Request::new(GetRequest { key });
+                            r.set_timeout(t);
+                            c.get(r).await
+                        })
+                        .await
+                        .map(|g| {
+                            vec![GetResult {
+                                found: g.found,
+                                value: g.value,
+                                version: g.version,
+                                ttl: g.ttl,
+                                error: None,
+                            }]
+                        })
+                } else {
+                    let keys: Vec<String> = items.iter().map(|&i| keys[i].clone()).collect();
+                    cluster
+                        .call(node, "GetMany", deadline, move |mut c, t| async move {
+                            let mut r = Request::new(GetManyRequest { keys });
+                            r.set_timeout(t);
+                            c.get_many(r).await
+                        })
+                        .await
+                        .map(|r| r.results)
+                };
+                (n, items, result)
+            }
+        };
+        self.route(
+            topo,
+            keys.len(),
+            |i| keys[i].as_str(),
+            is_node_failure,
+            send,
+        )
+        .await
+        .results
     }
 
     /// Sends `entries` (with their own conditions) to `node`, as one `Set`
@@ -334,80 +400,28 @@ impl Router {
     async fn write(&self, entries: &[SetRequest], deadline: Option<Instant>) -> Vec<SetResult> {
         let topology = self.cluster.topology();
         let topo = &*topology;
-        if topo.nodes.is_empty() {
-            let e = key_error(None, &no_nodes());
-            return entries
-                .iter()
-                .map(|_| SetResult {
-                    error: Some(e.clone()),
-                    ..Default::default()
-                })
-                .collect();
-        }
-        let k = prefix_len(topo, self.replicas);
-        let mut prefs: Vec<Preference> = entries
-            .iter()
-            .map(|e| topo.ring.owners(&e.key, k))
-            .collect();
-        let mut results: Vec<Option<SetResult>> = vec![None; entries.len()];
-        let mut primary: Vec<Option<usize>> = vec![None; entries.len()];
-        let mut last_error: Vec<Option<KeyError>> = vec![None; entries.len()];
-        let mut failed = vec![false; topo.nodes.len()];
-        let mut pending: Vec<usize> = (0..entries.len()).collect();
-        let attempts = self.replicas.max(2).min(topo.nodes.len());
-
-        // Phase 1: primaries.
-        for attempt in 0..attempts {
-            let groups = group(
+        // Phase 1: primaries. Only UNAVAILABLE is retried elsewhere: the
+        // node never saw the write. (After a timeout the write may have
+        // happened, so it is not repeated on another node.)
+        let send = |n: usize, items: Vec<usize>| {
+            let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();
+            async move {
+                (
+                    n,
+                    items,
+                    self.send_writes(&topo.nodes[n], batch, deadline).await,
+                )
+            }
+        };
+        let routed = self
+            .route(
                 topo,
-                &mut pending,
+                entries.len(),
                 |i| entries[i].key.as_str(),
-                &mut prefs,
-                &failed,
-            );
-            let calls = groups.into_iter().map(|(n, items)| {
-                let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();
-                async move {
-                    (
-                        n,
-                        self.send_writes(&topo.nodes[n], batch, deadline).await,
-                        items,
-                    )
-                }
-            });
-            for (n, result, items) in join_all(calls).await {
-                match result {
-                    Ok(answers) => {
-                        for (item, answer) in items.into_iter().zip(answers) {
-                            primary[item] = Some(n);
-                            results[item] = Some(answer);
-                        }
-                    }
-                    // Unavailable: the node never saw the write, so another
-                    // node may take it. (A timeout is ambiguous: not retried.)
-                    Err(status) if status.code() == Code::Unavailable && attempt + 1 < attempts => {
-                        failed[n] = true;
-                        let e = key_error(Some(&topo.nodes[n]), &status);
-                        for &item in &items {
-                            last_error[item] = Some(e.clone());
-                        }
-                        pending.extend(items);
-                    }
-                    Err(status) => {
-                        let e = key_error(Some(&topo.nodes[n]), &status);
-                        for item in items {
-                            results[item] = Some(SetResult {
-                                error: Some(e.clone()),
-                                ..Default::default()
-                            });
-                        }
-                    }
-                }
-            }
-            if pending.is_empty() {
-                break;
-            }
-        }
+                |s| s.code() == Code::Unavailable,
+                send,
+            )
+            .await;
 
         // Phase 2: replicas, with the primary's version.
         if self.replicas > 1 {
@@ -415,16 +429,16 @@ impl Router {
             for (i, entry) in entries.iter().enumerate() {
                 let (
                     Some(p),
-                    Some(SetResult {
+                    SetResult {
                         stored: true,
                         version,
                         ..
-                    }),
-                ) = (primary[i], &results[i])
+                    },
+                ) = (routed.served_by[i], &routed.results[i])
                 else {
                     continue;
                 };
-                for n in routable_owners(topo, &prefs[i], &failed, self.replicas + 1)
+                for n in routable_owners(topo, &routed.prefs[i], &routed.failed, self.replicas + 1)
                     .into_iter()
                     .filter(|&n| n != p)
                     .take(self.replicas - 1)
@@ -443,18 +457,7 @@ impl Router {
                 }
             }
         }
-
-        let unanswered = key_error(None, &no_nodes());
-        results
-            .into_iter()
-            .zip(last_error)
-            .map(|(r, e)| {
-                r.unwrap_or_else(|| SetResult {
-                    error: Some(e.unwrap_or_else(|| unanswered.clone())),
-                    ..Default::default()
-                })
-            })
-            .collect()
+        routed.results
     }
 
     fn node_info(&self, topo: &Topology, index: usize) -> NodeInfo {
