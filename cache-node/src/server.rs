@@ -3,10 +3,9 @@
 
 use std::{future::Future, sync::Arc};
 
-use prometheus::Registry;
 use ringcache_common::{
     grpc::add_reflection,
-    server::{AbortOnDrop, ServeOptions, serve},
+    server::{AbortOnDrop, ServeOptions, registry, serve},
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
@@ -38,11 +37,7 @@ pub async fn run(
     let grpc_addr = grpc_listener.local_addr()?;
     let node_id = config.node_id(grpc_addr.port());
 
-    let registry = Registry::new();
-    #[cfg(target_os = "linux")]
-    registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    ))?;
+    let registry = registry()?;
     registry.register(Box::new(StoreCollector::new(store.clone())?))?;
 
     // Expired entries already read as absent; this frees their memory.
@@ -83,14 +78,12 @@ pub async fn run(
         "cache-node starting"
     );
     serve(
-        ServeOptions {
-            name: "cache-node",
-            services: vec![CACHE, NODE],
-            max_in_flight: config.limits.max_in_flight,
-            request_timeout: config.limits.request_timeout,
-            drain_delay: config.process.drain_delay,
-            shutdown_grace: config.process.shutdown_grace,
-        },
+        ServeOptions::new(
+            "cache-node",
+            vec![CACHE, NODE],
+            &config.limits,
+            &config.process,
+        ),
         routes.routes(),
         health,
         grpc_listener,

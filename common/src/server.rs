@@ -36,6 +36,36 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
 }
 
+impl ServeOptions {
+    /// The options the shared flags set, for `services` of binary `name`.
+    pub fn new(
+        name: &'static str,
+        services: Vec<&'static str>,
+        limits: &crate::config::LimitArgs,
+        process: &crate::config::ProcessArgs,
+    ) -> Self {
+        Self {
+            name,
+            services,
+            max_in_flight: limits.max_in_flight,
+            request_timeout: limits.request_timeout,
+            drain_delay: process.drain_delay,
+            shutdown_grace: process.shutdown_grace,
+        }
+    }
+}
+
+/// A Prometheus registry with the process collector (CPU, memory, file
+/// descriptors) registered, on Linux.
+pub fn registry() -> anyhow::Result<Registry> {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    Ok(registry)
+}
+
 /// Serves `routes` on `grpc_listener` and `registry` on `metrics_listener`
 /// until `shutdown` completes, then drains.
 ///

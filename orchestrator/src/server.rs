@@ -2,10 +2,9 @@
 
 use std::{future::Future, sync::Arc};
 
-use prometheus::Registry;
 use ringcache_common::{
     grpc::add_reflection,
-    server::{AbortOnDrop, ServeOptions, serve},
+    server::{AbortOnDrop, ServeOptions, registry, serve},
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
@@ -33,11 +32,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let source = config.source()?;
-    let registry = Registry::new();
-    #[cfg(target_os = "linux")]
-    registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    ))?;
+    let registry = registry()?;
     let metrics = Arc::new(ClusterMetrics::new(&registry)?);
     let max_message = config.limits.max_message_bytes();
     let cluster = Arc::new(Cluster::new(
@@ -96,14 +91,12 @@ pub async fn run(
 
     tracing::info!(replicas = config.replicas, "orchestrator starting");
     serve(
-        ServeOptions {
-            name: "orchestrator",
-            services: vec![CACHE, CLUSTER],
-            max_in_flight: config.limits.max_in_flight,
-            request_timeout: config.limits.request_timeout,
-            drain_delay: config.process.drain_delay,
-            shutdown_grace: config.process.shutdown_grace,
-        },
+        ServeOptions::new(
+            "orchestrator",
+            vec![CACHE, CLUSTER],
+            &config.limits,
+            &config.process,
+        ),
         routes.routes(),
         health,
         grpc_listener,
