@@ -16,6 +16,9 @@ mkdir -p "$BIN_DIR"
 # name -> "go package@version"
 declare -A PACKAGES=(
   [grpcurl]="github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4"
+  # Jaeger v2 lives in ./cmd/jaeger of the v1.7x module tags. Its go.mod has
+  # replace directives, so `go install` refuses it: see install_jaeger.
+  [jaeger]="github.com/jaegertracing/jaeger@v1.76.0"
 )
 
 install_go_tool() {
@@ -37,10 +40,37 @@ install_go_tool() {
   echo "$version" > "$stamp"
 }
 
+# Jaeger: download the module, copy it somewhere writable (the module cache
+# is read-only) and build ./cmd/jaeger inside it, so its replace directives
+# apply.
+install_jaeger() {
+  local spec="${PACKAGES[jaeger]}"
+  local version="${spec##*@}"
+  local stamp="$BIN_DIR/.jaeger.version"
+  if [[ -x "$BIN_DIR/jaeger" && -f "$stamp" && "$(cat "$stamp")" == "$version" ]]; then
+    return 0
+  fi
+  command -v go >/dev/null || { echo "install-tools: go is needed to build jaeger" >&2; exit 1; }
+  echo "install-tools: building jaeger $version (v2) from the Go module proxy; this takes a few minutes once" >&2
+  local dir tmp
+  dir="$(go mod download -json "$spec" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -n "$dir" && -d "$dir" ]] || { echo "install-tools: cannot download $spec" >&2; exit 1; }
+  tmp="$(mktemp -d)"
+  cp -r "$dir/." "$tmp/src"
+  chmod -R u+w "$tmp/src"
+  (cd "$tmp/src" && GOFLAGS="${GOFLAGS:--buildvcs=false}" go build -o "$tmp/jaeger" ./cmd/jaeger)
+  mv "$tmp/jaeger" "$BIN_DIR/jaeger"
+  rm -rf "$tmp"
+  echo "$version" > "$stamp"
+}
+
 tools=("$@")
 [[ ${#tools[@]} -eq 0 ]] && tools=("${!PACKAGES[@]}")
 for tool in "${tools[@]}"; do
   [[ -n "${PACKAGES[$tool]:-}" ]] || { echo "install-tools: unknown tool '$tool'" >&2; exit 2; }
-  install_go_tool "$tool"
+  case "$tool" in
+    jaeger) install_jaeger ;;
+    *) install_go_tool "$tool" ;;
+  esac
 done
 echo "$BIN_DIR"

@@ -14,6 +14,7 @@ use ringcache_proto::v1::{
     StatsResponse, cache_server::Cache, node_server::Node,
 };
 use tonic::{Request, Response, Status};
+use tracing::Span;
 
 use crate::{
     error::NodeError,
@@ -46,6 +47,11 @@ impl CacheService {
 
     fn set_one(&self, req: &SetRequest, prefix: &str) -> Result<SetResponse, NodeError> {
         let checked = self.limits.check_set(prefix, req)?;
+        let span = Span::current();
+        if !span.is_none() {
+            span.record("ringcache.shard", self.store.shard_of(&req.key) as i64);
+            span.record("ringcache.value_bytes", req.value.len() as i64);
+        }
         let out = self
             .store
             .set(&req.key, &req.value, checked.ttl, checked.condition)?;
@@ -75,7 +81,18 @@ impl Cache for CacheService {
         self.limits
             .check_key(|| "key".to_owned(), &req.key)
             .map_err(NodeError::from)?;
-        Ok(Response::new(get_response(self.store.get(&req.key))))
+        let found = self.store.get(&req.key);
+        let span = Span::current();
+        if !span.is_none() {
+            // What explains a read's latency; never the key or value.
+            span.record("ringcache.hit", found.is_some());
+            span.record("ringcache.shard", self.store.shard_of(&req.key) as i64);
+            span.record(
+                "ringcache.value_bytes",
+                found.as_ref().map_or(0, |f| f.value.len() as i64),
+            );
+        }
+        Ok(Response::new(get_response(found)))
     }
 
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
@@ -122,6 +139,18 @@ impl Cache for CacheService {
                 error: None,
             });
         }
+        let span = Span::current();
+        if !span.is_none() {
+            span.record("ringcache.keys", results.len() as i64);
+            span.record(
+                "ringcache.hits",
+                results.iter().filter(|r| r.found).count() as i64,
+            );
+            span.record(
+                "ringcache.value_bytes",
+                (size - RESULT_FRAMING * results.len()) as i64,
+            );
+        }
         Ok(Response::new(GetManyResponse { results }))
     }
 
@@ -157,6 +186,10 @@ impl Cache for CacheService {
                 version: out.version,
                 error: None,
             });
+        }
+        let span = Span::current();
+        if !span.is_none() {
+            span.record("ringcache.keys", results.len() as i64);
         }
         Ok(Response::new(SetManyResponse { results }))
     }

@@ -5,8 +5,11 @@
 //! - [`config`]: the flags both binaries take (limits, logging, shutdown).
 //! - [`server`]: serving with the shared layers, readiness and graceful
 //!   shutdown; the runtime both binaries use.
-//! - [`logging`]: `tracing` subscriber set-up, text or JSON, filtered by
-//!   `RUST_LOG`.
+//! - [`logging`]: the log format flag.
+//! - [`telemetry`]: the `tracing` subscriber — logs on stderr, text or JSON,
+//!   filtered by `RUST_LOG`, and OTLP span export configured by `OTEL_*`.
+//! - [`rpc_trace`]: SERVER and CLIENT spans for RPCs, and W3C trace context
+//!   in gRPC metadata.
 //! - [`shutdown`]: the SIGTERM/SIGINT future that starts a graceful drain.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint and a tower layer
 //!   that counts and times every gRPC call by service, method and status.
@@ -22,7 +25,9 @@ pub mod grpc;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod rpc_trace;
 pub mod server;
 pub mod shutdown;
 pub mod size;
+pub mod telemetry;
 pub mod validate;

@@ -14,6 +14,7 @@ use crate::{
     grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA},
     limits::InFlightLimitLayer,
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
+    rpc_trace::ServerTraceLayer,
 };
 
 /// How to serve.
@@ -70,7 +71,8 @@ pub fn registry() -> anyhow::Result<Registry> {
 /// until `shutdown` completes, then drains.
 ///
 /// Layers, outermost first: RPC metrics (so they see every call, including
-/// the ones shed), the in-flight limit (before any work is done), then
+/// the ones shed), the SERVER span (when spans are exported; so a shed call
+/// shows in its trace), the in-flight limit (before any work is done), then
 /// tonic's timeout (the shorter of the client's `grpc-timeout` and
 /// `request_timeout`).
 ///
@@ -113,8 +115,12 @@ pub async fn serve(
     let mut labelled = services.clone();
     labelled.extend([HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA]);
     let grpc_metrics = GrpcMetrics::new(&registry, &labelled)?;
+    // Spans only when they are exported: the layer costs nothing otherwise.
+    let tracing =
+        crate::telemetry::tracing_enabled().then(|| ServerTraceLayer::new(services.clone()));
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(grpc_metrics))
+        .option_layer(tracing)
         .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"));
 
     let grpc_addr = grpc_listener.local_addr()?;
@@ -201,8 +207,13 @@ where
     F: FnOnce(TcpListener, TcpListener, crate::shutdown::Signal) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::logging::init(log_format)?;
-    let result = runtime()?.block_on(async {
+    let runtime = runtime()?;
+    // The OTLP exporter needs the runtime to exist when it is built.
+    let telemetry = {
+        let _guard = runtime.enter();
+        crate::telemetry::init(name, log_format)?
+    };
+    let result = runtime.block_on(async {
         let grpc = bind("--listen", listen).await?;
         let metrics = bind("--metrics-listen", metrics_listen).await?;
         serve(grpc, metrics, crate::shutdown::signal()).await
@@ -210,6 +221,10 @@ where
     if let Err(error) = &result {
         tracing::error!(error = format!("{error:#}"), "{name} failed");
     }
+    // Flush spans from outside `block_on`, while the runtime still runs
+    // the exporter's I/O.
+    telemetry.shutdown();
+    drop(runtime);
     result
 }
 

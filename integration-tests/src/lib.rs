@@ -15,6 +15,7 @@
 //!   can be killed and restarted on their old address.
 //! - [`tools`]: real `grpcurl`, installed from the Go module proxy by
 //!   `scripts/install-tools.sh` on first use.
+//! - [`jaeger`]: a real Jaeger v2 and a reader for its query API.
 //! - [`eventually`]: retries an async check until it passes or times out,
 //!   instead of fixed sleeps.
 
@@ -40,6 +41,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+pub mod jaeger;
 pub mod tools;
 
 /// The workspace root (where `Cargo.toml` and `scripts/` are).
@@ -394,7 +396,12 @@ impl OrchestratorProcess {
     /// `--nodes-dns`) and waits until its `ringcache.v1.Cache` health is
     /// SERVING.
     pub async fn start(args: &[&str]) -> Self {
-        let process = Process::start(&binary("orchestrator"), args, &[]);
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// As [`OrchestratorProcess::start`], with environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let process = Process::start(&binary("orchestrator"), args, env);
         process.wait_ready().await;
         OrchestratorProcess { process }
     }
@@ -457,12 +464,23 @@ impl TestCluster {
 
     /// As [`TestCluster::start`], with extra node arguments.
     pub async fn start_with(n: usize, node_args: &[&str], orchestrator_args: &[&str]) -> Self {
+        Self::start_with_env(n, node_args, orchestrator_args, &[]).await
+    }
+
+    /// As [`TestCluster::start_with`], with environment variables for every
+    /// process (e.g. `OTEL_*`).
+    pub async fn start_with_env(
+        n: usize,
+        node_args: &[&str],
+        orchestrator_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut nodes = Vec::new();
         for _ in 0..n {
-            nodes.push(Some(NodeProcess::start(node_args).await));
+            nodes.push(Some(NodeProcess::start_with_env(node_args, env).await));
         }
         let node_addrs: Vec<String> = nodes.iter().flatten().map(NodeProcess::addr).collect();
-        let orchestrator = Self::orchestrator_for(&node_addrs, orchestrator_args).await;
+        let orchestrator = Self::orchestrator_with_env(&node_addrs, orchestrator_args, env).await;
         TestCluster {
             nodes,
             node_addrs,
@@ -473,6 +491,15 @@ impl TestCluster {
 
     /// Starts another orchestrator over `node_addrs`.
     pub async fn orchestrator_for(node_addrs: &[String], extra: &[&str]) -> OrchestratorProcess {
+        Self::orchestrator_with_env(node_addrs, extra, &[]).await
+    }
+
+    /// As [`TestCluster::orchestrator_for`], with environment variables.
+    pub async fn orchestrator_with_env(
+        node_addrs: &[String],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> OrchestratorProcess {
         let list = node_addrs.join(",");
         let mut args = vec!["--nodes", &list];
         // The quick health settings, except where `extra` sets its own.
@@ -482,7 +509,7 @@ impl TestCluster {
             }
         }
         args.extend_from_slice(extra);
-        OrchestratorProcess::start(&args).await
+        OrchestratorProcess::start_with_env(&args, env).await
     }
 
     /// Kills node `i` with SIGKILL (no drain: a crash).

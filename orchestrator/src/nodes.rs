@@ -18,6 +18,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use ringcache_common::{rpc_trace, telemetry};
+use ringcache_proto::service_names::CACHE;
 use ringcache_proto::v1::{StatsRequest, cache_client::CacheClient, node_client::NodeClient};
 use tokio::sync::Semaphore;
 use tonic::{
@@ -27,6 +29,7 @@ use tonic::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+use tracing::Instrument;
 
 use crate::{
     health::{Health, HealthPolicy, State},
@@ -245,18 +248,52 @@ impl Cluster {
         }
     }
 
-    /// Calls `node` through `call`, within the node timeout and the
-    /// request's `deadline`, counting the node's in-flight calls and
-    /// recording metrics and passive health.
-    pub async fn call<T, F, Fut>(
+    /// Calls `node` with `message` through `call`, within the node timeout
+    /// and the request's `deadline`, counting the node's in-flight calls and
+    /// recording metrics and passive health. When spans are exported, the
+    /// call gets a CLIENT span (`keys` says how many keys it carries) whose
+    /// context travels to the node in the request's metadata.
+    pub async fn call<Req, T, F, Fut>(
         &self,
         node: &Node,
         method: &'static str,
         deadline: Option<Instant>,
+        keys: usize,
+        message: Req,
         call: F,
     ) -> Result<T, Status>
     where
-        F: FnOnce(CacheClient<Channel>, Duration) -> Fut,
+        F: FnOnce(CacheClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let span = if telemetry::tracing_enabled() {
+            let span = rpc_trace::client_span(CACHE, method, &node.address, &node.id);
+            span.record("ringcache.keys", keys as i64);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let result = self
+            .call_inner(node, method, deadline, message, call, &span)
+            .instrument(span.clone())
+            .await;
+        if !span.is_none() {
+            rpc_trace::record_client_status(&span, result.as_ref().err());
+        }
+        result
+    }
+
+    async fn call_inner<Req, T, F, Fut>(
+        &self,
+        node: &Node,
+        method: &'static str,
+        deadline: Option<Instant>,
+        message: Req,
+        call: F,
+        span: &tracing::Span,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce(CacheClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let Ok(_permit) = node.in_flight.clone().try_acquire_owned() else {
@@ -279,8 +316,13 @@ impl Cluster {
                 "the request's deadline passed before the node was called",
             ));
         }
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        if !span.is_none() {
+            rpc_trace::inject(span, &mut request);
+        }
         let client = node.cache(self.settings.max_message_bytes);
-        let result = match tokio::time::timeout(timeout, call(client, timeout)).await {
+        let result = match tokio::time::timeout(timeout, call(client, request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(status),
             Err(_) => Err(Status::deadline_exceeded(format!(

@@ -309,11 +309,14 @@ impl Router {
                 let result = if let [item] = items[..] {
                     let key = keys[item].clone();
                     cluster
-                        .call(node, "Get", deadline, move |mut c, t| async move {
-                            let mut r = Request::new(GetRequest { key });
-                            r.set_timeout(t);
-                            c.get(r).await
-                        })
+                        .call(
+                            node,
+                            "Get",
+                            deadline,
+                            1,
+                            GetRequest { key },
+                            |mut c, r| async move { c.get(r).await },
+                        )
                         .await
                         .map(|g| {
                             vec![GetResult {
@@ -326,12 +329,16 @@ impl Router {
                         })
                 } else {
                     let keys: Vec<String> = items.iter().map(|&i| keys[i].clone()).collect();
+                    let n = keys.len();
                     cluster
-                        .call(node, "GetMany", deadline, move |mut c, t| async move {
-                            let mut r = Request::new(GetManyRequest { keys });
-                            r.set_timeout(t);
-                            c.get_many(r).await
-                        })
+                        .call(
+                            node,
+                            "GetMany",
+                            deadline,
+                            n,
+                            GetManyRequest { keys },
+                            |mut c, r| async move { c.get_many(r).await },
+                        )
                         .await
                         .map(|r| r.results)
                 };
@@ -360,9 +367,7 @@ impl Router {
         if entries.len() == 1 {
             let entry = entries.into_iter().next().unwrap_or_default();
             self.cluster
-                .call(node, "Set", deadline, move |mut c, t| async move {
-                    let mut r = Request::new(entry);
-                    r.set_timeout(t);
+                .call(node, "Set", deadline, 1, entry, |mut c, r| async move {
                     c.set(r).await
                 })
                 .await
@@ -377,11 +382,14 @@ impl Router {
             let n = entries.len();
             let results = self
                 .cluster
-                .call(node, "SetMany", deadline, move |mut c, t| async move {
-                    let mut r = Request::new(SetManyRequest { entries });
-                    r.set_timeout(t);
-                    c.set_many(r).await
-                })
+                .call(
+                    node,
+                    "SetMany",
+                    deadline,
+                    n,
+                    SetManyRequest { entries },
+                    |mut c, r| async move { c.set_many(r).await },
+                )
                 .await?
                 .results;
             if results.len() == n {
@@ -534,11 +542,9 @@ impl Cache for Router {
                 &topo.nodes[n],
                 "Delete",
                 deadline,
-                move |mut c, t| async move {
-                    let mut r = Request::new(DeleteRequest { key });
-                    r.set_timeout(t);
-                    c.delete(r).await
-                },
+                1,
+                DeleteRequest { key },
+                |mut c, r| async move { c.delete(r).await },
             )
         });
         let mut deleted = false;

@@ -1,0 +1,235 @@
+//! Spans for RPCs, per the OpenTelemetry semantic conventions for RPC
+//! (version [`crate::telemetry::SEMCONV_VERSION`]): a SERVER span for every
+//! call a binary serves ([`ServerTraceLayer`]), CLIENT spans for the calls
+//! the orchestrator makes ([`client_span`]), and W3C `traceparent` /
+//! `tracestate` carried in gRPC metadata between them.
+//!
+//! Span fields named `otel.*` are how `tracing-opentelemetry` sets the span's
+//! name, kind and status; the others become attributes. Fields that are
+//! known only later (the status code; a node's hit or miss) are declared
+//! empty and recorded when known — `tracing` needs every field declared when
+//! the span is created.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use opentelemetry::{global, propagation::Extractor, propagation::Injector};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+use tracing::{Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Reads W3C trace context from HTTP/2 headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes W3C trace context into gRPC request metadata.
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            value.parse(),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Puts `span`'s trace context into `request`'s metadata, so the server it
+/// goes to continues the trace.
+pub fn inject<T>(span: &Span, request: &mut tonic::Request<T>) {
+    let cx = span.context();
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
+    });
+}
+
+/// Whether a status code marks a SERVER span as an error: per the
+/// conventions, only codes that mean the server failed, not the caller.
+fn server_error(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
+/// Records the outcome on an RPC span: the status code, and ERROR status
+/// when `is_error`.
+fn record_status(span: &Span, code: tonic::Code, message: Option<&str>, is_error: bool) {
+    span.record("rpc.grpc.status_code", code as i64);
+    if is_error {
+        span.record("otel.status_code", "ERROR");
+        if let Some(m) = message {
+            span.record("otel.status_message", m);
+        }
+    }
+}
+
+/// A CLIENT span for a call from this process to `service/method` on
+/// `address` (`host:port`), node `node`.
+pub fn client_span(service: &str, method: &str, address: &str, node: &str) -> Span {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, ""));
+    tracing::info_span!(
+        "grpc.client",
+        otel.name = format!("{service}/{method}"),
+        otel.kind = "client",
+        otel.status_code = Empty,
+        otel.status_message = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        server.address = host,
+        server.port = port.parse::<i64>().unwrap_or(0),
+        ringcache.node = node,
+        ringcache.keys = Empty,
+    )
+}
+
+/// Records a client call's outcome: any status but OK is an error on a
+/// CLIENT span.
+pub fn record_client_status(span: &Span, status: Option<&tonic::Status>) {
+    match status {
+        None => record_status(span, tonic::Code::Ok, None, false),
+        Some(s) => record_status(span, s.code(), Some(s.message()), true),
+    }
+}
+
+/// A layer that opens a SERVER span around every call to one of the given
+/// services, continuing the caller's trace from the request headers. Calls
+/// to other services (health checks, reflection) are not traced: a load
+/// balancer's probes would otherwise flood the trace store.
+#[derive(Debug, Clone)]
+pub struct ServerTraceLayer {
+    services: Vec<&'static str>,
+}
+
+impl ServerTraceLayer {
+    /// Traces calls to `services`.
+    pub fn new(services: Vec<&'static str>) -> Self {
+        Self { services }
+    }
+}
+
+impl<S> Layer<S> for ServerTraceLayer {
+    type Service = ServerTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerTrace {
+            inner,
+            services: self.services.clone(),
+        }
+    }
+}
+
+/// The service made by [`ServerTraceLayer`].
+#[derive(Debug, Clone)]
+pub struct ServerTrace<S> {
+    inner: S,
+    services: Vec<&'static str>,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for ServerTrace<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ServerTraceFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let traced = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(service, _)| self.services.contains(service));
+        let span = match traced {
+            Some((service, method)) => {
+                let span = tracing::info_span!(
+                    "grpc.server",
+                    otel.name = &path[1..],
+                    otel.kind = "server",
+                    otel.status_code = Empty,
+                    otel.status_message = Empty,
+                    rpc.system = "grpc",
+                    rpc.service = service,
+                    rpc.method = method,
+                    rpc.grpc.status_code = Empty,
+                    ringcache.hit = Empty,
+                    ringcache.shard = Empty,
+                    ringcache.value_bytes = Empty,
+                    ringcache.keys = Empty,
+                    ringcache.hits = Empty,
+                );
+                let parent =
+                    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+                // Fails only if the span is disabled (not sampled by the
+                // subscriber), in which case there is nothing to parent.
+                let _ = span.set_parent(parent);
+                span
+            }
+            None => Span::none(),
+        };
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ServerTraceFuture { inner, span }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ServerTrace`]: polls the call inside its
+    /// span and records the status.
+    #[derive(Debug)]
+    pub struct ServerTraceFuture<F> {
+        #[pin]
+        inner: F,
+        span: Span,
+    }
+}
+
+impl<F, RB, E> Future for ServerTraceFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if !this.span.is_none() {
+            match &result {
+                Ok(response) => match tonic::Status::from_header_map(response.headers()) {
+                    Some(status) => {
+                        let code = status.code();
+                        record_status(this.span, code, Some(status.message()), server_error(code));
+                    }
+                    None => record_status(this.span, tonic::Code::Ok, None, false),
+                },
+                Err(_) => record_status(this.span, tonic::Code::Unknown, None, true),
+            }
+        }
+        Poll::Ready(result)
+    }
+}

@@ -1,0 +1,273 @@
+//! Logs and distributed traces: the `tracing` subscriber both binaries
+//! install, with an OpenTelemetry layer exporting spans over OTLP when — and
+//! only when — an endpoint is configured.
+//!
+//! Configuration is the standard `OTEL_*` environment:
+//!
+//! | variable | effect |
+//! | --- | --- |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | where to send spans; unset = no exporter at all. A value without a scheme is taken as `http://`. |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` / `…_TRACES_PROTOCOL` | `grpc` (default) or `http/protobuf` |
+//! | `OTEL_SERVICE_NAME` | `service.name`; default the binary's name |
+//! | `OTEL_RESOURCE_ATTRIBUTES` | more resource attributes, e.g. `service.instance.id=cache-0` (default: host name and process id) |
+//! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling; default `parentbased_always_on` |
+//! | `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_SCHEDULE_DELAY`, … | the batch processor; default queue 2048 spans |
+//! | `OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none` | turn tracing off |
+//!
+//! Values set in code would override these variables in the OpenTelemetry
+//! SDK, so this module sets something in code only where the variable is
+//! absent (service name, instance id) or needs fixing (an endpoint with no
+//! scheme).
+//!
+//! Export is batched on the SDK's own thread: a request never waits for it,
+//! and when the collector is down the bounded queue drops spans rather than
+//! growing. [`Telemetry::shutdown`] flushes what is queued.
+//!
+//! Spans follow the OpenTelemetry semantic conventions for RPC, version
+//! 1.26.0 ([`SEMCONV_VERSION`]).
+
+use std::{
+    env,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use opentelemetry::{KeyValue, global, trace::TracerProvider as _};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{BatchSpanProcessor, SdkTracerProvider},
+};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
+
+use crate::logging::LogFormat;
+
+/// The version of the OpenTelemetry semantic conventions the spans follow.
+pub const SEMCONV_VERSION: &str = "1.26.0";
+
+/// Crates whose own spans and events must not reach the exporter: the OTLP
+/// exporter talks gRPC itself, and tracing its own calls would feed back.
+const QUIET_CRATES: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+];
+
+/// Set once spans are exported; read on request paths to skip span work
+/// when they are not.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans.
+pub fn tracing_enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// The installed telemetry. Call [`Telemetry::shutdown`] before exiting so
+/// queued spans are exported.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (an OTLP endpoint is configured).
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes queued spans and stops the exporter. Call it from outside
+    /// the async runtime (after `block_on` returns), while the runtime is
+    /// still alive.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "could not flush spans on shutdown");
+        }
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the environment asks for span export.
+fn export_configured() -> bool {
+    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+    !disabled
+        && (var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+            || var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some())
+}
+
+/// The endpoint to set in code, if the configured one has no scheme
+/// (current exporters would take it as `https://`, which a plain-text
+/// collector does not speak).
+fn endpoint_fix(http: bool) -> Option<String> {
+    let (value, per_signal) = match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(v) => (v, true),
+        None => (var("OTEL_EXPORTER_OTLP_ENDPOINT")?, false),
+    };
+    if value.contains("://") {
+        return None;
+    }
+    let mut fixed = format!("http://{value}");
+    // The generic variable is a base URL; over HTTP the exporter appends the
+    // signal's path to it, but not to an endpoint set in code.
+    if http && !per_signal {
+        fixed = format!("{}/v1/traces", fixed.trim_end_matches('/'));
+    }
+    Some(fixed)
+}
+
+/// `service.name` and `service.instance.id` defaults, where the environment
+/// does not set them.
+fn resource(service: &'static str) -> Resource {
+    let attributes = var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let has = |key: &str| {
+        attributes
+            .split(',')
+            .any(|kv| kv.trim().starts_with(&format!("{key}=")))
+    };
+    let mut builder = Resource::builder()
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    if var("OTEL_SERVICE_NAME").is_none() && !has("service.name") {
+        builder = builder.with_service_name(service);
+    }
+    if !has("service.instance.id") {
+        builder = builder.with_attribute(KeyValue::new(
+            "service.instance.id",
+            format!(
+                "{}-{}",
+                gethostname::gethostname().to_string_lossy(),
+                std::process::id()
+            ),
+        ));
+    }
+    builder.build()
+}
+
+fn provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+    let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "grpc".to_owned());
+    let exporter = match protocol.as_str() {
+        "grpc" => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = endpoint_fix(false) {
+                b = b.with_endpoint(endpoint);
+            }
+            b.build()?
+        }
+        "http/protobuf" => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(endpoint) = endpoint_fix(true) {
+                b = b.with_endpoint(endpoint);
+            }
+            b.build()?
+        }
+        other => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use grpc or http/protobuf"
+        ),
+    };
+    // The sampler is left to the SDK, which reads OTEL_TRACES_SAMPLER (and
+    // defaults to parent-based always-on).
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+        .with_resource(resource(service))
+        .build())
+}
+
+/// Installs the global subscriber: logs on stderr in `format`, filtered by
+/// `RUST_LOG` (default `info`), and — if an OTLP endpoint is configured —
+/// spans exported as `service` (unless `OTEL_SERVICE_NAME` says otherwise).
+///
+/// Must be called inside the tokio runtime (the gRPC exporter needs it).
+pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetry> {
+    let log_filter = match var("RUST_LOG") {
+        Some(spec) => EnvFilter::try_new(&spec)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG={spec:?} does not parse: {e}"))?,
+        None => EnvFilter::new("info"),
+    };
+    let logs = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(log_filter);
+
+    let provider = if export_configured() {
+        Some(provider(service)?)
+    } else {
+        None
+    };
+    let traces = provider.as_ref().map(|p| {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let quiet = QUIET_CRATES
+            .iter()
+            .fold(Targets::new().with_default(LevelFilter::INFO), |t, c| {
+                t.with_target(*c, LevelFilter::OFF)
+            });
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(quiet)
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()?;
+    if provider.is_some() {
+        TRACING.store(true, Ordering::Relaxed);
+        tracing::info!(semconv = SEMCONV_VERSION, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The environment is process-wide: these tests only read variables
+    // that no other test in this crate sets.
+
+    #[test]
+    fn no_endpoint_means_no_exporter() {
+        if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+            && var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+        {
+            assert!(!export_configured());
+            assert_eq!(endpoint_fix(false), None);
+        }
+    }
+
+    #[test]
+    fn default_resource_names_the_service_and_instance() {
+        if var("OTEL_SERVICE_NAME").is_none() && var("OTEL_RESOURCE_ATTRIBUTES").is_none() {
+            let r = resource("cache-node");
+            assert_eq!(
+                r.get(&opentelemetry::Key::from_static_str("service.name")),
+                Some("cache-node".into())
+            );
+            assert!(
+                r.get(&opentelemetry::Key::from_static_str("service.instance.id"))
+                    .is_some()
+            );
+        }
+    }
+}

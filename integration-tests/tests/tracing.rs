@@ -1,0 +1,273 @@
+//! One request, one trace, across both services — read back from a real
+//! Jaeger v2.
+
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+
+use integration_tests::{
+    TestCluster,
+    jaeger::{Jaeger, Trace},
+    tools::grpcurl,
+};
+use ringcache_proto::v1::{GetManyRequest, GetRequest, LocateRequest, SetRequest};
+use tonic::metadata::MetadataValue;
+
+/// Environment that makes every process export to `jaeger` quickly.
+fn otel_env(jaeger: &Jaeger) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", jaeger.otlp_grpc.clone()),
+        // Export every 100 ms instead of every 5 s, so the test is quick.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ]
+}
+
+async fn cluster(jaeger: &Jaeger, nodes: usize, args: &[&str]) -> TestCluster {
+    let env = otel_env(jaeger);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    TestCluster::start_with_env(nodes, &[], args, &env).await
+}
+
+/// A request carrying a `traceparent` of our own.
+fn traced<T>(message: T, trace_id: &str, parent: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("00-{trace_id}-{parent}-01").parse().unwrap();
+    r.metadata_mut().insert("traceparent", value);
+    r
+}
+
+/// Checks the chain caller → orchestrator SERVER → orchestrator CLIENT(s) →
+/// cache-node SERVER(s) for one call of `method`, and the semantic
+/// convention attributes on the way. Returns the node SERVER spans.
+fn assert_chain<'t>(
+    trace: &'t Trace,
+    caller_span: &str,
+    method: &str,
+) -> Vec<&'t integration_tests::jaeger::Span> {
+    let services: HashSet<&str> = trace.spans.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        HashSet::from(["orchestrator", "cache-node"]),
+        "{trace:#?}"
+    );
+
+    let servers = trace.spans("orchestrator", "server");
+    assert_eq!(servers.len(), 1, "{trace:#?}");
+    let root = servers[0];
+    assert_eq!(
+        root.parent.as_deref(),
+        Some(caller_span),
+        "continues the caller's trace"
+    );
+    assert_eq!(root.name, format!("ringcache.v1.Cache/{method}"));
+    assert_eq!(root.tag("rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(
+        root.tag("rpc.service").as_deref(),
+        Some("ringcache.v1.Cache")
+    );
+    assert_eq!(root.tag("rpc.method").as_deref(), Some(method));
+    assert!(
+        root.process_tags.contains_key("service.instance.id"),
+        "{:?}",
+        root.process_tags
+    );
+
+    let clients = trace.spans("orchestrator", "client");
+    assert!(!clients.is_empty());
+    for c in &clients {
+        assert_eq!(
+            c.parent.as_deref(),
+            Some(root.id.as_str()),
+            "client spans hang off the server span"
+        );
+        assert_eq!(c.tag("rpc.system").as_deref(), Some("grpc"));
+        assert_eq!(c.tag("server.address").as_deref(), Some("127.0.0.1"));
+        assert!(
+            c.tag("server.port")
+                .is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+        );
+        assert!(c.tag("ringcache.node").is_some());
+    }
+    let client_ids: HashSet<&str> = clients.iter().map(|c| c.id.as_str()).collect();
+    let node_servers = trace.spans("cache-node", "server");
+    assert_eq!(
+        node_servers.len(),
+        clients.len(),
+        "one node span per node call"
+    );
+    for n in &node_servers {
+        assert!(
+            client_ids.contains(n.parent.as_deref().unwrap_or_default()),
+            "node span's parent is a client span"
+        );
+        assert_eq!(n.tag("rpc.grpc.status_code").as_deref(), Some("0"));
+    }
+    node_servers
+}
+
+#[tokio::test]
+async fn a_call_through_the_orchestrator_is_one_trace_across_both_services() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger, 3, &[]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+
+    // A Set, then a Get that hits.
+    let set_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    cache
+        .set(traced(
+            SetRequest {
+                key: "traced".into(),
+                value: b"hello".to_vec().into(),
+                ..Default::default()
+            },
+            set_trace,
+            "00f067aa0ba902b7",
+        ))
+        .await
+        .unwrap();
+    let get_trace = "4bf92f3577b34da6a3ce929d0e0e4737";
+    let got = cache
+        .get(traced(
+            GetRequest {
+                key: "traced".into(),
+            },
+            get_trace,
+            "00f067aa0ba902b8",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found);
+
+    let trace = jaeger.trace(set_trace, 3).await;
+    let node = assert_chain(&trace, "00f067aa0ba902b7", "Set");
+    assert_eq!(node[0].tag("ringcache.value_bytes").as_deref(), Some("5"));
+
+    let trace = jaeger.trace(get_trace, 3).await;
+    let node = assert_chain(&trace, "00f067aa0ba902b8", "Get");
+    assert_eq!(
+        node[0].tag("ringcache.hit").as_deref(),
+        Some("true"),
+        "{:?}",
+        node[0].tags
+    );
+    assert!(node[0].tag("ringcache.shard").is_some());
+    assert_eq!(node[0].tag("ringcache.value_bytes").as_deref(), Some("5"));
+    // Never the key or the value.
+    for span in &trace.spans {
+        for v in span.tags.values() {
+            assert!(
+                !v.to_string().contains("traced") && !v.to_string().contains("hello"),
+                "{span:?}"
+            );
+        }
+    }
+
+    // A GetMany that crosses nodes: one CLIENT span and one node span per
+    // node that owns some of the keys.
+    let keys: Vec<String> = (0..30).map(|i| format!("many-{i}")).collect();
+    let mut api = cluster.orchestrator.cluster().await;
+    let mut owners = HashSet::new();
+    for k in &keys {
+        let l = api
+            .locate(LocateRequest { key: k.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        owners.insert(l.owners[0].address.clone());
+    }
+    assert!(owners.len() > 1, "the keys span several nodes");
+    let many_trace = "4bf92f3577b34da6a3ce929d0e0e4738";
+    cache
+        .get_many(traced(
+            GetManyRequest { keys },
+            many_trace,
+            "00f067aa0ba902b9",
+        ))
+        .await
+        .unwrap();
+    let trace = jaeger.trace(many_trace, 1 + 2 * owners.len()).await;
+    let node_spans = assert_chain(&trace, "00f067aa0ba902b9", "GetMany");
+    assert_eq!(node_spans.len(), owners.len());
+    let called: HashSet<String> = trace
+        .spans("orchestrator", "client")
+        .iter()
+        .map(|c| {
+            format!(
+                "{}:{}",
+                c.tag("server.address").unwrap(),
+                c.tag("server.port").unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(called, owners, "one client span per owning node");
+    let total_keys: i64 = node_spans
+        .iter()
+        .map(|s| s.tag("ringcache.keys").unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(total_keys, 30);
+}
+
+#[tokio::test]
+async fn grpcurl_joins_the_callers_trace() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger, 2, &[]).await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let out = grpcurl(
+        &[
+            "-plaintext",
+            "-H",
+            &format!("traceparent: 00-{trace_id}-10f067aa0ba902b7-01"),
+            "-d",
+            r#"{"key":"from-grpcurl","value":"aGk="}"#,
+            &cluster.orchestrator.addr(),
+            "ringcache.v1.Cache/Set",
+        ],
+        None,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let trace = jaeger.trace(trace_id, 3).await;
+    assert_chain(&trace, "10f067aa0ba902b7", "Set");
+}
+
+#[tokio::test]
+async fn a_failing_call_is_marked_as_an_error() {
+    let jaeger = Jaeger::start().await;
+    let mut cluster = cluster(&jaeger, 2, &["--eject-after", "1000000"]).await;
+    cluster.kill_node(0);
+    cluster.kill_node(1);
+    let mut cache = cluster.orchestrator.cache().await;
+    let trace_id = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let status = cache
+        .get(traced(
+            GetRequest { key: "k".into() },
+            trace_id,
+            "20f067aa0ba902b7",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    // The server span and a client span per node tried (the owner, then the
+    // fallback), all errors.
+    let trace = jaeger.trace(trace_id, 3).await;
+    let server = trace.spans("orchestrator", "server");
+    assert_eq!(server.len(), 1);
+    assert_eq!(
+        server[0].tag("error").as_deref(),
+        Some("true"),
+        "{:?}",
+        server[0].tags
+    );
+    assert_eq!(server[0].tag("rpc.grpc.status_code").as_deref(), Some("14"));
+    let clients = trace.spans("orchestrator", "client");
+    assert_eq!(
+        clients.len(),
+        2,
+        "the first owner and the fallback each have a span"
+    );
+    for c in clients {
+        assert_eq!(c.tag("error").as_deref(), Some("true"), "{:?}", c.tags);
+        assert_eq!(c.tag("rpc.grpc.status_code").as_deref(), Some("14"));
+    }
+}
