@@ -28,15 +28,19 @@
 
 use std::{
     env,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use opentelemetry::{KeyValue, global, trace::TracerProvider as _};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
+    error::{OTelSdkError, OTelSdkResult},
     propagation::TraceContextPropagator,
-    trace::{BatchSpanProcessor, SdkTracerProvider},
+    trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter},
 };
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
@@ -156,10 +160,47 @@ fn resource(service: &'static str) -> Resource {
     builder.build()
 }
 
+/// Runs an exporter's exports on the tokio runtime. The batch processor
+/// exports from a thread of its own, outside any runtime, and the HTTP
+/// exporter's hyper client needs one.
+#[derive(Debug)]
+struct OnRuntime<E> {
+    inner: Arc<E>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let inner = self.inner.clone();
+        self.runtime
+            .spawn(async move { inner.export(batch).await })
+            .await
+            .map_err(|e| OTelSdkError::InternalFailure(format!("export task failed: {e}")))?
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Called once, while the processor is built and nothing else holds
+        // the exporter.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
 fn provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
     let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         .unwrap_or_else(|| "grpc".to_owned());
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| anyhow::anyhow!("telemetry must be set up inside the tokio runtime"))?;
     let exporter = match protocol.as_str() {
         "grpc" => {
             let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -180,6 +221,10 @@ fn provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
         other => anyhow::bail!(
             "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use grpc or http/protobuf"
         ),
+    };
+    let exporter = OnRuntime {
+        inner: Arc::new(exporter),
+        runtime,
     };
     // The sampler is left to the SDK, which reads OTEL_TRACES_SAMPLER (and
     // defaults to parent-based always-on).

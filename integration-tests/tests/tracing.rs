@@ -271,3 +271,81 @@ async fn a_failing_call_is_marked_as_an_error() {
         assert_eq!(c.tag("rpc.grpc.status_code").as_deref(), Some("14"));
     }
 }
+
+#[tokio::test]
+async fn http_protobuf_export_and_an_endpoint_without_a_scheme_work_too() {
+    let jaeger = Jaeger::start().await;
+    let endpoint = jaeger.otlp_http.trim_start_matches("http://").to_owned();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=replica-7"),
+    ];
+    let cluster = TestCluster::start_with_env(1, &[], &[], &env).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let trace_id = "7bf92f3577b34da6a3ce929d0e0e4736";
+    cache
+        .get(traced(
+            GetRequest { key: "k".into() },
+            trace_id,
+            "30f067aa0ba902b7",
+        ))
+        .await
+        .unwrap();
+    let trace = jaeger.trace(trace_id, 3).await;
+    assert_chain(&trace, "30f067aa0ba902b7", "Get");
+    for span in &trace.spans {
+        assert_eq!(
+            span.process_tags
+                .get("service.instance.id")
+                .and_then(|v| v.as_str()),
+            Some("replica-7"),
+            "OTEL_RESOURCE_ATTRIBUTES wins over the default"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_costs_no_request_anything() {
+    // Nothing listens on this port: every export fails.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let cluster = TestCluster::start_with_env(2, &[], &[], &env).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    for i in 0..300 {
+        let key = format!("k{i}");
+        cache
+            .set(SetRequest {
+                key: key.clone(),
+                value: b"v".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("calls succeed while the collector is down");
+        assert!(
+            cache
+                .get(GetRequest { key })
+                .await
+                .unwrap()
+                .into_inner()
+                .found
+        );
+    }
+    // Both processes are still serving, and shut down cleanly (flushing
+    // gives up on the dead collector instead of hanging).
+    let mut cluster = cluster;
+    let status = cluster
+        .orchestrator
+        .process
+        .terminate(std::time::Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let node = cluster.nodes[0].as_mut().unwrap();
+    let status = node.process.terminate(std::time::Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
