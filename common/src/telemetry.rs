@@ -43,7 +43,12 @@ use opentelemetry_sdk::{
     trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter},
 };
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, Targets, filter_fn},
+    fmt,
+    prelude::*,
+};
 
 use crate::logging::LogFormat;
 
@@ -255,7 +260,10 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
             .with_writer(std::io::stderr)
             .boxed(),
     }
-    .with_filter(log_filter);
+    // Logs are events: spans (one per RPC when tracing is on) are for the
+    // exporter, and formatting their fields for a log nobody reads would
+    // cost every request.
+    .with_filter(log_filter.and(filter_fn(|meta| meta.is_event())));
 
     let provider = if export_configured() {
         Some(provider(service)?)
@@ -271,6 +279,12 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
             });
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(service))
+            // Per-span extras that cost on every request and say nothing
+            // the RPC attributes do not: poll timing, thread and source
+            // location attributes.
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             .with_filter(quiet)
     });
     tracing_subscriber::registry()
