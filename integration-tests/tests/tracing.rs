@@ -142,6 +142,14 @@ async fn a_call_through_the_orchestrator_is_one_trace_across_both_services() {
 
     let trace = jaeger.trace(set_trace, 3).await;
     let node = assert_chain(&trace, "00f067aa0ba902b7", "Set");
+    let services = jaeger.api("/api/services").await.unwrap();
+    let services: HashSet<&str> = services["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(services, HashSet::from(["orchestrator", "cache-node"]));
     assert_eq!(node[0].tag("ringcache.value_bytes").as_deref(), Some("5"));
 
     let trace = jaeger.trace(get_trace, 3).await;
