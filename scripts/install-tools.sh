@@ -16,6 +16,7 @@ mkdir -p "$BIN_DIR"
 # name -> "go package@version"
 declare -A PACKAGES=(
   [grpcurl]="github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4"
+  [helm]="helm.sh/helm/v3/cmd/helm@v3.22.0"
   # Jaeger v2 lives in ./cmd/jaeger of the v1.7x module tags. Its go.mod has
   # replace directives, so `go install` refuses it: see install_jaeger.
   [jaeger]="github.com/jaegertracing/jaeger@v1.76.0"

@@ -3,10 +3,10 @@
 #
 #   scripts/test.sh
 #
-# Steps: install the real tools the tests drive (grpcurl, from the Go module
-# proxy, cached), check formatting and lints, then run every test: unit
-# tests, the store benchmark in test mode, and the integration tests that
-# start the real binaries.
+# Steps: install the real tools the tests drive (grpcurl, Jaeger and helm,
+# built from the Go module proxy and cached), check formatting and lints, run
+# every test (unit tests, benchmarks in test mode, the integration tests that
+# start the real binaries), then check the Helm chart and the Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +23,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --all-targets --locked
+
+step "helm chart and Dockerfile"
+scripts/check-helm.sh

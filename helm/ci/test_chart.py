@@ -1,0 +1,241 @@
+"""Wiring tests of the rendered chart: the pieces that must agree do.
+
+Run by scripts/check-helm.sh (HELM points at the real helm binary):
+
+    HELM=~/.cache/ringcache/tools/bin/helm python -m pytest helm/ci/test_chart.py
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent / "ringcache"
+ALL_ON = Path(__file__).resolve().parent / "all-on.yaml"
+HA = CHART / "values-ha.yaml"
+HELM = os.environ.get("HELM", "helm")
+KUBE_VERSION = "1.31.0"
+
+
+def render(*values, sets=(), namespace="cache"):
+    """The chart's manifests, rendered by real helm, as a list of dicts."""
+    cmd = [HELM, "template", "rc", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    for v in values:
+        cmd += ["-f", str(v)]
+    for s in sets:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RenderError(out.stderr)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+class RenderError(Exception):
+    pass
+
+
+def one(docs, kind, component=None):
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component)
+    ]
+    assert len(found) == 1, f"expected one {kind} {component}, found {len(found)}"
+    return found[0]
+
+
+def container(workload):
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def arg(c, flag):
+    for a in c["args"]:
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    raise AssertionError(f"{flag} not in {c['args']}")
+
+
+def env(c):
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def seconds(duration):
+    m = re.fullmatch(r"(\d+)(ms|s|m|h)", duration)
+    assert m, duration
+    n, unit = int(m.group(1)), m.group(2)
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def quantity(q):
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|K|M|G|T)?", str(q))
+    assert m, q
+    mult = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(m.group(1)) * mult[m.group(2)]
+
+
+VALUE_SETS = {"default": (), "all-on": (ALL_ON,), "ha": (HA,)}
+
+
+@pytest.fixture(params=list(VALUE_SETS), scope="module")
+def docs(request):
+    return render(*VALUE_SETS[request.param])
+
+
+def test_discovery_name_and_port_match_the_headless_service_and_node_port(docs):
+    nodes = one(docs, "StatefulSet", "cache-node")
+    headless = one(docs, "Service", "cache-node")
+    orch = one(docs, "Deployment", "orchestrator")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert nodes["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert nodes["spec"]["podManagementPolicy"] == "Parallel"
+    host, port = arg(container(orch), "--nodes-dns").rsplit(":", 1)
+    assert host == f"{headless['metadata']['name']}.cache.svc"
+    node_ports = {p["name"]: p["containerPort"] for p in container(nodes)["ports"]}
+    assert int(port) == node_ports["grpc"]
+    assert int(arg(container(nodes), "--listen").rsplit(":", 1)[1]) == node_ports["grpc"]
+    svc_port = next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    assert svc_port["port"] == node_ports["grpc"] and svc_port["targetPort"] == "grpc"
+    # The headless Service selects exactly the node pods.
+    labels = nodes["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in headless["spec"]["selector"].items())
+
+
+def test_node_identity_is_the_pod_name(docs):
+    c = container(one(docs, "StatefulSet", "cache-node"))
+    assert arg(c, "--node-id") == "$(POD_NAME)"
+    pod_name = next(e for e in c["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_probe_ports_match_container_ports(docs):
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        c = container(one(docs, kind, component))
+        ports = {p["containerPort"] for p in c["ports"]}
+        listen = int(arg(c, "--listen").rsplit(":", 1)[1])
+        metrics = int(arg(c, "--metrics-listen").rsplit(":", 1)[1])
+        assert {listen, metrics} == ports
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
+            assert c[probe]["grpc"]["port"] == listen, (component, probe)
+        # Readiness follows the named service that turns NOT_SERVING on drain.
+        assert c["readinessProbe"]["grpc"]["service"] == "ringcache.v1.Cache"
+        assert "service" not in c["livenessProbe"]["grpc"]
+
+
+def test_grace_period_outlasts_the_drain(docs):
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        w = one(docs, kind, component)
+        c = container(w)
+        drain = seconds(arg(c, "--drain-delay")) + seconds(arg(c, "--shutdown-grace"))
+        assert w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain, component
+
+
+def test_capacity_fits_the_memory_limit(docs):
+    c = container(one(docs, "StatefulSet", "cache-node"))
+    capacity = int(arg(c, "--capacity"))
+    limit = quantity(c["resources"]["limits"]["memory"])
+    assert c["resources"]["requests"]["memory"] == c["resources"]["limits"]["memory"]
+    assert 0 < capacity <= limit * 0.8, (capacity, limit)
+
+
+def test_an_inconsistent_capacity_is_refused_at_template_time():
+    with pytest.raises(RenderError, match="exceeds 80% of cacheNode.memory"):
+        render(sets=["cacheNode.capacity=1000Mi", "cacheNode.memory=1Gi"])
+    with pytest.raises(RenderError, match="cannot hold the largest entry"):
+        render(sets=["cacheNode.memory=64Mi", "cacheNode.shards=64"])
+    with pytest.raises(RenderError, match="schema"):
+        render(sets=["cacheNode.memory=lots"])
+
+
+def test_otlp_settings_reach_both_workloads():
+    for docs, endpoint in [
+        (render(ALL_ON), "http://rc-ringcache-jaeger:4318"),
+        (render(sets=["tracing.otlpEndpoint=http://collector:4317"]), "http://collector:4317"),
+    ]:
+        for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+            e = env(container(one(docs, kind, component)))
+            assert e["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint, component
+            assert e["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+            assert "service.instance.id=$(POD_NAME)" in e["OTEL_RESOURCE_ATTRIBUTES"]
+    # The demo Jaeger listens where the workloads send.
+    docs = render(ALL_ON)
+    jaeger = one(docs, "Service", "jaeger")
+    assert {p["port"] for p in jaeger["spec"]["ports"]} >= {4317, 4318}
+    # No endpoint, no exporter.
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env(container(one(render(), kind, component)))
+
+
+def test_every_container_runs_restricted(docs):
+    for d in docs:
+        spec = d.get("spec", {}).get("template", {}).get("spec") or (d["spec"] if d["kind"] == "Pod" else None)
+        if spec is None:
+            continue
+        assert spec["automountServiceAccountToken"] is False, d["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+            assert "memory" in c["resources"]["limits"], c["name"]
+    sa = one(docs, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_network_policy_admits_only_orchestrators_to_node_grpc(docs):
+    policy = one(docs, "NetworkPolicy", "cache-node")
+    nodes = one(docs, "StatefulSet", "cache-node")
+    orch = one(docs, "Deployment", "orchestrator")
+    node_labels = nodes["spec"]["template"]["metadata"]["labels"]
+    orch_labels = orch["spec"]["template"]["metadata"]["labels"]
+    assert all(node_labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    grpc_rules = [r for r in policy["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"])]
+    assert len(grpc_rules) == 1
+    (peer,) = grpc_rules[0]["from"]
+    selector = peer["podSelector"]["matchLabels"]
+    assert all(orch_labels.get(k) == v for k, v in selector.items())
+    assert not all(node_labels.get(k) == v for k, v in selector.items()), "nodes must not admit each other"
+    # The orchestrators' own policy opens only their gRPC and metrics ports.
+    orch_policy = one(docs, "NetworkPolicy", "orchestrator")
+    ports = {p["port"] for rule in orch_policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {"grpc", "metrics"}
+
+
+def test_only_orchestrators_autoscale():
+    docs = render(ALL_ON)
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    orch = one(docs, "Deployment", "orchestrator")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == orch["metadata"]["name"]
+    assert "replicas" not in orch["spec"], "the HPA owns the replica count"
+    assert not [d for d in render() if d["kind"] == "HorizontalPodAutoscaler"]
+
+
+def test_scrape_annotations_and_service_monitors_point_at_metrics_ports():
+    docs = render(ALL_ON)
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        w = one(docs, kind, component)
+        ann = w["spec"]["template"]["metadata"]["annotations"]
+        metrics = next(p["containerPort"] for p in container(w)["ports"] if p["name"] == "metrics")
+        assert ann["prometheus.io/port"] == str(metrics)
+        monitor = one(docs, "ServiceMonitor", component)
+        service = one(docs, "Service", component)
+        assert any(p["name"] == "metrics" for p in service["spec"]["ports"])
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+
+
+def test_helm_test_round_trips_through_the_orchestrator_service(docs):
+    pod = one(docs, "Pod", "test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    service = one(docs, "Service", "orchestrator")
+    script = pod["spec"]["containers"][0]["args"][0]
+    assert f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}" in script
+    assert "Cache/Set" in script and "Cache/Get" in script

@@ -1,0 +1,177 @@
+{{/* Chart name, truncated to 63 characters. */}}
+{{- define "ringcache.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-qualified name, truncated so suffixes ("-nodes") still fit. */}}
+{{- define "ringcache.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringcache.nodes" -}}{{ include "ringcache.fullname" . }}-nodes{{- end -}}
+{{- define "ringcache.orchestrator" -}}{{ include "ringcache.fullname" . }}-orchestrator{{- end -}}
+{{- define "ringcache.jaeger" -}}{{ include "ringcache.fullname" . }}-jaeger{{- end -}}
+
+{{- define "ringcache.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ringcache.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringcache.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "ringcache.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: pass (list $ "cache-node"). */}}
+{{- define "ringcache.selectorLabels" -}}
+{{- $ := index . 0 -}}
+app.kubernetes.io/name: {{ include "ringcache.name" $ }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "ringcache.image" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+
+{{/*
+A Kubernetes memory quantity ("1Gi", "768Mi", "2G", "1048576") in bytes.
+*/}}
+{{- define "ringcache.bytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $num := regexFind "^[0-9]+" $q -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- if or (not $num) (and $unit (not (hasKey $units $unit))) -}}
+{{- fail (printf "%q is not a memory quantity like 1Gi, 768Mi or 1048576" $q) -}}
+{{- end -}}
+{{- if $unit -}}{{ mul (atoi $num) (get $units $unit) }}{{- else -}}{{ atoi $num }}{{- end -}}
+{{- end -}}
+
+{{/*
+The node's --capacity in bytes: cacheNode.capacity, or 75% of
+cacheNode.memory. Refuses a capacity above 80% of the memory limit, and one
+whose shards cannot hold the largest entry.
+*/}}
+{{- define "ringcache.capacityBytes" -}}
+{{- $memory := include "ringcache.bytes" .Values.cacheNode.memory | atoi -}}
+{{- $capacity := 0 -}}
+{{- if .Values.cacheNode.capacity -}}
+{{- $capacity = include "ringcache.bytes" .Values.cacheNode.capacity | atoi -}}
+{{- else -}}
+{{- $capacity = div (mul $memory 3) 4 -}}
+{{- end -}}
+{{- if gt (mul $capacity 10) (mul $memory 8) -}}
+{{- fail (printf "cacheNode.capacity (%d bytes) exceeds 80%% of cacheNode.memory (%s = %d bytes): leave at least 20%% of the container's memory for the runtime, connections and allocator slack, or the node will be OOM-killed" $capacity .Values.cacheNode.memory $memory) -}}
+{{- end -}}
+{{- $entry := add .Values.limits.maxKeyBytes .Values.limits.maxValueBytes 4096 -}}
+{{- if gt $entry (div $capacity .Values.cacheNode.shards) -}}
+{{- fail (printf "cacheNode.capacity / cacheNode.shards (%d bytes) cannot hold the largest entry (limits.maxKeyBytes + limits.maxValueBytes + overhead); raise the capacity or lower the shards" (div $capacity .Values.cacheNode.shards)) -}}
+{{- end -}}
+{{- $capacity -}}
+{{- end -}}
+
+{{/* The OTLP endpoint the workloads export to, if any. */}}
+{{- define "ringcache.otlpEndpoint" -}}
+{{- if .Values.tracing.otlpEndpoint -}}
+{{- .Values.tracing.otlpEndpoint -}}
+{{- else if .Values.jaeger.enabled -}}
+{{- if eq .Values.tracing.protocol "grpc" -}}
+http://{{ include "ringcache.jaeger" . }}:4317
+{{- else -}}
+http://{{ include "ringcache.jaeger" . }}:4318
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by both workloads: pod identity and tracing. */}}
+{{- define "ringcache.env" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: RINGCACHE_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: RINGCACHE_MAX_KEY_BYTES
+  value: {{ .Values.limits.maxKeyBytes | quote }}
+- name: RINGCACHE_MAX_VALUE_BYTES
+  value: {{ .Values.limits.maxValueBytes | quote }}
+- name: RINGCACHE_MAX_BATCH
+  value: {{ .Values.limits.maxBatch | quote }}
+{{- with include "ringcache.otlpEndpoint" . }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $.Values.tracing.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $.Values.tracing.samplingRatio | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "service.instance.id=$(POD_NAME),k8s.pod.name=$(POD_NAME),k8s.namespace.name={{ $.Release.Namespace }}"
+{{- end }}
+{{- end -}}
+
+{{/* The restricted security context both workloads' containers run with. */}}
+{{- define "ringcache.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "ringcache.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* prometheus.io scrape annotations for a metrics port. */}}
+{{- define "ringcache.scrapeAnnotations" -}}
+{{- $ := index . 0 -}}
+{{- if $.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ index . 1 | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/* Spread pods over nodes (hard) and zones (soft). */}}
+{{- define "ringcache.topologySpread" -}}
+{{- $ := index . 0 -}}
+- maxSkew: 1
+  topologyKey: kubernetes.io/hostname
+  whenUnsatisfiable: DoNotSchedule
+  labelSelector:
+    matchLabels:
+      {{- include "ringcache.selectorLabels" (list $ (index . 1)) | nindent 6 }}
+- maxSkew: 1
+  topologyKey: topology.kubernetes.io/zone
+  whenUnsatisfiable: ScheduleAnyway
+  labelSelector:
+    matchLabels:
+      {{- include "ringcache.selectorLabels" (list $ (index . 1)) | nindent 6 }}
+{{- end -}}
