@@ -14,6 +14,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "installing test tools"
 scripts/install-tools.sh
+# The benchmark against twemproxy + Redis runs a smoke pass in the tests.
+scripts/install-peers.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

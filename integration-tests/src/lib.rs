@@ -15,6 +15,8 @@
 //!   can be killed and restarted on their old address.
 //! - [`tools`]: real `grpcurl`, installed from the Go module proxy by
 //!   `scripts/install-tools.sh` on first use.
+//! - [`bench`]: a closed-loop load generator and `/proc` CPU readings for
+//!   the benchmarks.
 //! - [`jaeger`]: a real Jaeger v2 and a reader for its query API.
 //! - [`eventually`]: retries an async check until it passes or times out,
 //!   instead of fixed sleeps.
@@ -41,6 +43,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+pub mod bench;
 pub mod jaeger;
 pub mod tools;
 

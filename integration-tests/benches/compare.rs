@@ -1,0 +1,528 @@
+//! ringcache against what teams run today: twemproxy (ketama) in front of
+//! three Redis servers, driven by redis-benchmark — side by side, on this
+//! machine, in one run.
+//!
+//! ```sh
+//! scripts/bench-compare.sh                 # installs redis + nutcracker, full run
+//! scripts/bench-compare.sh --seconds 20    # longer cases
+//! ```
+//!
+//! Without `--bench` (as `cargo test --all-targets` runs it) it makes a smoke
+//! run of a few thousand requests, so the harness cannot rot; it asserts no
+//! timing. When redis-server, redis-benchmark or nutcracker are missing, the
+//! peer rows are skipped with a message (scripts/bench-compare.sh installs
+//! them).
+//!
+//! Every case runs at the same concurrency (default 50 in flight) and value
+//! size (100 bytes) over a keyspace of 100k keys. ringcache's load comes from
+//! this process (a closed-loop tonic client whose own CPU per call is
+//! reported too); the peer's from redis-benchmark. "Server CPU per op" is the
+//! user + system time of the server processes (orchestrator + nodes, or
+//! nutcracker + redis) over the operations: the figure that does not depend
+//! on how heavy the load generator is. Results are also written as JSON to
+//! `bench-results/`.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use integration_tests::{
+    NodeProcess, TestCluster,
+    bench::{LoadResult, closed_loop, cpu_of},
+    workspace_root,
+};
+use ringcache_proto::v1::{
+    GetManyRequest, GetRequest, SetManyRequest, SetRequest, cache_client::CacheClient,
+};
+use tonic::transport::Channel;
+
+struct Options {
+    full: bool,
+    seconds: u64,
+    concurrency: usize,
+    keys: usize,
+    value: usize,
+    batch: usize,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--smoke");
+    let value = |name: &str| -> Option<usize> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    };
+    Options {
+        full,
+        seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),
+        concurrency: value("--concurrency").unwrap_or(50),
+        keys: value("--keys").unwrap_or(if full { 100_000 } else { 2_000 }),
+        value: value("--value-bytes").unwrap_or(100),
+        batch: 100,
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+struct Row {
+    case: String,
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    server_cpu_us_per_op: f64,
+    client_cpu_us_per_op: Option<f64>,
+    /// The peer row this one is compared with.
+    peer: Option<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn self_cpu() -> f64 {
+    cpu_of(&[std::process::id()])
+}
+
+/// Runs one ringcache case: `call` in a closed loop; `ops_per_call` is how
+/// many keys one call carries (GetMany).
+async fn ringcache_case<F, Fut>(
+    o: &Options,
+    case: &str,
+    peer: Option<&str>,
+    servers: &[u32],
+    ops_per_call: u64,
+    call: F,
+) -> Row
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let max_calls = if o.full { u64::MAX } else { 2_000 };
+    let (server_before, client_before) = (cpu_of(servers), self_cpu());
+    let r: LoadResult = closed_loop(
+        o.concurrency,
+        Duration::from_secs(o.seconds),
+        max_calls,
+        call,
+    )
+    .await;
+    let server = cpu_of(servers) - server_before;
+    let client = self_cpu() - client_before;
+    assert_eq!(r.errors, 0, "{case}: {} calls failed", r.errors);
+    let ops = (r.calls * ops_per_call).max(1) as f64;
+    Row {
+        case: case.to_owned(),
+        ops_per_sec: r.rate() * ops_per_call as f64,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        server_cpu_us_per_op: server * 1e6 / ops,
+        client_cpu_us_per_op: Some(client * 1e6 / ops),
+        peer: peer.map(str::to_owned),
+    }
+}
+
+async fn ringcache_rows(o: &Options) -> Vec<Row> {
+    let cluster = TestCluster::start(3, &[]).await;
+    let direct = NodeProcess::start(&[]).await;
+    let servers: Vec<u32> = std::iter::once(cluster.orchestrator.process.pid())
+        .chain(cluster.nodes.iter().flatten().map(|n| n.process.pid()))
+        .collect();
+    let value = vec![0x5au8; o.value];
+    // Preload every key, through the orchestrator and into the direct node.
+    let mut via = cluster.orchestrator.cache().await;
+    let mut node = direct.cache().await;
+    for chunk in (0..o.keys).collect::<Vec<_>>().chunks(500) {
+        let entries: Vec<SetRequest> = chunk
+            .iter()
+            .map(|i| SetRequest {
+                key: format!("key:{i}"),
+                value: value.clone().into(),
+                ..Default::default()
+            })
+            .collect();
+        via.set_many(SetManyRequest {
+            entries: entries.clone(),
+        })
+        .await
+        .unwrap();
+        node.set_many(SetManyRequest { entries }).await.unwrap();
+    }
+    // 8 HTTP/2 connections, as a client pool would open.
+    let mut orch_clients = Vec::new();
+    let mut node_clients = Vec::new();
+    for _ in 0..8 {
+        orch_clients.push(cluster.orchestrator.cache().await);
+        node_clients.push(direct.cache().await);
+    }
+    let keys = o.keys as u64;
+    let get = |clients: Vec<CacheClient<Channel>>| {
+        move |t: usize, i: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            async move {
+                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                c.get(GetRequest {
+                    key: format!("key:{k}"),
+                })
+                .await
+                .is_ok()
+            }
+        }
+    };
+    let set = |clients: Vec<CacheClient<Channel>>, value: Vec<u8>| {
+        let value = bytes::Bytes::from(value);
+        move |t: usize, i: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            let value = value.clone();
+            async move {
+                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                c.set(SetRequest {
+                    key: format!("key:{k}"),
+                    value,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        }
+    };
+    let batch = o.batch as u64;
+    let get_many = |clients: Vec<CacheClient<Channel>>| {
+        move |t: usize, i: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            async move {
+                let base = (t as u64 * 7919 + i * 104_729) % keys;
+                let keys = (0..batch)
+                    .map(|j| format!("key:{}", (base + j * 997) % keys))
+                    .collect();
+                c.get_many(GetManyRequest { keys }).await.is_ok()
+            }
+        }
+    };
+    let node_pid = [direct.process.pid()];
+    vec![
+        ringcache_case(
+            o,
+            "ringcache Get (orchestrator)",
+            Some("twemproxy GET"),
+            &servers,
+            1,
+            get(orch_clients.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            "ringcache Set (orchestrator)",
+            Some("twemproxy SET"),
+            &servers,
+            1,
+            set(orch_clients.clone(), value.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            "ringcache Get (one node, direct)",
+            Some("twemproxy GET"),
+            &node_pid,
+            1,
+            get(node_clients.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            "ringcache Set (one node, direct)",
+            Some("twemproxy SET"),
+            &node_pid,
+            1,
+            set(node_clients, value),
+        )
+        .await,
+        ringcache_case(
+            o,
+            "ringcache GetMany 100 (keys/s)",
+            Some("twemproxy MGET 100 (keys/s)"),
+            &servers,
+            batch,
+            get_many(orch_clients),
+        )
+        .await,
+    ]
+}
+
+/// A child process killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn wait_port(port: u16) {
+    integration_tests::eventually(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// redis-benchmark's CSV: the rps and the p50 and p99 latencies (ms).
+fn parse_csv(out: &str) -> (f64, f64, f64) {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('"') && !l.starts_with("\"test\""))
+        .unwrap_or_else(|| panic!("no result in redis-benchmark output:\n{out}"));
+    let f: Vec<f64> = line
+        .split(',')
+        .skip(1)
+        .map(|v| v.trim_matches('"').parse().unwrap_or(0.0))
+        .collect();
+    // rps, avg, min, p50, p95, p99, max
+    (f[0], f[3], f[5])
+}
+
+async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
+    let missing: Vec<&str> = ["redis-server", "redis-benchmark", "nutcracker"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "skipping the twemproxy + Redis rows: {missing:?} not installed (scripts/bench-compare.sh installs them)"
+        );
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("ringcache-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut servers = Vec::new();
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        servers.push(Server(child));
+        wait_port(port).await;
+        lines.push(format!("   - 127.0.0.1:{port}:1"));
+    }
+    let proxy_port = free_port();
+    let config = dir.join("nutcracker.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "bench:\n  listen: 127.0.0.1:{proxy_port}\n  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  preconnect: true\n  server_connections: 1\n  servers:\n{}\n",
+            lines.join("\n")
+        ),
+    )
+    .unwrap();
+    let proxy = Command::new("nutcracker")
+        .args([
+            "-c",
+            config.to_str().unwrap(),
+            "-s",
+            &free_port().to_string(),
+            "-a",
+            "127.0.0.1",
+        ])
+        .args(["-o", dir.join("nutcracker.log").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nutcracker");
+    let proxy = Server(proxy);
+    wait_port(proxy_port).await;
+    let pids: Vec<u32> = servers
+        .iter()
+        .map(|s| s.0.id())
+        .chain([proxy.0.id()])
+        .collect();
+
+    let requests = |rate_guess: f64| -> u64 {
+        if o.full {
+            (rate_guess * o.seconds as f64) as u64
+        } else {
+            2_000
+        }
+    };
+    let run = |args: Vec<String>| {
+        let out = Command::new("redis-benchmark")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy_port.to_string(),
+                "-c",
+                &o.concurrency.to_string(),
+            ])
+            .args([
+                "-d",
+                &o.value.to_string(),
+                "-r",
+                &o.keys.to_string(),
+                "--csv",
+            ])
+            .args(&args)
+            .output()
+            .expect("run redis-benchmark");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut rows = Vec::new();
+    // Preload the keyspace, then measure SET and GET.
+    run(vec![
+        "-n".into(),
+        (o.keys * 2).to_string(),
+        "-t".into(),
+        "set".into(),
+    ]);
+    for (case, test, rate) in [
+        ("twemproxy SET", "set", 60_000.0),
+        ("twemproxy GET", "get", 60_000.0),
+    ] {
+        let before = cpu_of(&pids);
+        let n = requests(rate);
+        let (rps, p50, p99) = parse_csv(&run(vec![
+            "-n".into(),
+            n.to_string(),
+            "-t".into(),
+            test.into(),
+        ]));
+        let cpu = cpu_of(&pids) - before;
+        rows.push(Row {
+            case: case.into(),
+            ops_per_sec: rps,
+            p50_us: p50 * 1000.0,
+            p99_us: p99 * 1000.0,
+            server_cpu_us_per_op: cpu * 1e6 / n as f64,
+            client_cpu_us_per_op: None,
+            peer: None,
+        });
+    }
+    // MGET of 100 random keys per call.
+    let n = requests(2_000.0);
+    let mut args = vec!["-n".into(), n.to_string(), "MGET".into()];
+    args.extend((0..o.batch).map(|_| "key:__rand_int__".to_owned()));
+    let before = cpu_of(&pids);
+    let (rps, p50, p99) = parse_csv(&run(args));
+    let cpu = cpu_of(&pids) - before;
+    rows.push(Row {
+        case: "twemproxy MGET 100 (keys/s)".into(),
+        ops_per_sec: rps * o.batch as f64,
+        p50_us: p50 * 1000.0,
+        p99_us: p99 * 1000.0,
+        server_cpu_us_per_op: cpu * 1e6 / (n as f64 * o.batch as f64),
+        client_cpu_us_per_op: None,
+        peer: None,
+    });
+    drop(proxy);
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(rows)
+}
+
+#[tokio::main]
+async fn main() {
+    let o = options();
+    eprintln!(
+        "{} run: {}s per case, {} in flight, {}-byte values, {} keys",
+        if o.full { "full" } else { "smoke" },
+        o.seconds,
+        o.concurrency,
+        o.value,
+        o.keys
+    );
+    let mut rows = ringcache_rows(&o).await;
+    let peers = peer_rows(&o).await.unwrap_or_default();
+    rows.extend(peers.iter().cloned());
+
+    println!(
+        "| case | ops/s | p50 | p99 | server CPU/op | client CPU/op | ops/s vs peer | server CPU/op vs peer |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let peer = r
+            .peer
+            .as_ref()
+            .and_then(|p| peers.iter().find(|x| &x.case == p));
+        let (ratio_ops, ratio_cpu) = match peer {
+            Some(p) => (
+                format!("{:.2}× ({})", r.ops_per_sec / p.ops_per_sec, p.case),
+                format!("{:.2}×", r.server_cpu_us_per_op / p.server_cpu_us_per_op),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        println!(
+            "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {} | {} |",
+            r.case,
+            r.ops_per_sec,
+            r.p50_us,
+            r.p99_us,
+            r.server_cpu_us_per_op,
+            r.client_cpu_us_per_op
+                .map_or("—".into(), |c| format!("{c:.1} µs")),
+            ratio_ops,
+            ratio_cpu
+        );
+    }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "case": r.case, "ops_per_sec": r.ops_per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us,
+                "server_cpu_us_per_op": r.server_cpu_us_per_op, "client_cpu_us_per_op": r.client_cpu_us_per_op,
+                "peer": r.peer,
+            })
+        })
+        .collect();
+    let dir = workspace_root().join("bench-results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let path = dir.join(format!(
+        "compare-{}-{stamp}.json",
+        if o.full { "full" } else { "smoke" }
+    ));
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "concurrency": o.concurrency, "value_bytes": o.value, "keys": o.keys, "seconds_per_case": o.seconds, "rows": json,
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    eprintln!("results written to {}", path.display());
+}
