@@ -287,10 +287,16 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
             .with_location(false)
             .with_filter(quiet)
     });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .try_init()?;
+    // Not `.with(Option<Layer>)`: an absent layer answers "always" to every
+    // callsite, which would make the registry record every trace-level span
+    // of h2, hyper and tonic — the single largest CPU cost per request.
+    match traces {
+        Some(traces) => tracing_subscriber::registry()
+            .with(logs)
+            .with(traces)
+            .try_init()?,
+        None => tracing_subscriber::registry().with(logs).try_init()?,
+    }
     if provider.is_some() {
         TRACING.store(true, Ordering::Relaxed);
         tracing::info!(semconv = SEMCONV_VERSION, "exporting traces over OTLP");
