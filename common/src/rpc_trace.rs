@@ -16,7 +16,12 @@ use std::{
     task::{Context, Poll},
 };
 
-use opentelemetry::{global, propagation::Extractor, propagation::Injector};
+use opentelemetry::{
+    Context as OtelContext, global,
+    propagation::{Extractor, Injector},
+    trace::{SpanContext, TraceContextExt, TraceFlags, TraceState},
+};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Span, field::Empty};
@@ -56,6 +61,60 @@ pub fn inject<T>(span: &Span, request: &mut tonic::Request<T>) {
     global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
     });
+}
+
+/// Puts the current OpenTelemetry context (set for requests that are not
+/// sampled, see [`ServerTraceLayer`]) into `request`'s metadata, so the
+/// server it goes to follows the same decision without recording anything.
+pub fn inject_current<T>(request: &mut tonic::Request<T>) {
+    let cx = OtelContext::current();
+    if cx.span().span_context().is_valid() {
+        global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
+        });
+    }
+}
+
+/// Whether a trace id falls in the sampled `ratio`: the same rule as the
+/// SDK's `TraceIdRatioBased`, so every service decides a trace alike.
+fn in_ratio(trace_id: opentelemetry::trace::TraceId, ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bytes = trace_id.to_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[8..16]);
+    let x = u64::from_be_bytes(low) >> 1;
+    x < (ratio * (1u64 << 63) as f64) as u64
+}
+
+/// Decides, before any span exists, whether this request is recorded.
+/// `Err` carries the context to propagate when it is not: the caller's own
+/// (not sampled), or a new unsampled one so downstream services agree.
+fn decide(parent: OtelContext) -> Result<OtelContext, OtelContext> {
+    let sc = parent.span().span_context().clone();
+    let sampled = match crate::telemetry::sampling() {
+        crate::telemetry::Sampling::AlwaysOn => true,
+        crate::telemetry::Sampling::AlwaysOff => false,
+        crate::telemetry::Sampling::Ratio(r) if sc.is_valid() => in_ratio(sc.trace_id(), r),
+        crate::telemetry::Sampling::ParentBased(_) if sc.is_valid() => sc.is_sampled(),
+        crate::telemetry::Sampling::Ratio(r) | crate::telemetry::Sampling::ParentBased(r) => {
+            let ids = RandomIdGenerator::default();
+            let trace_id = ids.new_trace_id();
+            if in_ratio(trace_id, r) {
+                return Ok(parent);
+            }
+            let unsampled = SpanContext::new(
+                trace_id,
+                ids.new_span_id(),
+                TraceFlags::default(),
+                false,
+                TraceState::default(),
+            );
+            return Err(parent.with_remote_span_context(unsampled));
+        }
+    };
+    if sampled { Ok(parent) } else { Err(parent) }
 }
 
 /// Whether a status code marks a SERVER span as an error: per the
@@ -162,8 +221,16 @@ where
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
             .filter(|(service, _)| self.services.contains(service));
-        let span = match traced {
-            Some((service, method)) => {
+        let parent = match traced {
+            Some(_) => {
+                let parent =
+                    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+                decide(parent)
+            }
+            None => Err(OtelContext::new()),
+        };
+        let (span, propagate) = match (traced, parent) {
+            (Some((service, method)), Ok(parent)) => {
                 let span = tracing::info_span!(
                     "grpc.server",
                     otel.name = &path[1..],
@@ -180,20 +247,24 @@ where
                     ringcache.keys = Empty,
                     ringcache.hits = Empty,
                 );
-                let parent =
-                    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
                 // Fails only if the span is disabled (not sampled by the
                 // subscriber), in which case there is nothing to parent.
                 let _ = span.set_parent(parent);
-                span
+                (span, None)
             }
-            None => Span::none(),
+            // Not recorded: no span at all, only the context to pass on.
+            (_, Err(propagate)) => (Span::none(), Some(propagate)),
+            (None, Ok(_)) => (Span::none(), None),
         };
         let inner = {
             let _entered = span.enter();
             self.inner.call(req)
         };
-        ServerTraceFuture { inner, span }
+        ServerTraceFuture {
+            inner,
+            span,
+            propagate,
+        }
     }
 }
 
@@ -205,6 +276,11 @@ pin_project! {
         #[pin]
         inner: F,
         span: Span,
+        // For a request that is not recorded: the context made current while
+        // it runs, so calls it makes pass the decision on. (A recorded
+        // request's context comes from its span instead: attaching another
+        // here would hide it.)
+        propagate: Option<OtelContext>,
     }
 }
 
@@ -217,6 +293,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
+        let _attached = this.propagate.as_ref().map(|c| c.clone().attach());
         let result = std::task::ready!(this.inner.poll(cx));
         if !this.span.is_none() {
             match &result {

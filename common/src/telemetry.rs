@@ -10,7 +10,7 @@
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` / `…_TRACES_PROTOCOL` | `grpc` (default) or `http/protobuf` |
 //! | `OTEL_SERVICE_NAME` | `service.name`; default the binary's name |
 //! | `OTEL_RESOURCE_ATTRIBUTES` | more resource attributes, e.g. `service.instance.id=cache-0` (default: host name and process id) |
-//! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling; default `parentbased_always_on` |
+//! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (`always_on`, `always_off`, `traceidratio`, `parentbased_*`); default `parentbased_always_on`. Decided per request before any span is made, so unsampled requests cost no span work ([`Sampling`]) |
 //! | `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_SCHEDULE_DELAY`, … | the batch processor; default queue 2048 spans |
 //! | `OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none` | turn tracing off |
 //!
@@ -67,6 +67,66 @@ const QUIET_CRATES: &[&str] = &[
     "opentelemetry_sdk",
     "opentelemetry_otlp",
 ];
+
+/// How new and continued traces are sampled, from `OTEL_TRACES_SAMPLER`
+/// and `OTEL_TRACES_SAMPLER_ARG` (the standard values).
+///
+/// The decision is taken once per request, before any span exists
+/// ([`crate::rpc_trace`]), so a request that is not sampled costs no span
+/// work at all; the SDK's own sampler is then set to follow that decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// `always_on`: every trace.
+    AlwaysOn,
+    /// `always_off`: none.
+    AlwaysOff,
+    /// `traceidratio`: this fraction of trace ids, whatever the caller
+    /// decided.
+    Ratio(f64),
+    /// `parentbased_*`: follow the caller's decision; for new traces, this
+    /// fraction (1.0 for `parentbased_always_on`, the default).
+    ParentBased(f64),
+}
+
+impl Sampling {
+    fn from_env() -> Self {
+        let arg = var("OTEL_TRACES_SAMPLER_ARG")
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| (0.0..=1.0).contains(r));
+        match var("OTEL_TRACES_SAMPLER").as_deref() {
+            Some("always_on") => Sampling::AlwaysOn,
+            Some("always_off") => Sampling::AlwaysOff,
+            Some("traceidratio") => Sampling::Ratio(arg.unwrap_or(1.0)),
+            Some("parentbased_always_off") => Sampling::ParentBased(0.0),
+            Some("parentbased_traceidratio") => Sampling::ParentBased(arg.unwrap_or(1.0)),
+            Some("parentbased_always_on") | None => Sampling::ParentBased(1.0),
+            Some(other) => {
+                eprintln!(
+                    "OTEL_TRACES_SAMPLER={other:?} is not supported; using parentbased_always_on"
+                );
+                Sampling::ParentBased(1.0)
+            }
+        }
+    }
+
+    /// The SDK sampler that records exactly what this policy decided.
+    fn sdk_sampler(self) -> opentelemetry_sdk::trace::Sampler {
+        use opentelemetry_sdk::trace::Sampler;
+        match self {
+            Sampling::AlwaysOff => Sampler::AlwaysOff,
+            // Decided per trace id before the span exists: record them all.
+            Sampling::AlwaysOn | Sampling::Ratio(_) => Sampler::AlwaysOn,
+            Sampling::ParentBased(_) => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        }
+    }
+}
+
+static SAMPLING: std::sync::OnceLock<Sampling> = std::sync::OnceLock::new();
+
+/// The sampling policy in force (the default until [`init`] ran).
+pub fn sampling() -> Sampling {
+    *SAMPLING.get().unwrap_or(&Sampling::ParentBased(1.0))
+}
 
 /// Set once spans are exported; read on request paths to skip span work
 /// when they are not.
@@ -231,10 +291,12 @@ fn provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
         inner: Arc::new(exporter),
         runtime,
     };
-    // The sampler is left to the SDK, which reads OTEL_TRACES_SAMPLER (and
-    // defaults to parent-based always-on).
+    // OTEL_TRACES_SAMPLER is honoured by the per-request decision in
+    // rpc_trace; the SDK records what it decided.
+    let sampling = *SAMPLING.get_or_init(Sampling::from_env);
     Ok(SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+        .with_sampler(sampling.sdk_sampler())
         .with_resource(resource(service))
         .build())
 }

@@ -357,3 +357,65 @@ async fn a_collector_that_is_down_costs_no_request_anything() {
     let status = node.process.terminate(std::time::Duration::from_secs(20));
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn unsampled_requests_record_nothing_anywhere_and_pass_their_decision_on() {
+    let jaeger = Jaeger::start().await;
+    let endpoint = jaeger.otlp_grpc.clone();
+    // New traces are never sampled; callers' decisions are followed.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+    ];
+    let cluster = TestCluster::start_with_env(2, &[], &[], &env).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    // Not sampled by the caller (flags 00), and no caller at all.
+    let unsampled = "8bf92f3577b34da6a3ce929d0e0e4736";
+    let mut r = tonic::Request::new(GetRequest { key: "k".into() });
+    r.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unsampled}-40f067aa0ba902b7-00")
+            .parse()
+            .unwrap(),
+    );
+    cache.get(r).await.unwrap();
+    for i in 0..20 {
+        cache
+            .get(GetRequest {
+                key: format!("root-{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    // Sampled by the caller: recorded end to end, node span included.
+    let sampled = "9bf92f3577b34da6a3ce929d0e0e4736";
+    cache
+        .get(traced(
+            GetRequest { key: "k".into() },
+            sampled,
+            "50f067aa0ba902b7",
+        ))
+        .await
+        .unwrap();
+    let trace = jaeger.trace(sampled, 3).await;
+    assert_chain(&trace, "50f067aa0ba902b7", "Get");
+    // Exported after the unsampled calls, so had those been recorded they
+    // would be in Jaeger by now: they are not, in either service.
+    assert!(
+        jaeger
+            .api(&format!("/api/traces/{unsampled}"))
+            .await
+            .is_err()
+    );
+    let traces = jaeger
+        .api("/api/traces?service=cache-node&limit=100")
+        .await
+        .unwrap();
+    let count = traces["data"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        count, 1,
+        "only the sampled call reached the node's traces: {traces}"
+    );
+}

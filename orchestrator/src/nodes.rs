@@ -266,7 +266,9 @@ impl Cluster {
         F: FnOnce(CacheClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let span = if telemetry::tracing_enabled() {
+        // A CLIENT span only inside a recorded request; an unsampled one
+        // passes its decision on without recording (`inject_current`).
+        let span = if telemetry::tracing_enabled() && !tracing::Span::current().is_none() {
             let span = rpc_trace::client_span(CACHE, method, &node.address, &node.id);
             span.record("ringcache.keys", keys as i64);
             span
@@ -320,6 +322,8 @@ impl Cluster {
         request.set_timeout(timeout);
         if !span.is_none() {
             rpc_trace::inject(span, &mut request);
+        } else if telemetry::tracing_enabled() {
+            rpc_trace::inject_current(&mut request);
         }
         let client = node.cache(self.settings.max_message_bytes);
         let result = match tokio::time::timeout(timeout, call(client, request)).await {
