@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestCluster, jaeger::Jaeger};
+use integration_tests::{TestCluster, bench::cpu_seconds, jaeger::Jaeger};
 use ringcache_proto::v1::{GetRequest, SetManyRequest, SetRequest, cache_client::CacheClient};
 use tonic::transport::Channel;
 
@@ -56,20 +56,6 @@ fn options() -> Options {
         seconds: value("--seconds").map_or(if full { 8 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(if full { 32 } else { 4 }),
     }
-}
-
-/// User + system CPU seconds of process `pid`, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // Linux reports in clock ticks, 100 per second on every current system.
-    ticks / 100.0
 }
 
 fn server_cpu(cluster: &TestCluster) -> f64 {
