@@ -32,7 +32,7 @@ use std::{
 
 use integration_tests::{
     NodeProcess, TestCluster,
-    bench::{LoadResult, closed_loop, cpu_of},
+    bench::{Args, LoadResult, closed_loop, cpu_of},
     workspace_root,
 };
 use ringcache_proto::v1::{
@@ -50,14 +50,9 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--smoke");
-    let value = |name: &str| -> Option<usize> {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-    };
+    let args = Args::from_env();
+    let full = args.flag("--bench") && !args.flag("--smoke");
+    let value = |name: &str| args.value::<usize>(name);
     Options {
         full,
         seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),

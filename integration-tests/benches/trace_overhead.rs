@@ -19,15 +19,13 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use integration_tests::{TestCluster, bench::cpu_seconds, jaeger::Jaeger};
+use integration_tests::{
+    TestCluster,
+    bench::{Args, closed_loop, cpu_seconds},
+    jaeger::Jaeger,
+};
 use ringcache_proto::v1::{GetRequest, SetManyRequest, SetRequest, cache_client::CacheClient};
 use tonic::transport::Channel;
 
@@ -42,16 +40,11 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let full = args.iter().any(|a| a == "--bench");
-    let value = |name: &str| -> Option<usize> {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-    };
+    let args = Args::from_env();
+    let full = args.flag("--bench");
+    let value = |name: &str| args.value::<usize>(name);
     Options {
-        calibrate: args.iter().any(|a| a == "--calibrate"),
+        calibrate: args.flag("--calibrate"),
         rounds: value("--rounds").unwrap_or(if full { 3 } else { 1 }),
         seconds: value("--seconds").map_or(if full { 8 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(if full { 32 } else { 4 }),
@@ -68,41 +61,24 @@ fn server_cpu(cluster: &TestCluster) -> f64 {
             .sum::<f64>()
 }
 
-/// Runs Gets for `seconds`; returns (calls, errors).
+/// Runs Gets for `seconds` with the shared load generator; returns
+/// (calls, errors).
 async fn load(clients: &[CacheClient<Channel>], concurrency: usize, seconds: u64) -> (u64, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|t| {
+    let clients = clients.to_vec();
+    let r = closed_loop(
+        concurrency,
+        Duration::from_secs(seconds),
+        u64::MAX,
+        move |t, i| {
             let mut client = clients[t % clients.len()].clone();
-            let (stop, calls, errors) = (stop.clone(), calls.clone(), errors.clone());
-            tokio::spawn(async move {
-                let mut i = t;
-                while !stop.load(Ordering::Relaxed) {
-                    i = (i + 7919) % KEYS;
-                    match client
-                        .get(GetRequest {
-                            key: format!("key:{i}"),
-                        })
-                        .await
-                    {
-                        Ok(_) => calls.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (
-        calls.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
+            async move {
+                let key = format!("key:{}", (t + i as usize * 7919) % KEYS);
+                client.get(GetRequest { key }).await.is_ok()
+            }
+        },
     )
+    .await;
+    (r.calls, r.errors)
 }
 
 struct Setup {

@@ -10,6 +10,33 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The benchmark binaries' command line: `--bench` (set by `cargo bench`;
+/// without it `cargo test` runs a smoke pass), flags and `--name value`
+/// options.
+#[derive(Debug, Clone)]
+pub struct Args(Vec<String>);
+
+impl Args {
+    /// This process' arguments.
+    pub fn from_env() -> Self {
+        Args(std::env::args().collect())
+    }
+
+    /// Whether `--name` was given.
+    pub fn flag(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+
+    /// The value after `--name`, parsed.
+    pub fn value<T: std::str::FromStr>(&self, name: &str) -> Option<T> {
+        self.0
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.0.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
 /// User + system CPU seconds of process `pid` (0 if it is gone).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
