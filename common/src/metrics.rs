@@ -172,12 +172,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (service, method) = self.metrics.classify(req.uri().path());
-        let labels = (service.to_owned(), method.to_owned());
+        // A reference-counted handle on the request's path, not two label
+        // strings: nothing is allocated per call.
+        let path = req.uri().path_and_query().cloned();
         GrpcMetricsFuture {
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
-            labels,
+            path,
             start: Instant::now(),
         }
     }
@@ -190,7 +191,7 @@ pin_project! {
         #[pin]
         inner: F,
         metrics: Arc<GrpcMetrics>,
-        labels: (String, String),
+        path: Option<http::uri::PathAndQuery>,
         start: Instant,
     }
 }
@@ -213,7 +214,9 @@ where
                 .map_or(tonic::Code::Ok, tonic::Code::from_i32),
             Err(_) => tonic::Code::Unknown,
         };
-        let (service, method) = &*this.labels;
+        let (service, method) = this
+            .metrics
+            .classify(this.path.as_ref().map_or("", http::uri::PathAndQuery::path));
         this.metrics
             .record(service, method, code, this.start.elapsed().as_secs_f64());
         Poll::Ready(result)
