@@ -328,6 +328,13 @@ impl Cluster {
         let client = node.cache(self.settings.max_message_bytes);
         let result = match tokio::time::timeout(timeout, call(client, request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            // The caller did not cancel (that would have dropped this
+            // future): a CANCELLED here is the connection to the node
+            // breaking mid-call — the node is unreachable, which callers
+            // must see as the retryable UNAVAILABLE.
+            Ok(Err(status)) if status.code() == Code::Cancelled => Err(Status::unavailable(
+                format!("connection to the node was lost ({})", status.message()),
+            )),
             Ok(Err(status)) => Err(status),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "node {} did not answer within {timeout:?}",

@@ -14,8 +14,10 @@
 //!   one replica the next node usually answers "not found": a miss, not an
 //!   error.
 //! - **Writes** go to the first routable node (the primary) with the
-//!   client's condition; a primary that is unavailable (the write certainly
-//!   did not happen) is replaced by the next node. Once the primary has
+//!   client's condition. A primary that fails is replaced by the next node —
+//!   after any node failure for unconditional writes (repeating them is
+//!   harmless), only after UNAVAILABLE (the write certainly did not happen)
+//!   for conditional ones. Once the primary has
 //!   stored an entry, it is copied to the other owners with the primary's
 //!   version (`replica_version`), in parallel, before the reply. The
 //!   **acknowledgement rule**: a write succeeds when its primary stored it;
@@ -408,9 +410,22 @@ impl Router {
     async fn write(&self, entries: &[SetRequest], deadline: Option<Instant>) -> Vec<SetResult> {
         let topology = self.cluster.topology();
         let topo = &*topology;
-        // Phase 1: primaries. Only UNAVAILABLE is retried elsewhere: the
-        // node never saw the write. (After a timeout the write may have
-        // happened, so it is not repeated on another node.)
+        // Phase 1: primaries. A batch of unconditional writes is retried on
+        // the next node after any node failure: writing the same value again
+        // is harmless whether or not the first node applied it. A batch with
+        // conditions is retried only after UNAVAILABLE (the node never saw
+        // it): after a timeout the condition may already have been consumed.
+        let unconditional = entries.iter().all(|e| {
+            matches!(
+                e.condition,
+                None | Some(set_request::Condition::IfAbsent(false))
+            )
+        });
+        let retryable: fn(&Status) -> bool = if unconditional {
+            is_node_failure
+        } else {
+            |s| s.code() == Code::Unavailable
+        };
         let send = |n: usize, items: Vec<usize>| {
             let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();
             async move {
@@ -426,7 +441,7 @@ impl Router {
                 topo,
                 entries.len(),
                 |i| entries[i].key.as_str(),
-                |s| s.code() == Code::Unavailable,
+                retryable,
                 send,
             )
             .await;
