@@ -8,6 +8,7 @@ use std::{env, fs, path::PathBuf};
 const PROTOS: &[&str] = &[
     "ringcache/v1/cache.proto",
     "ringcache/v1/cluster.proto",
+    "ringcache/v1/internal.proto",
     "ringcache/v1/node.proto",
 ];
 

@@ -13,6 +13,9 @@ pub enum NodeError {
     /// The store refused a write.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A batch op with no operation set.
+    #[error("op: no operation set (expected get, set, delete or copy)")]
+    EmptyOp,
     /// A batch's answer would be larger than a message may be.
     #[error(
         "response would be over {limit} bytes (--max-message-bytes) after {answered} of {requested} keys; ask for fewer keys per call"
@@ -36,6 +39,7 @@ impl From<NodeError> for tonic::Status {
             NodeError::Store(e @ StoreError::EntryTooLarge { .. }) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
+            e @ NodeError::EmptyOp => tonic::Status::invalid_argument(e.to_string()),
             e @ NodeError::ResponseTooLarge { .. } => {
                 tonic::Status::resource_exhausted(e.to_string())
             }

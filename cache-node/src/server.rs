@@ -9,8 +9,8 @@ use ringcache_common::{
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
-    service_names::{CACHE, NODE},
-    v1::{cache_server::CacheServer, node_server::NodeServer},
+    service_names::{CACHE, INTERNAL, NODE},
+    v1::{cache_server::CacheServer, internal_server::InternalServer, node_server::NodeServer},
 };
 use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
@@ -18,7 +18,7 @@ use tonic::service::RoutesBuilder;
 use crate::{
     config::Config,
     metrics::StoreCollector,
-    service::{CacheService, NodeService},
+    service::{CacheService, InternalService, NodeService},
     store::Store,
 };
 
@@ -60,6 +60,7 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     let max_message = config.limits.max_message_bytes();
     let cache = CacheService::new(store.clone(), config.limits(), max_message);
+    let internal = InternalService::new(cache.clone());
     let mut routes = RoutesBuilder::default();
     routes
         .add_service(
@@ -67,9 +68,14 @@ pub async fn run(
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )
+        .add_service(
+            InternalServer::new(internal)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
         .add_service(NodeServer::new(NodeService::new(store, node_id.clone())))
         .add_service(health_service);
-    add_reflection(&mut routes, &[CACHE, NODE], &[FILE_DESCRIPTOR_SET])?;
+    add_reflection(&mut routes, &[CACHE, NODE, INTERNAL], &[FILE_DESCRIPTOR_SET])?;
 
     tracing::info!(
         node_id,
@@ -80,7 +86,7 @@ pub async fn run(
     serve(
         ServeOptions::new(
             "cache-node",
-            vec![CACHE, NODE],
+            vec![CACHE, NODE, INTERNAL],
             &config.limits,
             &config.process,
         ),

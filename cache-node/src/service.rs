@@ -9,9 +9,10 @@ use std::{sync::Arc, time::Instant};
 
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
-    DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
-    GetResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
-    StatsResponse, cache_server::Cache, node_server::Node,
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse,
+    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, SetManyRequest, SetManyResponse,
+    SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse, cache_server::Cache,
+    internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -192,6 +193,118 @@ impl Cache for CacheService {
             span.record("ringcache.keys", results.len() as i64);
         }
         Ok(Response::new(SetManyResponse { results }))
+    }
+}
+
+/// `ringcache.v1.Internal`: batches of operations from orchestrators, and
+/// copies of entries with a version chosen by another node.
+#[derive(Debug, Clone)]
+pub struct InternalService {
+    cache: CacheService,
+}
+
+impl InternalService {
+    /// Serves batches against the same store, limits and message size as
+    /// `cache`.
+    pub fn new(cache: CacheService) -> Self {
+        Self { cache }
+    }
+
+    /// Runs one op. A get's answer is sized by the caller, so it can stop a
+    /// batch whose answers would outgrow a message.
+    fn run(&self, op: &Op) -> Result<op_result::Result, NodeError> {
+        let cache = &self.cache;
+        Ok(match op.op.as_ref() {
+            Some(op::Op::Get(req)) => {
+                cache.limits.check_key(|| "key".to_owned(), &req.key)?;
+                op_result::Result::Get(get_response(cache.store.get(&req.key)))
+            }
+            Some(op::Op::Set(req)) => op_result::Result::Set(cache.set_one(req, "")?),
+            Some(op::Op::Delete(req)) => {
+                cache.limits.check_key(|| "key".to_owned(), &req.key)?;
+                op_result::Result::Delete(DeleteResponse {
+                    deleted: cache.store.delete(&req.key),
+                })
+            }
+            Some(op::Op::Copy(req)) => {
+                let checked = cache.limits.check_copy(req)?;
+                let out = cache
+                    .store
+                    .set(&req.key, &req.value, checked.ttl, checked.condition)?;
+                op_result::Result::Copy(SetResponse {
+                    stored: out.stored,
+                    version: out.version,
+                })
+            }
+            None => return Err(NodeError::EmptyOp),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Internal for InternalService {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let req = request.into_inner();
+        self.cache
+            .limits
+            .check_batch("ops", req.ops.len())
+            .map_err(NodeError::from)?;
+        let limit = self.cache.max_message_bytes;
+        let mut size = 0usize;
+        let mut hits = 0i64;
+        let mut results = Vec::with_capacity(req.ops.len());
+        for op in &req.ops {
+            let result = match self.run(op) {
+                Ok(r) => r,
+                Err(e) => op_result::Result::Error(key_error(e)),
+            };
+            let bytes = match &result {
+                op_result::Result::Get(g) => {
+                    hits += i64::from(g.found);
+                    g.value.len()
+                }
+                _ => 0,
+            } + RESULT_FRAMING;
+            size = size.saturating_add(bytes);
+            if size > limit {
+                // Stop here: the caller sends the rest again. A first op
+                // that cannot fit on its own would never fit: answer it with
+                // an error instead, so the batch makes progress.
+                if results.is_empty() {
+                    results.push(OpResult {
+                        result: Some(op_result::Result::Error(key_error(
+                            NodeError::ResponseTooLarge {
+                                limit,
+                                answered: 0,
+                                requested: 1,
+                            },
+                        ))),
+                    });
+                }
+                break;
+            }
+            results.push(OpResult {
+                result: Some(result),
+            });
+        }
+        let span = Span::current();
+        if !span.is_none() {
+            span.record("ringcache.keys", results.len() as i64);
+            span.record("ringcache.hits", hits);
+        }
+        Ok(Response::new(ApplyResponse { results }))
+    }
+}
+
+/// A node error as the per-op error of a batch.
+fn key_error(e: NodeError) -> KeyError {
+    let status = Status::from(e);
+    KeyError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
     }
 }
 

@@ -23,6 +23,7 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pin_project_lite::pin_project;
+use ringcache_proto::service_names::INTERNAL;
 use tower::{Layer, Service};
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -60,6 +61,13 @@ pub fn inject<T>(span: &Span, request: &mut tonic::Request<T>) {
     let cx = span.context();
     global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
+    });
+}
+
+/// Puts `cx`'s trace context into `request`'s metadata.
+pub fn inject_context<T>(cx: &OtelContext, request: &mut tonic::Request<T>) {
+    global::get_text_map_propagator(|p| {
+        p.inject_context(cx, &mut MetadataInjector(request.metadata_mut()))
     });
 }
 
@@ -222,10 +230,17 @@ where
             .and_then(|p| p.split_once('/'))
             .filter(|(service, _)| self.services.contains(service));
         let parent = match traced {
-            Some(_) => {
+            Some((service, _)) => {
                 let parent =
                     global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
-                decide(parent)
+                if service == INTERNAL && !parent.span().span_context().is_sampled() {
+                    // Orchestrators' calls are traced only as part of a
+                    // sampled client request: a batch of unsampled requests
+                    // must not start traces of its own.
+                    Err(OtelContext::new())
+                } else {
+                    decide(parent)
+                }
             }
             None => Err(OtelContext::new()),
         };

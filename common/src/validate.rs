@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ringcache_proto::v1::{SetRequest, set_request};
+use ringcache_proto::v1::{CopyRequest, SetRequest, set_request};
 
 /// The limits a server enforces on requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +71,9 @@ pub enum ValidationError {
         /// The limit.
         max: usize,
     },
-    /// A replica write without a version.
-    #[error("{field}: must be positive")]
-    ZeroReplicaVersion {
+    /// A copy without a version.
+    #[error("{field}: a copy's version must be positive")]
+    ZeroCopyVersion {
         /// Where in the request.
         field: String,
     },
@@ -104,8 +104,9 @@ pub enum WriteCondition {
     IfAbsent,
     /// Write only if the current version is this one (0 = absent).
     IfVersion(u64),
-    /// Replicate: write with exactly this version, only if it is greater
-    /// than the current version.
+    /// Copy from another node: write with exactly this version, only if it
+    /// is greater than the current version. Never from a client's request:
+    /// only `ringcache.v1.Internal`'s `CopyRequest` makes it.
     Replica(u64),
 }
 
@@ -164,34 +165,56 @@ impl RequestLimits {
     /// is where the request sits (`""` for `Set`, `"entries[3]."` for a
     /// `SetMany` entry).
     pub fn check_set(&self, prefix: &str, req: &SetRequest) -> Result<CheckedSet, ValidationError> {
-        self.check_key(|| format!("{prefix}key"), &req.key)?;
-        if req.value.len() > self.max_value_bytes {
-            return Err(ValidationError::ValueTooLarge {
-                field: format!("{prefix}value"),
-                len: req.value.len(),
-                max: self.max_value_bytes,
-            });
-        }
-        let ttl = match &req.ttl {
-            None => None,
-            Some(d) => Some(positive_duration(d).ok_or_else(|| ValidationError::BadTtl {
-                field: format!("{prefix}ttl"),
-                seconds: d.seconds,
-                nanos: d.nanos,
-            })?),
-        };
+        let ttl = self.check_entry(prefix, &req.key, &req.value, req.ttl.as_ref())?;
         let condition = match req.condition {
             None | Some(set_request::Condition::IfAbsent(false)) => WriteCondition::Always,
             Some(set_request::Condition::IfAbsent(true)) => WriteCondition::IfAbsent,
             Some(set_request::Condition::IfVersion(v)) => WriteCondition::IfVersion(v),
-            Some(set_request::Condition::ReplicaVersion(0)) => {
-                return Err(ValidationError::ZeroReplicaVersion {
-                    field: format!("{prefix}replica_version"),
-                });
-            }
-            Some(set_request::Condition::ReplicaVersion(v)) => WriteCondition::Replica(v),
         };
         Ok(CheckedSet { ttl, condition })
+    }
+
+    /// Checks a `CopyRequest` (a copy of an entry from another node) and
+    /// extracts its TTL and condition ([`WriteCondition::Replica`]).
+    pub fn check_copy(&self, req: &CopyRequest) -> Result<CheckedSet, ValidationError> {
+        let ttl = self.check_entry("", &req.key, &req.value, req.ttl.as_ref())?;
+        if req.version == 0 {
+            return Err(ValidationError::ZeroCopyVersion {
+                field: "version".to_owned(),
+            });
+        }
+        Ok(CheckedSet {
+            ttl,
+            condition: WriteCondition::Replica(req.version),
+        })
+    }
+
+    /// Checks the key, value and TTL of an entry to write; returns the TTL.
+    fn check_entry(
+        &self,
+        prefix: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<&prost_types::Duration>,
+    ) -> Result<Option<Duration>, ValidationError> {
+        self.check_key(|| format!("{prefix}key"), key)?;
+        if value.len() > self.max_value_bytes {
+            return Err(ValidationError::ValueTooLarge {
+                field: format!("{prefix}value"),
+                len: value.len(),
+                max: self.max_value_bytes,
+            });
+        }
+        match ttl {
+            None => Ok(None),
+            Some(d) => positive_duration(d)
+                .map(Some)
+                .ok_or_else(|| ValidationError::BadTtl {
+                    field: format!("{prefix}ttl"),
+                    seconds: d.seconds,
+                    nanos: d.nanos,
+                }),
+        }
     }
 
     /// Checks every entry of a `SetMany`.

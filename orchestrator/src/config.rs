@@ -4,11 +4,16 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use ringcache_common::config::{LimitArgs, LimitError, ProcessArgs};
+use ringcache_common::{
+    config::{LimitArgs, LimitError, ProcessArgs},
+    size::ByteSize,
+};
 
 use crate::{
+    client::{StackSettings, batch::BatchLimits, transport::TransportSettings},
     health::HealthPolicy,
     membership::{Source, parse_static, validate_host_port},
+    nodes::CallSettings,
 };
 
 /// ringcache orchestrator: routes ringcache.v1.Cache calls to the cache
@@ -64,6 +69,28 @@ pub struct Config {
     /// calls for that node's keys are answered RESOURCE_EXHAUSTED.
     #[arg(long, env = "RINGCACHE_MAX_NODE_IN_FLIGHT", default_value_t = 1024)]
     pub max_node_in_flight: usize,
+
+    /// HTTP/2 connections from this orchestrator to each node; calls take
+    /// them in turn.
+    #[arg(long, env = "RINGCACHE_NODE_CONNECTIONS", default_value_t = 2)]
+    pub node_connections: usize,
+
+    /// Calls to one node in flight at once before further requests for it
+    /// queue and go out together, as one batch, when a call returns. 0 for
+    /// no coalescing (every request is a call of its own).
+    #[arg(long, env = "RINGCACHE_NODE_PIPELINE", default_value_t = 2)]
+    pub node_pipeline: usize,
+
+    /// Most requests (keys) queued for one node while its calls are in
+    /// flight; beyond it, requests for that node are answered
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGCACHE_NODE_QUEUE", default_value_t = 4096)]
+    pub node_queue: usize,
+
+    /// Most request bytes queued for one node; beyond it, requests for that
+    /// node are answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGCACHE_NODE_QUEUE_BYTES", default_value = "32MiB")]
+    pub node_queue_bytes: ByteSize,
 
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -139,6 +166,38 @@ impl Config {
         }
     }
 
+    /// How nodes are called: connections, timeouts, limits, coalescing.
+    pub fn call_settings(&self) -> CallSettings {
+        let max_message = self.limits.max_message_bytes();
+        let max_ops = self.limits.max_batch.max(1);
+        CallSettings {
+            transport: TransportSettings {
+                connect_timeout: self.connect_timeout,
+                connections: self.node_connections,
+                max_message_bytes: max_message,
+                reconnect_backoff: Duration::from_millis(250),
+            },
+            stack: StackSettings {
+                node_timeout: self.node_timeout,
+                max_in_flight: self.max_node_in_flight,
+            },
+            batch: BatchLimits {
+                max_ops,
+                // Room for each op's tag and length prefix in the message.
+                max_bytes: max_message.saturating_sub(max_ops * 8 + 1024).max(1),
+                max_queue_ops: self.node_queue,
+                max_queue_bytes: usize::try_from(self.node_queue_bytes.bytes()).unwrap_or(usize::MAX),
+                // Pipelining off: every request waits for a call slot of
+                // its own, up to --max-node-in-flight (so it never queues).
+                max_in_flight: match self.node_pipeline {
+                    0 => self.max_node_in_flight,
+                    n => n,
+                },
+            },
+            health: self.health_policy(),
+        }
+    }
+
     /// When to eject nodes.
     pub fn health_policy(&self) -> HealthPolicy {
         HealthPolicy {
@@ -166,6 +225,8 @@ impl Config {
             ("--dns-interval", self.dns_interval.is_zero()),
             ("--eject-backoff", self.eject_backoff.is_zero()),
             ("--max-node-in-flight", self.max_node_in_flight == 0),
+            ("--node-connections", self.node_connections == 0),
+            ("--node-queue", self.node_queue == 0),
             ("--eject-after", self.eject_after == 0),
         ] {
             if zero {

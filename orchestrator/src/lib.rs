@@ -6,9 +6,12 @@
 //! - [`ring`]: rendezvous hashing — which nodes own a key, in preference
 //!   order. Pure, deterministic, heavily tested and benchmarked.
 //! - [`health`]: the ejection state machine (pure; times passed in).
-//! - [`nodes`]: the [`nodes::Cluster`] — one channel per node, the current
-//!   topology behind an `ArcSwap`, calls with timeouts, per-node in-flight
-//!   limits, metrics and passive health, and the active health checks.
+//! - [`client`]: how one node is called — a coalescer over a tower stack
+//!   (trace, metrics, passive health, shedding, timeout) over HTTP/2
+//!   connections, failing with a typed [`client::CallError`].
+//! - [`nodes`]: the [`nodes::Cluster`] — a client and a health record per
+//!   node, the current topology behind an `ArcSwap`, and the active health
+//!   checks.
 //! - [`membership`]: static `--nodes` or DNS discovery (`--nodes-dns`).
 //! - [`service`]: the router (`ringcache.v1.Cache`: reads with fallback,
 //!   writes with replication, batches split by node) and
@@ -20,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod deadline;
 pub mod health;

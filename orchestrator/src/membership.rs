@@ -129,8 +129,8 @@ pub async fn discover(
                 known.insert(addr, id);
             }
             // Not ready yet (a starting pod): try again next round.
-            Err(status) => {
-                tracing::debug!(%addr, message = status.message(), "cannot identify node yet")
+            Err(reason) => {
+                tracing::debug!(%addr, %reason, "cannot identify node yet")
             }
         }
     }
@@ -184,7 +184,7 @@ mod discovery_tests {
     use tokio::{net::TcpListener, sync::oneshot};
 
     use super::*;
-    use crate::{health::HealthPolicy, metrics::ClusterMetrics, nodes::CallSettings};
+    use crate::metrics::ClusterMetrics;
 
     /// A real cache node, in this process, on an ephemeral port.
     async fn node(id: &str) -> (SocketAddr, oneshot::Sender<()>) {
@@ -210,18 +210,16 @@ mod discovery_tests {
 
     fn cluster() -> Arc<Cluster> {
         let registry = prometheus::Registry::new();
+        let config = crate::config::Config::try_parse_from([
+            "orchestrator",
+            "--nodes-dns",
+            "unused:1",
+            "--max-node-in-flight",
+            "16",
+        ])
+        .unwrap();
         Arc::new(Cluster::new(
-            CallSettings {
-                connect_timeout: Duration::from_secs(1),
-                node_timeout: Duration::from_secs(1),
-                max_node_in_flight: 16,
-                max_message_bytes: 4 << 20,
-                health: HealthPolicy {
-                    eject_after: 3,
-                    base_backoff: Duration::from_secs(1),
-                    max_backoff: Duration::from_secs(4),
-                },
-            },
+            config.call_settings(),
             Arc::new(ClusterMetrics::new(&registry).unwrap()),
         ))
     }

@@ -2,37 +2,12 @@
 //! label is a ring identity, so its values are bounded by the membership;
 //! a node that leaves has its series removed.
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use ringcache_common::metrics::code_name;
-use tonic::Code;
 
-/// The methods the orchestrator calls on nodes.
-const METHODS: [&str; 5] = ["Get", "GetMany", "Set", "SetMany", "Delete"];
-
-/// Every gRPC status code.
-const CODES: [Code; 17] = [
-    Code::Ok,
-    Code::Cancelled,
-    Code::Unknown,
-    Code::InvalidArgument,
-    Code::DeadlineExceeded,
-    Code::NotFound,
-    Code::AlreadyExists,
-    Code::PermissionDenied,
-    Code::ResourceExhausted,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::OutOfRange,
-    Code::Unimplemented,
-    Code::Internal,
-    Code::Unavailable,
-    Code::DataLoss,
-    Code::Unauthenticated,
-];
+use crate::client::layers::{CODES, CallMetrics};
 
 /// Latency buckets for node calls, in seconds: 50 µs to 2.5 s.
 const BUCKETS: &[f64] = &[
@@ -40,11 +15,15 @@ const BUCKETS: &[f64] = &[
     1.0, 2.5,
 ];
 
+/// Buckets for ops per call: 1 (a lone request) to a full batch.
+const OPS_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 /// Per-node call metrics and cluster gauges.
 #[derive(Debug)]
 pub struct ClusterMetrics {
     calls: IntCounterVec,
     latency: HistogramVec,
+    ops: HistogramVec,
     routable: IntGaugeVec,
     /// Nodes on the ring.
     pub ring_nodes: IntGauge,
@@ -61,17 +40,25 @@ impl ClusterMetrics {
             calls: IntCounterVec::new(
                 Opts::new(
                     "ringcache_node_calls_total",
-                    "Calls from this orchestrator to cache nodes, by node, method and status code.",
+                    "Calls from this orchestrator to cache nodes (each carries one or more coalesced requests), by node and outcome.",
                 ),
-                &["node", "method", "code"],
+                &["node", "code"],
             )?,
             latency: HistogramVec::new(
                 HistogramOpts::new(
                     "ringcache_node_call_seconds",
-                    "Latency of calls to cache nodes, by node and method.",
+                    "Latency of calls to cache nodes, by node.",
                 )
                 .buckets(BUCKETS.to_vec()),
-                &["node", "method"],
+                &["node"],
+            )?,
+            ops: HistogramVec::new(
+                HistogramOpts::new(
+                    "ringcache_node_call_ops",
+                    "Operations carried per call to a cache node (above 1: requests coalesced), by node.",
+                )
+                .buckets(OPS_BUCKETS.to_vec()),
+                &["node"],
             )?,
             routable: IntGaugeVec::new(
                 Opts::new(
@@ -98,6 +85,7 @@ impl ClusterMetrics {
         };
         registry.register(Box::new(m.calls.clone()))?;
         registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.ops.clone()))?;
         registry.register(Box::new(m.routable.clone()))?;
         registry.register(Box::new(m.ring_nodes.clone()))?;
         registry.register(Box::new(m.replica_failures.clone()))?;
@@ -105,14 +93,13 @@ impl ClusterMetrics {
         Ok(m)
     }
 
-    /// Records one call to `node`.
-    pub fn observe(&self, node: &str, method: &str, code: Code, elapsed: Duration) {
-        self.calls
-            .with_label_values(&[node, method, code_name(code)])
-            .inc();
-        self.latency
-            .with_label_values(&[node, method])
-            .observe(elapsed.as_secs_f64());
+    /// The call metrics of `node`, resolved once for its call stack.
+    pub fn call_metrics(&self, node: &str) -> CallMetrics {
+        CallMetrics {
+            calls: Arc::new(CODES.map(|code| self.calls.with_label_values(&[node, code_name(code)]))),
+            latency: self.latency.with_label_values(&[node]),
+            ops: self.ops.with_label_values(&[node]),
+        }
     }
 
     /// Sets whether `node` gets calls.
@@ -124,13 +111,10 @@ impl ClusterMetrics {
 
     /// Removes every series of a node that left the membership.
     pub fn forget_node(&self, node: &str) {
-        for method in METHODS {
-            let _ = self.latency.remove_label_values(&[node, method]);
-            for code in CODES {
-                let _ = self
-                    .calls
-                    .remove_label_values(&[node, method, code_name(code)]);
-            }
+        let _ = self.latency.remove_label_values(&[node]);
+        let _ = self.ops.remove_label_values(&[node]);
+        for code in CODES {
+            let _ = self.calls.remove_label_values(&[node, code_name(code)]);
         }
         let _ = self.routable.remove_label_values(&[node]);
         let _ = self.replica_failures.remove_label_values(&[node]);

@@ -18,7 +18,7 @@ use crate::{
     config::Config,
     membership,
     metrics::ClusterMetrics,
-    nodes::{CallSettings, Cluster},
+    nodes::Cluster,
     service::Router,
 };
 
@@ -35,16 +35,7 @@ pub async fn run(
     let registry = registry()?;
     let metrics = Arc::new(ClusterMetrics::new(&registry)?);
     let max_message = config.limits.max_message_bytes();
-    let cluster = Arc::new(Cluster::new(
-        CallSettings {
-            connect_timeout: config.connect_timeout,
-            node_timeout: config.node_timeout,
-            max_node_in_flight: config.max_node_in_flight,
-            max_message_bytes: max_message,
-            health: config.health_policy(),
-        },
-        metrics,
-    ));
+    let cluster = Arc::new(Cluster::new(config.call_settings(), metrics));
 
     // A static list is in place before the first call is accepted; DNS
     // discovery runs its first round at once, then every --dns-interval.

@@ -34,19 +34,21 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
 
 use futures::future::join_all;
-use ringcache_common::validate::RequestLimits;
+use ringcache_common::{telemetry, validate::RequestLimits};
 use ringcache_proto::v1::{
-    DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
-    GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse,
-    NodeInfo, NodeState, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
-    cache_server::Cache, cluster_server::Cluster as ClusterApi, set_request,
+    CopyRequest, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest,
+    GetResponse, GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse,
+    SetRequest, SetResponse, SetResult, cache_server::Cache, cluster_server::Cluster as ClusterApi,
+    op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
+    client::CallError,
     deadline::deadline,
     health::State,
-    nodes::{Cluster, Node, Topology, is_node_failure},
+    nodes::{Cluster, Node, Topology},
     ring::Preference,
 };
 
@@ -125,13 +127,12 @@ fn group<'k>(
     groups
 }
 
-fn key_error(node: Option<&Node>, status: &Status) -> KeyError {
+/// A failed node call as the per-key error of each key it carried.
+fn call_error(node: &Node, error: &CallError) -> KeyError {
+    let status = error.to_status(&node.id);
     KeyError {
         code: status.code() as i32,
-        message: match node {
-            Some(n) => format!("node {}: {}", n.id, status.message()),
-            None => status.message().to_owned(),
-        },
+        message: status.message().to_owned(),
     }
 }
 
@@ -139,8 +140,72 @@ fn no_nodes() -> Status {
     Status::unavailable("no cache node is known (check --nodes or --nodes-dns)")
 }
 
+fn no_nodes_error() -> KeyError {
+    let status = no_nodes();
+    KeyError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
 fn status_of(error: KeyError) -> Status {
     Status::new(Code::from_i32(error.code), error.message)
+}
+
+/// The span of the request being served, if it is recorded (sampled):
+/// node calls made for it then get CLIENT spans under it.
+fn sampled_span() -> Option<tracing::Span> {
+    if !telemetry::tracing_enabled() {
+        return None;
+    }
+    let span = tracing::Span::current();
+    (!span.is_none()).then_some(span)
+}
+
+/// A node's answer to an op that was not of the kind asked for, or an
+/// error it gave for that op alone.
+fn op_error(node: &Node, result: Option<op_result::Result>, expected: &str) -> KeyError {
+    match result {
+        Some(op_result::Result::Error(e)) => KeyError {
+            code: e.code,
+            message: format!("node {}: {}", node.id, e.message),
+        },
+        other => KeyError {
+            code: Code::Internal as i32,
+            message: format!(
+                "node {} answered a {expected} with {}",
+                node.id,
+                match other {
+                    None => "nothing",
+                    Some(_) => "an answer of another kind",
+                }
+            ),
+        },
+    }
+}
+
+fn get_result(node: &Node, r: OpResult) -> GetResult {
+    match r.result {
+        Some(op_result::Result::Get(g)) => GetResult {
+            found: g.found,
+            value: g.value,
+            version: g.version,
+            ttl: g.ttl,
+            error: None,
+        },
+        other => GetResult::failed(op_error(node, other, "get")),
+    }
+}
+
+fn set_result(node: &Node, r: OpResult) -> SetResult {
+    match r.result {
+        Some(op_result::Result::Set(s) | op_result::Result::Copy(s)) => SetResult {
+            stored: s.stored,
+            version: s.version,
+            error: None,
+        },
+        other => SetResult::failed(op_error(node, other, "set")),
+    }
 }
 
 /// A batch result type that can carry a per-key error.
@@ -231,13 +296,13 @@ impl Router {
         topo: &Topology,
         count: usize,
         key: impl Fn(usize) -> &'k str + Copy,
-        retryable: fn(&Status) -> bool,
+        retryable: fn(&CallError) -> bool,
         send: F,
     ) -> Routed<R>
     where
         R: KeyResult,
         F: Fn(usize, Vec<usize>) -> Fut,
-        Fut: Future<Output = (usize, Vec<usize>, Result<Vec<R>, Status>)>,
+        Fut: Future<Output = (usize, Vec<usize>, Result<Vec<R>, CallError>)>,
     {
         let k = prefix_len(topo, self.replicas);
         let mut routed = Routing {
@@ -247,7 +312,7 @@ impl Router {
             failed: vec![false; topo.nodes.len()],
         };
         if topo.nodes.is_empty() {
-            let e = key_error(None, &no_nodes());
+            let e = no_nodes_error();
             return routed.finish_with(|_| e.clone());
         }
         let mut last_error: Vec<Option<KeyError>> = vec![None; count];
@@ -262,11 +327,11 @@ impl Router {
                     if answers.len() == items.len() {
                         Ok(answers)
                     } else {
-                        Err(Status::internal(format!(
+                        Err(CallError::Refused(Status::internal(format!(
                             "answered {} results for {} items",
                             answers.len(),
                             items.len()
-                        )))
+                        ))))
                     }
                 });
                 match result {
@@ -276,16 +341,16 @@ impl Router {
                             routed.served_by[item] = Some(n);
                         }
                     }
-                    Err(status) if retryable(&status) && attempt + 1 < attempts => {
+                    Err(error) if retryable(&error) && attempt + 1 < attempts => {
                         routed.failed[n] = true;
-                        let e = key_error(Some(node), &status);
+                        let e = call_error(node, &error);
                         for &item in &items {
                             last_error[item] = Some(e.clone());
                         }
                         pending.extend(items);
                     }
-                    Err(status) => {
-                        let e = key_error(Some(node), &status);
+                    Err(error) => {
+                        let e = call_error(node, &error);
                         for item in items {
                             routed.results[item] = Some(R::failed(e.clone()));
                         }
@@ -296,7 +361,7 @@ impl Router {
                 break;
             }
         }
-        let unanswered = key_error(None, &no_nodes());
+        let unanswered = no_nodes_error();
         routed.finish_with(|i| last_error[i].clone().unwrap_or_else(|| unanswered.clone()))
     }
 
@@ -304,105 +369,48 @@ impl Router {
     async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
         let topology = self.cluster.topology();
         let topo = &*topology;
+        let parent = sampled_span();
         let send = |n: usize, items: Vec<usize>| {
             let node = &topo.nodes[n];
-            let cluster = &self.cluster;
+            let ops = items
+                .iter()
+                .map(|&i| Op {
+                    op: Some(op::Op::Get(GetRequest {
+                        key: keys[i].clone(),
+                    })),
+                })
+                .collect();
+            let parent = parent.clone();
             async move {
-                let result = if let [item] = items[..] {
-                    let key = keys[item].clone();
-                    cluster
-                        .call(
-                            node,
-                            "Get",
-                            deadline,
-                            1,
-                            GetRequest { key },
-                            |mut c, r| async move { c.get(r).await },
-                        )
-                        .await
-                        .map(|g| {
-                            vec![GetResult {
-                                found: g.found,
-                                value: g.value,
-                                version: g.version,
-                                ttl: g.ttl,
-                                error: None,
-                            }]
-                        })
-                } else {
-                    let keys: Vec<String> = items.iter().map(|&i| keys[i].clone()).collect();
-                    let n = keys.len();
-                    cluster
-                        .call(
-                            node,
-                            "GetMany",
-                            deadline,
-                            n,
-                            GetManyRequest { keys },
-                            |mut c, r| async move { c.get_many(r).await },
-                        )
-                        .await
-                        .map(|r| r.results)
-                };
+                let result = node
+                    .client
+                    .call(ops, deadline, parent)
+                    .await
+                    .map(|results| results.into_iter().map(|r| get_result(node, r)).collect());
                 (n, items, result)
             }
         };
+        // Any failure that blames the node: the next owner may answer.
         self.route(
             topo,
             keys.len(),
             |i| keys[i].as_str(),
-            is_node_failure,
+            CallError::is_node_fault,
             send,
         )
         .await
         .results
     }
 
-    /// Sends `entries` (with their own conditions) to `node`, as one `Set`
-    /// or one `SetMany`.
+    /// Runs `ops` on `node` and answers them as writes.
     async fn send_writes(
-        &self,
         node: &Node,
-        entries: Vec<SetRequest>,
+        ops: Vec<Op>,
         deadline: Option<Instant>,
-    ) -> Result<Vec<SetResult>, Status> {
-        if entries.len() == 1 {
-            let entry = entries.into_iter().next().unwrap_or_default();
-            self.cluster
-                .call(node, "Set", deadline, 1, entry, |mut c, r| async move {
-                    c.set(r).await
-                })
-                .await
-                .map(|s| {
-                    vec![SetResult {
-                        stored: s.stored,
-                        version: s.version,
-                        error: None,
-                    }]
-                })
-        } else {
-            let n = entries.len();
-            let results = self
-                .cluster
-                .call(
-                    node,
-                    "SetMany",
-                    deadline,
-                    n,
-                    SetManyRequest { entries },
-                    |mut c, r| async move { c.set_many(r).await },
-                )
-                .await?
-                .results;
-            if results.len() == n {
-                Ok(results)
-            } else {
-                Err(Status::internal(format!(
-                    "answered {} results for {n} entries",
-                    results.len()
-                )))
-            }
-        }
+        parent: Option<tracing::Span>,
+    ) -> Result<Vec<SetResult>, CallError> {
+        let results = node.client.call(ops, deadline, parent).await?;
+        Ok(results.into_iter().map(|r| set_result(node, r)).collect())
     }
 
     /// Writes `entries`: each to its primary with its condition, then to
@@ -410,30 +418,35 @@ impl Router {
     async fn write(&self, entries: &[SetRequest], deadline: Option<Instant>) -> Vec<SetResult> {
         let topology = self.cluster.topology();
         let topo = &*topology;
+        let parent = sampled_span();
         // Phase 1: primaries. A batch of unconditional writes is retried on
-        // the next node after any node failure: writing the same value again
-        // is harmless whether or not the first node applied it. A batch with
-        // conditions is retried only after UNAVAILABLE (the node never saw
-        // it): after a timeout the condition may already have been consumed.
+        // the next node after any failure that blames the node: writing the
+        // same value again is harmless whether or not the first node
+        // applied it. A batch with conditions is retried only when the
+        // call provably never reached the node: otherwise the condition
+        // may already have been consumed there.
         let unconditional = entries.iter().all(|e| {
             matches!(
                 e.condition,
                 None | Some(set_request::Condition::IfAbsent(false))
             )
         });
-        let retryable: fn(&Status) -> bool = if unconditional {
-            is_node_failure
+        let retryable: fn(&CallError) -> bool = if unconditional {
+            CallError::is_node_fault
         } else {
-            |s| s.code() == Code::Unavailable
+            |e| e.is_node_fault() && !e.may_have_applied()
         };
         let send = |n: usize, items: Vec<usize>| {
-            let batch: Vec<SetRequest> = items.iter().map(|&i| entries[i].clone()).collect();
+            let ops = items
+                .iter()
+                .map(|&i| Op {
+                    op: Some(op::Op::Set(entries[i].clone())),
+                })
+                .collect();
+            let parent = parent.clone();
             async move {
-                (
-                    n,
-                    items,
-                    self.send_writes(&topo.nodes[n], batch, deadline).await,
-                )
+                let result = Self::send_writes(&topo.nodes[n], ops, deadline, parent).await;
+                (n, items, result)
             }
         };
         let routed = self
@@ -448,7 +461,7 @@ impl Router {
 
         // Phase 2: replicas, with the primary's version.
         if self.replicas > 1 {
-            let mut copies: BTreeMap<usize, Vec<SetRequest>> = BTreeMap::new();
+            let mut copies: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
             for (i, entry) in entries.iter().enumerate() {
                 let (
                     Some(p),
@@ -466,17 +479,26 @@ impl Router {
                     .filter(|&n| n != p)
                     .take(self.replicas - 1)
                 {
-                    let mut copy = entry.clone();
-                    copy.condition = Some(set_request::Condition::ReplicaVersion(*version));
-                    copies.entry(n).or_default().push(copy);
+                    copies.entry(n).or_default().push(Op {
+                        op: Some(op::Op::Copy(CopyRequest {
+                            key: entry.key.clone(),
+                            value: entry.value.clone(),
+                            ttl: entry.ttl,
+                            version: *version,
+                        })),
+                    });
                 }
             }
-            let calls = copies.into_iter().map(|(n, batch)| async move {
-                (n, self.send_writes(&topo.nodes[n], batch, deadline).await)
+            let calls = copies.into_iter().map(|(n, ops)| {
+                let parent = parent.clone();
+                async move {
+                    let node = &topo.nodes[n];
+                    (n, node.client.call(ops, deadline, parent).await)
+                }
             });
             for (n, result) in join_all(calls).await {
-                if let Err(status) = result {
-                    self.cluster.replica_failed(&topo.nodes[n], &status);
+                if let Err(error) = result {
+                    self.cluster.replica_failed(&topo.nodes[n], &error);
                 }
             }
         }
@@ -551,29 +573,33 @@ impl Cache for Router {
         if targets.is_empty() {
             return Err(no_nodes());
         }
+        let parent = sampled_span();
         let calls = targets.iter().map(|&n| {
-            let key = req.key.clone();
-            self.cluster.call(
-                &topo.nodes[n],
-                "Delete",
-                deadline,
-                1,
-                DeleteRequest { key },
-                |mut c, r| async move { c.delete(r).await },
-            )
+            let op = Op {
+                op: Some(op::Op::Delete(DeleteRequest {
+                    key: req.key.clone(),
+                })),
+            };
+            topo.nodes[n].client.call(vec![op], deadline, parent.clone())
         });
         let mut deleted = false;
         let mut first_error = None;
         let mut any_ok = false;
         for (&n, result) in targets.iter().zip(join_all(calls).await) {
-            match result {
-                Ok(r) => {
+            let node = &topo.nodes[n];
+            let answer = result
+                .map_err(|e| call_error(node, &e))
+                .and_then(|mut results| match results.pop().and_then(|r| r.result) {
+                    Some(op_result::Result::Delete(d)) => Ok(d.deleted),
+                    other => Err(op_error(node, other, "delete")),
+                });
+            match answer {
+                Ok(d) => {
                     any_ok = true;
-                    deleted |= r.deleted;
+                    deleted |= d;
                 }
-                Err(status) => {
-                    first_error
-                        .get_or_insert_with(|| status_of(key_error(Some(&topo.nodes[n]), &status)));
+                Err(error) => {
+                    first_error.get_or_insert_with(|| status_of(error));
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`v1`]: the messages and the tonic client and server stubs generated
-//!   from `proto/ringcache/v1/*.proto` (`Cache`, `Node`, `Cluster`).
+//!   from `proto/ringcache/v1/*.proto` (`Cache`, `Node`, `Cluster`,
+//!   `Internal`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, with the `.proto`
 //!   comments, for server reflection.
 //!
@@ -32,6 +33,8 @@ pub mod service_names {
     pub const NODE: &str = "ringcache.v1.Node";
     /// The orchestrator's cluster API.
     pub const CLUSTER: &str = "ringcache.v1.Cluster";
+    /// The node's API for orchestrators (batches of operations, copies).
+    pub const INTERNAL: &str = "ringcache.v1.Internal";
 }
 
 #[cfg(test)]
