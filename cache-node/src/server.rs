@@ -75,7 +75,11 @@ pub async fn run(
         )
         .add_service(NodeServer::new(NodeService::new(store, node_id.clone())))
         .add_service(health_service);
-    add_reflection(&mut routes, &[CACHE, NODE, INTERNAL], &[FILE_DESCRIPTOR_SET])?;
+    add_reflection(
+        &mut routes,
+        &[CACHE, NODE, INTERNAL],
+        &[FILE_DESCRIPTOR_SET],
+    )?;
 
     tracing::info!(
         node_id,

@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - [`config`]: the flags both binaries take (limits, logging, shutdown).
+//! - [`deadline`]: the client's `grpc-timeout`, and the server layer that
+//!   answers `DEADLINE_EXCEEDED` when it or `--request-timeout` runs out.
 //! - [`server`]: serving with the shared layers, readiness and graceful
 //!   shutdown; the runtime both binaries use.
 //! - [`logging`]: the log format flag.
@@ -21,6 +23,7 @@
 //!   before any work is done, with messages that name the limit.
 
 pub mod config;
+pub mod deadline;
 pub mod grpc;
 pub mod limits;
 pub mod logging;

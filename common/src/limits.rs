@@ -6,7 +6,8 @@
 //! wants instead: when `limit` requests are already running, the next one is
 //! answered at once with `RESOURCE_EXHAUSTED` and a message naming the limit,
 //! so overload costs the client a retry and the server nothing — no queue
-//! grows, no memory is held for waiting requests.
+//! grows, no memory is held for waiting requests. Health checks and
+//! reflection are never shed: probes must answer on a busy server.
 
 use std::{
     future::Future,
@@ -18,6 +19,8 @@ use std::{
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
+
+use crate::grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA};
 
 /// A layer that sheds requests beyond `limit` in flight at once.
 #[derive(Debug, Clone)]
@@ -44,6 +47,16 @@ impl InFlightLimitLayer {
     pub fn in_flight(&self, limit: usize) -> usize {
         limit.saturating_sub(self.semaphore.available_permits())
     }
+}
+
+/// Whether a call is a probe (`grpc.health.v1.Health`, server reflection),
+/// which bypasses the limit: cheap, and must answer under load.
+fn is_probe(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, _)| {
+            matches!(service, HEALTH_SERVICE | REFLECTION_V1 | REFLECTION_V1ALPHA)
+        })
 }
 
 impl<S> Layer<S> for InFlightLimitLayer {
@@ -80,6 +93,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if is_probe(req.uri().path()) {
+            // Never shed a probe: a kubelet that sees a busy server fail
+            // its health check restarts it, wiping its cache.
+            return InFlightFuture::Probe {
+                inner: self.inner.call(req),
+            };
+        }
         match self.semaphore.clone().try_acquire_owned() {
             Ok(permit) => InFlightFuture::Admitted {
                 inner: self.inner.call(req),
@@ -106,6 +126,11 @@ pin_project! {
             inner: F,
             _permit: OwnedSemaphorePermit,
         },
+        /// A health check or reflection call, which is never shed.
+        Probe {
+            #[pin]
+            inner: F,
+        },
         /// The call was shed.
         Shed {
             response: Option<http::Response<RB>>,
@@ -121,7 +146,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            InFlightProj::Admitted { inner, .. } => inner.poll(cx),
+            InFlightProj::Admitted { inner, .. } | InFlightProj::Probe { inner } => inner.poll(cx),
             InFlightProj::Shed { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
                 // Polled again after completion: a caller bug; never resolve.
@@ -173,5 +198,39 @@ mod tests {
         assert_eq!(second.await.unwrap().into_body(), "two");
         assert_eq!(third.await.unwrap().into_body(), "three");
         assert_eq!(layer.in_flight(2), 0);
+    }
+
+    #[tokio::test]
+    async fn health_checks_and_reflection_are_never_shed() {
+        let (svc, mut handle) = mock::pair::<http::Request<()>, http::Response<String>>();
+        let layer = InFlightLimitLayer::new(1, "--max-in-flight");
+        let mut svc = layer.layer(svc);
+        handle.allow(10);
+        let req = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+        let _busy = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req("/ringcache.v1.Cache/Get"));
+        let (_, _busy_reply) = handle.next_request().await.unwrap();
+        let shed = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req("/ringcache.v1.Cache/Get"))
+            .await
+            .unwrap();
+        assert!(tonic::Status::from_header_map(shed.headers()).is_some());
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            let probe = svc.ready().await.unwrap().call(req(path));
+            let (seen, send) = handle.next_request().await.unwrap();
+            assert_eq!(seen.uri().path(), path);
+            send.send_response(http::Response::new("serving".to_owned()));
+            assert_eq!(probe.await.unwrap().into_body(), "serving");
+        }
     }
 }

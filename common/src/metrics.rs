@@ -16,7 +16,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Instant,
 };
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
@@ -24,7 +23,7 @@ use pin_project_lite::pin_project;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 use tower::{Layer, Service};
 
 /// Latency buckets, in seconds: 50 µs to 5 s. Cache calls are fast, so the
@@ -175,17 +174,33 @@ where
         // A reference-counted handle on the request's path, not two label
         // strings: nothing is allocated per call.
         let path = req.uri().path_and_query().cloned();
+        let client_timeout = crate::deadline::client_timeout(req.headers());
         GrpcMetricsFuture {
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
             path,
             start: Instant::now(),
+            client_timeout,
+            done: false,
         }
     }
 }
 
+/// The status of a call whose response future was dropped before it
+/// completed: the client's deadline passed (tonic cuts such calls short
+/// outside every layer), or the client went away.
+pub fn unfinished_code(start: Instant, client_timeout: Option<std::time::Duration>) -> tonic::Code {
+    // tonic's timer starts a moment before ours: allow for that.
+    let slack = std::time::Duration::from_millis(1);
+    match client_timeout {
+        Some(t) if start.elapsed() + slack >= t => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Cancelled,
+    }
+}
+
 pin_project! {
-    /// The response future of [`GrpcMetricsService`].
+    /// The response future of [`GrpcMetricsService`]. Records the call
+    /// when it completes, or when it is dropped unfinished.
     #[derive(Debug)]
     pub struct GrpcMetricsFuture<F> {
         #[pin]
@@ -193,6 +208,22 @@ pin_project! {
         metrics: Arc<GrpcMetrics>,
         path: Option<http::uri::PathAndQuery>,
         start: Instant,
+        client_timeout: Option<std::time::Duration>,
+        done: bool,
+    }
+
+    impl<F> PinnedDrop for GrpcMetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done {
+                let code = unfinished_code(*this.start, *this.client_timeout);
+                let (service, method) = this
+                    .metrics
+                    .classify(this.path.as_ref().map_or("", http::uri::PathAndQuery::path));
+                this.metrics
+                    .record(service, method, code, this.start.elapsed().as_secs_f64());
+            }
+        }
     }
 }
 
@@ -205,6 +236,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
+        *this.done = true;
         let code = match &result {
             Ok(response) => response
                 .headers()
@@ -257,6 +289,8 @@ async fn render(State(registry): State<Registry>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use tower::ServiceExt;
 
@@ -309,6 +343,39 @@ mod tests {
             .handling
             .with_label_values(&["ringcache.v1.Cache", "Get", "OK"]);
         assert_eq!(hist.get_sample_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_dropped_unfinished_are_counted() {
+        let registry = Registry::new();
+        let metrics = GrpcMetrics::new(&registry, &["ringcache.v1.Cache"]).unwrap();
+        let never = tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
+        });
+        let svc = GrpcMetricsLayer::new(metrics.clone()).layer(never);
+        let req = |timeout: Option<&str>| {
+            let mut b = http::Request::builder().uri("/ringcache.v1.Cache/Get");
+            if let Some(t) = timeout {
+                b = b.header("grpc-timeout", t);
+            }
+            b.body(()).unwrap()
+        };
+        // The client resets the stream: cancelled.
+        drop(svc.clone().call(req(None)));
+        // Cut short at the client's deadline (as tonic does, outside our
+        // layers): deadline exceeded.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            svc.clone().oneshot(req(Some("50m"))),
+        )
+        .await;
+        let count = |code| {
+            metrics
+                .handled
+                .with_label_values(&["ringcache.v1.Cache", "Get", code])
+                .get()
+        };
+        assert_eq!((count("Canceled"), count("DeadlineExceeded")), (1, 1));
     }
 
     #[test]

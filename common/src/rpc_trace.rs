@@ -271,6 +271,7 @@ where
             (_, Err(propagate)) => (Span::none(), Some(propagate)),
             (None, Ok(_)) => (Span::none(), None),
         };
+        let client_timeout = crate::deadline::client_timeout(req.headers());
         let inner = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -279,6 +280,9 @@ where
             inner,
             span,
             propagate,
+            start: tokio::time::Instant::now(),
+            client_timeout,
+            done: false,
         }
     }
 }
@@ -296,6 +300,21 @@ pin_project! {
         // request's context comes from its span instead: attaching another
         // here would hide it.)
         propagate: Option<OtelContext>,
+        start: tokio::time::Instant,
+        client_timeout: Option<std::time::Duration>,
+        done: bool,
+    }
+
+    impl<F> PinnedDrop for ServerTraceFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done && !this.span.is_none() {
+                // Cut short: by the client's deadline (tonic enforces it
+                // outside every layer) or by the client going away.
+                let code = crate::metrics::unfinished_code(*this.start, *this.client_timeout);
+                record_status(this.span, code, Some("the call did not finish"), server_error(code));
+            }
+        }
     }
 }
 
@@ -310,6 +329,7 @@ where
         let _entered = this.span.enter();
         let _attached = this.propagate.as_ref().map(|c| c.clone().attach());
         let result = std::task::ready!(this.inner.poll(cx));
+        *this.done = true;
         if !this.span.is_none() {
             match &result {
                 Ok(response) => match tonic::Status::from_header_map(response.headers()) {

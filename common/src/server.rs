@@ -11,6 +11,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
 use crate::{
+    deadline::DeadlineLayer,
     grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA},
     limits::InFlightLimitLayer,
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
@@ -70,11 +71,20 @@ pub fn registry() -> anyhow::Result<Registry> {
 /// Serves `routes` on `grpc_listener` and `registry` on `metrics_listener`
 /// until `shutdown` completes, then drains.
 ///
-/// Layers, outermost first: RPC metrics (so they see every call, including
-/// the ones shed), the SERVER span (when spans are exported; so a shed call
-/// shows in its trace), the in-flight limit (before any work is done), then
-/// tonic's timeout (the shorter of the client's `grpc-timeout` and
-/// `request_timeout`).
+/// Layers, outermost first:
+///
+/// 1. RPC metrics — so they see every call: shed ones, timed-out ones, and
+///    ones whose client went away (counted as `Canceled`).
+/// 2. the SERVER span (when spans are exported) — so a shed or timed-out
+///    call shows in its trace with its status.
+/// 3. the in-flight limit — before any work is done; health checks and
+///    reflection bypass it, so a busy server still answers its probes.
+/// 4. the deadline — the shorter of the client's `grpc-timeout` and
+///    `request_timeout`, answered `DEADLINE_EXCEEDED`. Inside the limit, so
+///    a call that runs out of time gives its permit back at once.
+///
+/// tonic's own `Server::timeout` is not used: it wraps every layer, so the
+/// calls it cuts short would never reach the metrics or the span.
 ///
 /// Readiness: the named `services` are NOT_SERVING until the server is
 /// about to accept calls, and turn NOT_SERVING again as soon as `shutdown`
@@ -121,7 +131,8 @@ pub async fn serve(
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(grpc_metrics))
         .option_layer(tracing)
-        .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"));
+        .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"))
+        .layer(DeadlineLayer::new(request_timeout));
 
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
@@ -131,7 +142,6 @@ pub async fn serve(
 
     let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .timeout(request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(layers)

@@ -186,7 +186,8 @@ impl Config {
                 // Room for each op's tag and length prefix in the message.
                 max_bytes: max_message.saturating_sub(max_ops * 8 + 1024).max(1),
                 max_queue_ops: self.node_queue,
-                max_queue_bytes: usize::try_from(self.node_queue_bytes.bytes()).unwrap_or(usize::MAX),
+                max_queue_bytes: usize::try_from(self.node_queue_bytes.bytes())
+                    .unwrap_or(usize::MAX),
                 // Pipelining off: every request waits for a call slot of
                 // its own, up to --max-node-in-flight (so it never queues).
                 max_in_flight: match self.node_pipeline {

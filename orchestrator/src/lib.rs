@@ -16,7 +16,6 @@
 //! - [`service`]: the router (`ringcache.v1.Cache`: reads with fallback,
 //!   writes with replication, batches split by node) and
 //!   `ringcache.v1.Cluster`.
-//! - [`deadline`]: the client's `grpc-timeout`, carried to node calls.
 //! - [`metrics`]: per-node call metrics and cluster gauges.
 //! - [`config`], [`server`]: flags and wiring; `main.rs` is a table of
 //!   contents.
@@ -25,7 +24,6 @@
 
 pub mod client;
 pub mod config;
-pub mod deadline;
 pub mod health;
 pub mod membership;
 pub mod metrics;

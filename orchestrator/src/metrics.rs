@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use ringcache_common::metrics::code_name;
 
 use crate::client::layers::{CODES, CallMetrics};
@@ -96,7 +98,9 @@ impl ClusterMetrics {
     /// The call metrics of `node`, resolved once for its call stack.
     pub fn call_metrics(&self, node: &str) -> CallMetrics {
         CallMetrics {
-            calls: Arc::new(CODES.map(|code| self.calls.with_label_values(&[node, code_name(code)]))),
+            calls: Arc::new(
+                CODES.map(|code| self.calls.with_label_values(&[node, code_name(code)])),
+            ),
             latency: self.latency.with_label_values(&[node]),
             ops: self.ops.with_label_values(&[node]),
         }

@@ -14,13 +14,7 @@ use ringcache_proto::{
 use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
-use crate::{
-    config::Config,
-    membership,
-    metrics::ClusterMetrics,
-    nodes::Cluster,
-    service::Router,
-};
+use crate::{config::Config, membership, metrics::ClusterMetrics, nodes::Cluster, service::Router};
 
 /// Runs an orchestrator on the given listeners until `shutdown` completes,
 /// then drains as the cache node does.

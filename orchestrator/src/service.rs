@@ -34,19 +34,18 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
 
 use futures::future::join_all;
-use ringcache_common::{telemetry, validate::RequestLimits};
+use ringcache_common::{deadline::deadline, telemetry, validate::RequestLimits};
 use ringcache_proto::v1::{
     CopyRequest, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest,
     GetResponse, GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse,
-    SetRequest, SetResponse, SetResult, cache_server::Cache, cluster_server::Cluster as ClusterApi,
-    op, op_result, set_request,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse, SetRequest,
+    SetResponse, SetResult, cache_server::Cache, cluster_server::Cluster as ClusterApi, op,
+    op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
     client::CallError,
-    deadline::deadline,
     health::State,
     nodes::{Cluster, Node, Topology},
     ring::Preference,
@@ -580,7 +579,9 @@ impl Cache for Router {
                     key: req.key.clone(),
                 })),
             };
-            topo.nodes[n].client.call(vec![op], deadline, parent.clone())
+            topo.nodes[n]
+                .client
+                .call(vec![op], deadline, parent.clone())
         });
         let mut deleted = false;
         let mut first_error = None;

@@ -175,7 +175,7 @@ impl Coalescer {
             stack,
             limits,
             state: Mutex::new(State::default()),
-            hasher: foldhash::fast::FixedState::with_seed(0x6261_7463_68),
+            hasher: foldhash::fast::FixedState::with_seed(0x0062_6174_6368),
         })
     }
 
@@ -192,9 +192,11 @@ impl Coalescer {
             return Ok(Vec::new());
         }
         let get_hash = match ops.as_slice() {
-            [Op {
-                op: Some(op::Op::Get(g)),
-            }] => Some(self.hasher.hash_one(&g.key)),
+            [
+                Op {
+                    op: Some(op::Op::Get(g)),
+                },
+            ] => Some(self.hasher.hash_one(&g.key)),
             _ => None,
         };
         // Ok: queued, wait for the answer; Err: send now.

@@ -118,7 +118,11 @@ mod tests {
                 false,
             ),
             (CallError::Refused(Status::internal("bug")), true, true),
-            (CallError::Refused(Status::unavailable("draining")), true, false),
+            (
+                CallError::Refused(Status::unavailable("draining")),
+                true,
+                false,
+            ),
         ];
         for (error, fault, applied) in cases {
             assert_eq!(error.is_node_fault(), fault, "{error:?} fault");

@@ -222,7 +222,12 @@ impl Transport {
         if let Some(cx) = &call.trace {
             ringcache_common::rpc_trace::inject_context(cx, &mut request);
         }
-        let results = client.apply(request).await.map_err(classify)?.into_inner().results;
+        let results = client
+            .apply(request)
+            .await
+            .map_err(classify)?
+            .into_inner()
+            .results;
         if results.is_empty() && count > 0 || results.len() > count {
             return Err(CallError::Refused(tonic::Status::internal(format!(
                 "answered {} results for {count} ops",

@@ -263,7 +263,10 @@ async fn answers_that_did_not_fit_are_asked_for_again() {
     assert_eq!(call.ops.iter().map(key_of).collect::<Vec<_>>(), ["c"]);
     reply.send_response(answer(&call.ops));
     let got = alone.await.unwrap().unwrap();
-    assert_eq!(got.iter().map(value).collect::<Vec<_>>(), [b"a", b"b", b"c"]);
+    assert_eq!(
+        got.iter().map(value).collect::<Vec<_>>(),
+        [b"a", b"b", b"c"]
+    );
 
     // In a batch: the node stops inside the second caller's ops; the rest
     // of them, and the third caller's, go out next.

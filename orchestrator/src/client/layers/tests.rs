@@ -130,7 +130,9 @@ async fn health_counts_only_failures_that_blame_the_node() {
         Err(CallError::NotSent("connection refused".into())),
         Err(CallError::CallerDeadline),
         Err(CallError::Shed("full".into())),
-        Err(CallError::Refused(tonic::Status::invalid_argument("bad key"))),
+        Err(CallError::Refused(tonic::Status::invalid_argument(
+            "bad key",
+        ))),
         Err(CallError::Refused(tonic::Status::internal("broken"))),
     ];
     for outcome in outcomes {
@@ -142,7 +144,11 @@ async fn health_counts_only_failures_that_blame_the_node() {
         }
         let _ = call.await.unwrap();
     }
-    assert_eq!(counts.failed.load(Ordering::Relaxed), 3, "timeout, not sent, internal");
+    assert_eq!(
+        counts.failed.load(Ordering::Relaxed),
+        3,
+        "timeout, not sent, internal"
+    );
     assert_eq!(counts.ok.load(Ordering::Relaxed), 4);
 }
 
@@ -196,7 +202,10 @@ async fn trace_passes_calls_without_a_sampled_parent_through_untouched() {
     call.parent = Some(tracing::Span::none());
     let call = tokio::spawn(service.oneshot(call));
     let (seen, reply) = handle.next_request().await.unwrap();
-    assert!(seen.trace.is_none(), "no context is sent for an unsampled call");
+    assert!(
+        seen.trace.is_none(),
+        "no context is sent for an unsampled call"
+    );
     reply.send_response(answer());
     call.await.unwrap().unwrap();
 }
