@@ -292,11 +292,53 @@ impl Internal for InternalService {
         }
         let span = Span::current();
         if !span.is_none() {
+            // What explains the batch's latency; never a key or a value.
             span.record("ringcache.keys", results.len() as i64);
             span.record("ringcache.hits", hits);
+            span.record("ringcache.value_bytes", value_bytes(&req.ops, &results));
+            if let ([op], [result]) = (req.ops.as_slice(), results.as_slice()) {
+                // One op: the fields a single-key call has.
+                if let Some(key) = op_key(op) {
+                    span.record("ringcache.shard", self.cache.store.shard_of(key) as i64);
+                }
+                if let Some(op_result::Result::Get(g)) = &result.result {
+                    span.record("ringcache.hit", g.found);
+                }
+            }
         }
         Ok(Response::new(ApplyResponse { results }))
     }
+}
+
+/// The key an op names.
+fn op_key(op: &Op) -> Option<&str> {
+    match op.op.as_ref()? {
+        op::Op::Get(r) => Some(&r.key),
+        op::Op::Set(r) => Some(&r.key),
+        op::Op::Delete(r) => Some(&r.key),
+        op::Op::Copy(r) => Some(&r.key),
+    }
+}
+
+/// Value bytes a batch moved: written by its sets and copies, read by its
+/// gets.
+fn value_bytes(ops: &[Op], results: &[OpResult]) -> i64 {
+    let written: usize = ops
+        .iter()
+        .map(|op| match &op.op {
+            Some(op::Op::Set(r)) => r.value.len(),
+            Some(op::Op::Copy(r)) => r.value.len(),
+            _ => 0,
+        })
+        .sum();
+    let read: usize = results
+        .iter()
+        .map(|r| match &r.result {
+            Some(op_result::Result::Get(g)) => g.value.len(),
+            _ => 0,
+        })
+        .sum();
+    i64::try_from(written + read).unwrap_or(i64::MAX)
 }
 
 /// A node error as the per-op error of a batch.
@@ -361,6 +403,8 @@ impl Node for NodeService {
 
 #[cfg(test)]
 mod tests {
+    use ringcache_proto::v1::CopyRequest;
+
     use super::*;
     use crate::store::StoreConfig;
 
@@ -491,6 +535,139 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(
             status.message().contains("after 2 of 3 keys"),
+            "{}",
+            status.message()
+        );
+    }
+
+    fn op(op: op::Op) -> Op {
+        Op { op: Some(op) }
+    }
+
+    async fn apply(svc: &InternalService, ops: Vec<Op>) -> Vec<op_result::Result> {
+        svc.apply(Request::new(ApplyRequest { ops }))
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|r| r.result.unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn apply_runs_mixed_ops_in_order_and_fails_only_the_bad_one() {
+        let internal = InternalService::new(service());
+        let results = apply(
+            &internal,
+            vec![
+                op(op::Op::Set(set_req("a", b"1"))),
+                op(op::Op::Get(GetRequest { key: "a".into() })),
+                op(op::Op::Get(GetRequest { key: String::new() })),
+                op(op::Op::Delete(DeleteRequest { key: "a".into() })),
+                op(op::Op::Get(GetRequest { key: "a".into() })),
+                Op { op: None },
+            ],
+        )
+        .await;
+        assert_eq!(results.len(), 6);
+        let version = match &results[0] {
+            op_result::Result::Set(s) => {
+                assert!(s.stored);
+                s.version
+            }
+            other => panic!("{other:?}"),
+        };
+        match &results[1] {
+            op_result::Result::Get(g) => {
+                assert!(g.found);
+                assert_eq!((&g.value[..], g.version), (&b"1"[..], version));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &results[2] {
+            op_result::Result::Error(e) => {
+                assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+                assert!(e.message.contains("key must not be empty"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&results[3], op_result::Result::Delete(d) if d.deleted));
+        assert!(matches!(&results[4], op_result::Result::Get(g) if !g.found));
+        assert!(
+            matches!(&results[5], op_result::Result::Error(e) if e.code == tonic::Code::InvalidArgument as i32)
+        );
+    }
+
+    #[tokio::test]
+    async fn copies_keep_their_version_and_never_go_back() {
+        let internal = InternalService::new(service());
+        let copy = |version: u64, value: &[u8]| {
+            op(op::Op::Copy(CopyRequest {
+                key: "k".into(),
+                value: value.to_vec().into(),
+                ttl: None,
+                version,
+            }))
+        };
+        let results = apply(
+            &internal,
+            vec![
+                copy(100, b"new"),
+                copy(50, b"old"),
+                copy(0, b"zero"),
+                op(op::Op::Get(GetRequest { key: "k".into() })),
+                op(op::Op::Set(set_req("k", b"local"))),
+            ],
+        )
+        .await;
+        assert!(matches!(&results[0], op_result::Result::Copy(s) if s.stored && s.version == 100));
+        assert!(
+            matches!(&results[1], op_result::Result::Copy(s) if !s.stored && s.version == 100),
+            "an older copy is refused: {:?}",
+            results[1]
+        );
+        assert!(
+            matches!(&results[2], op_result::Result::Error(e) if e.message.contains("version must be positive"))
+        );
+        assert!(matches!(&results[3], op_result::Result::Get(g) if &g.value[..] == b"new"));
+        assert!(
+            matches!(&results[4], op_result::Result::Set(s) if s.version > 100),
+            "a later write gets a larger version: {:?}",
+            results[4]
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_stops_where_the_answers_would_outgrow_a_message() {
+        let store = Arc::new(
+            Store::new(StoreConfig {
+                capacity: 64 << 20,
+                shards: 4,
+            })
+            .unwrap(),
+        );
+        let cache = CacheService::new(store, RequestLimits::default(), 1 << 20);
+        let internal = InternalService::new(cache.clone());
+        let value = vec![1u8; 400 * 1024];
+        for k in ["a", "b", "c"] {
+            cache.set(Request::new(set_req(k, &value))).await.unwrap();
+        }
+        let get = |k: &str| op(op::Op::Get(GetRequest { key: k.into() }));
+        let results = apply(&internal, vec![get("a"), get("b"), get("c")]).await;
+        assert_eq!(results.len(), 2, "the third answer does not fit");
+        // The rest, sent again, is answered.
+        let results = apply(&internal, vec![get("c")]).await;
+        assert!(matches!(&results[0], op_result::Result::Get(g) if g.found));
+        let status = internal
+            .apply(Request::new(ApplyRequest {
+                ops: (0..1001).map(|_| get("a")).collect(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("--max-batch"),
             "{}",
             status.message()
         );

@@ -64,6 +64,25 @@ pub fn inject<T>(span: &Span, request: &mut tonic::Request<T>) {
     });
 }
 
+/// Writes W3C trace context into HTTP headers.
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Puts `cx`'s trace context into `headers`.
+pub fn inject_headers(cx: &OtelContext, headers: &mut http::HeaderMap) {
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut HeaderInjector(headers)));
+}
+
 /// Puts `cx`'s trace context into `request`'s metadata.
 pub fn inject_context<T>(cx: &OtelContext, request: &mut tonic::Request<T>) {
     global::get_text_map_propagator(|p| {

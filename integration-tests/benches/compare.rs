@@ -21,6 +21,11 @@
 //! nutcracker + redis) over the operations: the figure that does not depend
 //! on how heavy the load generator is. Results are also written as JSON to
 //! `bench-results/`.
+//!
+//! `--baseline DIR` also routes the same load through the `orchestrator`
+//! binary in `DIR` (say, a build of the previous commit), in front of the
+//! same nodes, so a change to the orchestrator is measured side by side
+//! with what it replaces.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -42,6 +47,7 @@ use tonic::transport::Channel;
 
 struct Options {
     full: bool,
+    baseline: Option<String>,
     seconds: u64,
     concurrency: usize,
     keys: usize,
@@ -55,6 +61,7 @@ fn options() -> Options {
     let value = |name: &str| args.value::<usize>(name);
     Options {
         full,
+        baseline: args.value::<String>("--baseline"),
         seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(50),
         keys: value("--keys").unwrap_or(if full { 100_000 } else { 2_000 }),
@@ -92,6 +99,7 @@ fn self_cpu() -> f64 {
 /// many keys one call carries (GetMany).
 async fn ringcache_case<F, Fut>(
     o: &Options,
+    concurrency: usize,
     case: &str,
     peer: Option<&str>,
     servers: &[u32],
@@ -104,13 +112,8 @@ where
 {
     let max_calls = if o.full { u64::MAX } else { 2_000 };
     let (server_before, client_before) = (cpu_of(servers), self_cpu());
-    let r: LoadResult = closed_loop(
-        o.concurrency,
-        Duration::from_secs(o.seconds),
-        max_calls,
-        call,
-    )
-    .await;
+    let r: LoadResult =
+        closed_loop(concurrency, Duration::from_secs(o.seconds), max_calls, call).await;
     let server = cpu_of(servers) - server_before;
     let client = self_cpu() - client_before;
     assert_eq!(r.errors, 0, "{case}: {} calls failed", r.errors);
@@ -204,9 +207,12 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         }
     };
     let node_pid = [direct.process.pid()];
-    vec![
+    let node_pids: Vec<u32> = servers[1..].to_vec();
+    let c = o.concurrency;
+    let mut rows = vec![
         ringcache_case(
             o,
+            c,
             "ringcache Get (orchestrator)",
             Some("twemproxy GET"),
             &servers,
@@ -216,6 +222,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         .await,
         ringcache_case(
             o,
+            c,
             "ringcache Set (orchestrator)",
             Some("twemproxy SET"),
             &servers,
@@ -225,6 +232,17 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         .await,
         ringcache_case(
             o,
+            1,
+            "ringcache Get (orchestrator, 1 in flight)",
+            Some("twemproxy GET, 1 in flight"),
+            &servers,
+            1,
+            get(orch_clients.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
             "ringcache Get (one node, direct)",
             Some("twemproxy GET"),
             &node_pid,
@@ -234,15 +252,17 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         .await,
         ringcache_case(
             o,
+            c,
             "ringcache Set (one node, direct)",
             Some("twemproxy SET"),
             &node_pid,
             1,
-            set(node_clients, value),
+            set(node_clients, value.clone()),
         )
         .await,
         ringcache_case(
             o,
+            c,
             "ringcache GetMany 100 (keys/s)",
             Some("twemproxy MGET 100 (keys/s)"),
             &servers,
@@ -250,7 +270,58 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             get_many(orch_clients),
         )
         .await,
-    ]
+    ];
+    if let Some(dir) = &o.baseline {
+        // The baseline orchestrator, in front of the same nodes.
+        let binary = std::path::Path::new(dir).join("orchestrator");
+        let nodes = cluster.node_addrs.join(",");
+        let process = integration_tests::Process::start(&binary, &["--nodes", &nodes], &[]);
+        let url = process.grpc_url();
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(CacheClient::connect(url.clone()).await.unwrap());
+        }
+        let pids: Vec<u32> = std::iter::once(process.pid())
+            .chain(node_pids.iter().copied())
+            .collect();
+        rows.push(
+            ringcache_case(
+                o,
+                c,
+                "baseline Get (orchestrator)",
+                Some("twemproxy GET"),
+                &pids,
+                1,
+                get(clients.clone()),
+            )
+            .await,
+        );
+        rows.push(
+            ringcache_case(
+                o,
+                c,
+                "baseline Set (orchestrator)",
+                Some("twemproxy SET"),
+                &pids,
+                1,
+                set(clients.clone(), value),
+            )
+            .await,
+        );
+        rows.push(
+            ringcache_case(
+                o,
+                1,
+                "baseline Get (orchestrator, 1 in flight)",
+                Some("twemproxy GET, 1 in flight"),
+                &pids,
+                1,
+                get(clients),
+            )
+            .await,
+        );
+    }
+    rows
 }
 
 /// A child process killed when dropped.
@@ -402,9 +473,10 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
         "-t".into(),
         "set".into(),
     ]);
-    for (case, test, rate) in [
-        ("twemproxy SET", "set", 60_000.0),
-        ("twemproxy GET", "get", 60_000.0),
+    for (case, test, rate, clients) in [
+        ("twemproxy SET", "set", 60_000.0, o.concurrency),
+        ("twemproxy GET", "get", 60_000.0, o.concurrency),
+        ("twemproxy GET, 1 in flight", "get", 8_000.0, 1),
     ] {
         let before = cpu_of(&pids);
         let n = requests(rate);
@@ -413,6 +485,9 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
             n.to_string(),
             "-t".into(),
             test.into(),
+            // A later -c wins over the default set above.
+            "-c".into(),
+            clients.to_string(),
         ]));
         let cpu = cpu_of(&pids) - before;
         rows.push(Row {

@@ -72,13 +72,13 @@ pub struct Config {
 
     /// HTTP/2 connections from this orchestrator to each node; calls take
     /// them in turn.
-    #[arg(long, env = "RINGCACHE_NODE_CONNECTIONS", default_value_t = 2)]
+    #[arg(long, env = "RINGCACHE_NODE_CONNECTIONS", default_value_t = 1)]
     pub node_connections: usize,
 
     /// Calls to one node in flight at once before further requests for it
     /// queue and go out together, as one batch, when a call returns. 0 for
     /// no coalescing (every request is a call of its own).
-    #[arg(long, env = "RINGCACHE_NODE_PIPELINE", default_value_t = 2)]
+    #[arg(long, env = "RINGCACHE_NODE_PIPELINE", default_value_t = 1)]
     pub node_pipeline: usize,
 
     /// Most requests (keys) queued for one node while its calls are in

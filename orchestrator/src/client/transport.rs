@@ -2,35 +2,51 @@
 //!
 //! A [`Transport`] holds `--node-connections` HTTP/2 connections to its
 //! node, opened on first use and again after they break, and spreads calls
-//! over them in turn. It speaks to hyper's HTTP/2 client directly, not
-//! through tonic's `Channel`: a `Channel` hands every request to a buffer
-//! task first (one more task wake-up per call), and hides whether a failed
-//! request ever reached the connection. Here that is known exactly — hyper
-//! gives back a request it could not send, and a node that refuses a stream
-//! says so (`REFUSED_STREAM`) — so failures are classified into
-//! [`CallError::NotSent`] or [`CallError::Lost`] where they happen.
+//! over them in turn. It makes unary gRPC calls on the `h2` crate directly
+//! — the HTTP/2 implementation under hyper and tonic — because the layers
+//! above it cost more than the call they wrap here, where every client
+//! request pays them (measured in `BENCHMARKS.md`):
+//!
+//! - tonic's `Channel` hands every request to a buffer task (one more task
+//!   wake-up per call), and hyper's HTTP/2 client hands it to the
+//!   connection's task through a channel and spawns a task per request for
+//!   the response (and one more to stream the request body). With `h2`, the
+//!   caller's own task writes the request into the connection's buffers and
+//!   reads the answer; the connection task only moves bytes.
+//! - Failures are classified where they happen: a request that never
+//!   reached the connection, or that the node refused before reading it
+//!   (`REFUSED_STREAM`), is [`CallError::NotSent`]; any other break after
+//!   sending is [`CallError::Lost`] (it may have been applied).
+//!
+//! The gRPC part of a unary call is small and fixed: `content-type:
+//! application/grpc`, a 5-byte frame header in front of the protobuf
+//! message, and the status in `grpc-status`/`grpc-message` trailers (or in
+//! the headers of a trailers-only answer), which `tonic::Status` parses.
+//!
+//! A connection that times out or breaks is dropped, so the next call
+//! opens a new one; idle connections are pinged (`PING` every 30 s, closed
+//! if no answer in 10 s), so a peer that vanished without closing is
+//! noticed even without traffic.
 
 use std::{
     future::Future,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use http::Uri;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use h2::client::SendRequest;
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
-use ringcache_proto::v1::{
-    ApplyRequest, StatsRequest, internal_client::InternalClient, node_client::NodeClient,
-};
-use tonic::{Code, body::Body};
+use prost::Message;
+use ringcache_proto::v1::{ApplyRequest, ApplyResponse, StatsRequest, StatsResponse};
 use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
 };
 use tower::Service;
 
@@ -51,29 +67,26 @@ pub struct TransportSettings {
 }
 
 /// The HTTP/2 flow-control window per stream: large enough that a batch's
-/// answer (up to `--max-message-bytes`) is not throttled by
-/// WINDOW_UPDATE round trips at HTTP/2's 64 KiB default.
+/// answer is not throttled by WINDOW_UPDATE round trips at HTTP/2's 64 KiB
+/// default.
 const STREAM_WINDOW: u32 = 1 << 20;
 /// The window of a whole connection: several large answers at once.
 const CONNECTION_WINDOW: u32 = 4 << 20;
+/// How often an idle connection is pinged, and how long the answer may
+/// take.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 
-/// Why the transport failed a request: carried inside the `Status` tonic
-/// makes of it, and read back by [`classify`].
-#[derive(Debug, thiserror::Error)]
-enum TransportError {
-    /// The request was not handed to a connection.
-    #[error("{0}")]
-    NotSent(String),
-    /// The connection failed after the request was handed to it.
-    #[error("{0}")]
-    Lost(#[source] hyper::Error),
-}
+const APPLY: &str = "/ringcache.v1.Internal/Apply";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const STATS: &str = "/ringcache.v1.Node/Stats";
 
 /// One connection slot.
 #[derive(Debug, Default)]
 struct Slot {
-    /// The open connection, if any.
-    sender: Mutex<Option<SendRequest<Body>>>,
+    /// The open connection, if any, with the number it was opened under.
+    sender: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Connections opened in this slot so far.
+    opened: AtomicU64,
     /// Held while connecting, so concurrent calls wait for one attempt
     /// instead of each opening a connection.
     connecting: tokio::sync::Mutex<()>,
@@ -84,7 +97,7 @@ struct Slot {
 #[derive(Debug)]
 struct Pool {
     address: String,
-    origin: Uri,
+    authority: http::uri::Authority,
     settings: TransportSettings,
     slots: Box<[Slot]>,
     next: AtomicUsize,
@@ -96,23 +109,26 @@ pub struct Transport {
     pool: Arc<Pool>,
 }
 
+/// How far a failed call got, before it is turned into a [`CallError`].
+enum Failure {
+    NotSent(String),
+    Lost(String),
+    Status(tonic::Status),
+}
+
 impl Transport {
     /// Connections to `address` (`host:port`; a host name is resolved again
     /// at every connection attempt). Nothing is opened until the first
     /// call.
     pub fn new(address: &str, settings: TransportSettings) -> Result<Self, http::Error> {
-        let origin = Uri::builder()
-            .scheme("http")
-            .authority(address)
-            .path_and_query("/")
-            .build()?;
+        let authority = http::uri::Authority::try_from(address)?;
         let slots = (0..settings.connections.max(1))
             .map(|_| Slot::default())
             .collect();
         Ok(Self {
             pool: Arc::new(Pool {
                 address: address.to_owned(),
-                origin,
+                authority,
                 settings,
                 slots,
                 next: AtomicUsize::new(0),
@@ -120,32 +136,34 @@ impl Transport {
         })
     }
 
-    /// A connection to send on: the next slot's, opened if needed.
-    async fn sender(&self) -> Result<SendRequest<Body>, CallError> {
+    /// The next slot, and a connection to send on (with its number),
+    /// opened if needed.
+    async fn sender(&self) -> Result<(&Slot, u64, SendRequest<Bytes>), CallError> {
         let pool = &*self.pool;
         let slot = &pool.slots[pool.next.fetch_add(1, Ordering::Relaxed) % pool.slots.len()];
-        if let Some(sender) = open(slot) {
-            return Ok(sender);
+        if let Some((id, sender)) = slot.sender.lock().clone() {
+            return Ok((slot, id, sender));
         }
         let _connecting = slot.connecting.lock().await;
         // Another call may have connected while this one waited.
-        if let Some(sender) = open(slot) {
-            return Ok(sender);
+        if let Some((id, sender)) = slot.sender.lock().clone() {
+            return Ok((slot, id, sender));
         }
         if let Some((at, why)) = &*slot.last_failure.lock()
             && at.elapsed() < pool.settings.reconnect_backoff
         {
             return Err(CallError::NotSent(format!(
-                "cannot connect to {} ({why}); retrying in {:?}",
+                "cannot connect to {} ({why}); next attempt in {:?}",
                 pool.address,
                 pool.settings.reconnect_backoff.saturating_sub(at.elapsed())
             )));
         }
         match tokio::time::timeout(pool.settings.connect_timeout, connect(&pool.address)).await {
             Ok(Ok(sender)) => {
-                *slot.sender.lock() = Some(sender.clone());
+                let id = slot.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                *slot.sender.lock() = Some((id, sender.clone()));
                 *slot.last_failure.lock() = None;
-                Ok(sender)
+                Ok((slot, id, sender))
             }
             Ok(Err(why)) => Err(self.connect_failed(slot, why)),
             Err(_) => Err(self.connect_failed(
@@ -162,71 +180,92 @@ impl Transport {
         CallError::NotSent(message)
     }
 
-    fn conn(&self, sender: SendRequest<Body>) -> Conn {
-        Conn(sender)
+    /// One unary gRPC call of `path` with `message`. A connection that
+    /// breaks is dropped from its slot, so the next call opens a fresh one;
+    /// with `suspicious`, so is one that does not answer before the call is
+    /// dropped (health checks: a connection to a vanished peer would
+    /// otherwise stay open until its keepalive gives up, and keep the node
+    /// ejected).
+    async fn unary<M: Message, R: Message + Default>(
+        &self,
+        path: &'static str,
+        message: &M,
+        timeout: Option<Duration>,
+        headers: Option<HeaderMap>,
+        suspicious: bool,
+    ) -> Result<R, CallError> {
+        let (slot, id, sender) = self.sender().await?;
+        let mut forget = ForgetUnlessAnswered {
+            slot,
+            id,
+            armed: suspicious,
+        };
+        let max = self.pool.settings.max_message_bytes;
+        let outcome = unary(
+            sender,
+            &self.pool.authority,
+            path,
+            message,
+            timeout,
+            headers,
+            max,
+        )
+        .await;
+        forget.armed = matches!(outcome, Err(Failure::NotSent(_) | Failure::Lost(_)));
+        match outcome {
+            Ok(bytes) => R::decode(bytes).map_err(|e| {
+                CallError::Refused(tonic::Status::internal(format!(
+                    "cannot decode the node's answer: {e}"
+                )))
+            }),
+            Err(Failure::Status(status)) => Err(CallError::Refused(status)),
+            Err(Failure::NotSent(why)) => Err(CallError::NotSent(why)),
+            Err(Failure::Lost(why)) => Err(CallError::Lost(why)),
+        }
     }
 
     /// Calls `grpc.health.v1.Health/Check` for `service` on this node.
     pub async fn health_check(&self, service: &str, timeout: Duration) -> Result<(), String> {
-        let check = async {
-            let sender = self.sender().await.map_err(|e| e.to_string())?;
-            let mut client = HealthClient::with_origin(self.conn(sender), self.pool.origin.clone());
-            let mut request = tonic::Request::new(HealthCheckRequest {
-                service: service.to_owned(),
-            });
-            request.set_timeout(timeout);
-            match client.check(request).await {
-                Ok(r) if r.get_ref().status() == ServingStatus::Serving => Ok(()),
-                Ok(r) => Err(format!("health is {:?}", r.get_ref().status())),
-                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-            }
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
         };
+        let check =
+            self.unary::<_, HealthCheckResponse>(HEALTH_CHECK, &request, Some(timeout), None, true);
         match tokio::time::timeout(timeout, check).await {
-            Ok(outcome) => outcome,
+            Ok(Ok(r)) if r.status() == ServingStatus::Serving => Ok(()),
+            Ok(Ok(r)) => Err(format!("health is {:?}", r.status())),
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     }
 
     /// Asks the node for its identity (`Node/Stats` → `node_id`).
     pub async fn node_id(&self, timeout: Duration) -> Result<String, String> {
-        let ask = async {
-            let sender = self.sender().await.map_err(|e| e.to_string())?;
-            let mut client = NodeClient::with_origin(self.conn(sender), self.pool.origin.clone());
-            let mut request = tonic::Request::new(StatsRequest {});
-            request.set_timeout(timeout);
-            client
-                .stats(request)
-                .await
-                .map(|r| r.into_inner().node_id)
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-        };
+        let ask =
+            self.unary::<_, StatsResponse>(STATS, &StatsRequest {}, Some(timeout), None, true);
         match tokio::time::timeout(timeout, ask).await {
-            Ok(outcome) => outcome,
+            Ok(Ok(stats)) => Ok(stats.node_id),
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     }
 
     async fn apply(self, call: NodeCall) -> Result<NodeReply, CallError> {
-        let sender = self.sender().await?;
-        let max = self.pool.settings.max_message_bytes;
-        let mut client = InternalClient::with_origin(self.conn(sender), self.pool.origin.clone())
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
         let count = call.ops.len();
-        let mut request = tonic::Request::new(ApplyRequest { ops: call.ops });
-        if let Some(deadline) = call.deadline {
-            // Tell the node too, so it stops work nobody waits for.
-            let left = deadline.saturating_duration_since(Instant::now());
-            request.set_timeout(left.max(Duration::from_millis(1)));
-        }
-        if let Some(cx) = &call.trace {
-            ringcache_common::rpc_trace::inject_context(cx, &mut request);
-        }
-        let results = client
-            .apply(request)
-            .await
-            .map_err(classify)?
-            .into_inner()
+        // Tell the node the deadline too, so it stops work nobody waits for.
+        let timeout = call.deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let headers = call.trace.as_ref().map(|cx| {
+            let mut headers = HeaderMap::new();
+            ringcache_common::rpc_trace::inject_headers(cx, &mut headers);
+            headers
+        });
+        let request = ApplyRequest { ops: call.ops };
+        let results = self
+            .unary::<_, ApplyResponse>(APPLY, &request, timeout, headers, false)
+            .await?
             .results;
         if results.is_empty() && count > 0 || results.len() > count {
             return Err(CallError::Refused(tonic::Status::internal(format!(
@@ -238,112 +277,203 @@ impl Transport {
     }
 }
 
-/// The open connection of `slot`, if it has one that is not closed.
-fn open(slot: &Slot) -> Option<SendRequest<Body>> {
-    let mut sender = slot.sender.lock();
-    match &*sender {
-        Some(s) if !s.is_closed() => Some(s.clone()),
-        Some(_) => {
-            *sender = None;
-            None
+/// Drops a slot's connection when dropped armed: a call on it broke, or
+/// (for a suspicious call) never got its answer.
+struct ForgetUnlessAnswered<'a> {
+    slot: &'a Slot,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for ForgetUnlessAnswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut current = self.slot.sender.lock();
+            // Only if no other call replaced it already.
+            if current.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                *current = None;
+            }
         }
-        None => None,
     }
 }
 
-/// Opens one HTTP/2 connection and spawns the task that drives it.
-async fn connect(address: &str) -> Result<SendRequest<Body>, String> {
+/// Opens one HTTP/2 connection and spawns the task that drives it (and
+/// pings it while idle).
+async fn connect(address: &str) -> Result<SendRequest<Bytes>, String> {
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tcp))
+        .enable_push(false)
+        .handshake::<_, Bytes>(tcp)
         .await
         .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    let mut ping = connection.ping_pong();
     let address = address.to_owned();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%address, %error, "connection to node closed");
+        let keepalive = async {
+            let Some(ping) = ping.as_mut() else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(KEEPALIVE.0).await;
+                match tokio::time::timeout(KEEPALIVE.1, ping.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
+                    Err(_) => return format!("no PING answer within {:?}", KEEPALIVE.1),
+                }
+            }
+        };
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(%address, %error, "connection to node closed");
+                }
+            }
+            why = keepalive => tracing::debug!(%address, %why, "closing connection to node"),
         }
     });
     Ok(sender)
 }
 
-/// Reads what a failed call's `Status` says about how far the request got.
-fn classify(status: tonic::Status) -> CallError {
-    use std::error::Error as _;
-    let mut source = status.source();
-    while let Some(error) = source {
-        if let Some(e) = error.downcast_ref::<TransportError>() {
-            return match e {
-                TransportError::NotSent(why) => CallError::NotSent(why.clone()),
-                TransportError::Lost(e) if refused_stream(e) => {
-                    CallError::NotSent(format!("the node refused the stream ({e})"))
-                }
-                TransportError::Lost(e) => CallError::Lost(e.to_string()),
-            };
+/// The gRPC unary exchange on one HTTP/2 stream: returns the answer's
+/// message bytes.
+async fn unary<M: Message>(
+    sender: SendRequest<Bytes>,
+    authority: &http::uri::Authority,
+    path: &'static str,
+    message: &M,
+    timeout: Option<Duration>,
+    headers: Option<HeaderMap>,
+    max_message: usize,
+) -> Result<Bytes, Failure> {
+    let mut sender = sender
+        .ready()
+        .await
+        .map_err(|e| Failure::NotSent(format!("the connection is closed ({e})")))?;
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Failure::NotSent(e.to_string()))?;
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .body(())
+        .map_err(|e| Failure::NotSent(e.to_string()))?;
+    {
+        let h = request.headers_mut();
+        if let Some(extra) = headers {
+            h.extend(extra);
         }
-        source = error.source();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        if let Some(t) = timeout
+            && let Ok(v) = HeaderValue::try_from(grpc_timeout(t))
+        {
+            h.insert("grpc-timeout", v);
+        }
     }
-    match status.source() {
-        // A transport error while reading the answer.
-        Some(error) => CallError::Lost(error.to_string()),
-        // The status came from the node (or from decoding its answer).
-        None if status.code() == Code::Cancelled => {
-            CallError::Lost(format!("stream cancelled: {}", status.message()))
+    let len = message.encoded_len();
+    if len > max_message {
+        return Err(Failure::Status(tonic::Status::resource_exhausted(format!(
+            "request of {len} bytes is over the {max_message}-byte limit (--max-message-bytes)"
+        ))));
+    }
+    let mut body = BytesMut::with_capacity(5 + len);
+    body.put_u8(0);
+    body.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message
+        .encode(&mut body)
+        .map_err(|e| Failure::NotSent(e.to_string()))?;
+
+    let (response, mut stream) = sender
+        .send_request(request, false)
+        .map_err(|e| Failure::NotSent(format!("the connection is closed ({e})")))?;
+    stream
+        .send_data(body.freeze(), true)
+        .map_err(|e| Failure::Lost(e.to_string()))?;
+    let response = response.await.map_err(stream_failure)?;
+    let (parts, mut recv) = response.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(Failure::Status(tonic::Status::unknown(format!(
+            "the node answered HTTP {}",
+            parts.status
+        ))));
+    }
+    // A trailers-only answer: the status is in the headers.
+    if let Some(status) = tonic::Status::from_header_map(&parts.headers)
+        && status.code() != tonic::Code::Ok
+    {
+        return Err(Failure::Status(status));
+    }
+    let mut data = BytesMut::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(stream_failure)?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        if data.len() + chunk.len() > max_message + 5 {
+            return Err(Failure::Status(tonic::Status::resource_exhausted(format!(
+                "the node's answer is over the {max_message}-byte limit (--max-message-bytes)"
+            ))));
         }
-        None => CallError::Refused(status),
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = recv.trailers().await.map_err(stream_failure)?;
+    let status = trailers
+        .as_ref()
+        .and_then(tonic::Status::from_header_map)
+        .or_else(|| tonic::Status::from_header_map(&parts.headers));
+    match status {
+        Some(s) if s.code() == tonic::Code::Ok => {}
+        Some(s) => return Err(Failure::Status(s)),
+        None => {
+            return Err(Failure::Lost(
+                "the answer ended without a grpc-status".to_owned(),
+            ));
+        }
+    }
+    if data.len() < 5 {
+        return Err(Failure::Status(tonic::Status::internal(
+            "the node's answer has no message",
+        )));
+    }
+    let mut data = data.freeze();
+    let compressed = data.get_u8();
+    let len = data.get_u32() as usize;
+    if compressed != 0 || len != data.len() {
+        return Err(Failure::Status(tonic::Status::internal(format!(
+            "the node's answer is malformed (compressed flag {compressed}, length {len} for {} bytes)",
+            data.len()
+        ))));
+    }
+    Ok(data)
+}
+
+/// How an HTTP/2 stream error says the call ended: a stream the node
+/// refused before reading (`REFUSED_STREAM`) was never processed; any
+/// other failure after sending may have been.
+fn stream_failure(e: h2::Error) -> Failure {
+    if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Failure::NotSent(format!("the node refused the stream ({e})"))
+    } else {
+        Failure::Lost(format!("connection lost mid-call ({e})"))
     }
 }
 
-/// Whether an HTTP/2 error says the node did not process the stream
-/// (`REFUSED_STREAM`, also what a GOAWAY means for streams it did not take).
-fn refused_stream(error: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// One HTTP/2 connection as the `tower::Service` tonic's clients call.
-#[derive(Debug, Clone)]
-struct Conn(SendRequest<Body>);
-
-impl Service<http::Request<Body>> for Conn {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = TransportError;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, TransportError>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is checked when sending: a closed connection gives the
-        // request back, which is what tells "not sent" apart.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let sent = self.0.try_send_request(request);
-        Box::pin(async move {
-            sent.await.map_err(|mut e| match e.take_message() {
-                Some(_) => TransportError::NotSent(format!(
-                    "the connection was closed before the request was sent ({})",
-                    e.error()
-                )),
-                None => TransportError::Lost(e.into_error()),
-            })
-        })
+/// A `grpc-timeout` value: at most 8 digits and a unit.
+fn grpc_timeout(t: Duration) -> String {
+    let micros = t.as_micros();
+    if micros < 100_000_000 {
+        format!("{micros}u")
+    } else {
+        format!("{}m", t.as_millis().min(99_999_999))
     }
 }
 
@@ -358,5 +488,24 @@ impl Service<NodeCall> for Transport {
 
     fn call(&mut self, call: NodeCall) -> Self::Future {
         Box::pin(self.clone().apply(call))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_fit_the_header_format() {
+        assert_eq!(grpc_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(grpc_timeout(Duration::from_secs(99)), "99000000u");
+        assert_eq!(grpc_timeout(Duration::from_secs(100)), "100000m");
+        assert_eq!(grpc_timeout(Duration::from_secs(1 << 40)), "99999999m");
+        for t in [Duration::from_micros(1), Duration::from_secs(5)] {
+            assert_eq!(
+                ringcache_common::deadline::parse_timeout(&grpc_timeout(t)),
+                Some(t)
+            );
+        }
     }
 }
