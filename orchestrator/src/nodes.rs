@@ -22,9 +22,9 @@ use ringcache_proto::service_names::CACHE;
 
 use crate::{
     client::{
-        CallError, NodeClient, StackSettings,
+        CallError, NodeClient, NodeStack, StackSettings,
         batch::BatchLimits,
-        layers::HealthRecorder,
+        layers::{CallMetrics, HealthRecorder},
         stack,
         transport::{Transport, TransportSettings},
     },
@@ -128,6 +128,7 @@ impl Node {
         member: &Member,
         settings: &CallSettings,
         metrics: &Arc<ClusterMetrics>,
+        make_stack: impl Fn(&Member, Transport, Arc<dyn HealthRecorder>, CallMetrics) -> NodeStack,
     ) -> Result<Self, http::Error> {
         let transport = Transport::new(&member.address, settings.transport.clone())?;
         let health = Arc::new(NodeHealth {
@@ -138,11 +139,9 @@ impl Node {
             policy: settings.health,
             metrics: metrics.clone(),
         });
-        let stack = stack(
-            &member.id,
-            &member.address,
+        let stack = make_stack(
+            member,
             transport.clone(),
-            &settings.stack,
             health.clone(),
             metrics.call_metrics(&member.id),
         );
@@ -206,7 +205,27 @@ impl Cluster {
     /// Replaces the membership. Nodes whose identity and address are
     /// unchanged keep their channel and health; others are created or
     /// dropped. A no-op if nothing changed.
-    pub fn set_members(&self, mut members: Vec<Member>) {
+    pub fn set_members(&self, members: Vec<Member>) {
+        self.set_members_with(members, |member, transport, health, metrics| {
+            stack(
+                &member.id,
+                &member.address,
+                transport,
+                &self.settings.stack,
+                health,
+                metrics,
+            )
+        });
+    }
+
+    /// [`Cluster::set_members`], with each new node's call stack made by
+    /// `make_stack` from its member, transport, health record and metrics.
+    /// Tests give nodes stacks that answer without a network.
+    pub fn set_members_with(
+        &self,
+        mut members: Vec<Member>,
+        make_stack: impl Fn(&Member, Transport, Arc<dyn HealthRecorder>, CallMetrics) -> NodeStack,
+    ) {
         members.sort();
         members.dedup_by(|a, b| a.id == b.id);
         let current = self.topology();
@@ -234,7 +253,7 @@ impl Cluster {
                 nodes.push(Arc::clone(node));
                 continue;
             }
-            match Node::new(member, &self.settings, &self.metrics) {
+            match Node::new(member, &self.settings, &self.metrics, &make_stack) {
                 Ok(node) => nodes.push(Arc::new(node)),
                 Err(error) => {
                     tracing::error!(node = %member.id, address = %member.address, %error, "cannot create a channel to the node; leaving it out");

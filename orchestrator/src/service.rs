@@ -676,3 +676,6 @@ impl ClusterApi for Router {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;

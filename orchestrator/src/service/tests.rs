@@ -1,0 +1,367 @@
+//! Routing decisions against fake nodes: each node's call stack is a
+//! `tower::service_fn` that records the ops it is sent and answers them
+//! from a map, or fails the way a test tells it to. No network.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use clap::Parser;
+use parking_lot::Mutex;
+use ringcache_proto::v1::{DeleteResponse, GetResponse, SetResponse};
+use tower::util::BoxCloneSyncService;
+
+use super::*;
+use crate::{
+    client::{NodeCall, NodeReply},
+    config::Config,
+    metrics::ClusterMetrics,
+    nodes::Member,
+};
+
+/// A node that keeps its data in a map.
+#[derive(Debug, Default)]
+struct FakeNode {
+    data: Mutex<HashMap<String, (Bytes, u64)>>,
+    /// The ops of every call it got, in order.
+    calls: Mutex<Vec<Vec<Op>>>,
+    /// When set, every call fails with this (after being recorded).
+    fail: Mutex<Option<CallError>>,
+    last_version: AtomicU64,
+}
+
+impl FakeNode {
+    fn run(&self, op: &Op) -> op_result::Result {
+        let mut data = self.data.lock();
+        match op.op.as_ref() {
+            Some(op::Op::Get(g)) => op_result::Result::Get(match data.get(&g.key) {
+                Some((value, version)) => GetResponse {
+                    found: true,
+                    value: value.clone(),
+                    version: *version,
+                    ttl: None,
+                },
+                None => GetResponse::default(),
+            }),
+            Some(op::Op::Set(s)) => {
+                let current = data.get(&s.key).map_or(0, |(_, v)| *v);
+                let allowed = match s.condition {
+                    None | Some(set_request::Condition::IfAbsent(false)) => true,
+                    Some(set_request::Condition::IfAbsent(true)) => current == 0,
+                    Some(set_request::Condition::IfVersion(v)) => current == v,
+                };
+                if !allowed {
+                    return op_result::Result::Set(SetResponse {
+                        stored: false,
+                        version: current,
+                    });
+                }
+                let version = self.last_version.fetch_add(1, Ordering::Relaxed) + 1;
+                data.insert(s.key.clone(), (s.value.clone(), version));
+                op_result::Result::Set(SetResponse {
+                    stored: true,
+                    version,
+                })
+            }
+            Some(op::Op::Copy(c)) => {
+                let current = data.get(&c.key).map_or(0, |(_, v)| *v);
+                let stored = c.version > current;
+                if stored {
+                    data.insert(c.key.clone(), (c.value.clone(), c.version));
+                }
+                op_result::Result::Copy(SetResponse {
+                    stored,
+                    version: c.version.max(current),
+                })
+            }
+            Some(op::Op::Delete(d)) => op_result::Result::Delete(DeleteResponse {
+                deleted: data.remove(&d.key).is_some(),
+            }),
+            None => op_result::Result::Error(KeyError::default()),
+        }
+    }
+
+    fn answer(&self, call: NodeCall) -> Result<NodeReply, CallError> {
+        self.calls.lock().push(call.ops.clone());
+        if let Some(e) = self.fail.lock().clone() {
+            return Err(e);
+        }
+        Ok(call
+            .ops
+            .iter()
+            .map(|op| OpResult {
+                result: Some(self.run(op)),
+            })
+            .collect())
+    }
+
+    fn keys_called(&self) -> Vec<Vec<String>> {
+        self.calls
+            .lock()
+            .iter()
+            .map(|ops| {
+                ops.iter()
+                    .map(|op| match op.op.as_ref() {
+                        Some(op::Op::Get(r)) => format!("get {}", r.key),
+                        Some(op::Op::Set(r)) => format!("set {}", r.key),
+                        Some(op::Op::Copy(r)) => format!("copy {}@{}", r.key, r.version),
+                        Some(op::Op::Delete(r)) => format!("delete {}", r.key),
+                        None => "none".to_owned(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// A router over `n` fake nodes writing `replicas` copies.
+struct Fixture {
+    router: Router,
+    cluster: Arc<Cluster>,
+    nodes: HashMap<String, Arc<FakeNode>>,
+}
+
+impl Fixture {
+    fn new(n: usize, replicas: usize) -> Self {
+        let config = Config::try_parse_from(["orchestrator", "--nodes", "unused:1"]).unwrap();
+        let registry = prometheus::Registry::new();
+        let cluster = Arc::new(Cluster::new(
+            config.call_settings(),
+            Arc::new(ClusterMetrics::new(&registry).unwrap()),
+        ));
+        let nodes: HashMap<String, Arc<FakeNode>> = (0..n)
+            .map(|i| (format!("n{i}"), Arc::new(FakeNode::default())))
+            .collect();
+        let members = (0..n)
+            .map(|i| Member {
+                id: format!("n{i}").as_str().into(),
+                address: format!("127.0.0.1:{}", 1 + i),
+            })
+            .collect();
+        cluster.set_members_with(members, |member, _, _, _| {
+            let node = nodes[&*member.id].clone();
+            BoxCloneSyncService::new(tower::service_fn(move |call: NodeCall| {
+                let node = node.clone();
+                async move { node.answer(call) }
+            }))
+        });
+        let router = Router::new(cluster.clone(), RequestLimits::default(), replicas, 4 << 20);
+        Self {
+            router,
+            cluster,
+            nodes,
+        }
+    }
+
+    /// The fake nodes in `key`'s preference order.
+    fn owners(&self, key: &str) -> Vec<Arc<FakeNode>> {
+        let topo = self.cluster.topology();
+        topo.ring
+            .preference(key)
+            .iter()
+            .map(|&i| self.nodes[&*topo.nodes[i].id].clone())
+            .collect()
+    }
+
+    async fn get(&self, key: &str) -> Result<GetResponse, Status> {
+        self.router
+            .get(Request::new(GetRequest { key: key.into() }))
+            .await
+            .map(Response::into_inner)
+    }
+
+    async fn set(&self, req: SetRequest) -> Result<SetResponse, Status> {
+        self.router
+            .set(Request::new(req))
+            .await
+            .map(Response::into_inner)
+    }
+}
+
+fn set_req(key: &str, value: &str) -> SetRequest {
+    SetRequest {
+        key: key.into(),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_read_moves_on_when_the_node_is_at_fault_and_not_when_the_caller_gave_up() {
+    let f = Fixture::new(3, 1);
+    let owners = f.owners("k");
+    owners[1]
+        .data
+        .lock()
+        .insert("k".into(), (Bytes::from_static(b"from-second"), 9));
+
+    *owners[0].fail.lock() = Some(CallError::NodeTimeout(Duration::from_secs(1)));
+    let got = f.get("k").await.unwrap();
+    assert_eq!(&got.value[..], b"from-second");
+    assert_eq!(owners[1].calls.lock().len(), 1);
+
+    // The caller's own deadline: no point trying elsewhere.
+    *owners[0].fail.lock() = Some(CallError::CallerDeadline);
+    let status = f.get("k").await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(owners[1].calls.lock().len(), 1, "not retried");
+
+    // Shed by this orchestrator: not the node's fault either.
+    *owners[0].fail.lock() = Some(CallError::Shed("full".into()));
+    let status = f.get("k").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(owners[1].calls.lock().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn a_conditional_write_moves_on_only_when_it_never_left() {
+    let f = Fixture::new(3, 1);
+    let owners = f.owners("k");
+    let mut req = set_req("k", "v");
+    req.condition = Some(set_request::Condition::IfAbsent(true));
+
+    // Lost mid-call: the first node may have applied it. Not retried.
+    *owners[0].fail.lock() = Some(CallError::Lost("connection reset".into()));
+    let status = f.set(req.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("lost"), "{}", status.message());
+    assert!(owners[1].calls.lock().is_empty());
+
+    // Timed out: same.
+    *owners[0].fail.lock() = Some(CallError::NodeTimeout(Duration::from_secs(1)));
+    let status = f.set(req.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(owners[1].calls.lock().is_empty());
+
+    // Never sent: safe to apply on the next node.
+    *owners[0].fail.lock() = Some(CallError::NotSent("connection refused".into()));
+    let stored = f.set(req).await.unwrap();
+    assert!(stored.stored);
+    assert_eq!(owners[1].keys_called(), [["set k"]]);
+}
+
+#[tokio::test]
+async fn an_unconditional_write_moves_on_after_any_node_fault() {
+    let f = Fixture::new(3, 1);
+    let owners = f.owners("k");
+    *owners[0].fail.lock() = Some(CallError::Lost("connection reset".into()));
+    assert!(f.set(set_req("k", "v")).await.unwrap().stored);
+    assert_eq!(owners[1].keys_called(), [["set k"]]);
+}
+
+#[tokio::test]
+async fn replicas_get_copies_with_the_primarys_version() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    // Make the primary's versions distinct from anything the replica has.
+    owners[0].last_version.store(1000, Ordering::Relaxed);
+    let written = f.set(set_req("k", "v")).await.unwrap();
+    assert_eq!(written.version, 1001);
+    assert_eq!(owners[0].keys_called(), [["set k"]]);
+    assert_eq!(owners[1].keys_called(), [["copy k@1001"]]);
+    assert!(owners[2].calls.lock().is_empty(), "only --replicas owners");
+    assert_eq!(
+        owners[1].data.lock().get("k").map(|(_, v)| *v),
+        Some(1001),
+        "the replica holds the primary's version"
+    );
+
+    // A replica that fails does not fail the write.
+    *owners[1].fail.lock() = Some(CallError::NodeTimeout(Duration::from_secs(1)));
+    assert!(f.set(set_req("k", "w")).await.unwrap().stored);
+}
+
+#[tokio::test]
+async fn a_get_many_is_one_call_per_node_and_answers_in_request_order() {
+    let f = Fixture::new(3, 1);
+    let keys: Vec<String> = (0..30).map(|i| format!("key-{i}")).collect();
+    for k in &keys {
+        f.owners(k)[0]
+            .data
+            .lock()
+            .insert(k.clone(), (Bytes::from(k.clone()), 1));
+    }
+    let got = f
+        .router
+        .get_many(Request::new(GetManyRequest { keys: keys.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    for (k, r) in keys.iter().zip(&got.results) {
+        assert!(r.found && r.value == k.as_bytes(), "{k}: {r:?}");
+    }
+    for node in f.nodes.values() {
+        let calls = node.keys_called();
+        assert_eq!(calls.len(), 1, "one call per node: {calls:?}");
+        // The node's keys, in the caller's order.
+        let expected: Vec<String> = keys
+            .iter()
+            .filter(|k| Arc::ptr_eq(&f.owners(k)[0], node))
+            .map(|k| format!("get {k}"))
+            .collect();
+        assert_eq!(calls[0], expected);
+    }
+}
+
+#[tokio::test]
+async fn a_batch_key_whose_nodes_all_fail_carries_the_error_and_the_rest_answer() {
+    let f = Fixture::new(2, 1);
+    let keys: Vec<String> = (0..20).map(|i| format!("key-{i}")).collect();
+    let broken = f.owners(&keys[0])[0].clone();
+    *broken.fail.lock() = Some(CallError::Refused(Status::internal("disk on fire")));
+    let got = f
+        .router
+        .get_many(Request::new(GetManyRequest { keys: keys.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    for (k, r) in keys.iter().zip(&got.results) {
+        if Arc::ptr_eq(&f.owners(k)[0], &broken) {
+            // Retried on the other node, which answers (a miss).
+            assert!(r.error.is_none() && !r.found, "{k}: {r:?}");
+        } else {
+            assert!(r.error.is_none(), "{k}: {r:?}");
+        }
+    }
+    // Now both fail: every key carries an error naming its last node.
+    for node in f.nodes.values() {
+        *node.fail.lock() = Some(CallError::NotSent("connection refused".into()));
+    }
+    let got = f
+        .router
+        .get_many(Request::new(GetManyRequest { keys }))
+        .await
+        .unwrap()
+        .into_inner();
+    for r in &got.results {
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.code, Code::Unavailable as i32);
+        assert!(e.message.starts_with("node n"), "{}", e.message);
+    }
+}
+
+#[tokio::test]
+async fn a_delete_goes_to_every_owner() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    for o in &owners[..2] {
+        o.data
+            .lock()
+            .insert("k".into(), (Bytes::from_static(b"v"), 1));
+    }
+    let deleted = f
+        .router
+        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+    for o in &owners[..2] {
+        assert_eq!(o.keys_called(), [["delete k"]]);
+        assert!(o.data.lock().is_empty());
+    }
+    assert!(owners[2].calls.lock().is_empty());
+}
