@@ -144,7 +144,7 @@ impl Config {
             self.limits().max_value_bytes,
             true,
         );
-        let shard = self.capacity.bytes() / self.shards as u64;
+        let shard = crate::store::max_entry_weight(self.capacity.bytes() / self.shards as u64);
         if entry > shard {
             return Err(ConfigError::EntryExceedsShard { entry, shard });
         }

@@ -168,10 +168,10 @@ impl Cache for CacheService {
             .map_err(NodeError::from)?;
         for e in &req.entries {
             let weight = Store::entry_weight(e.key.len(), e.value.len(), e.ttl.is_some());
-            if weight > self.store.shard_capacity() {
+            if weight > self.store.max_entry_weight() {
                 return Err(NodeError::from(store::StoreError::EntryTooLarge {
                     weight,
-                    shard_capacity: self.store.shard_capacity(),
+                    max_weight: self.store.max_entry_weight(),
                 })
                 .into());
             }
@@ -628,7 +628,7 @@ mod tests {
             results[1]
         );
         assert!(
-            matches!(&results[2], op_result::Result::Error(e) if e.message.contains("version must be positive"))
+            matches!(&results[2], op_result::Result::Error(e) if e.message.contains("version must be between 1 and"))
         );
         assert!(matches!(&results[3], op_result::Result::Get(g) if &g.value[..] == b"new"));
         assert!(

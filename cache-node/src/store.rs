@@ -71,6 +71,16 @@ const INLINE_KEY_MAX: usize = 24;
 /// rounding.
 const KEY_ALLOCATION_OVERHEAD: u64 = 32;
 
+/// The share of a shard's capacity quick_cache keeps for its "hot"
+/// entries, set explicitly because it is also the heaviest entry it admits:
+/// an entry heavier than this share is refused (dropped at once).
+const HOT_ALLOCATION: f64 = 0.97;
+
+/// The heaviest entry a shard of `shard_capacity` bytes admits.
+pub fn max_entry_weight(shard_capacity: u64) -> u64 {
+    ((shard_capacity as f64 * HOT_ALLOCATION) as u64).clamp(shard_capacity.min(1), shard_capacity)
+}
+
 /// The most shards a store may have.
 pub const MAX_SHARDS: usize = 4096;
 
@@ -113,15 +123,15 @@ pub enum ConfigError {
 /// Why a write was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
-    /// The entry weighs more than a whole shard may hold.
+    /// The entry weighs more than one shard admits.
     #[error(
-        "entry of {weight} bytes (key + value + per-entry overhead) exceeds the {shard_capacity}-byte capacity of a shard (--capacity / --shards)"
+        "entry of {weight} bytes (key + value + per-entry overhead) exceeds the {max_weight} bytes one entry may take (97% of a shard: --capacity / --shards)"
     )]
     EntryTooLarge {
         /// The entry's accounted weight.
         weight: u64,
-        /// One shard's capacity.
-        shard_capacity: u64,
+        /// The heaviest entry a shard admits.
+        max_weight: u64,
     },
 }
 
@@ -293,7 +303,9 @@ impl ShardInner {
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        self.last_version = wall.max(self.last_version + 1);
+        // Copies carry at most MAX_VERSION (checked on the way in), so this
+        // never reaches u64::MAX; saturating keeps it from wrapping anyway.
+        self.last_version = wall.max(self.last_version.saturating_add(1));
         self.last_version
     }
 
@@ -356,6 +368,7 @@ impl Store {
                 // error to the default shape rather than panicking.
                 let options = OptionsBuilder::new()
                     .weight_capacity(shard_capacity)
+                    .hot_allocation(HOT_ALLOCATION)
                     // Only sizes the ghost list (recently evicted keys); small
                     // entries are the common case in a cache.
                     .estimated_items_capacity((shard_capacity / 256).max(16) as usize)
@@ -401,10 +414,14 @@ impl Store {
         self.shards.len()
     }
 
-    /// The capacity of one shard, and so the heaviest entry the store can
-    /// hold.
+    /// The capacity of one shard.
     pub fn shard_capacity(&self) -> u64 {
         self.shard_capacity
+    }
+
+    /// The heaviest entry the store admits.
+    pub fn max_entry_weight(&self) -> u64 {
+        max_entry_weight(self.shard_capacity)
     }
 
     /// The weight a store would account to an entry of this size.
@@ -466,11 +483,9 @@ impl Store {
         condition: Condition,
     ) -> Result<SetOutcome, StoreError> {
         let weight = weigh(key.len(), value.len(), ttl.is_some());
-        if weight > self.shard_capacity {
-            return Err(StoreError::EntryTooLarge {
-                weight,
-                shard_capacity: self.shard_capacity,
-            });
+        let max_weight = max_entry_weight(self.shard_capacity);
+        if weight > max_weight {
+            return Err(StoreError::EntryTooLarge { weight, max_weight });
         }
         // Allocate before taking the lock, to keep the critical section short.
         let owned_key = Key::from(key);
@@ -533,6 +548,23 @@ impl Store {
             inner
                 .cache
                 .insert_with_lifecycle(owned_key, entry, &mut evicted);
+            // Never claim a write the cache refused: quick_cache drops an
+            // entry it will not admit at once, through the same eviction
+            // hook (unreachable with the weight check above, unless the
+            // cache's admission rule changes).
+            if let Some(i) = evicted
+                .iter()
+                .position(|(k, e)| k.as_str() == key && e.version == version)
+            {
+                let (_, refused) = evicted.swap_remove(i);
+                inner.unindex(&refused);
+                for (_, gone) in &evicted {
+                    inner.unindex(gone);
+                }
+                drop(inner);
+                drop(evicted);
+                return Err(StoreError::EntryTooLarge { weight, max_weight });
+            }
             let mut evictions = 0;
             let mut expirations = 0;
             for (_, gone) in &evicted {

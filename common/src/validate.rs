@@ -71,11 +71,13 @@ pub enum ValidationError {
         /// The limit.
         max: usize,
     },
-    /// A copy without a version.
-    #[error("{field}: a copy's version must be positive")]
-    ZeroCopyVersion {
+    /// A copy whose version is 0 or beyond [`MAX_VERSION`].
+    #[error("{field}: a copy's version must be between 1 and {MAX_VERSION}, got {version}")]
+    BadCopyVersion {
         /// Where in the request.
         field: String,
+        /// The version sent.
+        version: u64,
     },
     /// A TTL that is not a positive duration.
     #[error("{field}: ttl must be a positive duration, got {seconds}s {nanos}ns")]
@@ -94,6 +96,12 @@ impl From<ValidationError> for tonic::Status {
         tonic::Status::invalid_argument(e.to_string())
     }
 }
+
+/// The largest version a copy may carry: 2^62. Versions are microseconds
+/// of wall clock (about 2^51 today), so this is never reached by a real
+/// write, and a store whose versions grow from a copy's can never run out
+/// of larger ones (`u64::MAX` is 2^64 - 1).
+pub const MAX_VERSION: u64 = 1 << 62;
 
 /// A `SetRequest`'s write condition, as the store understands it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,9 +186,10 @@ impl RequestLimits {
     /// extracts its TTL and condition ([`WriteCondition::Replica`]).
     pub fn check_copy(&self, req: &CopyRequest) -> Result<CheckedSet, ValidationError> {
         let ttl = self.check_entry("", &req.key, &req.value, req.ttl.as_ref())?;
-        if req.version == 0 {
-            return Err(ValidationError::ZeroCopyVersion {
+        if req.version == 0 || req.version > MAX_VERSION {
+            return Err(ValidationError::BadCopyVersion {
                 field: "version".to_owned(),
+                version: req.version,
             });
         }
         Ok(CheckedSet {

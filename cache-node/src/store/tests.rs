@@ -244,12 +244,36 @@ fn entry_larger_than_a_shard_is_refused() {
     assert!(matches!(
         err,
         StoreError::EntryTooLarge {
-            shard_capacity: 16384,
+            max_weight: 15892,
             ..
         }
     ));
-    assert!(err.to_string().contains("capacity of a shard"));
+    assert!(err.to_string().contains("--capacity / --shards"), "{err}");
     assert_eq!(s.total_stats().items, 0);
+}
+
+#[test]
+fn an_entry_the_cache_would_not_admit_is_refused_not_claimed() {
+    // Between the cache's admission limit (97% of a shard) and the whole
+    // shard: quick_cache would drop it on insert.
+    let s = store(64 * 1024, 4);
+    let max = s.max_entry_weight();
+    assert_eq!(max, 15892);
+    let value_len = (max + 1 - Store::entry_weight(1, 0, false)) as usize;
+    assert!(Store::entry_weight(1, value_len, false) <= s.shard_capacity());
+    s.set("k", b"old", None, Condition::Always).unwrap();
+    let err = s
+        .set("k", &vec![0u8; value_len], None, Condition::Always)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::EntryTooLarge { .. }));
+    // The previous value is untouched, and the largest admitted entry is
+    // stored and readable.
+    assert_eq!(&s.get("k").unwrap().value[..], b"old");
+    let out = s
+        .set("k", &vec![1u8; value_len - 1], None, Condition::Always)
+        .unwrap();
+    assert!(out.stored);
+    assert_eq!(s.get("k").unwrap().value.len(), value_len - 1);
 }
 
 #[test]
