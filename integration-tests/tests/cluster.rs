@@ -540,3 +540,61 @@ async fn dns_discovery_finds_nodes_by_name_and_places_them_by_node_id() {
         .into_inner();
     assert_eq!(located.owners[0].id, "cache-0");
 }
+
+/// A client's own deadline running out is not the node's fault: however
+/// many calls are cut short by tight client deadlines, the node stays on
+/// duty. (Before, a client with a tight deadline could eject a healthy
+/// node.)
+#[tokio::test]
+async fn tight_client_deadlines_never_eject_a_healthy_node() {
+    let cluster = TestCluster::start(2, &["--eject-after", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let mut cut_short = 0;
+    for i in 0..300u64 {
+        let mut request = tonic::Request::new(GetRequest {
+            key: format!("k{i}"),
+        });
+        // From "already gone when it reaches a node" to "mid-call".
+        request.set_timeout(Duration::from_micros(50 + (i % 10) * 100));
+        if let Err(s) = cache.get(request).await {
+            // DEADLINE_EXCEEDED from the orchestrator, or CANCELLED from
+            // tonic's client when its own timer fired first.
+            assert!(
+                matches!(
+                    s.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ),
+                "{s:?}"
+            );
+            cut_short += 1;
+        }
+    }
+    assert!(
+        cut_short > 0,
+        "no call ran out of time: the test shows nothing"
+    );
+    let nodes = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    for n in &nodes {
+        assert_eq!(n.state(), NodeState::Healthy, "{n:?}");
+        assert_eq!(n.consecutive_failures, 0, "{n:?}");
+    }
+    let page = cluster.orchestrator.process.scrape().await;
+    for addr in &cluster.node_addrs {
+        let ejections = metric_value(
+            &page,
+            "ringcache_node_ejections_total",
+            &[&format!("node=\"{addr}\"")],
+        );
+        assert_eq!(ejections.unwrap_or(0.0), 0.0, "{addr} was ejected");
+    }
+    // And the orchestrator still serves normally.
+    assert!(cache.get(GetRequest { key: "k1".into() }).await.is_ok());
+}

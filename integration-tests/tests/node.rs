@@ -327,3 +327,64 @@ async fn sigterm_drains_then_exits_cleanly() {
     let logs = node.process.logs().join("\n");
     assert!(logs.contains("cache-node stopped"), "{logs}");
 }
+
+/// At `--max-in-flight`, calls are refused, but health checks are still
+/// answered: a kubelet must not restart the busiest node (emptying its
+/// cache) because it was busy.
+#[tokio::test]
+async fn health_answers_serving_while_calls_are_shed() {
+    let node = NodeProcess::start(&["--max-in-flight", "1"]).await;
+    // Take the only slot: a Get whose request body never finishes arriving
+    // keeps its handler waiting, and its slot taken.
+    let tcp = tokio::net::TcpStream::connect(node.process.grpc)
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "{}/ringcache.v1.Cache/Get",
+            node.process.grpc_url()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_response, mut body) = sender.send_request(request, false).unwrap();
+    // Half a gRPC frame: the message never completes.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 9, 10]), false)
+        .unwrap();
+
+    let mut cache = node.cache().await;
+    let shed = eventually(Duration::from_secs(5), || {
+        let mut cache = cache.clone();
+        async move {
+            match cache.get(GetRequest { key: "a".into() }).await {
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => Ok(s),
+                other => Err(format!("not shed yet: {other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(
+        shed.message().contains("--max-in-flight"),
+        "{}",
+        shed.message()
+    );
+    for service in ["", "ringcache.v1.Cache"] {
+        assert_eq!(
+            health(&node.process.grpc_url(), service).await.unwrap(),
+            ServingStatus::Serving,
+            "health of {service:?} while shedding"
+        );
+    }
+    // Reflection too (grpcurl must keep working on a busy node).
+    let listed = integration_tests::tools::grpcurl(&["-plaintext", &node.addr(), "list"], None);
+    assert!(listed.stdout.contains("ringcache.v1.Cache"), "{listed:?}");
+    // Still shedding, so the checks above were made at the limit.
+    let again = cache.get(GetRequest { key: "a".into() }).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::ResourceExhausted);
+    drop(body);
+}
