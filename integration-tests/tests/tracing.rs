@@ -419,3 +419,63 @@ async fn unsampled_requests_record_nothing_anywhere_and_pass_their_decision_on()
         "only the sampled call reached the node's traces: {traces}"
     );
 }
+
+/// A call that runs out of time is still counted and traced, as
+/// DEADLINE_EXCEEDED: its node is frozen (SIGSTOP), so the orchestrator's
+/// call to it never answers and the client's deadline passes.
+#[tokio::test]
+async fn a_call_that_runs_out_of_time_is_counted_and_traced_as_deadline_exceeded() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger, 1, &["--node-timeout", "5s"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let node = cluster.nodes[0].as_ref().unwrap();
+    node.process.signal("STOP");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4740";
+    let mut request = traced(
+        GetRequest {
+            key: "frozen".into(),
+        },
+        trace_id,
+        "00f067aa0ba902c0",
+    );
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = cache.get(request).await.unwrap_err();
+    node.process.signal("CONT");
+    // The client's own timer may fire a moment before the answer arrives.
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+
+    let trace = jaeger.trace(trace_id, 2).await;
+    let server = trace.spans("orchestrator", "server");
+    assert_eq!(server.len(), 1, "{trace:#?}");
+    assert_eq!(
+        server[0].tag("rpc.grpc.status_code").as_deref(),
+        Some("4"),
+        "{:?}",
+        server[0].tags
+    );
+    assert_eq!(server[0].tag("error").as_deref(), Some("true"));
+    let client = trace.spans("orchestrator", "client");
+    assert_eq!(client.len(), 1, "{trace:#?}");
+    assert_eq!(client[0].tag("rpc.grpc.status_code").as_deref(), Some("4"));
+
+    let page = cluster.orchestrator.process.scrape().await;
+    let counted = integration_tests::metric_value(
+        &page,
+        "grpc_server_handled_total",
+        &["grpc_method=\"Get\"", "grpc_code=\"DeadlineExceeded\""],
+    );
+    assert_eq!(counted, Some(1.0), "{page}");
+    // Not the node's fault: it stays healthy in the orchestrator's eyes.
+    let failures = integration_tests::metric_value(
+        &page,
+        "ringcache_node_ejections_total",
+        &[&format!("node=\"{}\"", cluster.node_addrs[0])],
+    );
+    assert_eq!(failures.unwrap_or(0.0), 0.0);
+}

@@ -320,17 +320,30 @@ pub struct Metrics<S> {
     metrics: CallMetrics,
 }
 
+/// The outcome of a call dropped before it finished: its callers'
+/// deadline passed (the server cut the request short), or they went away.
+fn unfinished(deadline: Option<Instant>) -> Code {
+    // The server's timer and ours fire within a moment of each other.
+    let slack = Duration::from_millis(1);
+    match deadline {
+        Some(d) if Instant::now() + slack >= d => Code::DeadlineExceeded,
+        _ => Code::Cancelled,
+    }
+}
+
 /// Records a call when dropped: with its outcome once known, or as
-/// cancelled if its caller went away first.
+/// unfinished ([`unfinished`]) if its caller went away first.
 struct Record {
     metrics: CallMetrics,
     start: Instant,
-    code: Code,
+    deadline: Option<Instant>,
+    code: Option<Code>,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.metrics.calls[self.code as usize].inc();
+        let code = self.code.unwrap_or_else(|| unfinished(self.deadline));
+        self.metrics.calls[code as usize].inc();
         self.metrics
             .latency
             .observe(self.start.elapsed().as_secs_f64());
@@ -355,15 +368,16 @@ where
         let mut record = Record {
             metrics: self.metrics.clone(),
             start: Instant::now(),
-            code: Code::Cancelled,
+            deadline: call.deadline,
+            code: None,
         };
         let inner = self.inner.call(call);
         Box::pin(async move {
             let result = inner.await;
-            record.code = match &result {
+            record.code = Some(match &result {
                 Ok(_) => Code::Ok,
                 Err(e) => e.code(),
-            };
+            });
             drop(record);
             result
         })
@@ -435,6 +449,11 @@ where
         };
         span.record("ringcache.keys", call.ops.len() as i64);
         call.trace = Some(span.context());
+        let mut outcome = SpanOutcome {
+            span: span.clone(),
+            deadline: call.deadline,
+            recorded: false,
+        };
         let inner = {
             let _entered = span.enter();
             self.inner.call(call)
@@ -443,8 +462,36 @@ where
             let result = inner.instrument(span.clone()).await;
             let status = result.as_ref().err().map(|e| e.to_status(""));
             rpc_trace::record_client_status(&span, status.as_ref());
+            outcome.done();
             result
         })
+    }
+}
+
+/// Records a CLIENT span's outcome if its call is dropped unfinished (the
+/// server cut the request short, or the client went away).
+struct SpanOutcome {
+    span: tracing::Span,
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl SpanOutcome {
+    /// The outcome was recorded.
+    fn done(&mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for SpanOutcome {
+    fn drop(&mut self) {
+        if !self.recorded {
+            let status = tonic::Status::new(
+                unfinished(self.deadline),
+                "the call did not finish: its request was cut short",
+            );
+            rpc_trace::record_client_status(&self.span, Some(&status));
+        }
     }
 }
 
