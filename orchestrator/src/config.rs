@@ -53,6 +53,12 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_DNS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dns_interval: Duration,
 
+    /// How long an address may be missing from --nodes-dns answers before
+    /// its node leaves the ring (answers flap while pods restart, and each
+    /// departure moves the node's keys away and back).
+    #[arg(long, env = "RINGCACHE_DNS_REMOVAL_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub dns_removal_grace: Duration,
+
     /// Copies of each key: writes go to this many nodes.
     #[arg(long, env = "RINGCACHE_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
@@ -157,6 +163,7 @@ impl Config {
                 Ok(Source::Dns {
                     target: target.clone(),
                     interval: self.dns_interval,
+                    grace: self.dns_removal_grace,
                 })
             }
             _ => Err(invalid(
@@ -278,7 +285,8 @@ mod tests {
             c.source().unwrap(),
             Source::Dns {
                 target: "nodes.default.svc:50061".into(),
-                interval: Duration::from_secs(2)
+                interval: Duration::from_secs(2),
+                grace: Duration::from_secs(30),
             }
         );
     }

@@ -9,12 +9,19 @@
 //!   pod name in a StatefulSet). The identity, not the address, places the
 //!   node on the ring, so a pod restarted with a new IP owns the same keys,
 //!   and scaling the StatefulSet is picked up without a restart.
+//!
+//!   An address missing from one DNS answer is not dropped at once: it
+//!   stays a member until it has been missing for `--dns-removal-grace`
+//!   (DNS answers of a headless Service flap while pods restart; dropping
+//!   a member moves its keys away and back). Every address is asked for its
+//!   identity again each round, so an IP reused by another pod places that
+//!   pod, not the one that had the IP before.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -33,6 +40,9 @@ pub enum Source {
         target: String,
         /// How often to resolve it again.
         interval: Duration,
+        /// How long an address may be missing from the answers before its
+        /// node leaves the membership.
+        grace: Duration,
     },
 }
 
@@ -86,8 +96,12 @@ pub async fn run(source: Source, cluster: Arc<Cluster>) {
                     .collect(),
             );
         }
-        Source::Dns { target, interval } => {
-            let mut known: HashMap<SocketAddr, NodeId> = HashMap::new();
+        Source::Dns {
+            target,
+            interval,
+            grace,
+        } => {
+            let mut known = Known::new(grace);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -103,50 +117,103 @@ pub async fn run(source: Source, cluster: Arc<Cluster>) {
     }
 }
 
-/// One round of discovery, given what the name resolved to: identify new
-/// addresses, forget vanished ones, publish the membership. `known` carries
-/// the identities learned in earlier rounds.
+/// What discovery has learned about each address.
+#[derive(Debug)]
+pub struct Known {
+    /// Address → its node's identity, and when DNS last listed it.
+    addrs: HashMap<SocketAddr, (NodeId, Instant)>,
+    /// How long an address may be missing before it is forgotten.
+    grace: Duration,
+}
+
+impl Known {
+    /// Nothing known yet; forget addresses missing for `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            addrs: HashMap::new(),
+            grace,
+        }
+    }
+}
+
+/// One round of discovery, given what the name resolved to: identify every
+/// listed address (again: an IP may now belong to another pod), forget
+/// addresses missing for longer than the grace, publish the membership.
 pub async fn discover(
     resolved: std::io::Result<Vec<SocketAddr>>,
     cluster: &Cluster,
-    known: &mut HashMap<SocketAddr, NodeId>,
+    known: &mut Known,
 ) -> std::io::Result<()> {
     let addrs = resolved?;
-    known.retain(|addr, _| addrs.contains(addr));
-    let unknown: Vec<SocketAddr> = addrs
-        .iter()
-        .filter(|a| !known.contains_key(a))
-        .copied()
-        .collect();
-    let identified =
-        futures::future::join_all(unknown.iter().map(|addr| async move {
-            (*addr, identify(&addr.to_string(), cluster.settings()).await)
-        }))
-        .await;
+    let now = Instant::now();
+    let grace = known.grace;
+    known
+        .addrs
+        .retain(|addr, (_, seen)| addrs.contains(addr) || now.duration_since(*seen) < grace);
+    let topology = cluster.topology();
+    let identified = futures::future::join_all(addrs.iter().map(|addr| {
+        let address = addr.to_string();
+        // Ask on the node's own connections when it is a member already.
+        let member = topology
+            .nodes
+            .iter()
+            .find(|n| n.address == address)
+            .cloned();
+        async move {
+            let id = match member {
+                Some(node) => {
+                    let timeout = cluster.settings().stack.node_timeout;
+                    node.client
+                        .transport()
+                        .node_id(timeout)
+                        .await
+                        .map(NodeId::from)
+                }
+                None => identify(&address, cluster.settings()).await,
+            };
+            (*addr, id)
+        }
+    }))
+    .await;
     for (addr, result) in identified {
         match result {
-            Ok(id) => {
-                known.insert(addr, id);
+            Ok(id) if !id.is_empty() => {
+                if let Some((old, _)) = known.addrs.get(&addr)
+                    && *old != id
+                {
+                    tracing::info!(%addr, old = %old, new = %id, "address now answers as another node");
+                }
+                known.addrs.insert(addr, (id, now));
             }
-            // Not ready yet (a starting pod): try again next round.
+            Ok(_) => tracing::debug!(%addr, "node reports no node_id"),
+            // Not ready yet (a starting pod), or briefly unreachable: a
+            // known address keeps its identity (and its grace) meanwhile.
             Err(reason) => {
-                tracing::debug!(%addr, %reason, "cannot identify node yet")
+                if let Some((_, seen)) = known.addrs.get_mut(&addr) {
+                    *seen = now;
+                }
+                tracing::debug!(%addr, %reason, "cannot identify node");
             }
         }
     }
     // One address per identity: if two addresses claim the same id (an old
-    // pod not yet gone from DNS), keep the lowest, deterministically.
-    let mut by_id: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
-    for (addr, id) in known.iter() {
+    // pod not yet gone from DNS, or within its grace), keep the one listed
+    // most recently, then the lowest, deterministically.
+    let mut by_id: BTreeMap<NodeId, (Instant, SocketAddr)> = BTreeMap::new();
+    for (addr, (id, seen)) in &known.addrs {
         by_id
             .entry(id.clone())
-            .and_modify(|a| *a = (*a).min(*addr))
-            .or_insert(*addr);
+            .and_modify(|best| {
+                if (*seen, std::cmp::Reverse(*addr)) > (best.0, std::cmp::Reverse(best.1)) {
+                    *best = (*seen, *addr);
+                }
+            })
+            .or_insert((*seen, *addr));
     }
     cluster.set_members(
         by_id
             .into_iter()
-            .map(|(id, addr)| Member {
+            .map(|(id, (_, addr))| Member {
                 id,
                 address: addr.to_string(),
             })
@@ -188,6 +255,11 @@ mod discovery_tests {
 
     /// A real cache node, in this process, on an ephemeral port.
     async fn node(id: &str) -> (SocketAddr, oneshot::Sender<()>) {
+        node_at(id, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A real cache node, in this process, on `addr`.
+    async fn node_at(id: &str, addr: SocketAddr) -> (SocketAddr, oneshot::Sender<()>) {
         let config = NodeConfig::try_parse_from([
             "cache-node",
             "--node-id",
@@ -198,7 +270,7 @@ mod discovery_tests {
             "2",
         ])
         .unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = TcpListener::bind(addr).await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
@@ -238,7 +310,7 @@ mod discovery_tests {
         let (a, _stop_a) = node("cache-0").await;
         let (b, stop_b) = node("cache-1").await;
         let cluster = cluster();
-        let mut known = HashMap::new();
+        let mut known = Known::new(Duration::from_secs(60));
         discover(Ok(vec![a, b]), &cluster, &mut known)
             .await
             .unwrap();
@@ -289,5 +361,64 @@ mod discovery_tests {
                 .is_err()
         );
         assert_eq!(members(&cluster).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_missing_address_waits_out_its_grace_and_a_reused_one_is_identified_again() {
+        let (a, stop_a) = node("cache-0").await;
+        let (b, _stop_b) = node("cache-1").await;
+        let cluster = cluster();
+        let mut patient = Known::new(Duration::from_secs(60));
+        discover(Ok(vec![a, b]), &cluster, &mut patient)
+            .await
+            .unwrap();
+        // b is missing from one answer: it stays (within its grace).
+        discover(Ok(vec![a]), &cluster, &mut patient).await.unwrap();
+        assert_eq!(members(&cluster).len(), 2);
+        // With no grace left, it goes.
+        patient.grace = Duration::ZERO;
+        discover(Ok(vec![a]), &cluster, &mut patient).await.unwrap();
+        assert_eq!(members(&cluster), vec![("cache-0".into(), a.to_string())]);
+
+        // a's IP (here: its port) now belongs to another node: the next
+        // round places that node, not cache-0.
+        let _ = stop_a.send(());
+        let (a2, _stop_a2) = eventually_bind("cache-9", a).await;
+        assert_eq!(a2, a);
+        eventually_members(
+            &cluster,
+            &mut patient,
+            vec![a],
+            vec![("cache-9".into(), a.to_string())],
+        )
+        .await;
+    }
+
+    /// Starts a node on `addr` once the previous owner of the port let go.
+    async fn eventually_bind(id: &str, addr: SocketAddr) -> (SocketAddr, oneshot::Sender<()>) {
+        for _ in 0..100 {
+            if std::net::TcpListener::bind(addr).is_ok() {
+                return node_at(id, addr).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{addr} was not released");
+    }
+
+    /// Runs discovery rounds until the membership is `expected`.
+    async fn eventually_members(
+        cluster: &Cluster,
+        known: &mut Known,
+        addrs: Vec<SocketAddr>,
+        expected: Vec<(String, String)>,
+    ) {
+        for _ in 0..100 {
+            discover(Ok(addrs.clone()), cluster, known).await.unwrap();
+            if members(cluster) == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(members(cluster), expected);
     }
 }
