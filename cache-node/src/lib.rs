@@ -10,6 +10,8 @@
 //!   gRPC, unit-tested and benchmarked on its own.
 //! - [`service`]: the `ringcache.v1.Cache` and `ringcache.v1.Node` gRPC
 //!   services: validate the request, call the store, map the outcome.
+//! - [`epochs`]: the ring epochs orchestrators call with, so a node shows
+//!   when orchestrators disagree about the membership.
 //! - [`error`]: the node's error type and its one mapping to `tonic::Status`.
 //! - [`metrics`]: a Prometheus collector that reads the store's counters at
 //!   scrape time.
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod epochs;
 pub mod error;
 pub mod metrics;
 pub mod server;

@@ -159,3 +159,41 @@ mod tests {
         );
     }
 }
+
+/// `ringcache_node_ring_epochs`: how many different ring epochs
+/// orchestrators called this node with in the last
+/// [`crate::service::EPOCH_WINDOW`]. Above 1 for longer than a membership
+/// change takes, orchestrators disagree about who is on the ring.
+#[derive(Debug)]
+pub struct EpochsCollector {
+    epochs: Arc<crate::epochs::Epochs>,
+    gauge: IntGauge,
+}
+
+impl EpochsCollector {
+    /// A collector over `epochs`.
+    pub fn new(epochs: Arc<crate::epochs::Epochs>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            epochs,
+            gauge: IntGauge::new(
+                "ringcache_node_ring_epochs",
+                "Different ring epochs orchestrators called this node with in the last 30 s; above 1 for long, they disagree about the membership.",
+            )?,
+        })
+    }
+}
+
+impl Collector for EpochsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let window = self.epochs.window();
+        let n = self
+            .epochs
+            .distinct_within(window, std::time::Instant::now());
+        self.gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.gauge.collect()
+    }
+}

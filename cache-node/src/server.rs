@@ -17,7 +17,7 @@ use tonic::service::RoutesBuilder;
 
 use crate::{
     config::Config,
-    metrics::StoreCollector,
+    metrics::{EpochsCollector, StoreCollector},
     service::{CacheService, InternalService, NodeService},
     store::Store,
 };
@@ -61,6 +61,8 @@ pub async fn run(
     let max_message = config.limits.max_message_bytes();
     let cache = CacheService::new(store.clone(), config.limits(), max_message);
     let internal = InternalService::new(cache.clone());
+    let internal_epochs = internal.epochs();
+    registry.register(Box::new(EpochsCollector::new(internal.epochs())?))?;
     let mut routes = RoutesBuilder::default();
     routes
         .add_service(
@@ -73,7 +75,9 @@ pub async fn run(
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )
-        .add_service(NodeServer::new(NodeService::new(store, node_id.clone())))
+        .add_service(NodeServer::new(
+            NodeService::new(store, node_id.clone()).with_epochs(internal_epochs),
+        ))
         .add_service(health_service);
     add_reflection(
         &mut routes,

@@ -5,22 +5,29 @@
 //! changes nothing), then calls the store, then maps the outcome. Errors
 //! become statuses in one place, `From<NodeError> for Status`.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse,
-    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, SetManyRequest, SetManyResponse,
-    SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse, cache_server::Cache,
-    internal_server::Internal, node_server::Node, op, op_result,
+    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, RingEpoch, SetManyRequest,
+    SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse,
+    cache_server::Cache, internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
 
 use crate::{
+    epochs::{self, Epochs},
     error::NodeError,
     store::{self, Found, Store},
 };
+
+/// The metadata key orchestrators send their ring epoch in.
+pub const EPOCH_HEADER: &str = "ringcache-epoch";
 
 /// Bytes a `GetResult` costs on the wire beyond its value: tags, lengths,
 /// version and TTL. Used to stop building a `GetMany` answer before it
@@ -201,13 +208,26 @@ impl Cache for CacheService {
 #[derive(Debug, Clone)]
 pub struct InternalService {
     cache: CacheService,
+    epochs: Arc<Epochs>,
 }
+
+/// Epochs seen within this long of each other are current together (a
+/// DNS-driven membership change reaches every orchestrator well within it).
+pub const EPOCH_WINDOW: Duration = Duration::from_secs(30);
 
 impl InternalService {
     /// Serves batches against the same store, limits and message size as
     /// `cache`.
     pub fn new(cache: CacheService) -> Self {
-        Self { cache }
+        Self {
+            cache,
+            epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
+        }
+    }
+
+    /// The ring epochs callers sent.
+    pub fn epochs(&self) -> Arc<Epochs> {
+        self.epochs.clone()
     }
 
     /// Runs one op. A get's answer is sized by the caller, so it can stop a
@@ -247,6 +267,14 @@ impl Internal for InternalService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
+        if let Some(epoch) = request
+            .metadata()
+            .get(EPOCH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(epochs::parse)
+        {
+            self.epochs.record(epoch, Instant::now());
+        }
         let req = request.into_inner();
         self.cache
             .limits
@@ -356,6 +384,7 @@ pub struct NodeService {
     store: Arc<Store>,
     node_id: String,
     started: Instant,
+    epochs: Option<Arc<Epochs>>,
 }
 
 impl NodeService {
@@ -365,7 +394,14 @@ impl NodeService {
             store,
             node_id,
             started: Instant::now(),
+            epochs: None,
         }
+    }
+
+    /// Also reports the ring epochs orchestrators called with.
+    pub fn with_epochs(mut self, epochs: Arc<Epochs>) -> Self {
+        self.epochs = Some(epochs);
+        self
     }
 }
 
@@ -397,6 +433,17 @@ impl Node for NodeService {
             uptime: Some(to_proto_duration(self.started.elapsed())),
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             node_id: self.node_id.clone(),
+            ring_epochs: self.epochs.as_ref().map_or_else(Vec::new, |e| {
+                let now = Instant::now();
+                e.seen()
+                    .into_iter()
+                    .map(|s| RingEpoch {
+                        epoch: format!("{:016x}", s.epoch),
+                        last_seen: Some(to_proto_duration(now.saturating_duration_since(s.last))),
+                        calls: s.calls,
+                    })
+                    .collect()
+            }),
         }))
     }
 }

@@ -598,3 +598,64 @@ async fn tight_client_deadlines_never_eject_a_healthy_node() {
     // And the orchestrator still serves normally.
     assert!(cache.get(GetRequest { key: "k1".into() }).await.is_ok());
 }
+
+/// Orchestrators that disagree about the membership are visible: each
+/// shows its ring epoch, and the nodes they both call report both epochs
+/// (in `Node/Stats` and `ringcache_node_ring_epochs`). Orchestrators that
+/// agree show the same epoch.
+#[tokio::test]
+async fn orchestrators_that_disagree_about_the_membership_show_on_the_nodes() {
+    let cluster = TestCluster::start(3, &[]).await;
+    let mut reversed = cluster.node_addrs.clone();
+    reversed.reverse();
+    let agreeing = TestCluster::orchestrator_for(&reversed, &[]).await;
+    // One that has not heard of the third node.
+    let stale = TestCluster::orchestrator_for(&cluster.node_addrs[..2], &[]).await;
+    let mut epochs = Vec::new();
+    for o in [&cluster.orchestrator, &agreeing, &stale] {
+        let listed = o
+            .cluster()
+            .await
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        epochs.push(listed.epoch);
+    }
+    let (e1, e2, e3) = (epochs[0].clone(), epochs[1].clone(), epochs[2].clone());
+    assert_eq!(e1.len(), 16, "{e1}");
+    assert_eq!(e1, e2, "same identities, same epoch");
+    assert_ne!(e1, e3);
+
+    // Both call node 0 (enough keys that some land on it either way).
+    for o in [&cluster.orchestrator, &stale] {
+        let mut cache = o.cache().await;
+        for i in 0..60 {
+            cache
+                .get(GetRequest {
+                    key: format!("epoch-{i}"),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let stats = cluster.nodes[0]
+        .as_ref()
+        .unwrap()
+        .node()
+        .await
+        .stats(ringcache_proto::v1::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: std::collections::HashSet<String> =
+        stats.ring_epochs.iter().map(|e| e.epoch.clone()).collect();
+    assert_eq!(seen, [e1.clone(), e3.clone()].into(), "{stats:?}");
+    assert!(stats.ring_epochs.iter().all(|e| e.calls > 0));
+    let page = cluster.nodes[0].as_ref().unwrap().process.scrape().await;
+    assert_eq!(
+        metric_value(&page, "ringcache_node_ring_epochs", &[]),
+        Some(2.0),
+        "{page}"
+    );
+}

@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -128,9 +128,11 @@ impl Node {
         member: &Member,
         settings: &CallSettings,
         metrics: &Arc<ClusterMetrics>,
+        epoch: &Arc<AtomicU64>,
         make_stack: impl Fn(&Member, Transport, Arc<dyn HealthRecorder>, CallMetrics) -> NodeStack,
     ) -> Result<Self, http::Error> {
-        let transport = Transport::new(&member.address, settings.transport.clone())?;
+        let transport =
+            Transport::new(&member.address, settings.transport.clone())?.with_epoch(epoch.clone());
         let health = Arc::new(NodeHealth {
             id: member.id.clone(),
             address: member.address.clone(),
@@ -172,12 +174,17 @@ pub struct Topology {
     pub ring: Ring,
     /// The nodes, in ring index order.
     pub nodes: Vec<Arc<Node>>,
+    /// The ring's epoch ([`Ring::epoch`]).
+    pub epoch: u64,
 }
 
 /// The nodes, their health and the calls to them.
 #[derive(Debug)]
 pub struct Cluster {
     topology: ArcSwap<Topology>,
+    /// The current ring's epoch, shared with every node's transport, which
+    /// sends it with each call.
+    epoch: Arc<AtomicU64>,
     settings: CallSettings,
     metrics: Arc<ClusterMetrics>,
 }
@@ -187,6 +194,7 @@ impl Cluster {
     pub fn new(settings: CallSettings, metrics: Arc<ClusterMetrics>) -> Self {
         Self {
             topology: ArcSwap::from_pointee(Topology::default()),
+            epoch: Arc::new(AtomicU64::new(Ring::default().epoch())),
             settings,
             metrics,
         }
@@ -253,7 +261,13 @@ impl Cluster {
                 nodes.push(Arc::clone(node));
                 continue;
             }
-            match Node::new(member, &self.settings, &self.metrics, &make_stack) {
+            match Node::new(
+                member,
+                &self.settings,
+                &self.metrics,
+                &self.epoch,
+                &make_stack,
+            ) {
                 Ok(node) => nodes.push(Arc::new(node)),
                 Err(error) => {
                     tracing::error!(node = %member.id, address = %member.address, %error, "cannot create a channel to the node; leaving it out");
@@ -262,6 +276,8 @@ impl Cluster {
         }
         // The ring must match the nodes that could be created.
         let ring = Ring::new(nodes.iter().map(|n| n.id.clone()));
+        let epoch = ring.epoch();
+        self.epoch.store(epoch, Ordering::Relaxed);
         for gone in current
             .nodes
             .iter()
@@ -271,13 +287,15 @@ impl Cluster {
         }
         tracing::info!(
             nodes = ?nodes.iter().map(|n| format!("{}@{}", n.id, n.address)).collect::<Vec<_>>(),
+            epoch = format!("{epoch:016x}"),
             "membership changed"
         );
         self.metrics.ring_nodes.set(nodes.len() as i64);
         for n in &nodes {
             self.metrics.set_routable(&n.id, n.routable());
         }
-        self.topology.store(Arc::new(Topology { ring, nodes }));
+        self.topology
+            .store(Arc::new(Topology { ring, nodes, epoch }));
     }
 
     /// Counts a replica write that failed.

@@ -85,6 +85,19 @@ impl Ring {
         &self.ids
     }
 
+    /// The ring's epoch: a digest of its node identities (sorted), so two
+    /// rings with the same identities — which place every key alike —
+    /// have the same epoch, and any other pair almost surely differs.
+    pub fn epoch(&self) -> u64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for id in &self.ids {
+            hasher.update(id.as_bytes());
+            // A separator no identity contains, so ["ab"] ≠ ["a", "b"].
+            hasher.update(&[0]);
+        }
+        hasher.digest()
+    }
+
     /// The index of node `id`, if it is on the ring.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.ids.binary_search_by(|probe| (**probe).cmp(id)).ok()

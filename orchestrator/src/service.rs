@@ -652,6 +652,7 @@ impl ClusterApi for Router {
                 .map(|i| self.node_info(&topo, i))
                 .collect(),
             replicas: u32::try_from(self.replicas).unwrap_or(u32::MAX),
+            epoch: format!("{:016x}", topo.epoch),
         }))
     }
 

