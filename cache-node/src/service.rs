@@ -12,10 +12,11 @@ use std::{
 
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse,
-    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, RingEpoch, SetManyRequest,
-    SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse,
-    cache_server::Cache, internal_server::Internal, node_server::Node, op, op_result,
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, FlushRequest, FlushResponse,
+    GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError, Op, OpResult,
+    RingEpoch, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
+    StatsResponse, cache_server::Cache, internal_server::Internal, node_server::Node, op,
+    op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -263,6 +264,12 @@ impl InternalService {
 
 #[tonic::async_trait]
 impl Internal for InternalService {
+    async fn flush(&self, _: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
+        let removed = self.cache.store.clear();
+        tracing::info!(removed, "flushed at an orchestrator's request");
+        Ok(Response::new(FlushResponse { removed }))
+    }
+
     async fn apply(
         &self,
         request: Request<ApplyRequest>,

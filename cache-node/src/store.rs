@@ -316,6 +316,35 @@ impl ShardInner {
     }
 }
 
+/// An empty cache for one shard of `shard_capacity` bytes.
+fn new_shard_cache(shard_capacity: u64) -> ShardCache {
+    // Unwrap-free: these options are valid by construction (a positive
+    // capacity and allocations in 0..=1), but map any error to the default
+    // shape rather than panicking.
+    let options = OptionsBuilder::new()
+        .weight_capacity(shard_capacity)
+        .hot_allocation(HOT_ALLOCATION)
+        // Only sizes the ghost list (recently evicted keys); small entries
+        // are the common case in a cache.
+        .estimated_items_capacity((shard_capacity / 256).max(16) as usize)
+        .build();
+    match options {
+        Ok(options) => ShardCache::with_options(
+            options,
+            EntryWeighter,
+            DefaultHashBuilder::default(),
+            EvictionLog,
+        ),
+        Err(_) => ShardCache::with(
+            (shard_capacity / 256).max(16) as usize,
+            shard_capacity,
+            EntryWeighter,
+            DefaultHashBuilder::default(),
+            EvictionLog,
+        ),
+    }
+}
+
 /// One shard. Aligned to its own cache lines so that the lock and counters
 /// of neighbouring shards do not share them (false sharing between cores).
 #[derive(Debug)]
@@ -363,31 +392,7 @@ impl Store {
         }
         let shards = (0..shards)
             .map(|_| {
-                // Unwrap-free: these options are valid by construction (a
-                // positive capacity and allocations in 0..=1), but map any
-                // error to the default shape rather than panicking.
-                let options = OptionsBuilder::new()
-                    .weight_capacity(shard_capacity)
-                    .hot_allocation(HOT_ALLOCATION)
-                    // Only sizes the ghost list (recently evicted keys); small
-                    // entries are the common case in a cache.
-                    .estimated_items_capacity((shard_capacity / 256).max(16) as usize)
-                    .build();
-                let cache = match options {
-                    Ok(options) => ShardCache::with_options(
-                        options,
-                        EntryWeighter,
-                        DefaultHashBuilder::default(),
-                        EvictionLog,
-                    ),
-                    Err(_) => ShardCache::with(
-                        (shard_capacity / 256).max(16) as usize,
-                        shard_capacity,
-                        EntryWeighter,
-                        DefaultHashBuilder::default(),
-                        EvictionLog,
-                    ),
-                };
+                let cache = new_shard_cache(shard_capacity);
                 Shard {
                     inner: RwLock::new(ShardInner {
                         cache,
@@ -612,6 +617,22 @@ impl Store {
             }
             None => false,
         }
+    }
+
+    /// Removes every entry. Returns how many were removed.
+    pub fn clear(&self) -> u64 {
+        let mut removed = 0;
+        for shard in &*self.shards {
+            let old = {
+                let mut inner = shard.inner.write();
+                removed += inner.cache.len() as u64;
+                inner.expiry.clear();
+                std::mem::replace(&mut inner.cache, new_shard_cache(self.shard_capacity))
+            };
+            // Values are freed here, outside the lock.
+            drop(old);
+        }
+        removed
     }
 
     /// Frees every entry whose deadline has passed, in batches so readers

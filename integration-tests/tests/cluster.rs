@@ -659,3 +659,123 @@ async fn orchestrators_that_disagree_about_the_membership_show_on_the_nodes() {
         "{page}"
     );
 }
+
+/// The failure a cache must never have: a key deleted (or overwritten)
+/// while its owner was unreachable coming back when the owner returns.
+/// The owner is frozen (SIGSTOP: sockets open, no answers) until it is
+/// ejected; a delete and an overwrite go to the next node meanwhile; when
+/// it answers again, neither old value is ever served.
+#[tokio::test]
+async fn a_key_deleted_or_overwritten_while_its_owner_was_away_never_comes_back() {
+    let cluster = TestCluster::start(
+        2,
+        &[
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "100ms",
+            "--eject-after",
+            "2",
+            "--eject-backoff",
+            "300ms",
+            "--node-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let mut api = cluster.orchestrator.cluster().await;
+    // Two keys owned by node 0.
+    let mut keys = Vec::new();
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let owner = api
+            .locate(LocateRequest { key: key.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .owners[0]
+            .address
+            .clone();
+        if owner == cluster.node_addrs[0] {
+            keys.push(key);
+        }
+        if keys.len() == 2 {
+            break;
+        }
+    }
+    let (deleted, overwritten) = (keys[0].clone(), keys[1].clone());
+    cache.set(set(&deleted, "old")).await.unwrap();
+    cache.set(set(&overwritten, "old")).await.unwrap();
+
+    let owner = &cluster.nodes[0].as_ref().unwrap().process;
+    owner.signal("STOP");
+    cluster.wait_node_state(0, NodeState::Ejected).await;
+    cache
+        .delete(DeleteRequest {
+            key: deleted.clone(),
+        })
+        .await
+        .unwrap();
+    cache.set(set(&overwritten, "new")).await.unwrap();
+    owner.signal("CONT");
+    cluster.wait_node_state(0, NodeState::Healthy).await;
+
+    for _ in 0..20 {
+        let got = cache
+            .get(GetRequest {
+                key: deleted.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.found, "a deleted key came back: {got:?}");
+        let got = cache
+            .get(GetRequest {
+                key: overwritten.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !got.found || got.value == "new".as_bytes(),
+            "an overwritten value came back: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The owner was brought up to date, and serves its keys again.
+    let page = cluster.orchestrator.process.scrape().await;
+    let addr = &cluster.node_addrs[0];
+    assert_eq!(
+        metric_value(
+            &page,
+            "ringcache_pending_invalidations",
+            &[&format!("node=\"{addr}\"")]
+        ),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(
+        metric_value(
+            &page,
+            "ringcache_invalidations_replayed_total",
+            &[&format!("node=\"{addr}\"")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{page}"
+    );
+    cache.set(set(&deleted, "again")).await.unwrap();
+    let again = cluster
+        .node_cache(0)
+        .await
+        .get(GetRequest { key: deleted })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.value,
+        "again".as_bytes(),
+        "the owner serves its key again"
+    );
+}

@@ -98,6 +98,16 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_NODE_QUEUE_BYTES", default_value = "32MiB")]
     pub node_queue_bytes: ByteSize,
 
+    /// Most bytes of keys recorded per node for invalidation (writes and
+    /// deletes that could not reach it); beyond it, the node is flushed
+    /// before it serves again.
+    #[arg(
+        long,
+        env = "RINGCACHE_PENDING_INVALIDATION_BYTES",
+        default_value = "16MiB"
+    )]
+    pub pending_invalidation_bytes: ByteSize,
+
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -203,6 +213,8 @@ impl Config {
                 },
             },
             health: self.health_policy(),
+            pending_invalidation_bytes: usize::try_from(self.pending_invalidation_bytes.bytes())
+                .unwrap_or(usize::MAX),
         }
     }
 

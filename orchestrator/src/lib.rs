@@ -6,6 +6,9 @@
 //! - [`ring`]: rendezvous hashing — which nodes own a key, in preference
 //!   order. Pure, deterministic, heavily tested and benchmarked.
 //! - [`health`]: the ejection state machine (pure; times passed in).
+//! - [`invalidation`]: keys a node may hold stale values of (writes and
+//!   deletes that could not reach it), replayed there before it serves
+//!   them again.
 //! - [`client`]: how one node is called — a coalescer over a tower stack
 //!   (trace, metrics, passive health, shedding, timeout) over HTTP/2
 //!   connections, failing with a typed [`client::CallError`].
@@ -25,6 +28,7 @@
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod invalidation;
 pub mod membership;
 pub mod metrics;
 pub mod nodes;

@@ -33,6 +33,12 @@ pub struct ClusterMetrics {
     pub replica_failures: IntCounterVec,
     /// Ejections, by node.
     pub ejections: IntCounterVec,
+    /// Keys recorded for invalidation, by node.
+    pub pending_invalidations: IntGaugeVec,
+    /// Keys invalidated by replay, by node.
+    pub invalidations_replayed: IntCounterVec,
+    /// Flushes of nodes whose record overflowed, by node.
+    pub flushes: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -84,8 +90,32 @@ impl ClusterMetrics {
                 ),
                 &["node"],
             )?,
+            pending_invalidations: IntGaugeVec::new(
+                Opts::new(
+                    "ringcache_pending_invalidations",
+                    "Keys a node may hold stale values of (writes or deletes that could not reach it), not routed to it until deleted there.",
+                ),
+                &["node"],
+            )?,
+            invalidations_replayed: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_invalidations_replayed_total",
+                    "Keys deleted on a node because it missed their updates while unreachable.",
+                ),
+                &["node"],
+            )?,
+            flushes: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_node_flushes_total",
+                    "Nodes flushed because they missed more updates than could be tracked (--pending-invalidation-bytes).",
+                ),
+                &["node"],
+            )?,
         };
         registry.register(Box::new(m.calls.clone()))?;
+        registry.register(Box::new(m.pending_invalidations.clone()))?;
+        registry.register(Box::new(m.invalidations_replayed.clone()))?;
+        registry.register(Box::new(m.flushes.clone()))?;
         registry.register(Box::new(m.latency.clone()))?;
         registry.register(Box::new(m.ops.clone()))?;
         registry.register(Box::new(m.routable.clone()))?;
@@ -123,5 +153,8 @@ impl ClusterMetrics {
         let _ = self.routable.remove_label_values(&[node]);
         let _ = self.replica_failures.remove_label_values(&[node]);
         let _ = self.ejections.remove_label_values(&[node]);
+        let _ = self.pending_invalidations.remove_label_values(&[node]);
+        let _ = self.invalidations_replayed.remove_label_values(&[node]);
+        let _ = self.flushes.remove_label_values(&[node]);
     }
 }

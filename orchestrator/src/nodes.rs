@@ -18,7 +18,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use ringcache_proto::service_names::CACHE;
+use ringcache_proto::{
+    service_names::CACHE,
+    v1::{DeleteRequest, Op, op, op_result},
+};
 
 use crate::{
     client::{
@@ -29,6 +32,7 @@ use crate::{
         transport::{Transport, TransportSettings},
     },
     health::{Health, HealthPolicy, State},
+    invalidation::{Pending, Replay},
     metrics::ClusterMetrics,
     ring::{NodeId, Ring},
 };
@@ -44,6 +48,9 @@ pub struct CallSettings {
     pub batch: BatchLimits,
     /// When to eject a node.
     pub health: HealthPolicy,
+    /// Most bytes of keys recorded per node for invalidation before the
+    /// node is marked for a flush instead.
+    pub pending_invalidation_bytes: usize,
 }
 
 /// A member of the cluster: its ring identity and where to reach it.
@@ -120,6 +127,8 @@ pub struct Node {
     pub address: String,
     /// How it is called.
     pub client: NodeClient,
+    /// Keys it may hold stale values of.
+    pub pending: Pending,
     health: Arc<NodeHealth>,
 }
 
@@ -151,6 +160,7 @@ impl Node {
             id: member.id.clone(),
             address: member.address.clone(),
             client: NodeClient::new(stack, transport, settings.batch),
+            pending: Pending::new(settings.pending_invalidation_bytes),
             health,
         })
     }
@@ -158,6 +168,13 @@ impl Node {
     /// Whether calls may go to this node now.
     pub fn routable(&self) -> bool {
         self.health.routable.load(Ordering::Relaxed)
+    }
+
+    /// Whether calls for `key` may go to this node now: it is routable and
+    /// holds no value of `key` it may have missed an update of.
+    #[inline]
+    pub fn usable_for(&self, key: &str) -> bool {
+        self.routable() && !self.pending.contains(key)
     }
 
     /// The health state and consecutive failures.
@@ -313,7 +330,12 @@ impl Cluster {
         let topology = self.topology();
         let checks = topology.nodes.iter().map(|node| async move {
             match node.client.transport().health_check(CACHE, timeout).await {
-                Ok(()) => node.health.check_succeeded(),
+                Ok(()) => {
+                    // Bring it up to date first: keys it missed updates of
+                    // are skipped by routing until then anyway.
+                    self.replay_invalidations(node).await;
+                    node.health.check_succeeded();
+                }
                 Err(reason) => {
                     tracing::debug!(node = %node.id, %reason, "health check failed");
                     node.health.failed(&reason);
@@ -321,6 +343,79 @@ impl Cluster {
             }
         });
         futures::future::join_all(checks).await;
+    }
+}
+
+impl Cluster {
+    /// Deletes, on `node`, the keys it may hold stale values of (a batch
+    /// per call, until none are left or a call fails), or flushes it if
+    /// there were too many to track.
+    async fn replay_invalidations(&self, node: &Node) {
+        let timeout = self.settings.stack.node_timeout;
+        loop {
+            match node.pending.take(self.settings.batch.max_ops) {
+                Replay::Nothing => break,
+                Replay::Flush => match node.client.transport().flush(timeout).await {
+                    Ok(removed) => {
+                        node.pending.flushed();
+                        self.metrics.flushes.with_label_values(&[&*node.id]).inc();
+                        tracing::warn!(node = %node.id, removed, "node flushed: it missed more updates than could be tracked");
+                    }
+                    Err(error) => {
+                        tracing::warn!(node = %node.id, %error, "cannot flush the node yet");
+                        break;
+                    }
+                },
+                Replay::Keys(keys) => {
+                    let ops = keys
+                        .iter()
+                        .map(|(key, _)| Op {
+                            op: Some(op::Op::Delete(DeleteRequest { key: key.clone() })),
+                        })
+                        .collect();
+                    let deadline = Some(Instant::now() + timeout);
+                    match node.client.call(ops, deadline, None).await {
+                        Ok(results) => {
+                            let done: Vec<(String, u64)> = keys
+                                .into_iter()
+                                .zip(&results)
+                                .filter(|(_, r)| {
+                                    matches!(r.result, Some(op_result::Result::Delete(_)))
+                                })
+                                .map(|(k, _)| k)
+                                .collect();
+                            let n = done.len();
+                            node.pending.replayed(&done);
+                            self.metrics
+                                .invalidations_replayed
+                                .with_label_values(&[&*node.id])
+                                .inc_by(n as u64);
+                            tracing::info!(node = %node.id, keys = n, "invalidated keys the node missed updates of");
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(node = %node.id, %error, "cannot replay invalidations yet");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.metrics
+            .pending_invalidations
+            .with_label_values(&[&*node.id])
+            .set(node.pending.len() as i64);
+    }
+
+    /// Records that `node` may hold a stale value of `key`.
+    pub fn invalidate_later(&self, node: &Node, key: &str) {
+        node.pending.record(key);
+        self.metrics
+            .pending_invalidations
+            .with_label_values(&[&*node.id])
+            .set(node.pending.len() as i64);
     }
 }
 

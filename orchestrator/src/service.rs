@@ -31,7 +31,12 @@
 //!   results carry an `error` after the fallback has been tried. A group of
 //!   one key is sent as a single-key call.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::Arc,
+    time::Instant,
+};
 
 use futures::future::join_all;
 use ringcache_common::{deadline::deadline, telemetry, validate::RequestLimits};
@@ -63,14 +68,19 @@ pub struct Router {
     max_message_bytes: usize,
 }
 
-/// The first routable node of `pref` that this request has not seen fail;
-/// if none is routable, the first not seen to fail (every node may be
-/// ejected after an outage: trying beats refusing).
-fn choose(topo: &Topology, pref: &[usize], failed: &[bool]) -> Option<usize> {
+/// The first node of `pref` usable for `key` that this request has not
+/// seen fail; if none is routable, the first not seen to fail that holds
+/// no value of `key` it may have missed an update of (every node may be
+/// ejected after an outage: trying beats refusing, serving stale does not).
+fn choose(topo: &Topology, key: &str, pref: &[usize], failed: &[bool]) -> Option<usize> {
     pref.iter()
         .copied()
-        .find(|&i| !failed[i] && topo.nodes[i].routable())
-        .or_else(|| pref.iter().copied().find(|&i| !failed[i]))
+        .find(|&i| !failed[i] && topo.nodes[i].usable_for(key))
+        .or_else(|| {
+            pref.iter()
+                .copied()
+                .find(|&i| !failed[i] && !topo.nodes[i].pending.contains(key))
+        })
 }
 
 /// How much of a key's preference order a request computes: enough for
@@ -81,31 +91,38 @@ fn prefix_len(topo: &Topology, replicas: usize) -> usize {
     (replicas.max(2) + 1 + ejected).min(topo.nodes.len())
 }
 
-/// Up to `n` routable nodes of `pref` not seen to fail, in order.
-fn routable_owners(topo: &Topology, pref: &[usize], failed: &[bool], n: usize) -> Preference {
+/// Up to `n` nodes of `pref` usable for `key` and not seen to fail, in
+/// order.
+fn usable_owners(
+    topo: &Topology,
+    key: &str,
+    pref: &[usize],
+    failed: &[bool],
+    n: usize,
+) -> Preference {
     pref.iter()
         .copied()
-        .filter(|&i| !failed[i] && topo.nodes[i].routable())
+        .filter(|&i| !failed[i] && topo.nodes[i].usable_for(key))
         .take(n)
         .collect()
 }
 
 /// The node to try next for `key`, as [`choose`] picks it, extending
 /// `pref` (a prefix of the key's preference order) to the full order when
-/// no routable node is left in the prefix.
+/// no usable node is left in the prefix.
 fn target(topo: &Topology, key: &str, pref: &mut Preference, failed: &[bool]) -> Option<usize> {
-    let routable = |p: &Preference| {
+    let usable = |p: &Preference| {
         p.iter()
             .copied()
-            .find(|&i| !failed[i] && topo.nodes[i].routable())
+            .find(|&i| !failed[i] && topo.nodes[i].usable_for(key))
     };
-    if let Some(n) = routable(pref) {
+    if let Some(n) = usable(pref) {
         return Some(n);
     }
     if pref.len() < topo.nodes.len() {
         *pref = topo.ring.preference(key);
     }
-    choose(topo, pref, failed)
+    choose(topo, key, pref, failed)
 }
 
 /// Pending items grouped by the node to try next, in node order. Items
@@ -458,7 +475,9 @@ impl Router {
             )
             .await;
 
-        // Phase 2: replicas, with the primary's version.
+        // Phase 2: replicas, with the primary's version. `holders`: the
+        // replicas that stored each key's copy.
+        let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
         if self.replicas > 1 {
             let mut copies: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
             for (i, entry) in entries.iter().enumerate() {
@@ -473,10 +492,16 @@ impl Router {
                 else {
                     continue;
                 };
-                for n in routable_owners(topo, &routed.prefs[i], &routed.failed, self.replicas + 1)
-                    .into_iter()
-                    .filter(|&n| n != p)
-                    .take(self.replicas - 1)
+                for n in usable_owners(
+                    topo,
+                    &entry.key,
+                    &routed.prefs[i],
+                    &routed.failed,
+                    self.replicas + 1,
+                )
+                .into_iter()
+                .filter(|&n| n != p)
+                .take(self.replicas - 1)
                 {
                     copies.entry(n).or_default().push(Op {
                         op: Some(op::Op::Copy(CopyRequest {
@@ -492,12 +517,41 @@ impl Router {
                 let parent = parent.clone();
                 async move {
                     let node = &topo.nodes[n];
-                    (n, node.client.call(ops, deadline, parent).await)
+                    let keys: Vec<String> = ops
+                        .iter()
+                        .filter_map(|op| match &op.op {
+                            Some(op::Op::Copy(c)) => Some(c.key.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    (n, keys, node.client.call(ops, deadline, parent).await)
                 }
             });
-            for (n, result) in join_all(calls).await {
-                if let Err(error) = result {
-                    self.cluster.replica_failed(&topo.nodes[n], &error);
+            for (n, keys, result) in join_all(calls).await {
+                match result {
+                    Ok(results) => {
+                        for (key, r) in keys.into_iter().zip(results) {
+                            if matches!(r.result, Some(op_result::Result::Copy(_))) {
+                                holders.entry(key).or_default().push(n);
+                            }
+                        }
+                    }
+                    Err(error) => self.cluster.replica_failed(&topo.nodes[n], &error),
+                }
+            }
+        }
+
+        // Owners that did not get a write may hold an older value: record
+        // the key against them, so they do not serve it until it has been
+        // deleted there.
+        for (i, entry) in entries.iter().enumerate() {
+            let (Some(p), true) = (routed.served_by[i], routed.results[i].stored) else {
+                continue;
+            };
+            let got = holders.get(entry.key.as_str());
+            for o in topo.ring.owners(&entry.key, self.replicas) {
+                if o != p && !got.is_some_and(|g| g.contains(&o)) {
+                    self.cluster.invalidate_later(&topo.nodes[o], &entry.key);
                 }
             }
         }
@@ -565,9 +619,10 @@ impl Cache for Router {
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(&req.key);
         let none_failed = vec![false; topo.nodes.len()];
-        let mut targets = routable_owners(&topo, &pref, &none_failed, self.replicas);
+        let owners: Preference = pref.iter().copied().take(self.replicas).collect();
+        let mut targets = usable_owners(&topo, &req.key, &owners, &none_failed, self.replicas);
         if targets.is_empty() {
-            targets.extend(choose(&topo, &pref, &none_failed));
+            targets.extend(choose(&topo, &req.key, &pref, &none_failed));
         }
         if targets.is_empty() {
             return Err(no_nodes());
@@ -586,8 +641,12 @@ impl Cache for Router {
         let mut deleted = false;
         let mut first_error = None;
         let mut any_ok = false;
+        let mut reached: Preference = Preference::new();
         for (&n, result) in targets.iter().zip(join_all(calls).await) {
             let node = &topo.nodes[n];
+            if result.is_ok() {
+                reached.push(n);
+            }
             let answer = result
                 .map_err(|e| call_error(node, &e))
                 .and_then(|mut results| match results.pop().and_then(|r| r.result) {
@@ -602,6 +661,13 @@ impl Cache for Router {
                 Err(error) => {
                     first_error.get_or_insert_with(|| status_of(error));
                 }
+            }
+        }
+        // Owners the delete did not reach may still hold the key: record it
+        // against them, so they do not serve it until it is deleted there.
+        for &o in &owners {
+            if !reached.contains(&o) {
+                self.cluster.invalidate_later(&topo.nodes[o], &req.key);
             }
         }
         match (any_ok, first_error) {
@@ -671,7 +737,7 @@ impl ClusterApi for Router {
                 .take(self.replicas)
                 .map(|&i| self.node_info(&topo, i))
                 .collect(),
-            read_from: routable_owners(&topo, &pref, &none_failed, 1)
+            read_from: usable_owners(&topo, &req.key, &pref, &none_failed, 1)
                 .first()
                 .map(|&i| self.node_info(&topo, i)),
         }))

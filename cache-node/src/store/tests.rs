@@ -449,3 +449,31 @@ fn replica_writes_keep_the_given_version_and_converge_on_the_newest() {
     let local = set(&s, "k", b"v4");
     assert!(local.version > u64::MAX / 2);
 }
+
+#[test]
+fn clear_removes_everything_and_versions_keep_growing() {
+    let s = store(MIB, 4);
+    let mut last = 0;
+    for i in 0..100 {
+        last = last.max(
+            s.set(
+                &format!("k{i}"),
+                b"v",
+                Some(Duration::from_secs(60)),
+                Condition::Always,
+            )
+            .unwrap()
+            .version,
+        );
+    }
+    assert_eq!(s.clear(), 100);
+    assert_eq!(s.total_stats().items, 0);
+    assert_eq!(s.total_stats().bytes_used, 0);
+    assert_eq!(s.indexed_expiries(), 0);
+    assert!(s.get("k1").is_none());
+    let again = s.set("k1", b"w", None, Condition::Always).unwrap();
+    assert!(
+        again.version > last,
+        "a write after a flush still gets a larger version"
+    );
+}

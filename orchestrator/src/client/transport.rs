@@ -44,7 +44,9 @@ use h2::client::SendRequest;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
 use prost::Message;
-use ringcache_proto::v1::{ApplyRequest, ApplyResponse, StatsRequest, StatsResponse};
+use ringcache_proto::v1::{
+    ApplyRequest, ApplyResponse, FlushRequest, FlushResponse, StatsRequest, StatsResponse,
+};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
 };
@@ -80,6 +82,7 @@ const APPLY: &str = "/ringcache.v1.Internal/Apply";
 /// The metadata key the ring epoch travels in.
 const EPOCH_HEADER: &str = "ringcache-epoch";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const FLUSH: &str = "/ringcache.v1.Internal/Flush";
 const STATS: &str = "/ringcache.v1.Node/Stats";
 
 /// One connection slot.
@@ -248,6 +251,17 @@ impl Transport {
             Ok(Ok(r)) => Err(format!("health is {:?}", r.status())),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    /// Empties the node (`Internal/Flush`); returns how many entries it
+    /// removed.
+    pub async fn flush(&self, timeout: Duration) -> Result<u64, CallError> {
+        let flush =
+            self.unary::<_, FlushResponse>(FLUSH, &FlushRequest {}, Some(timeout), None, true);
+        match tokio::time::timeout(timeout, flush).await {
+            Ok(result) => result.map(|r| r.removed),
+            Err(_) => Err(CallError::NodeTimeout(timeout)),
         }
     }
 

@@ -365,3 +365,62 @@ async fn a_delete_goes_to_every_owner() {
     }
     assert!(owners[2].calls.lock().is_empty());
 }
+
+#[tokio::test]
+async fn an_owner_a_delete_missed_is_not_read_from_until_invalidated() {
+    let f = Fixture::new(2, 1);
+    let owners = f.owners("k");
+    owners[0]
+        .data
+        .lock()
+        .insert("k".into(), (Bytes::from_static(b"old"), 1));
+    // The delete cannot reach the owner: the client is told so.
+    *owners[0].fail.lock() = Some(CallError::NotSent("connection refused".into()));
+    let status = f
+        .router
+        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    // The owner answers again, still holding the old value: reads of "k"
+    // go elsewhere (a miss), never to the stale copy.
+    *owners[0].fail.lock() = None;
+    let got = f.get("k").await.unwrap();
+    assert!(!got.found, "served a deleted key: {got:?}");
+    assert!(owners[0].keys_called().iter().all(|c| c != &["get k"]));
+    // Other keys of the same node are still read from it.
+    let other = (0..100)
+        .map(|i| format!("other-{i}"))
+        .find(|k| Arc::ptr_eq(&f.owners(k)[0], &owners[0]))
+        .unwrap();
+    f.get(&other).await.unwrap();
+    assert!(
+        owners[0]
+            .keys_called()
+            .iter()
+            .any(|c| c == &[format!("get {other}")])
+    );
+    // Until the health checker's replay deletes it there.
+    let topo = f.cluster.topology();
+    let node = topo.nodes.iter().find(|n| n.pending.contains("k")).unwrap();
+    assert_eq!(node.pending.len(), 1);
+}
+
+#[tokio::test]
+async fn a_write_that_missed_an_owner_keeps_it_from_serving_the_old_value() {
+    let f = Fixture::new(3, 1);
+    let owners = f.owners("k");
+    owners[0]
+        .data
+        .lock()
+        .insert("k".into(), (Bytes::from_static(b"old"), 1));
+    *owners[0].fail.lock() = Some(CallError::NodeTimeout(Duration::from_secs(1)));
+    assert!(f.set(set_req("k", "new")).await.unwrap().stored);
+    *owners[0].fail.lock() = None;
+    let got = f.get("k").await.unwrap();
+    assert_eq!(
+        &got.value[..],
+        b"new",
+        "the stand-in's value, not the owner's old one"
+    );
+}

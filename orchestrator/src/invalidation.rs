@@ -1,0 +1,222 @@
+//! Keys a node may hold stale values of, until they are invalidated there.
+//!
+//! When a write or delete of a key cannot reach one of the key's owners —
+//! the owner is ejected and skipped, or the call to it failed — that owner
+//! may still hold the value from before. Serving it later would bring back
+//! a deleted key or an overwritten value. So the orchestrator records the
+//! key against the owner ([`Pending::record`]), and until the record is
+//! cleared:
+//!
+//! - routing treats the owner as unavailable for that key (reads and
+//!   writes go to the next node, as during the outage);
+//! - every `--health-interval`, while the node answers its health check,
+//!   the recorded keys are deleted there (a replay of `Delete` ops), and
+//!   cleared from the record once the node confirmed them — unless the key
+//!   was recorded again meanwhile (a generation number tells).
+//!
+//! The record is bounded in bytes. If it overflows, it is dropped and the
+//! whole node is marked stale ([`Pending::overflowed`]): it serves no key
+//! until it has been flushed (`Internal/Flush`). A cache may lose data; it
+//! must never serve data it was told to drop.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use parking_lot::Mutex;
+
+/// Per-entry bytes counted beyond the key: the map's slot and the
+/// generation.
+const ENTRY_OVERHEAD: usize = 48;
+
+/// The keys one node must invalidate before it serves them again.
+#[derive(Debug)]
+pub struct Pending {
+    inner: Mutex<Inner>,
+    /// Whether anything is pending, so routing checks a flag, not a lock,
+    /// in the common case.
+    any: AtomicBool,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keys: HashMap<String, u64>,
+    bytes: usize,
+    next_generation: u64,
+    /// The record overflowed: every key may be stale; flush the node.
+    overflowed: bool,
+}
+
+/// Keys to invalidate, as taken for a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Nothing is pending.
+    Nothing,
+    /// Delete these keys (with the generation they were taken at).
+    Keys(Vec<(String, u64)>),
+    /// The record overflowed: flush the node.
+    Flush,
+}
+
+impl Pending {
+    /// An empty record holding at most `max_bytes` of keys.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            any: AtomicBool::new(false),
+            max_bytes,
+        }
+    }
+
+    /// Records that the node may hold a stale value of `key`.
+    pub fn record(&self, key: &str) {
+        let mut inner = self.inner.lock();
+        self.any.store(true, Ordering::Release);
+        if inner.overflowed {
+            return;
+        }
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        if inner.keys.insert(key.to_owned(), generation).is_none() {
+            inner.bytes += key.len() + ENTRY_OVERHEAD;
+        }
+        if inner.bytes > self.max_bytes {
+            tracing::warn!(
+                keys = inner.keys.len(),
+                max_bytes = self.max_bytes,
+                "too many keys to invalidate on a node (--pending-invalidation-bytes): it will be flushed before it serves again"
+            );
+            inner.keys = HashMap::new();
+            inner.bytes = 0;
+            inner.overflowed = true;
+        }
+    }
+
+    /// Whether the node may hold a stale value of `key`.
+    #[inline]
+    pub fn contains(&self, key: &str) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let inner = self.inner.lock();
+        inner.overflowed || inner.keys.contains_key(key)
+    }
+
+    /// Whether the whole node must be flushed before it serves again.
+    pub fn overflowed(&self) -> bool {
+        self.any.load(Ordering::Acquire) && self.inner.lock().overflowed
+    }
+
+    /// Keys pending now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().keys.len()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        !self.any.load(Ordering::Acquire)
+    }
+
+    /// What to replay next: up to `max` keys, or a flush.
+    pub fn take(&self, max: usize) -> Replay {
+        let inner = self.inner.lock();
+        if inner.overflowed {
+            Replay::Flush
+        } else if inner.keys.is_empty() {
+            Replay::Nothing
+        } else {
+            Replay::Keys(
+                inner
+                    .keys
+                    .iter()
+                    .take(max)
+                    .map(|(k, g)| (k.clone(), *g))
+                    .collect(),
+            )
+        }
+    }
+
+    /// The node confirmed these keys deleted: clear them, unless one was
+    /// recorded again since it was taken.
+    pub fn replayed(&self, keys: &[(String, u64)]) {
+        let mut inner = self.inner.lock();
+        for (key, generation) in keys {
+            if inner.keys.get(key) == Some(generation) {
+                inner.keys.remove(key);
+                inner.bytes -= key.len() + ENTRY_OVERHEAD;
+            }
+        }
+        self.settle(&inner);
+    }
+
+    /// The node was flushed: it holds nothing that can be stale.
+    pub fn flushed(&self) {
+        let mut inner = self.inner.lock();
+        inner.overflowed = false;
+        self.settle(&inner);
+    }
+
+    fn settle(&self, inner: &Inner) {
+        if !inner.overflowed && inner.keys.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_until_replayed_and_keeps_what_was_recorded_again() {
+        let p = Pending::new(1 << 20);
+        assert!(p.is_empty() && !p.contains("a"));
+        p.record("a");
+        p.record("b");
+        assert!(p.contains("a") && p.contains("b") && !p.contains("c"));
+        let Replay::Keys(mut taken) = p.take(10) else {
+            panic!("keys expected")
+        };
+        taken.sort();
+        assert_eq!(taken.len(), 2);
+        // "b" is written around the node again while the replay runs.
+        p.record("b");
+        p.replayed(&taken);
+        assert!(!p.contains("a"));
+        assert!(p.contains("b"), "recorded again after it was taken");
+        let Replay::Keys(taken) = p.take(10) else {
+            panic!("keys expected")
+        };
+        p.replayed(&taken);
+        assert!(p.is_empty());
+        assert_eq!(p.take(10), Replay::Nothing);
+    }
+
+    #[test]
+    fn an_overflowing_record_marks_the_whole_node_until_flushed() {
+        let p = Pending::new(200);
+        for i in 0..10 {
+            p.record(&format!("key-{i}"));
+        }
+        assert!(p.overflowed());
+        assert!(p.contains("never-recorded"), "every key may be stale");
+        assert_eq!(p.len(), 0, "the record itself is dropped");
+        assert_eq!(p.take(10), Replay::Flush);
+        p.flushed();
+        assert!(p.is_empty() && !p.contains("key-1"));
+    }
+
+    #[test]
+    fn takes_at_most_the_batch() {
+        let p = Pending::new(1 << 20);
+        for i in 0..50 {
+            p.record(&format!("k{i}"));
+        }
+        match p.take(20) {
+            Replay::Keys(k) => assert_eq!(k.len(), 20),
+            other => panic!("{other:?}"),
+        }
+    }
+}
