@@ -108,6 +108,13 @@ pub struct Config {
     )]
     pub pending_invalidation_bytes: ByteSize,
 
+    /// Longest a write may live on a node that stands in for the key's
+    /// owners while they are away (a shorter TTL of the write's own wins).
+    /// When the owners return, the stand-in's copy is not updated: this
+    /// bounds how long it can be served stale should they fail again.
+    #[arg(long, env = "RINGCACHE_FAILOVER_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub failover_ttl: Duration,
+
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -244,6 +251,7 @@ impl Config {
             ("--health-timeout", self.health_timeout.is_zero()),
             ("--dns-interval", self.dns_interval.is_zero()),
             ("--eject-backoff", self.eject_backoff.is_zero()),
+            ("--failover-ttl", self.failover_ttl.is_zero()),
             ("--max-node-in-flight", self.max_node_in_flight == 0),
             ("--node-connections", self.node_connections == 0),
             ("--node-queue", self.node_queue == 0),

@@ -61,7 +61,8 @@ pub async fn run(
         config.limits.limits(),
         config.replicas,
         max_message,
-    );
+    )
+    .with_failover_ttl(config.failover_ttl);
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut routes = RoutesBuilder::default();
     routes

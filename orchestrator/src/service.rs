@@ -39,7 +39,11 @@ use std::{
 };
 
 use futures::future::join_all;
-use ringcache_common::{deadline::deadline, telemetry, validate::RequestLimits};
+use ringcache_common::{
+    deadline::deadline,
+    telemetry,
+    validate::{RequestLimits, to_proto_duration},
+};
 use ringcache_proto::v1::{
     CopyRequest, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest,
     GetResponse, GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest,
@@ -56,6 +60,9 @@ use crate::{
     ring::Preference,
 };
 
+/// How long a stand-in copy lives unless `--failover-ttl` says otherwise.
+pub const DEFAULT_FAILOVER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bytes a `GetResult` costs on the wire beyond its value.
 const RESULT_FRAMING: usize = 48;
 
@@ -66,6 +73,7 @@ pub struct Router {
     limits: RequestLimits,
     replicas: usize,
     max_message_bytes: usize,
+    failover_ttl: std::time::Duration,
 }
 
 /// The first node of `pref` usable for `key` that this request has not
@@ -298,7 +306,15 @@ impl Router {
             limits,
             replicas: replicas.max(1),
             max_message_bytes,
+            failover_ttl: DEFAULT_FAILOVER_TTL,
         }
+    }
+
+    /// Stand-in copies (writes that land on a node that does not own the
+    /// key, while its owners are away) live at most `ttl`.
+    pub fn with_failover_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.failover_ttl = ttl;
+        self
     }
 
     /// Routes `count` items (keys or entries) to nodes: groups them by the
@@ -452,11 +468,23 @@ impl Router {
         } else {
             |e| e.is_node_fault() && !e.may_have_applied()
         };
+        // Each entry's owners: a write that lands elsewhere (its owners
+        // are away) is a stand-in, kept only --failover-ttl.
+        let owners: Vec<Preference> = entries
+            .iter()
+            .map(|e| topo.ring.owners(&e.key, self.replicas))
+            .collect();
         let send = |n: usize, items: Vec<usize>| {
             let ops = items
                 .iter()
-                .map(|&i| Op {
-                    op: Some(op::Op::Set(entries[i].clone())),
+                .map(|&i| {
+                    let mut entry = entries[i].clone();
+                    if !owners[i].contains(&n) {
+                        entry.ttl = Some(self.stand_in_ttl(entry.ttl.as_ref()));
+                    }
+                    Op {
+                        op: Some(op::Op::Set(entry)),
+                    }
                 })
                 .collect();
             let parent = parent.clone();
@@ -503,11 +531,16 @@ impl Router {
                 .filter(|&n| n != p)
                 .take(self.replicas - 1)
                 {
+                    let ttl = if owners[i].contains(&n) {
+                        entry.ttl
+                    } else {
+                        Some(self.stand_in_ttl(entry.ttl.as_ref()))
+                    };
                     copies.entry(n).or_default().push(Op {
                         op: Some(op::Op::Copy(CopyRequest {
                             key: entry.key.clone(),
                             value: entry.value.clone(),
-                            ttl: entry.ttl,
+                            ttl,
                             version: *version,
                         })),
                     });
@@ -549,13 +582,25 @@ impl Router {
                 continue;
             };
             let got = holders.get(entry.key.as_str());
-            for o in topo.ring.owners(&entry.key, self.replicas) {
+            for &o in &owners[i] {
                 if o != p && !got.is_some_and(|g| g.contains(&o)) {
                     self.cluster.invalidate_later(&topo.nodes[o], &entry.key);
                 }
             }
         }
         routed.results
+    }
+
+    /// The TTL of a stand-in copy: the write's own, capped at
+    /// `--failover-ttl`. A node that is not among a key's owners holds it
+    /// only while they are away; when they return it is not updated, so
+    /// its copy must not outlive the failover by much.
+    fn stand_in_ttl(&self, ttl: Option<&prost_types::Duration>) -> prost_types::Duration {
+        let cap = to_proto_duration(self.failover_ttl);
+        match ttl {
+            Some(t) if (t.seconds, t.nanos) < (cap.seconds, cap.nanos) => *t,
+            _ => cap,
+        }
     }
 
     fn node_info(&self, topo: &Topology, index: usize) -> NodeInfo {

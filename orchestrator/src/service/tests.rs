@@ -424,3 +424,30 @@ async fn a_write_that_missed_an_owner_keeps_it_from_serving_the_old_value() {
         "the stand-in's value, not the owner's old one"
     );
 }
+
+#[tokio::test]
+async fn a_write_that_lands_on_a_stand_in_lives_at_most_the_failover_ttl() {
+    let f = Fixture::new(3, 1);
+    let owners = f.owners("k");
+    let last_ttl = |node: &FakeNode| {
+        node.calls.lock().last().and_then(|ops| match &ops[0].op {
+            Some(op::Op::Set(s)) => s.ttl.map(|t| t.seconds),
+            _ => None,
+        })
+    };
+    // To the owner: as the client wrote it.
+    f.set(set_req("k", "v")).await.unwrap();
+    assert_eq!(last_ttl(&owners[0]), None);
+    // The owner is away: the next node holds it for --failover-ttl at most.
+    *owners[0].fail.lock() = Some(CallError::NotSent("connection refused".into()));
+    f.set(set_req("k", "v")).await.unwrap();
+    assert_eq!(last_ttl(&owners[1]), Some(60));
+    // A shorter TTL of the write's own wins.
+    let mut short = set_req("k", "v");
+    short.ttl = Some(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    f.set(short).await.unwrap();
+    assert_eq!(last_ttl(&owners[1]), Some(5));
+}
