@@ -47,7 +47,24 @@ fn free_port() -> u16 {
 
 impl Jaeger {
     /// Starts Jaeger and waits until its query API answers.
+    ///
+    /// The ports are picked free a moment before Jaeger binds them, so
+    /// another process can take one in between: a Jaeger that exits is
+    /// started again on fresh ports (three tries). Under load (tests run
+    /// in parallel on two cores) startup can take a while: each try waits
+    /// up to 60 s.
     pub async fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(jaeger) => return jaeger,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("jaeger did not start: {failures:#?}");
+    }
+
+    async fn try_start() -> Result<Self, String> {
         let binary = tool("jaeger");
         let (grpc, http, query, query_grpc) = (free_port(), free_port(), free_port(), free_port());
         let dir =
@@ -99,28 +116,42 @@ exporters:
             ),
         )
         .expect("write jaeger config");
+        let log = dir.join("jaeger.log");
         let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_or_else(|_| Stdio::null(), Stdio::from))
             .spawn()
             .expect("start jaeger");
-        let jaeger = Jaeger {
+        let mut jaeger = Jaeger {
             child,
             otlp_grpc: format!("http://127.0.0.1:{grpc}"),
             otlp_http: format!("http://127.0.0.1:{http}"),
             query: format!("127.0.0.1:{query}"),
             _dir: TempDir(dir),
         };
-        let query = jaeger.query.clone();
-        eventually(Duration::from_secs(30), || {
-            let query = query.clone();
-            async move { http_get(&query, "/api/services").await.map(|_| ()) }
-        })
-        .await;
-        jaeger
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if http_get(&jaeger.query, "/api/services").await.is_ok() {
+                return Ok(jaeger);
+            }
+            let exited = jaeger.child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() >= deadline {
+                let _ = jaeger.child.kill();
+                let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!(
+                    "{} (exit: {exited:?}); its log:\n{logs}",
+                    if exited.is_some() {
+                        "exited"
+                    } else {
+                        "no answer within 60 s"
+                    }
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `GET path` on the query API, as JSON.
