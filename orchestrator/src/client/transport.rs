@@ -116,13 +116,6 @@ pub struct Transport {
     epoch: Option<Arc<AtomicU64>>,
 }
 
-/// How far a failed call got, before it is turned into a [`CallError`].
-enum Failure {
-    NotSent(String),
-    Lost(String),
-    Status(tonic::Status),
-}
-
 impl Transport {
     /// Connections to `address` (`host:port`; a host name is resolved again
     /// at every connection attempt). Nothing is opened until the first
@@ -226,17 +219,12 @@ impl Transport {
             max,
         )
         .await;
-        forget.armed = matches!(outcome, Err(Failure::NotSent(_) | Failure::Lost(_)));
-        match outcome {
-            Ok(bytes) => R::decode(bytes).map_err(|e| {
-                CallError::Refused(tonic::Status::internal(format!(
-                    "cannot decode the node's answer: {e}"
-                )))
-            }),
-            Err(Failure::Status(status)) => Err(CallError::Refused(status)),
-            Err(Failure::NotSent(why)) => Err(CallError::NotSent(why)),
-            Err(Failure::Lost(why)) => Err(CallError::Lost(why)),
-        }
+        forget.armed = matches!(outcome, Err(CallError::NotSent(_) | CallError::Lost(_)));
+        R::decode(outcome?).map_err(|e| {
+            CallError::Refused(tonic::Status::internal(format!(
+                "cannot decode the node's answer: {e}"
+            )))
+        })
     }
 
     /// Calls `grpc.health.v1.Health/Check` for `service` on this node.
@@ -380,22 +368,22 @@ async fn unary<M: Message>(
     timeout: Option<Duration>,
     headers: Option<HeaderMap>,
     max_message: usize,
-) -> Result<Bytes, Failure> {
+) -> Result<Bytes, CallError> {
     let mut sender = sender
         .ready()
         .await
-        .map_err(|e| Failure::NotSent(format!("the connection is closed ({e})")))?;
+        .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
     let uri = Uri::builder()
         .scheme("http")
         .authority(authority.clone())
         .path_and_query(path)
         .build()
-        .map_err(|e| Failure::NotSent(e.to_string()))?;
+        .map_err(|e| CallError::NotSent(e.to_string()))?;
     let mut request = Request::builder()
         .method(Method::POST)
         .uri(uri)
         .body(())
-        .map_err(|e| Failure::NotSent(e.to_string()))?;
+        .map_err(|e| CallError::NotSent(e.to_string()))?;
     {
         let h = request.headers_mut();
         if let Some(extra) = headers {
@@ -414,27 +402,29 @@ async fn unary<M: Message>(
     }
     let len = message.encoded_len();
     if len > max_message {
-        return Err(Failure::Status(tonic::Status::resource_exhausted(format!(
-            "request of {len} bytes is over the {max_message}-byte limit (--max-message-bytes)"
-        ))));
+        return Err(CallError::Refused(tonic::Status::resource_exhausted(
+            format!(
+                "request of {len} bytes is over the {max_message}-byte limit (--max-message-bytes)"
+            ),
+        )));
     }
     let mut body = BytesMut::with_capacity(5 + len);
     body.put_u8(0);
     body.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
     message
         .encode(&mut body)
-        .map_err(|e| Failure::NotSent(e.to_string()))?;
+        .map_err(|e| CallError::NotSent(e.to_string()))?;
 
     let (response, mut stream) = sender
         .send_request(request, false)
-        .map_err(|e| Failure::NotSent(format!("the connection is closed ({e})")))?;
+        .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
     stream
         .send_data(body.freeze(), true)
-        .map_err(|e| Failure::Lost(e.to_string()))?;
+        .map_err(|e| CallError::Lost(e.to_string()))?;
     let response = response.await.map_err(stream_failure)?;
     let (parts, mut recv) = response.into_parts();
     if parts.status != http::StatusCode::OK {
-        return Err(Failure::Status(tonic::Status::unknown(format!(
+        return Err(CallError::Refused(tonic::Status::unknown(format!(
             "the node answered HTTP {}",
             parts.status
         ))));
@@ -443,16 +433,18 @@ async fn unary<M: Message>(
     if let Some(status) = tonic::Status::from_header_map(&parts.headers)
         && status.code() != tonic::Code::Ok
     {
-        return Err(Failure::Status(status));
+        return Err(CallError::Refused(status));
     }
     let mut data = BytesMut::new();
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(stream_failure)?;
         let _ = recv.flow_control().release_capacity(chunk.len());
         if data.len() + chunk.len() > max_message + 5 {
-            return Err(Failure::Status(tonic::Status::resource_exhausted(format!(
-                "the node's answer is over the {max_message}-byte limit (--max-message-bytes)"
-            ))));
+            return Err(CallError::Refused(tonic::Status::resource_exhausted(
+                format!(
+                    "the node's answer is over the {max_message}-byte limit (--max-message-bytes)"
+                ),
+            )));
         }
         data.extend_from_slice(&chunk);
     }
@@ -463,15 +455,15 @@ async fn unary<M: Message>(
         .or_else(|| tonic::Status::from_header_map(&parts.headers));
     match status {
         Some(s) if s.code() == tonic::Code::Ok => {}
-        Some(s) => return Err(Failure::Status(s)),
+        Some(s) => return Err(CallError::Refused(s)),
         None => {
-            return Err(Failure::Lost(
+            return Err(CallError::Lost(
                 "the answer ended without a grpc-status".to_owned(),
             ));
         }
     }
     if data.len() < 5 {
-        return Err(Failure::Status(tonic::Status::internal(
+        return Err(CallError::Refused(tonic::Status::internal(
             "the node's answer has no message",
         )));
     }
@@ -479,7 +471,7 @@ async fn unary<M: Message>(
     let compressed = data.get_u8();
     let len = data.get_u32() as usize;
     if compressed != 0 || len != data.len() {
-        return Err(Failure::Status(tonic::Status::internal(format!(
+        return Err(CallError::Refused(tonic::Status::internal(format!(
             "the node's answer is malformed (compressed flag {compressed}, length {len} for {} bytes)",
             data.len()
         ))));
@@ -490,11 +482,11 @@ async fn unary<M: Message>(
 /// How an HTTP/2 stream error says the call ended: a stream the node
 /// refused before reading (`REFUSED_STREAM`) was never processed; any
 /// other failure after sending may have been.
-fn stream_failure(e: h2::Error) -> Failure {
+fn stream_failure(e: h2::Error) -> CallError {
     if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-        Failure::NotSent(format!("the node refused the stream ({e})"))
+        CallError::NotSent(format!("the node refused the stream ({e})"))
     } else {
-        Failure::Lost(format!("connection lost mid-call ({e})"))
+        CallError::Lost(format!("connection lost mid-call ({e})"))
     }
 }
 
