@@ -50,6 +50,21 @@ pub fn deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
     parse_timeout(value).map(|d| Instant::now() + d)
 }
 
+/// The status of a call dropped before it finished: `DEADLINE_EXCEEDED` if
+/// its `deadline` had passed (a timer outside the layer that records it
+/// cut it short — tonic enforces `grpc-timeout` outside every server layer),
+/// else `CANCELLED` (its caller went away). One definition for the servers'
+/// metrics and spans and the orchestrator's node calls.
+pub fn unfinished_code(deadline: Option<tokio::time::Instant>) -> tonic::Code {
+    // The timer that fired started a moment before the one we compare
+    // with: allow for that.
+    let slack = Duration::from_millis(1);
+    match deadline {
+        Some(d) if tokio::time::Instant::now() + slack >= d => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Cancelled,
+    }
+}
+
 /// Answers `DEADLINE_EXCEEDED` when a call outlives the shorter of the
 /// client's `grpc-timeout` and the server's limit.
 #[derive(Debug, Clone, Copy)]

@@ -186,18 +186,6 @@ where
     }
 }
 
-/// The status of a call whose response future was dropped before it
-/// completed: the client's deadline passed (tonic cuts such calls short
-/// outside every layer), or the client went away.
-pub fn unfinished_code(start: Instant, client_timeout: Option<std::time::Duration>) -> tonic::Code {
-    // tonic's timer starts a moment before ours: allow for that.
-    let slack = std::time::Duration::from_millis(1);
-    match client_timeout {
-        Some(t) if start.elapsed() + slack >= t => tonic::Code::DeadlineExceeded,
-        _ => tonic::Code::Cancelled,
-    }
-}
-
 pin_project! {
     /// The response future of [`GrpcMetricsService`]. Records the call
     /// when it completes, or when it is dropped unfinished.
@@ -216,7 +204,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !*this.done {
-                let code = unfinished_code(*this.start, *this.client_timeout);
+                let code = crate::deadline::unfinished_code(this.client_timeout.map(|t| *this.start + t));
                 let (service, method) = this
                     .metrics
                     .classify(this.path.as_ref().map_or("", http::uri::PathAndQuery::path));

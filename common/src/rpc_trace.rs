@@ -330,7 +330,7 @@ pin_project! {
             if !*this.done && !this.span.is_none() {
                 // Cut short: by the client's deadline (tonic enforces it
                 // outside every layer) or by the client going away.
-                let code = crate::metrics::unfinished_code(*this.start, *this.client_timeout);
+                let code = crate::deadline::unfinished_code(this.client_timeout.map(|t| *this.start + t));
                 record_status(this.span, code, Some("the call did not finish"), server_error(code));
             }
         }

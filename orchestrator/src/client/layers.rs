@@ -33,7 +33,7 @@ use std::{
 };
 
 use prometheus::{Histogram, IntCounter};
-use ringcache_common::{rpc_trace, telemetry};
+use ringcache_common::{deadline::unfinished_code, rpc_trace, telemetry};
 use ringcache_proto::service_names::INTERNAL;
 use tokio::sync::Semaphore;
 use tonic::Code;
@@ -320,19 +320,8 @@ pub struct Metrics<S> {
     metrics: CallMetrics,
 }
 
-/// The outcome of a call dropped before it finished: its callers'
-/// deadline passed (the server cut the request short), or they went away.
-fn unfinished(deadline: Option<Instant>) -> Code {
-    // The server's timer and ours fire within a moment of each other.
-    let slack = Duration::from_millis(1);
-    match deadline {
-        Some(d) if Instant::now() + slack >= d => Code::DeadlineExceeded,
-        _ => Code::Cancelled,
-    }
-}
-
 /// Records a call when dropped: with its outcome once known, or as
-/// unfinished ([`unfinished`]) if its caller went away first.
+/// unfinished ([`unfinished_code`]) if its caller went away first.
 struct Record {
     metrics: CallMetrics,
     start: Instant,
@@ -342,7 +331,9 @@ struct Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let code = self.code.unwrap_or_else(|| unfinished(self.deadline));
+        let code = self
+            .code
+            .unwrap_or_else(|| unfinished_code(self.deadline.map(tokio::time::Instant::from_std)));
         self.metrics.calls[code as usize].inc();
         self.metrics
             .latency
@@ -487,7 +478,7 @@ impl Drop for SpanOutcome {
     fn drop(&mut self) {
         if !self.recorded {
             let status = tonic::Status::new(
-                unfinished(self.deadline),
+                unfinished_code(self.deadline.map(tokio::time::Instant::from_std)),
                 "the call did not finish: its request was cut short",
             );
             rpc_trace::record_client_status(&self.span, Some(&status));
