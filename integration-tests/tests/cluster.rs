@@ -26,6 +26,20 @@ fn set(key: &str, value: &str) -> SetRequest {
     }
 }
 
+/// The address of `key`'s first owner, as the orchestrator locates it.
+async fn first_owner(
+    api: &mut ringcache_proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>,
+    key: &str,
+) -> String {
+    api.locate(LocateRequest { key: key.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .owners[0]
+        .address
+        .clone()
+}
+
 #[tokio::test]
 async fn keys_live_exactly_where_locate_says_and_spread_by_share() {
     let cluster = TestCluster::start(3, &[]).await;
@@ -239,12 +253,8 @@ async fn with_one_replica_a_dead_nodes_keys_miss_and_no_call_fails_once_it_is_ej
     let mut owner = HashMap::new();
     for i in 0..300 {
         let key = format!("k{i}");
-        let l = api
-            .locate(LocateRequest { key: key.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        owner.insert(key, l.owners[0].address.clone());
+        let address = first_owner(&mut api, &key).await;
+        owner.insert(key, address);
     }
 
     let load = Traffic::start(cluster.orchestrator.cache().await);
@@ -422,16 +432,7 @@ async fn a_batch_reports_the_keys_whose_node_failed_and_answers_the_rest() {
     assert_eq!(out.results.len(), 150);
     let (mut failed, mut stored) = (0, 0);
     for (i, r) in out.results.iter().enumerate() {
-        let owner = api
-            .locate(LocateRequest {
-                key: format!("k{i}"),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .owners[0]
-            .address
-            .clone();
+        let owner = first_owner(&mut api, &format!("k{i}")).await;
         if owner == strict.addr() {
             let e = r.error.as_ref().expect("the strict node's keys fail");
             assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
@@ -689,15 +690,7 @@ async fn a_key_deleted_or_overwritten_while_its_owner_was_away_never_comes_back(
     let mut keys = Vec::new();
     for i in 0..200 {
         let key = format!("k{i}");
-        let owner = api
-            .locate(LocateRequest { key: key.clone() })
-            .await
-            .unwrap()
-            .into_inner()
-            .owners[0]
-            .address
-            .clone();
-        if owner == cluster.node_addrs[0] {
+        if first_owner(&mut api, &key).await == cluster.node_addrs[0] {
             keys.push(key);
         }
         if keys.len() == 2 {
