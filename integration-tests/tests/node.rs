@@ -341,33 +341,48 @@ async fn health_answers_serving_while_calls_are_shed() {
         .unwrap();
     let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
-    let mut sender = sender.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "{}/ringcache.v1.Cache/Get",
-            node.process.grpc_url()
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (_response, mut body) = sender.send_request(request, false).unwrap();
-    // Half a gRPC frame: the message never completes.
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 9, 10]), false)
-        .unwrap();
+    let url = node.process.grpc_url();
+    let hold_slot = |sender: h2::client::SendRequest<bytes::Bytes>| {
+        let url = url.clone();
+        async move {
+            let mut sender = sender.ready().await.unwrap();
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(format!("{url}/ringcache.v1.Cache/Get"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (response, mut body) = sender.send_request(request, false).unwrap();
+            // Half a gRPC frame: the message never completes.
+            body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 9, 10]), false)
+                .unwrap();
+            (response, body)
+        }
+    };
+    let mut held = hold_slot(sender.clone()).await;
 
     let mut cache = node.cache().await;
-    let shed = eventually(Duration::from_secs(5), || {
-        let mut cache = cache.clone();
-        async move {
-            match cache.get(GetRequest { key: "a".into() }).await {
-                Err(s) if s.code() == tonic::Code::ResourceExhausted => Ok(s),
-                other => Err(format!("not shed yet: {other:?}")),
-            }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let shed = loop {
+        match cache.get(GetRequest { key: "a".into() }).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => break s,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "not shed within 10s: {other:?}"
+            ),
         }
-    })
-    .await;
+        // The held request may have reached the server while our Get had
+        // the slot, and been refused itself: its answer has come. Hold the
+        // slot again with a new one.
+        if tokio::time::timeout(Duration::ZERO, &mut held.0)
+            .await
+            .is_ok()
+        {
+            held = hold_slot(sender.clone()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         shed.message().contains("--max-in-flight"),
         "{}",
@@ -386,5 +401,5 @@ async fn health_answers_serving_while_calls_are_shed() {
     // Still shedding, so the checks above were made at the limit.
     let again = cache.get(GetRequest { key: "a".into() }).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::ResourceExhausted);
-    drop(body);
+    drop(held);
 }
