@@ -14,7 +14,7 @@ use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, FlushRequest, FlushResponse,
     GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError, Op, OpResult,
-    RingEpoch, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
+    RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
     StatsResponse, cache_server::Cache, internal_server::Internal, node_server::Node, op,
     op_result,
 };
@@ -270,6 +270,29 @@ impl Internal for InternalService {
         Ok(Response::new(FlushResponse { removed }))
     }
 
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let req = request.into_inner();
+        // A page is at most --max-batch keys, and never more than fits in a
+        // message: keys are at most --max-key-bytes each.
+        let max_batch = self.cache.limits.max_batch;
+        let by_size = self.cache.max_message_bytes / (self.cache.limits.max_key_bytes + 8);
+        let limit = match req.limit {
+            0 => max_batch,
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(max_batch),
+        }
+        .min(by_size)
+        .max(1);
+        let shard = usize::try_from(req.shard).unwrap_or(usize::MAX);
+        let page = self.cache.store.scan(shard, req.position, limit);
+        let (next_shard, next_position) = page.next.unwrap_or_default();
+        Ok(Response::new(ScanResponse {
+            keys: page.keys,
+            next_shard: u32::try_from(next_shard).unwrap_or(u32::MAX),
+            next_position,
+            done: page.next.is_none(),
+        }))
+    }
+
     async fn apply(
         &self,
         request: Request<ApplyRequest>,
@@ -391,7 +414,15 @@ pub struct NodeService {
     store: Arc<Store>,
     node_id: String,
     started: Instant,
+    incarnation: u64,
     epochs: Option<Arc<Epochs>>,
+}
+
+/// A random number, different for every process start.
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    // RandomState is seeded from the OS's randomness once per process.
+    RandomState::new().hash_one(std::process::id()).max(1)
 }
 
 impl NodeService {
@@ -401,6 +432,7 @@ impl NodeService {
             store,
             node_id,
             started: Instant::now(),
+            incarnation: new_incarnation(),
             epochs: None,
         }
     }
@@ -440,6 +472,7 @@ impl Node for NodeService {
             uptime: Some(to_proto_duration(self.started.elapsed())),
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             node_id: self.node_id.clone(),
+            incarnation: self.incarnation,
             ring_epochs: self.epochs.as_ref().map_or_else(Vec::new, |e| {
                 let now = Instant::now();
                 e.seen()

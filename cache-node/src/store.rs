@@ -188,6 +188,15 @@ impl ShardStats {
     }
 }
 
+/// One page of [`Store::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Live keys.
+    pub keys: Vec<String>,
+    /// The cursor (shard, position) of the next page; `None` when done.
+    pub next: Option<(usize, u64)>,
+}
+
 /// The time source for deadlines: milliseconds since the store started.
 ///
 /// Tests use [`Clock::manual`] to move time by hand instead of sleeping.
@@ -617,6 +626,47 @@ impl Store {
             }
             None => false,
         }
+    }
+
+    /// Lists up to `limit` live keys from a cursor: `shard`, and
+    /// `position` live-or-expired entries into it (in the cache's slot
+    /// order). Returns them with the cursor of the next page, `None` when
+    /// every shard has been listed. Not a snapshot: entries written or
+    /// removed between pages may be listed or not, once or twice.
+    pub fn scan(&self, shard: usize, position: u64, limit: usize) -> ScanPage {
+        let mut page = ScanPage {
+            keys: Vec::new(),
+            next: None,
+        };
+        let (mut shard, mut position) = (shard, position);
+        let now = self.clock.now_ms();
+        while shard < self.shards.len() && page.keys.len() < limit {
+            let inner = self.shards[shard].inner.read();
+            let skip = usize::try_from(position).unwrap_or(usize::MAX);
+            let mut seen = 0u64;
+            for (key, entry) in inner.cache.iter().skip(skip) {
+                if page.keys.len() >= limit {
+                    break;
+                }
+                seen += 1;
+                if entry.is_live(|| now) {
+                    page.keys.push(key.to_string());
+                }
+            }
+            let finished = skip.saturating_add(usize::try_from(seen).unwrap_or(usize::MAX))
+                >= inner.cache.len();
+            drop(inner);
+            if finished {
+                shard += 1;
+                position = 0;
+            } else {
+                position = position.saturating_add(seen);
+            }
+        }
+        if shard < self.shards.len() {
+            page.next = Some((shard, position));
+        }
+        page
     }
 
     /// Removes every entry. Returns how many were removed.

@@ -11,6 +11,7 @@ use ringcache_common::{
 
 use crate::{
     client::{StackSettings, batch::BatchLimits, transport::TransportSettings},
+    handoff::HandoffSettings,
     health::HealthPolicy,
     membership::{Source, parse_static, validate_host_port},
     nodes::CallSettings,
@@ -114,6 +115,17 @@ pub struct Config {
     /// bounds how long it can be served stale should they fail again.
     #[arg(long, env = "RINGCACHE_FAILOVER_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub failover_ttl: Duration,
+
+    /// How long after a node joins the ring or restarts empty (or the
+    /// membership changes) reads that miss on it are answered from the
+    /// key's other holders, and copied to it.
+    #[arg(long, env = "RINGCACHE_HANDOFF_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub handoff_window: Duration,
+
+    /// Keys scanned per second when refilling a node that joined or
+    /// restarted (0 turns the refill off; reads still read through).
+    #[arg(long, env = "RINGCACHE_HANDOFF_RATE", default_value_t = 50_000)]
+    pub handoff_rate: u32,
 
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -222,6 +234,11 @@ impl Config {
             health: self.health_policy(),
             pending_invalidation_bytes: usize::try_from(self.pending_invalidation_bytes.bytes())
                 .unwrap_or(usize::MAX),
+            handoff: HandoffSettings {
+                window: self.handoff_window,
+                rate: self.handoff_rate,
+                replicas: self.replicas.max(1),
+            },
         }
     }
 

@@ -9,6 +9,9 @@
 //! - [`invalidation`]: keys a node may hold stale values of (writes and
 //!   deletes that could not reach it), replayed there before it serves
 //!   them again.
+//! - [`handoff`]: warm handoff — refilling a node that joined or restarted
+//!   empty, reads that miss on it answered from other holders, and the
+//!   record of running writes that keeps copies from resurrecting deletes.
 //! - [`client`]: how one node is called — a coalescer over a tower stack
 //!   (trace, metrics, passive health, shedding, timeout) over HTTP/2
 //!   connections, failing with a typed [`client::CallError`].
@@ -27,6 +30,7 @@
 
 pub mod client;
 pub mod config;
+pub mod handoff;
 pub mod health;
 pub mod invalidation;
 pub mod membership;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use ringcache_common::metrics::code_name;
 
@@ -39,6 +39,16 @@ pub struct ClusterMetrics {
     pub invalidations_replayed: IntCounterVec,
     /// Flushes of nodes whose record overflowed, by node.
     pub flushes: IntCounterVec,
+    /// Read-through lookups of warm handoff, by result (hit, miss).
+    pub handoff_reads: IntCounterVec,
+    /// Entries copied to warming nodes, by node.
+    pub handoff_copies: IntCounterVec,
+    /// Copies deleted again because their key changed while copied.
+    pub handoff_raced: IntCounter,
+    /// Keys scanned by refills.
+    pub handoff_scanned: IntCounter,
+    /// Nodes being refilled now.
+    pub nodes_warming: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -111,7 +121,38 @@ impl ClusterMetrics {
                 ),
                 &["node"],
             )?,
+            handoff_reads: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_handoff_reads_total",
+                    "Reads that missed on a warming node (joined or restarted) and were looked up on the key's other holders, by result (hit, miss).",
+                ),
+                &["result"],
+            )?,
+            handoff_copies: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_handoff_copies_total",
+                    "Entries copied to a warming node (by refill or read-through), by node.",
+                ),
+                &["node"],
+            )?,
+            handoff_raced: IntCounter::new(
+                "ringcache_handoff_raced_total",
+                "Handoff copies deleted again because their key was written or deleted while it was copied.",
+            )?,
+            handoff_scanned: IntCounter::new(
+                "ringcache_handoff_scanned_keys_total",
+                "Keys scanned on other nodes to refill warming nodes.",
+            )?,
+            nodes_warming: IntGauge::new(
+                "ringcache_nodes_warming",
+                "Nodes being refilled now (joined the ring or restarted empty).",
+            )?,
         };
+        registry.register(Box::new(m.handoff_reads.clone()))?;
+        registry.register(Box::new(m.handoff_copies.clone()))?;
+        registry.register(Box::new(m.handoff_raced.clone()))?;
+        registry.register(Box::new(m.handoff_scanned.clone()))?;
+        registry.register(Box::new(m.nodes_warming.clone()))?;
         registry.register(Box::new(m.calls.clone()))?;
         registry.register(Box::new(m.pending_invalidations.clone()))?;
         registry.register(Box::new(m.invalidations_replayed.clone()))?;
@@ -156,5 +197,6 @@ impl ClusterMetrics {
         let _ = self.pending_invalidations.remove_label_values(&[node]);
         let _ = self.invalidations_replayed.remove_label_values(&[node]);
         let _ = self.flushes.remove_label_values(&[node]);
+        let _ = self.handoff_copies.remove_label_values(&[node]);
     }
 }

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use ringcache_proto::{
     service_names::CACHE,
@@ -31,6 +31,7 @@ use crate::{
         stack,
         transport::{Transport, TransportSettings},
     },
+    handoff::{HandoffSettings, Mutations, Warmth},
     health::{Health, HealthPolicy, State},
     invalidation::{Pending, Replay},
     metrics::ClusterMetrics,
@@ -51,6 +52,8 @@ pub struct CallSettings {
     /// Most bytes of keys recorded per node for invalidation before the
     /// node is marked for a flush instead.
     pub pending_invalidation_bytes: usize,
+    /// Warm handoff to nodes that join or restart.
+    pub handoff: HandoffSettings,
 }
 
 /// A member of the cluster: its ring identity and where to reach it.
@@ -129,6 +132,8 @@ pub struct Node {
     pub client: NodeClient,
     /// Keys it may hold stale values of.
     pub pending: Pending,
+    /// Whether it is being warmed (joined or restarted empty).
+    pub warmth: Warmth,
     health: Arc<NodeHealth>,
 }
 
@@ -161,6 +166,7 @@ impl Node {
             address: member.address.clone(),
             client: NodeClient::new(stack, transport, settings.batch),
             pending: Pending::new(settings.pending_invalidation_bytes),
+            warmth: Warmth::default(),
             health,
         })
     }
@@ -195,10 +201,29 @@ pub struct Topology {
     pub epoch: u64,
 }
 
+/// The membership before the last change, kept through the handoff
+/// window: keys that moved may still be held by their previous owners.
+#[derive(Debug)]
+pub struct Previous {
+    /// The topology before the change.
+    pub topology: Arc<Topology>,
+    /// When the window ends.
+    pub until: Instant,
+}
+
 /// The nodes, their health and the calls to them.
 #[derive(Debug)]
 pub struct Cluster {
     topology: ArcSwap<Topology>,
+    previous: ArcSwapOption<Previous>,
+    /// Writes and deletes running (see [`crate::handoff`]).
+    pub mutations: Mutations,
+    /// Handoff is active (some node warming, or the previous membership
+    /// still in its window) until this many ms after `created`.
+    handoff_until_ms: AtomicU64,
+    created: Instant,
+    /// Read-through copies running, bounded.
+    pub(crate) copy_slots: Arc<tokio::sync::Semaphore>,
     /// The current ring's epoch, shared with every node's transport, which
     /// sends it with each call.
     epoch: Arc<AtomicU64>,
@@ -211,6 +236,11 @@ impl Cluster {
     pub fn new(settings: CallSettings, metrics: Arc<ClusterMetrics>) -> Self {
         Self {
             topology: ArcSwap::from_pointee(Topology::default()),
+            previous: ArcSwapOption::empty(),
+            mutations: Mutations::default(),
+            handoff_until_ms: AtomicU64::new(0),
+            created: Instant::now(),
+            copy_slots: Arc::new(tokio::sync::Semaphore::new(crate::handoff::COPY_SLOTS)),
             epoch: Arc::new(AtomicU64::new(Ring::default().epoch())),
             settings,
             metrics,
@@ -225,6 +255,42 @@ impl Cluster {
     /// The current topology.
     pub fn topology(&self) -> Arc<Topology> {
         self.topology.load_full()
+    }
+
+    /// The metrics.
+    pub(crate) fn metrics(&self) -> &ClusterMetrics {
+        &self.metrics
+    }
+
+    /// The membership before the last change, while its handoff window
+    /// lasts.
+    pub fn previous(&self) -> Option<Arc<Previous>> {
+        self.previous
+            .load_full()
+            .filter(|p| Instant::now() < p.until)
+    }
+
+    /// Whether any handoff is going on: a node warming or a recent
+    /// membership change. Cheap: read paths ask it on every miss.
+    pub fn handoff_active(&self) -> bool {
+        let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now < self.handoff_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Starts warming `node`: misses on it read through, and a refill runs
+    /// at the next health round.
+    pub fn start_warming(&self, node: &Node) {
+        let window = self.settings.handoff.window;
+        node.warmth.start(window);
+        self.extend_handoff(window);
+    }
+
+    fn extend_handoff(&self, window: Duration) {
+        let until = self.created.elapsed().saturating_add(window);
+        self.handoff_until_ms.fetch_max(
+            u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Replaces the membership. Nodes whose identity and address are
@@ -285,7 +351,15 @@ impl Cluster {
                 &self.epoch,
                 &make_stack,
             ) {
-                Ok(node) => nodes.push(Arc::new(node)),
+                Ok(node) => {
+                    // A node that joins a ring that had members owns keys
+                    // they hold: warm it. (At startup there is nobody to
+                    // copy from.)
+                    if !current.nodes.is_empty() {
+                        self.start_warming(&node);
+                    }
+                    nodes.push(Arc::new(node));
+                }
                 Err(error) => {
                     tracing::error!(node = %member.id, address = %member.address, %error, "cannot create a channel to the node; leaving it out");
                 }
@@ -311,6 +385,15 @@ impl Cluster {
         for n in &nodes {
             self.metrics.set_routable(&n.id, n.routable());
         }
+        if !current.nodes.is_empty() {
+            // Keys that moved are still held by their previous owners.
+            let window = self.settings.handoff.window;
+            self.previous.store(Some(Arc::new(Previous {
+                topology: current,
+                until: Instant::now() + window,
+            })));
+            self.extend_handoff(window);
+        }
         self.topology
             .store(Arc::new(Topology { ring, nodes, epoch }));
     }
@@ -325,16 +408,41 @@ impl Cluster {
     }
 
     /// Runs one active health check of every node, in parallel, on the
-    /// connections calls use.
-    pub async fn check_all(&self, timeout: Duration) {
+    /// connections calls use; starts warming nodes that restarted, and
+    /// refills of warming nodes.
+    pub async fn check_all(self: &Arc<Self>, timeout: Duration) {
         let topology = self.topology();
+        if self
+            .previous
+            .load()
+            .as_ref()
+            .is_some_and(|p| Instant::now() >= p.until)
+        {
+            // The window is over: let the old nodes' connections go.
+            self.previous.store(None);
+        }
         let checks = topology.nodes.iter().map(|node| async move {
             match node.client.transport().health_check(CACHE, timeout).await {
                 Ok(()) => {
+                    // A restarted node is empty: warm it before it gets
+                    // calls again.
+                    match node.client.transport().identity(timeout).await {
+                        Ok(identity) if node.warmth.saw_incarnation(identity.incarnation) => {
+                            tracing::info!(node = %node.id, "node restarted (new incarnation): warming it");
+                            self.start_warming(node);
+                        }
+                        Ok(_) => {}
+                        Err(reason) => {
+                            tracing::debug!(node = %node.id, %reason, "cannot learn the node's incarnation");
+                        }
+                    }
                     // Bring it up to date first: keys it missed updates of
                     // are skipped by routing until then anyway.
                     self.replay_invalidations(node).await;
                     node.health.check_succeeded();
+                    if node.warmth.take_refill() {
+                        tokio::spawn(crate::handoff::refill(self.clone(), node.clone()));
+                    }
                 }
                 Err(reason) => {
                     tracing::debug!(node = %node.id, %reason, "health check failed");

@@ -55,6 +55,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     client::CallError,
+    handoff,
     health::State,
     nodes::{Cluster, Node, Topology},
     ring::Preference,
@@ -423,15 +424,90 @@ impl Router {
             }
         };
         // Any failure that blames the node: the next owner may answer.
-        self.route(
-            topo,
-            keys.len(),
-            |i| keys[i].as_str(),
-            CallError::is_node_fault,
-            send,
-        )
-        .await
-        .results
+        let mut routed = self
+            .route(
+                topo,
+                keys.len(),
+                |i| keys[i].as_str(),
+                CallError::is_node_fault,
+                send,
+            )
+            .await;
+        // A node that joined or restarted may not have the keys yet: answer
+        // its misses from their other holders (warm handoff).
+        if self.cluster.handoff_active() {
+            handoff::read_through(
+                &self.cluster,
+                topo,
+                keys,
+                &mut routed.results,
+                &routed.served_by,
+                deadline,
+            )
+            .await;
+        }
+        routed.results
+    }
+
+    /// Nodes that held `key` under the previous membership and no longer
+    /// own it, during the handoff window: they get no more writes, so every
+    /// write or delete of `key` deletes it there (a read that misses on the
+    /// new owner may read through to them).
+    fn shadows(&self, topo: &Topology, key: &str) -> Vec<Arc<Node>> {
+        let Some(previous) = self.cluster.previous() else {
+            return Vec::new();
+        };
+        let now: Preference = topo.ring.owners(key, self.replicas);
+        previous
+            .topology
+            .ring
+            .owners(key, self.replicas)
+            .iter()
+            .map(|&i| &previous.topology.nodes[i])
+            .filter(|n| !now.iter().any(|&c| topo.nodes[c].id == n.id))
+            .cloned()
+            .collect()
+    }
+
+    /// Deletes `keys` on their shadows ([`Router::shadows`]); a shadow that
+    /// cannot be reached has them recorded for invalidation.
+    async fn delete_on_shadows<'k>(
+        &self,
+        topo: &Topology,
+        keys: impl Iterator<Item = &'k str>,
+        deadline: Option<Instant>,
+    ) {
+        let mut by_node: HashMap<&str, (Arc<Node>, Vec<String>)> = HashMap::new();
+        let shadows: Vec<(String, Vec<Arc<Node>>)> = keys
+            .map(|k| (k.to_owned(), self.shadows(topo, k)))
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
+        for (key, nodes) in &shadows {
+            for node in nodes {
+                by_node
+                    .entry(&*node.id)
+                    .or_insert_with(|| (node.clone(), Vec::new()))
+                    .1
+                    .push(key.clone());
+            }
+        }
+        let calls = by_node.into_values().map(|(node, keys)| async move {
+            let ops = keys
+                .iter()
+                .map(|k| Op {
+                    op: Some(op::Op::Delete(DeleteRequest { key: k.clone() })),
+                })
+                .collect();
+            let result = node.client.call(ops, deadline, None).await;
+            (node, keys, result)
+        });
+        for (node, keys, result) in join_all(calls).await {
+            if result.is_err() {
+                for k in &keys {
+                    self.cluster.invalidate_later(&node, k);
+                }
+            }
+        }
     }
 
     /// Runs `ops` on `node` and answers them as writes.
@@ -451,6 +527,12 @@ impl Router {
         let topology = self.cluster.topology();
         let topo = &*topology;
         let parent = sampled_span();
+        // While it runs, a copy of these keys (warm handoff) must not keep
+        // what it read before.
+        let _writing: Vec<_> = entries
+            .iter()
+            .map(|e| self.cluster.mutations.begin(&e.key))
+            .collect();
         // Phase 1: primaries. A batch of unconditional writes is retried on
         // the next node after any failure that blames the node: writing the
         // same value again is harmless whether or not the first node
@@ -588,6 +670,14 @@ impl Router {
                 }
             }
         }
+        if self.cluster.previous().is_some() {
+            let written = entries
+                .iter()
+                .zip(&routed.results)
+                .filter(|(_, r)| r.stored)
+                .map(|(e, _)| e.key.as_str());
+            self.delete_on_shadows(topo, written, deadline).await;
+        }
         routed.results
     }
 
@@ -616,6 +706,7 @@ impl Router {
             } as i32,
             key_share: 1.0 / topo.nodes.len() as f64,
             consecutive_failures: failures,
+            warming: node.warmth.warming(),
         }
     }
 }
@@ -661,6 +752,7 @@ impl Cache for Router {
         let deadline = deadline(&request);
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let _deleting = self.cluster.mutations.begin(&req.key);
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(&req.key);
         let none_failed = vec![false; topo.nodes.len()];
@@ -715,6 +807,8 @@ impl Cache for Router {
                 self.cluster.invalidate_later(&topo.nodes[o], &req.key);
             }
         }
+        self.delete_on_shadows(&topo, std::iter::once(req.key.as_str()), deadline)
+            .await;
         match (any_ok, first_error) {
             (false, Some(error)) => Err(error),
             _ => Ok(Response::new(DeleteResponse { deleted })),
@@ -773,6 +867,7 @@ impl ClusterApi for Router {
     ) -> Result<Response<LocateResponse>, Status> {
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let _deleting = self.cluster.mutations.begin(&req.key);
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(&req.key);
         let none_failed = vec![false; topo.nodes.len()];

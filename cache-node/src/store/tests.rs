@@ -477,3 +477,38 @@ fn clear_removes_everything_and_versions_keep_growing() {
         "a write after a flush still gets a larger version"
     );
 }
+
+#[test]
+fn scan_lists_every_live_key_once_in_pages() {
+    let (s, clock) = manual_store(1 << 20, 4);
+    for i in 0..100 {
+        set(&s, &format!("k{i}"), b"v");
+    }
+    s.set("gone", b"v", Some(Duration::from_millis(5)), Condition::Always)
+        .unwrap();
+    clock.store(10, Relaxed);
+    let mut keys = Vec::new();
+    let mut cursor = Some((0, 0));
+    let mut pages = 0;
+    while let Some((shard, position)) = cursor {
+        let page = s.scan(shard, position, 7);
+        assert!(page.keys.len() <= 7);
+        keys.extend(page.keys);
+        cursor = page.next;
+        pages += 1;
+        assert!(pages < 100, "scan does not end");
+    }
+    keys.sort();
+    let mut expected: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected, "every live key once, the expired one not");
+    assert!(pages >= 100 / 7);
+}
+
+#[test]
+fn scan_of_an_empty_store_ends_at_once() {
+    let s = store(1 << 20, 8);
+    let page = s.scan(0, 0, 10);
+    assert!(page.keys.is_empty());
+    assert_eq!(page.next, None);
+}

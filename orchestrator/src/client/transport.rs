@@ -45,7 +45,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
 use prost::Message;
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, FlushRequest, FlushResponse, StatsRequest, StatsResponse,
+    ApplyRequest, ApplyResponse, FlushRequest, FlushResponse, ScanRequest, ScanResponse,
+    StatsRequest, StatsResponse,
 };
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
@@ -76,6 +77,15 @@ const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 /// How often an idle connection is pinged, and how long the answer may
 /// take.
+/// Who a node is: [`Transport::identity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Its `--node-id`.
+    pub id: String,
+    /// Different for every start of its process.
+    pub incarnation: u64,
+}
+
 const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 
 const APPLY: &str = "/ringcache.v1.Internal/Apply";
@@ -84,6 +94,7 @@ const EPOCH_HEADER: &str = "ringcache-epoch";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const FLUSH: &str = "/ringcache.v1.Internal/Flush";
 const STATS: &str = "/ringcache.v1.Node/Stats";
+const SCAN: &str = "/ringcache.v1.Internal/Scan";
 
 /// One connection slot.
 #[derive(Debug, Default)]
@@ -255,12 +266,40 @@ impl Transport {
 
     /// Asks the node for its identity (`Node/Stats` → `node_id`).
     pub async fn node_id(&self, timeout: Duration) -> Result<String, String> {
+        self.identity(timeout).await.map(|i| i.id)
+    }
+
+    /// Asks the node who it is: its `node_id` and the incarnation of its
+    /// process (`Node/Stats`).
+    pub async fn identity(&self, timeout: Duration) -> Result<Identity, String> {
         let ask =
             self.unary::<_, StatsResponse>(STATS, &StatsRequest {}, Some(timeout), None, true);
         match tokio::time::timeout(timeout, ask).await {
-            Ok(Ok(stats)) => Ok(stats.node_id),
+            Ok(Ok(stats)) => Ok(Identity {
+                id: stats.node_id,
+                incarnation: stats.incarnation,
+            }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    /// One page of the node's keys (`Internal/Scan`) from `cursor`.
+    pub async fn scan(
+        &self,
+        cursor: (u32, u64),
+        limit: u32,
+        timeout: Duration,
+    ) -> Result<ScanResponse, CallError> {
+        let request = ScanRequest {
+            shard: cursor.0,
+            position: cursor.1,
+            limit,
+        };
+        let scan = self.unary::<_, ScanResponse>(SCAN, &request, Some(timeout), None, true);
+        match tokio::time::timeout(timeout, scan).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::NodeTimeout(timeout)),
         }
     }
 
