@@ -13,7 +13,7 @@ use crate::{
     client::{StackSettings, batch::BatchLimits, transport::TransportSettings},
     handoff::HandoffSettings,
     health::HealthPolicy,
-    membership::{Source, parse_static, validate_host_port},
+    membership::{Source, parse_file, parse_static, validate_host_port},
     nodes::CallSettings,
 };
 
@@ -40,17 +40,24 @@ pub struct Config {
     #[arg(
         long,
         env = "RINGCACHE_NODES",
-        conflicts_with = "nodes_dns",
-        required_unless_present = "nodes_dns"
+        conflicts_with_all = ["nodes_dns", "nodes_file"],
+        required_unless_present_any = ["nodes_dns", "nodes_file"]
     )]
     pub nodes: Option<String>,
+
+    /// A file listing the cache nodes, one host:port per line (# starts a
+    /// comment), read again every --dns-interval: edit it to add or remove
+    /// nodes without a restart. Entries are identities, as for --nodes.
+    #[arg(long, env = "RINGCACHE_NODES_FILE", conflicts_with = "nodes_dns")]
+    pub nodes_file: Option<std::path::PathBuf>,
 
     /// Discover the cache nodes by resolving this name:port periodically
     /// (e.g. a headless Service). Each address is asked for its --node-id.
     #[arg(long, env = "RINGCACHE_NODES_DNS")]
     pub nodes_dns: Option<String>,
 
-    /// How often --nodes-dns is resolved again.
+    /// How often --nodes-dns is resolved again (and --nodes-file read
+    /// again).
     #[arg(long, env = "RINGCACHE_DNS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dns_interval: Duration,
 
@@ -183,11 +190,23 @@ fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Where the membership comes from.
     pub fn source(&self) -> Result<Source, ConfigError> {
-        match (&self.nodes, &self.nodes_dns) {
-            (Some(list), None) => Ok(Source::Static(
+        match (&self.nodes, &self.nodes_dns, &self.nodes_file) {
+            (Some(list), None, None) => Ok(Source::Static(
                 parse_static(list).map_err(|e| invalid("--nodes", e))?,
             )),
-            (None, Some(target)) => {
+            (None, None, Some(path)) => {
+                // Refuse to start on a file that cannot be used; later
+                // failures keep the membership the file gave last.
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("--nodes-file", format!("{}: {e}", path.display())))?;
+                parse_file(&text)
+                    .map_err(|e| invalid("--nodes-file", format!("{}: {e}", path.display())))?;
+                Ok(Source::File {
+                    path: path.clone(),
+                    interval: self.dns_interval,
+                })
+            }
+            (None, Some(target), None) => {
                 validate_host_port(target).map_err(|e| invalid("--nodes-dns", e))?;
                 Ok(Source::Dns {
                     target: target.clone(),
@@ -197,7 +216,7 @@ impl Config {
             }
             _ => Err(invalid(
                 "--nodes",
-                "give exactly one of --nodes and --nodes-dns",
+                "give exactly one of --nodes, --nodes-file and --nodes-dns",
             )),
         }
     }

@@ -1,8 +1,13 @@
-//! Who the cache nodes are: a static list, or DNS discovery.
+//! Who the cache nodes are: a static list, a file, or DNS discovery.
 //!
 //! - `--nodes host:port,…`: each entry's identity on the ring is the entry
 //!   itself, so the list must be the same in every orchestrator. A host
 //!   name is resolved again whenever its connection is re-established.
+//! - `--nodes-file PATH`: the same entries, one per line (`#` comments and
+//!   blank lines ignored), read again every `--dns-interval`: edit the file
+//!   (or the ConfigMap mounted as it) to add or remove nodes without a
+//!   restart. A file that cannot be read or parsed keeps the current
+//!   membership, with a warning.
 //! - `--nodes-dns name:port`: the name is resolved every `--dns-interval`
 //!   (a Kubernetes headless Service answers with one address per pod), and
 //!   each address is asked for its identity (`Node/Stats` → `node_id`, the
@@ -34,6 +39,13 @@ use crate::{
 pub enum Source {
     /// A fixed list of `host:port`.
     Static(Vec<String>),
+    /// A file listing `host:port`, one per line, read periodically.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// How often to read it again.
+        interval: Duration,
+    },
     /// A DNS name (and port) resolved periodically.
     Dns {
         /// `name:port`.
@@ -69,6 +81,31 @@ pub fn parse_static(list: &str) -> Result<Vec<String>, String> {
     Ok(nodes)
 }
 
+/// Parses a `--nodes-file`: one `host:port` per line; `#` starts a
+/// comment; blank lines are ignored.
+pub fn parse_file(text: &str) -> Result<Vec<String>, String> {
+    let entries: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if entries.is_empty() {
+        return Err("lists no node; expected one host:port per line".to_owned());
+    }
+    parse_static(&entries.join(","))
+}
+
+/// Members named by their `host:port` (static lists and files).
+fn members_of(nodes: Vec<String>) -> Vec<Member> {
+    nodes
+        .into_iter()
+        .map(|address| Member {
+            id: NodeId::from(address.as_str()),
+            address,
+        })
+        .collect()
+}
+
 /// Checks a `host:port` string.
 pub fn validate_host_port(s: &str) -> Result<(), String> {
     let Some((host, port)) = s.rsplit_once(':') else {
@@ -85,16 +122,26 @@ pub fn validate_host_port(s: &str) -> Result<(), String> {
 /// members and returns).
 pub async fn run(source: Source, cluster: Arc<Cluster>) {
     match source {
-        Source::Static(nodes) => {
-            cluster.set_members(
-                nodes
-                    .into_iter()
-                    .map(|address| Member {
-                        id: NodeId::from(address.as_str()),
-                        address,
-                    })
-                    .collect(),
-            );
+        Source::Static(nodes) => cluster.set_members(members_of(nodes)),
+        Source::File { path, interval } => {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // A few lines of a local file: read off the async threads.
+                let file = path.clone();
+                let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(file))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .and_then(|text| parse_file(&text));
+                match read {
+                    Ok(nodes) => cluster.set_members(members_of(nodes)),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cannot read --nodes-file; keeping the current membership");
+                    }
+                }
+            }
         }
         Source::Dns {
             target,
@@ -239,6 +286,17 @@ mod tests {
         assert!(parse_static(":80").is_err());
         assert!(parse_static("a:1,a:1").unwrap_err().contains("twice"));
         assert!(parse_static("[::1]:50061").is_ok());
+    }
+
+    #[test]
+    fn node_files_parse() {
+        assert_eq!(
+            parse_file("# the cache\na:1\n\n  b:2  # second\n").unwrap(),
+            vec!["a:1", "b:2"]
+        );
+        assert!(parse_file("# nothing\n\n").is_err());
+        assert!(parse_file("a:1\na:1\n").unwrap_err().contains("twice"));
+        assert!(parse_file("a\n").is_err());
     }
 }
 
