@@ -14,9 +14,9 @@ use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, FlushRequest, FlushResponse,
     GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError, Op, OpResult,
-    RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
-    StatsResponse, cache_server::Cache, internal_server::Internal, node_server::Node, op,
-    op_result,
+    RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse,
+    SetResult, StatsRequest, StatsResponse, cache_server::Cache, internal_server::Internal,
+    node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;

@@ -527,6 +527,53 @@ impl TestCluster {
         self.nodes[i] = None;
     }
 
+    /// Stops node `i` as an orchestration system does: SIGTERM, then wait
+    /// for it to drain and exit.
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut node) = self.nodes[i].take() {
+            node.process.signal_term();
+            let status = node.process.wait_exit(Duration::from_secs(30));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "node {i} did not drain and exit cleanly: {status:?}"
+            );
+        }
+    }
+
+    /// Waits until the orchestrator reports node `i` healthy and not
+    /// warming (its keys copied back after a restart or a join): what a
+    /// rolling restart waits for before the next node.
+    pub async fn wait_node_warm(&self, i: usize) {
+        let cluster = self.orchestrator.cluster().await;
+        let addr = self.node_addrs[i].clone();
+        eventually(Duration::from_secs(30), || {
+            let addr = addr.clone();
+            let mut cluster = cluster.clone();
+            async move {
+                let nodes = cluster
+                    .list_nodes(ListNodesRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .nodes;
+                let node = nodes
+                    .iter()
+                    .find(|n| n.address == addr)
+                    .ok_or("node not listed")?;
+                if node.state() == NodeState::Healthy && !node.warming {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{addr} is {:?}, warming: {}",
+                        node.state(),
+                        node.warming
+                    ))
+                }
+            }
+        })
+        .await;
+    }
+
     /// Starts node `i` again on its old address.
     pub async fn restart_node(&mut self, i: usize) {
         let addr = self.node_addrs[i].clone();

@@ -48,8 +48,7 @@ use std::{
 
 use parking_lot::Mutex;
 use ringcache_proto::v1::{
-    CopyRequest, DeleteRequest, GetRequest, GetResponse, GetResult, Op, SetResponse, op,
-    op_result,
+    CopyRequest, DeleteRequest, GetRequest, GetResponse, GetResult, Op, SetResponse, op, op_result,
 };
 
 use crate::{
@@ -280,6 +279,9 @@ impl Drop for Copying {
     }
 }
 
+/// A key and what a holder answered for it.
+type Entry = (String, GetResponse);
+
 /// A key's owners under `topo` (ring indexes).
 fn owners(topo: &Topology, key: &str, replicas: usize) -> Preference {
     topo.ring.owners(key, replicas)
@@ -351,7 +353,7 @@ pub fn holders(
 pub async fn copy_to(
     cluster: &Cluster,
     target: &Node,
-    entries: Vec<(String, GetResponse)>,
+    entries: Vec<Entry>,
     copying: &Copying,
 ) -> Result<usize, CallError> {
     if entries.is_empty() {
@@ -381,16 +383,11 @@ pub async fn copy_to(
         .filter(|k| copying.raced(k))
         .collect();
     if !raced.is_empty() {
-        cluster
-            .metrics()
-            .handoff_raced
-            .inc_by(raced.len() as u64);
+        cluster.metrics().handoff_raced.inc_by(raced.len() as u64);
         let ops = raced
             .iter()
             .map(|k| Op {
-                op: Some(op::Op::Delete(DeleteRequest {
-                    key: (*k).clone(),
-                })),
+                op: Some(op::Op::Delete(DeleteRequest { key: (*k).clone() })),
             })
             .collect();
         let deleted = target
@@ -443,7 +440,14 @@ pub async fn read_through(
         let (false, None, Some(n)) = (r.found, &r.error, served_by[i]) else {
             continue;
         };
-        let h = holders(topo, previous.as_deref(), &keys[i], replicas, &topo.nodes[n], 2);
+        let h = holders(
+            topo,
+            previous.as_deref(),
+            &keys[i],
+            replicas,
+            &topo.nodes[n],
+            2,
+        );
         if !h.is_empty() {
             wanted.push((i, n, h));
         }
@@ -452,7 +456,7 @@ pub async fn read_through(
         return;
     }
     let copying = cluster.mutations.copying();
-    let mut copies: HashMap<usize, Vec<(String, GetResponse)>> = HashMap::new();
+    let mut copies: HashMap<usize, Vec<Entry>> = HashMap::new();
     for rank in 0..2 {
         let mut groups: HashMap<&str, (Arc<Node>, Vec<usize>)> = HashMap::new();
         for (w, (_, _, h)) in wanted.iter().enumerate() {
@@ -498,10 +502,7 @@ pub async fn read_through(
                 ttl: g.ttl,
                 error: None,
             };
-            copies
-                .entry(*n)
-                .or_default()
-                .push((keys[*item].clone(), g));
+            copies.entry(*n).or_default().push((keys[*item].clone(), g));
             // Answered: no further rank for it.
             wanted[w].2.clear();
         }
@@ -524,7 +525,7 @@ pub async fn read_through(
         return;
     };
     let cluster = cluster.clone();
-    let targets: Vec<(Arc<Node>, Vec<(String, GetResponse)>)> = copies
+    let targets: Vec<(Arc<Node>, Vec<Entry>)> = copies
         .into_iter()
         .map(|(n, entries)| (topo.nodes[n].clone(), entries))
         .collect();
@@ -602,12 +603,22 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
         loop {
             if cluster.topology().epoch != topo.epoch {
                 // Who owns what changed: start over on the new membership.
-                if cluster.topology().nodes.iter().any(|n| Arc::ptr_eq(n, target)) {
+                if cluster
+                    .topology()
+                    .nodes
+                    .iter()
+                    .any(|n| Arc::ptr_eq(n, target))
+                {
                     cluster.start_warming(target);
                 }
                 return Err("the membership changed; refilling again".into());
             }
-            let page = match source.client.transport().scan(cursor, page_keys, timeout).await {
+            let page = match source
+                .client
+                .transport()
+                .scan(cursor, page_keys, timeout)
+                .await
+            {
                 Ok(page) => page,
                 Err(error) => {
                     tracing::warn!(node = %target.id, source = %source.id, %error, "warm handoff: cannot scan a node; skipping it");
@@ -615,7 +626,10 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
                 }
             };
             done.scanned += page.keys.len() as u64;
-            cluster.metrics().handoff_scanned.inc_by(page.keys.len() as u64);
+            cluster
+                .metrics()
+                .handoff_scanned
+                .inc_by(page.keys.len() as u64);
             let wanted: Vec<String> = page
                 .keys
                 .iter()
@@ -640,7 +654,7 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
                     .await
                 {
                     Ok(answers) => {
-                        let entries: Vec<(String, GetResponse)> = wanted
+                        let entries: Vec<Entry> = wanted
                             .into_iter()
                             .zip(answers)
                             .filter_map(|(k, a)| match a.result {
@@ -722,7 +736,9 @@ mod tests {
     fn when_full_every_key_counts_as_raced() {
         let m = Mutations::default();
         let copy = m.copying();
-        let held: Vec<_> = (0..MAX_TRACKED).map(|i| m.begin(&format!("k{i}"))).collect();
+        let held: Vec<_> = (0..MAX_TRACKED)
+            .map(|i| m.begin(&format!("k{i}")))
+            .collect();
         assert!(!copy.raced("zzz"));
         let extra = m.begin("zzz-untracked");
         assert!(copy.raced("anything"), "an untracked mutation is running");

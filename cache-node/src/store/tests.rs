@@ -484,8 +484,13 @@ fn scan_lists_every_live_key_once_in_pages() {
     for i in 0..100 {
         set(&s, &format!("k{i}"), b"v");
     }
-    s.set("gone", b"v", Some(Duration::from_millis(5)), Condition::Always)
-        .unwrap();
+    s.set(
+        "gone",
+        b"v",
+        Some(Duration::from_millis(5)),
+        Condition::Always,
+    )
+    .unwrap();
     clock.store(10, Relaxed);
     let mut keys = Vec::new();
     let mut cursor = Some((0, 0));

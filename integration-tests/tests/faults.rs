@@ -1,0 +1,515 @@
+//! The fault suite: real nodes and a real orchestrator under load from
+//! this test, while nodes are restarted, killed, paused and added. Every
+//! call is counted, and every answer is checked key by key against what
+//! the client last wrote or deleted. Each test prints its row of
+//! RELIABILITY.md (`cargo test -p integration-tests --test faults --
+//! --nocapture`).
+
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use integration_tests::{NodeProcess, OrchestratorProcess, TestCluster, eventually};
+use ringcache_proto::v1::{
+    DeleteRequest, GetManyRequest, GetRequest, ListNodesRequest, NodeState, SetManyRequest,
+    SetRequest, cache_client::CacheClient,
+};
+use tonic::transport::Channel;
+
+/// Keys written before the faults and only read afterwards: none may be
+/// lost where replicas should keep them.
+const FIXED_KEYS: usize = 3000;
+/// Load tasks; each owns its own mutable keys, so its model is exact.
+const WORKERS: usize = 8;
+/// Mutable keys per task.
+const KEYS_PER_WORKER: u64 = 40;
+/// A call's deadline: longer than ejection takes, so a call only fails if
+/// the cluster could not answer it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn fixed_key(i: usize) -> String {
+    format!("fixed:{i}")
+}
+
+fn fixed_value(i: usize) -> String {
+    format!("value of fixed:{i}")
+}
+
+fn with_timeout<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(CALL_TIMEOUT);
+    r
+}
+
+/// What the client last did to a mutable key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Last {
+    /// Never written, or deleted: a read must miss.
+    Absent,
+    /// Written with this value: a read must find it or miss (a cache may
+    /// lose data), never find another value.
+    Value(String),
+    /// A write or delete failed: its outcome is unknown until the next one
+    /// succeeds.
+    Unknown,
+}
+
+/// Counts over a run.
+#[derive(Debug, Default)]
+struct Counts {
+    calls: AtomicU64,
+    failed: AtomicU64,
+    /// A read found a value other than the last one written.
+    stale: AtomicU64,
+    /// A read found a key the client had deleted.
+    resurrected: AtomicU64,
+    fixed_hits: AtomicU64,
+    fixed_misses: AtomicU64,
+    /// The first few failures, for the assertion messages.
+    failures: Mutex<Vec<String>>,
+}
+
+impl Counts {
+    fn failed(&self, what: &str, status: &tonic::Status) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.failures.lock().unwrap();
+        if f.len() < 10 {
+            f.push(format!("{what}: {:?} {}", status.code(), status.message()));
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug)]
+struct Report {
+    calls: u64,
+    failed: u64,
+    stale: u64,
+    resurrected: u64,
+    fixed_hits: u64,
+    fixed_misses: u64,
+    /// The first few failures (shown by `{:?}` in assertion messages).
+    #[allow(dead_code)]
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn hit_ratio(&self) -> f64 {
+        self.fixed_hits as f64 / (self.fixed_hits + self.fixed_misses).max(1) as f64
+    }
+}
+
+/// Load on the orchestrator: half reads of the fixed keys, half reads,
+/// writes and deletes of each task's own keys, each read checked against
+/// the task's record of what it last wrote or deleted.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+    tasks: Vec<tokio::task::JoinHandle<HashMap<String, Last>>>,
+    cache: CacheClient<Channel>,
+}
+
+impl Workload {
+    fn start(cache: CacheClient<Channel>, fixed: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Counts::default());
+        let tasks = (0..WORKERS)
+            .map(|w| {
+                let (stop, counts, mut cache) = (stop.clone(), counts.clone(), cache.clone());
+                tokio::spawn(async move {
+                    let mut model: HashMap<String, Last> = (0..KEYS_PER_WORKER)
+                        .map(|k| (format!("w{w}:{k}"), Last::Absent))
+                        .collect();
+                    // xorshift: a different sequence per task, no crate.
+                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1);
+                    let mut writes = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        counts.calls.fetch_add(1, Ordering::Relaxed);
+                        if fixed > 0 && x.is_multiple_of(2) {
+                            let i = ((x >> 8) % fixed as u64) as usize;
+                            match cache
+                                .get(with_timeout(GetRequest { key: fixed_key(i) }))
+                                .await
+                            {
+                                Ok(r) => {
+                                    let r = r.into_inner();
+                                    if !r.found {
+                                        counts.fixed_misses.fetch_add(1, Ordering::Relaxed);
+                                    } else if r.value == fixed_value(i).as_bytes() {
+                                        counts.fixed_hits.fetch_add(1, Ordering::Relaxed);
+                                    } else {
+                                        counts.stale.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                Err(s) => counts.failed("get fixed", &s),
+                            }
+                            continue;
+                        }
+                        let key = format!("w{w}:{}", (x >> 8) % KEYS_PER_WORKER);
+                        match (x >> 32) % 20 {
+                            // 50% reads, 35% writes, 15% deletes.
+                            0..10 => match cache
+                                .get(with_timeout(GetRequest { key: key.clone() }))
+                                .await
+                            {
+                                Ok(r) => {
+                                    let r = r.into_inner();
+                                    match (&model[&key], r.found) {
+                                        (_, false) | (Last::Unknown, _) => {}
+                                        (Last::Absent, true) => {
+                                            counts.resurrected.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                        (Last::Value(v), true) => {
+                                            if r.value != v.as_bytes() {
+                                                counts.stale.fetch_add(1, Ordering::Relaxed);
+                                            }
+                                        }
+                                    }
+                                }
+                                Err(s) => counts.failed("get", &s),
+                            },
+                            10..17 => {
+                                writes += 1;
+                                let value = format!("{key}#{writes}");
+                                let set = SetRequest {
+                                    key: key.clone(),
+                                    value: value.clone().into_bytes().into(),
+                                    ..Default::default()
+                                };
+                                match cache.set(with_timeout(set)).await {
+                                    Ok(_) => {
+                                        model.insert(key, Last::Value(value));
+                                    }
+                                    Err(s) => {
+                                        counts.failed("set", &s);
+                                        model.insert(key, Last::Unknown);
+                                    }
+                                }
+                            }
+                            _ => match cache
+                                .delete(with_timeout(DeleteRequest { key: key.clone() }))
+                                .await
+                            {
+                                Ok(_) => {
+                                    model.insert(key, Last::Absent);
+                                }
+                                Err(s) => {
+                                    counts.failed("delete", &s);
+                                    model.insert(key, Last::Unknown);
+                                }
+                            },
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            counts,
+            tasks,
+            cache,
+        }
+    }
+
+    /// Stops the load, then reads every mutable key once more against the
+    /// record (a stale value left behind shows here even if no read hit it
+    /// during the run).
+    async fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut models = Vec::new();
+        for t in self.tasks {
+            models.push(t.await.unwrap());
+        }
+        let c = &self.counts;
+        for model in models {
+            for (key, last) in model {
+                let r = self
+                    .cache
+                    .get(with_timeout(GetRequest { key: key.clone() }))
+                    .await
+                    .expect("the final check's reads succeed")
+                    .into_inner();
+                match (last, r.found) {
+                    (_, false) | (Last::Unknown, _) => {}
+                    (Last::Absent, true) => {
+                        c.resurrected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (Last::Value(v), true) if r.value != v.as_bytes() => {
+                        c.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (Last::Value(_), true) => {}
+                }
+            }
+        }
+        Report {
+            calls: c.calls.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            stale: c.stale.load(Ordering::Relaxed),
+            resurrected: c.resurrected.load(Ordering::Relaxed),
+            fixed_hits: c.fixed_hits.load(Ordering::Relaxed),
+            fixed_misses: c.fixed_misses.load(Ordering::Relaxed),
+            failures: c.failures.lock().unwrap().clone(),
+        }
+    }
+}
+
+/// Writes the fixed keys through the orchestrator.
+async fn preload(cache: &mut CacheClient<Channel>) {
+    for chunk in (0..FIXED_KEYS).collect::<Vec<_>>().chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|&i| SetRequest {
+                key: fixed_key(i),
+                value: fixed_value(i).into_bytes().into(),
+                ..Default::default()
+            })
+            .collect();
+        let r = cache
+            .set_many(SetManyRequest { entries })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.stored && r.error.is_none()));
+    }
+}
+
+/// How many fixed keys are gone, read after the faults.
+async fn fixed_keys_lost(cache: &mut CacheClient<Channel>) -> usize {
+    let mut lost = 0;
+    for chunk in (0..FIXED_KEYS).collect::<Vec<_>>().chunks(500) {
+        let keys = chunk.iter().map(|&i| fixed_key(i)).collect();
+        let r = cache
+            .get_many(GetManyRequest { keys })
+            .await
+            .unwrap()
+            .into_inner();
+        for (&i, r) in chunk.iter().zip(&r.results) {
+            assert!(r.error.is_none(), "{}: {:?}", fixed_key(i), r.error);
+            if !r.found {
+                lost += 1;
+            } else {
+                assert_eq!(r.value, fixed_value(i).as_bytes(), "{}", fixed_key(i));
+            }
+        }
+    }
+    lost
+}
+
+fn print_row(case: &str, replicas: usize, report: &Report, lost: Option<usize>) {
+    println!(
+        "RELIABILITY | {case} | R={replicas} | {} | {} | {} | {} | {} | {:.2}% |",
+        report.calls,
+        report.failed,
+        report.stale,
+        report.resurrected,
+        lost.map_or_else(|| "—".to_owned(), |l| l.to_string()),
+        report.hit_ratio() * 100.0,
+    );
+}
+
+/// Quick health settings plus a drain that lets the orchestrator see a
+/// stopping node before its listener closes, as a pod's preStop would.
+const NODE_ARGS: &[&str] = &["--drain-delay", "500ms", "--shutdown-grace", "5s"];
+
+#[tokio::test]
+async fn a_rolling_restart_with_two_replicas_loses_no_key_and_fails_no_call() {
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        cluster.stop_node(i);
+        cluster.restart_node(i).await;
+        // As a StatefulSet waits for readiness: here, for the orchestrator
+        // to have copied the node's keys back.
+        cluster.wait_node_warm(i).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish().await;
+    let lost = fixed_keys_lost(&mut cache).await;
+    print_row("rolling restart (SIGTERM, same id)", 2, &report, Some(lost));
+    assert!(report.calls > 500, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
+    assert_eq!(lost, 0, "keys lost by the rolling restart: {report:?}");
+    let metrics = cluster.orchestrator.process.scrape().await;
+    let copied: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ringcache_handoff_copies_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        copied >= 2.0 * FIXED_KEYS as f64 / 3.0,
+        "each restarted node got its keys back by handoff: {copied}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_node_with_two_replicas_fails_no_call_and_loses_no_key() {
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_node(1);
+    cluster.wait_node_state(1, NodeState::Ejected).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    let lost = fixed_keys_lost(&mut cache).await;
+    print_row("SIGKILL of one node", 2, &report, Some(lost));
+    assert!(report.calls > 500, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
+    assert_eq!(lost, 0, "{report:?}");
+}
+
+/// SIGSTOP for longer than ejection takes, then SIGCONT: the paused node
+/// comes back holding values that were overwritten or deleted meanwhile.
+async fn pause_and_resume(replicas: usize) {
+    let r = replicas.to_string();
+    let cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused = &cluster.nodes[0].as_ref().unwrap().process;
+    paused.signal("STOP");
+    cluster.wait_node_state(0, NodeState::Ejected).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    paused.signal("CONT");
+    cluster.wait_node_state(0, NodeState::Healthy).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    let lost = (replicas > 1).then_some(fixed_keys_lost(&mut cache).await);
+    print_row(
+        "SIGSTOP past ejection, then SIGCONT",
+        replicas,
+        &report,
+        lost,
+    );
+    assert!(report.calls > 500, "{report:?}");
+    assert_eq!(report.stale, 0, "stale reads: {report:?}");
+    assert_eq!(report.resurrected, 0, "deleted keys read back: {report:?}");
+    if let Some(lost) = lost {
+        assert_eq!(lost, 0, "{report:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_paused_node_with_one_replica_serves_nothing_stale_when_it_returns() {
+    pause_and_resume(1).await;
+}
+
+#[tokio::test]
+async fn a_paused_node_with_two_replicas_serves_nothing_stale_when_it_returns() {
+    pause_and_resume(2).await;
+}
+
+/// Scale-out through `--nodes-file`: the keys that move to the new node
+/// keep hitting, read through to their previous owners and copied over.
+#[tokio::test]
+async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(NodeProcess::start(NODE_ARGS).await);
+    }
+    let dir = tempfile_dir();
+    let file = dir.join("nodes");
+    let list = |nodes: &[NodeProcess]| {
+        nodes
+            .iter()
+            .map(|n| format!("{}\n", n.addr()))
+            .collect::<String>()
+    };
+    std::fs::write(&file, list(&nodes)).unwrap();
+    let file_arg = file.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--nodes-file",
+        file_arg.as_str(),
+        "--dns-interval",
+        "200ms",
+        "--replicas",
+        "2",
+    ];
+    args.extend_from_slice(integration_tests::FAST_HEALTH);
+    let orchestrator = OrchestratorProcess::start(&args).await;
+    let mut cache = orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = Workload::start(orchestrator.cache().await, FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    nodes.push(NodeProcess::start(NODE_ARGS).await);
+    std::fs::write(&file, list(&nodes)).unwrap();
+    let api = orchestrator.cluster().await;
+    eventually(Duration::from_secs(30), || {
+        let mut api = api.clone();
+        async move {
+            let listed = api
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .nodes;
+            if listed.len() == 4 && listed.iter().all(|n| !n.warming) {
+                Ok(())
+            } else {
+                Err(format!("{listed:?}"))
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.finish().await;
+    let lost = fixed_keys_lost(&mut cache).await;
+    print_row("adding a 4th node (--nodes-file)", 2, &report, Some(lost));
+    assert!(report.calls > 500, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
+    assert!(
+        report.hit_ratio() >= 0.99,
+        "hit ratio of existing keys {:.4}: {report:?}",
+        report.hit_ratio()
+    );
+    assert_eq!(lost, 0, "{report:?}");
+    // The new node holds its share now, copied by the handoff.
+    let stats = nodes[3]
+        .node()
+        .await
+        .stats(ringcache_proto::v1::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let items = stats.total.unwrap().items;
+    assert!(
+        items as usize >= FIXED_KEYS / 3,
+        "the new node holds {items} keys"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ringcache-faults-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
