@@ -126,34 +126,61 @@ struct Fixture {
 
 impl Fixture {
     fn new(n: usize, replicas: usize) -> Self {
-        let config = Config::try_parse_from(["orchestrator", "--nodes", "unused:1"]).unwrap();
+        let r = replicas.to_string();
+        let config =
+            Config::try_parse_from(["orchestrator", "--nodes", "unused:1", "--replicas", &r])
+                .unwrap();
         let registry = prometheus::Registry::new();
         let cluster = Arc::new(Cluster::new(
             config.call_settings(),
             Arc::new(ClusterMetrics::new(&registry).unwrap()),
         ));
-        let nodes: HashMap<String, Arc<FakeNode>> = (0..n)
-            .map(|i| (format!("n{i}"), Arc::new(FakeNode::default())))
-            .collect();
+        let router = Router::new(cluster.clone(), RequestLimits::default(), replicas, 4 << 20);
+        let mut f = Self {
+            router,
+            cluster,
+            nodes: HashMap::new(),
+        };
+        f.set_nodes(n);
+        f
+    }
+
+    /// Makes the membership `n0`…`n{n-1}`, with fake nodes for new ones.
+    fn set_nodes(&mut self, n: usize) {
+        for i in 0..n {
+            self.nodes.entry(format!("n{i}")).or_default();
+        }
         let members = (0..n)
             .map(|i| Member {
                 id: format!("n{i}").as_str().into(),
                 address: format!("127.0.0.1:{}", 1 + i),
             })
             .collect();
-        cluster.set_members_with(members, |member, _, _, _| {
+        let nodes = &self.nodes;
+        self.cluster.set_members_with(members, |member, _, _, _| {
             let node = nodes[&*member.id].clone();
             BoxCloneSyncService::new(tower::service_fn(move |call: NodeCall| {
                 let node = node.clone();
                 async move { node.answer(call) }
             }))
         });
-        let router = Router::new(cluster.clone(), RequestLimits::default(), replicas, 4 << 20);
-        Self {
-            router,
-            cluster,
-            nodes,
-        }
+    }
+
+    /// The cluster's node for a fake one.
+    fn node_of(&self, fake: &Arc<FakeNode>) -> Arc<Node> {
+        let id = self
+            .nodes
+            .iter()
+            .find(|(_, n)| Arc::ptr_eq(n, fake))
+            .map(|(id, _)| id.clone())
+            .unwrap();
+        self.cluster
+            .topology()
+            .nodes
+            .iter()
+            .find(|n| *n.id == *id)
+            .cloned()
+            .unwrap()
     }
 
     /// The fake nodes in `key`'s preference order.
@@ -450,4 +477,113 @@ async fn a_write_that_lands_on_a_stand_in_lives_at_most_the_failover_ttl() {
     });
     f.set(short).await.unwrap();
     assert_eq!(last_ttl(&owners[1]), Some(5));
+}
+
+#[tokio::test]
+async fn a_miss_on_a_restarted_owner_is_answered_by_the_other_and_copied_back() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    let written = f.set(set_req("k", "v")).await.unwrap();
+    // The first owner restarts: empty, and warming.
+    owners[0].data.lock().clear();
+    f.cluster.start_warming(&f.node_of(&owners[0]));
+
+    let got = f.get("k").await.unwrap();
+    assert!(got.found, "answered by the second owner");
+    assert_eq!(&got.value[..], b"v");
+    assert_eq!(got.version, written.version);
+    // Copied back in the background, with its version.
+    for _ in 0..100 {
+        if owners[0].data.lock().contains_key("k") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        owners[0].data.lock().get("k").map(|(_, v)| *v),
+        Some(written.version)
+    );
+    // A key nobody has is a plain miss.
+    assert!(!f.get("absent").await.unwrap().found);
+}
+
+#[tokio::test]
+async fn no_read_through_when_nothing_is_warming() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    f.set(set_req("k", "v")).await.unwrap();
+    owners[0].data.lock().clear();
+    assert!(!f.get("k").await.unwrap().found);
+    assert!(owners[1].keys_called().iter().all(|c| c[0] != "get k"));
+}
+
+#[tokio::test]
+async fn a_copy_that_raced_a_delete_is_deleted_again() {
+    let f = Fixture::new(3, 1);
+    let target = f.owners("k")[0].clone();
+    let node = f.node_of(&target);
+    let copying = f.cluster.mutations.copying();
+    // A delete runs while the copy is between its read and its write.
+    drop(f.cluster.mutations.begin("k"));
+    let entries = vec![
+        (
+            "k".to_owned(),
+            GetResponse {
+                found: true,
+                value: Bytes::from_static(b"old"),
+                version: 5,
+                ttl: None,
+            },
+        ),
+        (
+            "other".to_owned(),
+            GetResponse {
+                found: true,
+                value: Bytes::from_static(b"fine"),
+                version: 6,
+                ttl: None,
+            },
+        ),
+    ];
+    let stored = handoff::copy_to(&f.cluster, &node, entries, &copying)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    let data = target.data.lock();
+    assert!(!data.contains_key("k"), "the raced copy was deleted again");
+    assert!(data.contains_key("other"));
+}
+
+#[tokio::test]
+async fn keys_that_moved_are_read_from_their_previous_owner_which_gets_every_delete() {
+    let mut f = Fixture::new(3, 1);
+    // Keys that move to the fourth node.
+    let keys: Vec<String> = (0..200).map(|i| format!("key{i}")).collect();
+    for k in &keys {
+        f.set(set_req(k, "v")).await.unwrap();
+    }
+    let before: HashMap<String, Arc<FakeNode>> = keys
+        .iter()
+        .map(|k| (k.clone(), f.owners(k)[0].clone()))
+        .collect();
+    f.set_nodes(4);
+    let moved: Vec<&String> = keys
+        .iter()
+        .filter(|k| !Arc::ptr_eq(&f.owners(k)[0], &before[*k]))
+        .collect();
+    assert!(moved.len() > 20, "{} moved", moved.len());
+    for k in &moved {
+        let got = f.get(k).await.unwrap();
+        assert!(got.found, "{k} read through to its previous owner");
+    }
+    // A delete of a moved key reaches its previous owner too, so a later
+    // miss cannot read the old value back from there.
+    let k = moved[0].as_str();
+    f.router
+        .delete(Request::new(DeleteRequest { key: k.into() }))
+        .await
+        .unwrap();
+    assert!(!before[k].data.lock().contains_key(k));
+    f.owners(k)[0].data.lock().remove(k);
+    assert!(!f.get(k).await.unwrap().found, "{k} stays deleted");
 }
