@@ -39,6 +39,13 @@ pub struct LimitArgs {
     #[arg(long, env = "RINGCACHE_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
 
+    /// Most bytes of requests and responses held by calls in flight (a
+    /// response counts until it is sent); beyond it, new calls are answered
+    /// RESOURCE_EXHAUSTED. Bounds the memory overload can take. At least
+    /// --max-message-bytes.
+    #[arg(long, env = "RINGCACHE_MAX_IN_FLIGHT_BYTES", default_value = "256MiB")]
+    pub max_in_flight_bytes: ByteSize,
+
     /// Longest time a request may run; a shorter client deadline
     /// (grpc-timeout) wins.
     #[arg(long, env = "RINGCACHE_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -83,6 +90,16 @@ pub enum LimitError {
         /// What one maximal Set needs.
         needed: u64,
     },
+    /// The in-flight byte budget cannot hold one maximal message.
+    #[error(
+        "--max-in-flight-bytes {budget} is smaller than --max-message-bytes ({message}): one maximal call could never run"
+    )]
+    BudgetTooSmall {
+        /// The configured budget.
+        budget: u64,
+        /// The message size limit.
+        message: u64,
+    },
 }
 
 impl LimitArgs {
@@ -116,6 +133,7 @@ impl LimitArgs {
             ("--max-value-bytes", self.max_value_bytes.bytes()),
             ("--max-batch", self.max_batch as u64),
             ("--max-in-flight", self.max_in_flight as u64),
+            ("--max-in-flight-bytes", self.max_in_flight_bytes.bytes()),
             ("--request-timeout", self.request_timeout.as_millis() as u64),
         ] {
             if value == 0 {
@@ -128,6 +146,13 @@ impl LimitArgs {
             return Err(LimitError::MessageTooSmall {
                 message: message.bytes(),
                 needed: self.max_single_set(),
+            });
+        }
+        let message = self.max_message_bytes() as u64;
+        if self.max_in_flight_bytes.bytes() < message {
+            return Err(LimitError::BudgetTooSmall {
+                budget: self.max_in_flight_bytes.bytes(),
+                message,
             });
         }
         Ok(())

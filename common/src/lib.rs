@@ -25,6 +25,7 @@
 pub mod config;
 pub mod deadline;
 pub mod grpc;
+pub mod inflight_bytes;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

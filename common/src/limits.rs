@@ -51,7 +51,7 @@ impl InFlightLimitLayer {
 
 /// Whether a call is a probe (`grpc.health.v1.Health`, server reflection),
 /// which bypasses the limit: cheap, and must answer under load.
-fn is_probe(path: &str) -> bool {
+pub(crate) fn is_probe(path: &str) -> bool {
     path.strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .is_some_and(|(service, _)| {

@@ -13,6 +13,7 @@ use tower::ServiceBuilder;
 use crate::{
     deadline::DeadlineLayer,
     grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA},
+    inflight_bytes::InFlightBytesLayer,
     limits::InFlightLimitLayer,
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
     rpc_trace::ServerTraceLayer,
@@ -29,6 +30,8 @@ pub struct ServeOptions {
     pub services: Vec<&'static str>,
     /// Most requests in flight at once (`--max-in-flight`).
     pub max_in_flight: usize,
+    /// Most bytes held by calls in flight (`--max-in-flight-bytes`).
+    pub max_in_flight_bytes: u64,
     /// Longest a request may run (`--request-timeout`).
     pub request_timeout: Duration,
     /// Time spent NOT_SERVING before the listener closes (`--drain-delay`).
@@ -50,6 +53,7 @@ impl ServeOptions {
             name,
             services,
             max_in_flight: limits.max_in_flight,
+            max_in_flight_bytes: limits.max_in_flight_bytes.bytes(),
             request_timeout: limits.request_timeout,
             drain_delay: process.drain_delay,
             shutdown_grace: process.shutdown_grace,
@@ -79,6 +83,8 @@ pub fn registry() -> anyhow::Result<Registry> {
 ///    call shows in its trace with its status.
 /// 3. the in-flight limit — before any work is done; health checks and
 ///    reflection bypass it, so a busy server still answers its probes.
+/// 3b. the in-flight byte budget — request and response bytes held by
+///    calls, counted until each response is sent; probes bypass it too.
 /// 4. the deadline — the shorter of the client's `grpc-timeout` and
 ///    `request_timeout`, answered `DEADLINE_EXCEEDED`. Inside the limit, so
 ///    a call that runs out of time gives its permit back at once.
@@ -107,6 +113,7 @@ pub async fn serve(
         name,
         services,
         max_in_flight,
+        max_in_flight_bytes,
         request_timeout,
         drain_delay,
         shutdown_grace,
@@ -132,6 +139,10 @@ pub async fn serve(
         .layer(GrpcMetricsLayer::new(grpc_metrics))
         .option_layer(tracing)
         .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"))
+        .layer(InFlightBytesLayer::new(
+            max_in_flight_bytes,
+            "--max-in-flight-bytes",
+        ))
         .layer(DeadlineLayer::new(request_timeout));
 
     let grpc_addr = grpc_listener.local_addr()?;

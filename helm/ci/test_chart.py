@@ -144,6 +144,26 @@ def test_capacity_fits_the_memory_limit(docs):
     assert 0 < capacity <= limit * 0.8, (capacity, limit)
 
 
+def test_in_flight_bytes_fit_beside_the_data_in_the_memory_limit(docs):
+    nodes = container(one(docs, "StatefulSet", "cache-node"))
+    limit = quantity(nodes["resources"]["limits"]["memory"])
+    capacity = int(arg(nodes, "--capacity"))
+    budget = int(arg(nodes, "--max-in-flight-bytes"))
+    # Overload is refused before it can take the pod past its limit, and one
+    # maximal message (4 MiB with the default limits) still fits.
+    assert 4 << 20 <= budget and capacity + budget < limit, (capacity, budget, limit)
+    orch = container(one(docs, "Deployment", "orchestrator"))
+    o_limit = quantity(orch["resources"]["limits"]["memory"])
+    o_budget = int(arg(orch, "--max-in-flight-bytes"))
+    assert 4 << 20 <= o_budget < o_limit, (o_budget, o_limit)
+
+
+def test_a_rolling_update_waits_for_warm_handoff(docs):
+    nodes = one(docs, "StatefulSet", "cache-node")
+    assert nodes["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert nodes["spec"]["minReadySeconds"] >= 10
+
+
 def test_an_inconsistent_capacity_is_refused_at_template_time():
     with pytest.raises(RenderError, match="exceeds 80% of cacheNode.memory"):
         render(sets=["cacheNode.capacity=1000Mi", "cacheNode.memory=1Gi"])

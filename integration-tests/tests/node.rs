@@ -403,3 +403,92 @@ async fn health_answers_serving_while_calls_are_shed() {
     assert_eq!(again.code(), tonic::Code::ResourceExhausted);
     drop(held);
 }
+
+/// Memory held by calls is bounded too: with a request holding most of
+/// `--max-in-flight-bytes` (a large body still arriving), a call that would
+/// take the count past it is refused with a status naming the flag; probes
+/// still answer; once the large call is gone, calls run again.
+#[tokio::test]
+async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_answer() {
+    let node = NodeProcess::start(&[
+        "--max-value-bytes",
+        "512KiB",
+        "--max-message-bytes",
+        "1MiB",
+        "--max-in-flight-bytes",
+        "1MiB",
+    ])
+    .await;
+    let tcp = tokio::net::TcpStream::connect(node.process.grpc)
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "{}/ringcache.v1.Cache/SetMany",
+            node.process.grpc_url()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_response, mut body) = sender.send_request(request, false).unwrap();
+    // A frame announcing 1 MiB, of which 900 KB arrive, and never the rest.
+    let mut frame = vec![0u8, 0, 0x10, 0, 0];
+    frame.extend(std::iter::repeat_n(0u8, 900_000));
+    body.reserve_capacity(frame.len());
+    body.send_data(bytes::Bytes::from(frame), false).unwrap();
+
+    let mut cache = node.cache().await;
+    let big = SetRequest {
+        key: "big".into(),
+        value: vec![7u8; 300_000].into(),
+        ..Default::default()
+    };
+    let refused = eventually(Duration::from_secs(10), || {
+        let mut cache = cache.clone();
+        let big = big.clone();
+        async move {
+            match cache.set(big).await {
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => Ok(s),
+                other => Err(format!("not refused yet: {other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.message().contains("--max-in-flight-bytes"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        health(&node.process.grpc_url(), "ringcache.v1.Cache")
+            .await
+            .unwrap(),
+        ServingStatus::Serving,
+        "probes are not counted"
+    );
+    // The node lost nothing and recovers once the large call is gone.
+    drop(body);
+    drop(_response);
+    eventually(Duration::from_secs(10), || {
+        let mut cache = cache.clone();
+        let big = big.clone();
+        async move { cache.set(big).await.map_err(|s| s.to_string()) }
+    })
+    .await;
+    let got = cache
+        .get(GetRequest { key: "big".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value.len(), 300_000);
+}

@@ -86,6 +86,34 @@ whose shards cannot hold the largest entry.
 {{- $capacity -}}
 {{- end -}}
 
+{{/*
+The gRPC message limit both binaries derive from limits (the larger of
+4 MiB and one maximal Set): an in-flight byte budget must hold one.
+*/}}
+{{- define "ringcache.messageBytes" -}}
+{{- max (add .Values.limits.maxKeyBytes .Values.limits.maxValueBytes 65536) 4194304 -}}
+{{- end -}}
+
+{{/*
+A node's --max-in-flight-bytes: half of what its memory limit leaves beside
+the cache's capacity (the rest is for the runtime and allocator slack), so
+overload is shed with RESOURCE_EXHAUSTED before it can OOM-kill the pod.
+*/}}
+{{- define "ringcache.nodeInFlightBytes" -}}
+{{- $memory := include "ringcache.bytes" .Values.cacheNode.memory | atoi -}}
+{{- $capacity := include "ringcache.capacityBytes" . | atoi -}}
+{{- max (div (sub $memory $capacity) 2) (include "ringcache.messageBytes" . | atoi) -}}
+{{- end -}}
+
+{{/*
+An orchestrator's --max-in-flight-bytes: half of its memory limit (it holds
+no data; in-flight calls are what uses its memory).
+*/}}
+{{- define "ringcache.orchestratorInFlightBytes" -}}
+{{- $memory := include "ringcache.bytes" .Values.orchestrator.resources.limits.memory | atoi -}}
+{{- max (div $memory 2) (include "ringcache.messageBytes" . | atoi) -}}
+{{- end -}}
+
 {{/* The OTLP endpoint the workloads export to, if any. */}}
 {{- define "ringcache.otlpEndpoint" -}}
 {{- if .Values.tracing.otlpEndpoint -}}
