@@ -83,9 +83,9 @@ pub fn registry() -> anyhow::Result<Registry> {
 ///    call shows in its trace with its status.
 /// 3. the in-flight limit — before any work is done; health checks and
 ///    reflection bypass it, so a busy server still answers its probes.
-/// 3b. the in-flight byte budget — request and response bytes held by
+/// 4. the in-flight byte budget — request and response bytes held by
 ///    calls, counted until each response is sent; probes bypass it too.
-/// 4. the deadline — the shorter of the client's `grpc-timeout` and
+/// 5. the deadline — the shorter of the client's `grpc-timeout` and
 ///    `request_timeout`, answered `DEADLINE_EXCEEDED`. Inside the limit, so
 ///    a call that runs out of time gives its permit back at once.
 ///
