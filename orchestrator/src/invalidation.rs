@@ -165,9 +165,101 @@ impl Pending {
     }
 }
 
+/// Keys a node holds as a stand-in: writes it took while the keys' owners
+/// were away. While they stay away it serves them; once every owner is
+/// back it must not (it gets no more writes of them), so the health checker
+/// moves them to the node's [`Pending`] record, which deletes them there.
+/// Bounded like [`Pending`]; past the bound, keys are no longer tracked and
+/// their copies live until `--failover-ttl` (their TTL cap).
+#[derive(Debug)]
+pub struct StandIns {
+    inner: Mutex<StandInner>,
+    any: AtomicBool,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct StandInner {
+    keys: HashMap<String, ()>,
+    bytes: usize,
+}
+
+impl StandIns {
+    /// An empty record of at most `max_bytes` of keys.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(StandInner::default()),
+            any: AtomicBool::new(false),
+            max_bytes,
+        }
+    }
+
+    /// Records that the node took a write of `key` for its owners.
+    pub fn record(&self, key: &str) {
+        let mut inner = self.inner.lock();
+        if inner.keys.contains_key(key) {
+            return;
+        }
+        if inner.bytes + key.len() + ENTRY_OVERHEAD > self.max_bytes {
+            tracing::warn!(
+                keys = inner.keys.len(),
+                "too many stand-in writes to track on a node: the rest live until --failover-ttl"
+            );
+            return;
+        }
+        inner.bytes += key.len() + ENTRY_OVERHEAD;
+        inner.keys.insert(key.to_owned(), ());
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Whether the node holds a stand-in copy of `key`.
+    #[inline]
+    pub fn contains(&self, key: &str) -> bool {
+        self.any.load(Ordering::Acquire) && self.inner.lock().keys.contains_key(key)
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        !self.any.load(Ordering::Acquire)
+    }
+
+    /// Removes and returns the keys `done` says are no longer needed.
+    pub fn take_where(&self, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut inner = self.inner.lock();
+        let taken: Vec<String> = inner.keys.keys().filter(|k| done(k)).cloned().collect();
+        for k in &taken {
+            inner.keys.remove(k);
+            inner.bytes -= k.len() + ENTRY_OVERHEAD;
+        }
+        if inner.keys.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+        taken
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stand_ins_are_kept_until_taken_and_bounded() {
+        let s = StandIns::new(ENTRY_OVERHEAD * 3 + 6);
+        assert!(s.is_empty() && !s.contains("a"));
+        for k in ["a", "b", "c", "d"] {
+            s.record(k);
+        }
+        assert!(s.contains("a") && s.contains("c"));
+        assert!(!s.contains("d"), "past the bound: not tracked");
+        let mut taken = s.take_where(|k| k != "b");
+        taken.sort();
+        assert_eq!(taken, ["a", "c"]);
+        assert!(s.contains("b") && !s.contains("a"));
+        s.take_where(|_| true);
+        assert!(s.is_empty());
+        s.record("d");
+        assert!(s.contains("d"), "room again");
+    }
 
     #[test]
     fn records_until_replayed_and_keeps_what_was_recorded_again() {

@@ -33,7 +33,7 @@ use crate::{
     },
     handoff::{HandoffSettings, Mutations, Warmth},
     health::{Health, HealthPolicy, State},
-    invalidation::{Pending, Replay},
+    invalidation::{Pending, Replay, StandIns},
     metrics::ClusterMetrics,
     ring::{NodeId, Ring},
 };
@@ -132,6 +132,8 @@ pub struct Node {
     pub client: NodeClient,
     /// Keys it may hold stale values of.
     pub pending: Pending,
+    /// Keys it took writes of while their owners were away.
+    pub stand_ins: StandIns,
     /// Whether it is being warmed (joined or restarted empty).
     pub warmth: Warmth,
     health: Arc<NodeHealth>,
@@ -166,6 +168,7 @@ impl Node {
             address: member.address.clone(),
             client: NodeClient::new(stack, transport, settings.batch),
             pending: Pending::new(settings.pending_invalidation_bytes),
+            stand_ins: StandIns::new(settings.pending_invalidation_bytes),
             warmth: Warmth::default(),
             health,
         })
@@ -451,6 +454,33 @@ impl Cluster {
             }
         });
         futures::future::join_all(checks).await;
+        self.retire_stand_ins();
+    }
+
+    /// Stand-in copies whose owners are all routable again are no longer
+    /// written: record them for invalidation on the node holding them (it
+    /// then skips them, and the next round deletes them there).
+    pub fn retire_stand_ins(&self) {
+        let topology = self.topology();
+        let replicas = self.settings.handoff.replicas;
+        for node in &topology.nodes {
+            if node.stand_ins.is_empty() {
+                continue;
+            }
+            let retired = node.stand_ins.take_where(|key| {
+                topology
+                    .ring
+                    .owners(key, replicas)
+                    .iter()
+                    .all(|&o| topology.nodes[o].routable())
+            });
+            for key in &retired {
+                self.invalidate_later(node, key);
+            }
+            if !retired.is_empty() {
+                tracing::info!(node = %node.id, keys = retired.len(), "owners are back: stand-in copies will be deleted");
+            }
+        }
     }
 }
 

@@ -658,12 +658,18 @@ impl Router {
 
         // Owners that did not get a write may hold an older value: record
         // the key against them, so they do not serve it until it has been
-        // deleted there.
+        // deleted there. Nodes that took it for its owners (stand-ins) are
+        // recorded too: once the owners are back, they must drop it.
         for (i, entry) in entries.iter().enumerate() {
             let (Some(p), true) = (routed.served_by[i], routed.results[i].stored) else {
                 continue;
             };
             let got = holders.get(entry.key.as_str());
+            for &n in std::iter::once(&p).chain(got.into_iter().flatten()) {
+                if !owners[i].contains(&n) {
+                    topo.nodes[n].stand_ins.record(&entry.key);
+                }
+            }
             for &o in &owners[i] {
                 if o != p && !got.is_some_and(|g| g.contains(&o)) {
                     self.cluster.invalidate_later(&topo.nodes[o], &entry.key);
@@ -764,6 +770,14 @@ impl Cache for Router {
         if targets.is_empty() {
             return Err(no_nodes());
         }
+        // Nodes holding a stand-in copy (written while the owners were
+        // away) get the delete too: they serve the key if the owners fail.
+        let owner_targets = targets.len();
+        for (n, node) in topo.nodes.iter().enumerate() {
+            if !targets.contains(&n) && node.routable() && node.stand_ins.contains(&req.key) {
+                targets.push(n);
+            }
+        }
         let parent = sampled_span();
         let calls = targets.iter().map(|&n| {
             let op = Op {
@@ -779,8 +793,16 @@ impl Cache for Router {
         let mut first_error = None;
         let mut any_ok = false;
         let mut reached: Preference = Preference::new();
-        for (&n, result) in targets.iter().zip(join_all(calls).await) {
+        for (t, (&n, result)) in targets.iter().zip(join_all(calls).await).enumerate() {
             let node = &topo.nodes[n];
+            if t >= owner_targets {
+                // A stand-in: not part of the answer; if it missed the
+                // delete, it must not serve the key until deleted there.
+                if result.is_err() {
+                    self.cluster.invalidate_later(node, &req.key);
+                }
+                continue;
+            }
             if result.is_ok() {
                 reached.push(n);
             }

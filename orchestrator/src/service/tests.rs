@@ -587,3 +587,31 @@ async fn keys_that_moved_are_read_from_their_previous_owner_which_gets_every_del
     f.owners(k)[0].data.lock().remove(k);
     assert!(!f.get(k).await.unwrap().found, "{k} stays deleted");
 }
+
+#[tokio::test]
+async fn a_stand_in_copy_gets_deletes_and_is_retired_once_the_owner_is_back() {
+    let f = Fixture::new(3, 1);
+    let order = f.owners("k");
+    let (owner, stand_in) = (order[0].clone(), order[1].clone());
+    // The owner is unreachable: the write lands on the next node.
+    *owner.fail.lock() = Some(CallError::NotSent("connection refused".into()));
+    assert!(f.set(set_req("k", "during")).await.unwrap().stored);
+    let s = f.node_of(&stand_in);
+    assert!(s.stand_ins.contains("k"));
+    // A delete while the owner is still away reaches the stand-in.
+    f.set(set_req("k", "again")).await.unwrap();
+    f.router
+        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .await
+        .unwrap();
+    assert!(!stand_in.data.lock().contains_key("k"));
+    f.set(set_req("k", "last during")).await.unwrap();
+
+    // The owner is back: the stand-in's copy is no longer written, so it
+    // is recorded for invalidation there (and skipped meanwhile).
+    *owner.fail.lock() = None;
+    f.cluster.retire_stand_ins();
+    assert!(!s.stand_ins.contains("k"));
+    assert!(s.pending.contains("k"), "to be deleted on the stand-in");
+    assert!(!s.usable_for("k"));
+}
