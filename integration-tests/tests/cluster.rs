@@ -772,3 +772,71 @@ async fn a_key_deleted_or_overwritten_while_its_owner_was_away_never_comes_back(
         "the owner serves its key again"
     );
 }
+
+/// `SetRequest` as it was when clients could send a replica version
+/// (field 6, now reserved).
+#[derive(Clone, PartialEq, prost::Message)]
+struct OldSetRequest {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+    #[prost(uint64, tag = "6")]
+    replica_version: u64,
+}
+
+/// Versions are the cluster's: a client cannot choose one. grpcurl refuses
+/// the field by name; an old client that sends it by number has it ignored
+/// (proto3 unknown field), and versions keep increasing.
+#[tokio::test]
+async fn a_client_cannot_forge_an_internal_version() {
+    let cluster = TestCluster::start(2, &["--replicas", "2"]).await;
+    let addr = cluster.orchestrator.addr();
+    let forged = integration_tests::tools::grpcurl(
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"key":"k","value":"dg==","replicaVersion":"18446744073709551615"}"#,
+            &addr,
+            "ringcache.v1.Cache/Set",
+        ],
+        None,
+    );
+    assert!(!forged.success, "{forged:?}");
+    assert!(forged.stderr.contains("replicaVersion"), "{forged:?}");
+
+    let mut grpc = tonic::client::Grpc::new(cluster.orchestrator.process.channel().await);
+    grpc.ready().await.unwrap();
+    let old: ringcache_proto::v1::SetResponse = grpc
+        .unary(
+            tonic::Request::new(OldSetRequest {
+                key: "k".into(),
+                value: b"v".to_vec(),
+                replica_version: u64::MAX,
+            }),
+            http::uri::PathAndQuery::from_static("/ringcache.v1.Cache/Set"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(old.stored);
+    assert!(
+        old.version < u64::MAX / 2,
+        "version {} was forged",
+        old.version
+    );
+    let mut cache = cluster.orchestrator.cache().await;
+    let next = cache.set(set("k", "w")).await.unwrap().into_inner();
+    assert!(next.version > old.version, "versions never go backwards");
+    for i in 0..2 {
+        let r = cluster
+            .node_cache(i)
+            .await
+            .get(GetRequest { key: "k".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.version, next.version, "node {i} holds the real version");
+    }
+}
