@@ -55,6 +55,12 @@ pub struct LimitArgs {
 /// Logging and graceful shutdown.
 #[derive(Debug, Clone, Args)]
 pub struct ProcessArgs {
+    /// Threads that serve calls; 0 means one per CPU (at least 2). Fewer
+    /// threads than CPUs trades peak throughput for less CPU per call (fewer
+    /// cross-thread wake-ups).
+    #[arg(long, env = "RINGCACHE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Log format on stderr. Filter with RUST_LOG (default "info").
     #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

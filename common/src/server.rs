@@ -220,6 +220,7 @@ impl Drop for AbortOnDrop {
 pub fn main<F, Fut>(
     name: &'static str,
     log_format: crate::logging::LogFormat,
+    worker_threads: usize,
     listen: std::net::SocketAddr,
     metrics_listen: std::net::SocketAddr,
     serve: F,
@@ -228,7 +229,7 @@ where
     F: FnOnce(TcpListener, TcpListener, crate::shutdown::Signal) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let runtime = runtime()?;
+    let runtime = runtime(worker_threads)?;
     // The OTLP exporter needs the runtime to exist when it is built.
     let telemetry = {
         let _guard = runtime.enter();
@@ -249,11 +250,15 @@ where
     result
 }
 
-/// Builds the multi-threaded runtime both binaries run on: at least two
-/// workers whatever the CPU count, so a one-CPU pod still serves a call
-/// while another task (an exporter, a health check) runs.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+/// Builds the multi-threaded runtime both binaries run on: `workers`
+/// threads (`--worker-threads`), or by default one per CPU and at least
+/// two, so a one-CPU pod still serves a call while another task (an
+/// exporter, a health check) runs.
+pub fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        n => n,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
     ringcache_common::server::main(
         "orchestrator",
         config.process.log_format,
+        config.process.worker_threads,
         config.listen,
         config.metrics_listen,
         |grpc, metrics, shutdown| server::run(config, grpc, metrics, shutdown),
