@@ -22,6 +22,8 @@ pub struct StoreCollector {
     misses: IntCounter,
     evictions: IntCounter,
     expirations: IntCounter,
+    overwrites: IntCounter,
+    deletes: IntCounter,
 }
 
 impl StoreCollector {
@@ -51,11 +53,19 @@ impl StoreCollector {
             )?,
             evictions: IntCounter::new(
                 "ringcache_store_evictions_total",
-                "Entries evicted to make room.",
+                "Live entries evicted to make room for new writes (capacity pressure; overwrites, deletes and expiries are counted apart).",
             )?,
             expirations: IntCounter::new(
                 "ringcache_store_expirations_total",
                 "Entries removed because their TTL ran out.",
+            )?,
+            overwrites: IntCounter::new(
+                "ringcache_store_overwrites_total",
+                "Live entries replaced by a newer write of the same key.",
+            )?,
+            deletes: IntCounter::new(
+                "ringcache_store_deletes_total",
+                "Live entries removed by a delete.",
             )?,
         })
     }
@@ -83,6 +93,8 @@ impl Collector for StoreCollector {
             self.misses.desc(),
             self.evictions.desc(),
             self.expirations.desc(),
+            self.overwrites.desc(),
+            self.deletes.desc(),
         ]
         .into_iter()
         .flatten()
@@ -98,6 +110,8 @@ impl Collector for StoreCollector {
         catch_up(&self.misses, s.misses);
         catch_up(&self.evictions, s.evictions);
         catch_up(&self.expirations, s.expirations);
+        catch_up(&self.overwrites, s.overwrites);
+        catch_up(&self.deletes, s.deletes);
         [
             self.items.collect(),
             self.bytes.collect(),
@@ -106,6 +120,8 @@ impl Collector for StoreCollector {
             self.misses.collect(),
             self.evictions.collect(),
             self.expirations.collect(),
+            self.overwrites.collect(),
+            self.deletes.collect(),
         ]
         .into_iter()
         .flatten()

@@ -454,6 +454,8 @@ fn shard_stats(index: u32, s: &store::ShardStats) -> ringcache_proto::v1::ShardS
         misses: s.misses,
         evictions: s.evictions,
         expirations: s.expirations,
+        overwrites: s.overwrites,
+        deletes: s.deletes,
     }
 }
 

@@ -174,6 +174,10 @@ pub struct ShardStats {
     pub evictions: u64,
     /// Entries removed because their TTL ran out.
     pub expirations: u64,
+    /// Live entries replaced by a newer write of their key.
+    pub overwrites: u64,
+    /// Live entries removed by a delete.
+    pub deletes: u64,
 }
 
 impl ShardStats {
@@ -185,6 +189,8 @@ impl ShardStats {
         self.misses += other.misses;
         self.evictions += other.evictions;
         self.expirations += other.expirations;
+        self.overwrites += other.overwrites;
+        self.deletes += other.deletes;
     }
 }
 
@@ -364,6 +370,8 @@ struct Shard {
     misses: AtomicU64,
     evictions: AtomicU64,
     expirations: AtomicU64,
+    overwrites: AtomicU64,
+    deletes: AtomicU64,
 }
 
 /// The sharded store. Cheap to share: wrap it in an `Arc`.
@@ -412,6 +420,8 @@ impl Store {
                     misses: AtomicU64::new(0),
                     evictions: AtomicU64::new(0),
                     expirations: AtomicU64::new(0),
+                    overwrites: AtomicU64::new(0),
+                    deletes: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -535,7 +545,9 @@ impl Store {
                 if expires_at != 0 {
                     inner.expiry.remove(&(expires_at, version));
                 }
-                if !live {
+                if live {
+                    shard.overwrites.fetch_add(1, Relaxed);
+                } else {
                     // Overwriting a dead entry retires it: count it as expired.
                     shard.expirations.fetch_add(1, Relaxed);
                 }
@@ -581,8 +593,15 @@ impl Store {
             }
             let mut evictions = 0;
             let mut expirations = 0;
-            for (_, gone) in &evicted {
+            let replaced = current.map(|(version, _, _)| version);
+            for (gone_key, gone) in &evicted {
                 inner.unindex(gone);
+                if gone_key.as_str() == key && Some(gone.version) == replaced {
+                    // The value this write replaced (quick_cache hands it
+                    // to the eviction hook): counted above as an overwrite
+                    // or an expiry, not as an eviction.
+                    continue;
+                }
                 if gone.is_live(|| now) {
                     evictions += 1;
                 } else {
@@ -619,7 +638,9 @@ impl Store {
         match removed {
             Some((_, entry)) => {
                 let live = entry.is_live(|| self.clock.now_ms());
-                if !live {
+                if live {
+                    shard.deletes.fetch_add(1, Relaxed);
+                } else {
                     shard.expirations.fetch_add(1, Relaxed);
                 }
                 live
@@ -744,6 +765,8 @@ impl Store {
                     misses: shard.misses.load(Relaxed),
                     evictions: shard.evictions.load(Relaxed),
                     expirations: shard.expirations.load(Relaxed),
+                    overwrites: shard.overwrites.load(Relaxed),
+                    deletes: shard.deletes.load(Relaxed),
                 }
             })
             .collect()

@@ -492,3 +492,37 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
         .into_inner();
     assert_eq!(got.value.len(), 300_000);
 }
+
+/// Capacity alerts read evictions: overwriting or deleting a key on a
+/// nearly empty node is not one, in `Node/Stats` or in `/metrics`.
+#[tokio::test]
+async fn overwrites_and_deletes_are_not_counted_as_evictions() {
+    let node = NodeProcess::start(&[]).await;
+    let mut c = node.cache().await;
+    for v in [b"one", b"two", b"333"] {
+        c.set(set("k", v)).await.unwrap();
+    }
+    c.delete(DeleteRequest { key: "k".into() }).await.unwrap();
+    let total = node
+        .node()
+        .await
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .total
+        .unwrap();
+    assert_eq!(
+        (total.evictions, total.overwrites, total.deletes),
+        (0, 2, 1),
+        "{total:?}"
+    );
+    let page = node.process.scrape().await;
+    for (name, want) in [
+        ("ringcache_store_evictions_total", 0.0),
+        ("ringcache_store_overwrites_total", 2.0),
+        ("ringcache_store_deletes_total", 1.0),
+    ] {
+        assert_eq!(metric_value(&page, name, &[]), Some(want), "{name}");
+    }
+}

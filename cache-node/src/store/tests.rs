@@ -517,3 +517,28 @@ fn scan_of_an_empty_store_ends_at_once() {
     assert!(page.keys.is_empty());
     assert_eq!(page.next, None);
 }
+
+#[test]
+fn overwrites_and_deletes_are_not_evictions() {
+    let (s, clock) = manual_store(MIB, 1);
+    set(&s, "k", b"one");
+    set(&s, "k", b"two");
+    set(&s, "k", b"three");
+    assert!(s.delete("k"));
+    assert!(!s.delete("k"), "nothing live left to delete");
+    s.set("t", b"v", Some(Duration::from_millis(5)), Condition::Always)
+        .unwrap();
+    clock.store(10, Relaxed);
+    set(&s, "t", b"after expiry");
+    let total = s.total_stats();
+    assert_eq!(
+        (
+            total.evictions,
+            total.overwrites,
+            total.deletes,
+            total.expirations
+        ),
+        (0, 2, 1, 1),
+        "{total:?}"
+    );
+}
