@@ -1,8 +1,10 @@
 //! Who the cache nodes are: a static list, a file, or DNS discovery.
 //!
 //! - `--nodes host:port,…`: each entry's identity on the ring is the entry
-//!   itself, so the list must be the same in every orchestrator. A host
-//!   name is resolved again whenever its connection is re-established.
+//!   itself — or, written `id=host:port`, the id given (the node's
+//!   `--node-id`, so the node keeps its keys if its address changes). The
+//!   list must be the same in every orchestrator. A host name is resolved
+//!   again whenever its connection is re-established.
 //! - `--nodes-file PATH`: the same entries, one per line (`#` comments and
 //!   blank lines ignored), read again every `--dns-interval`: edit the file
 //!   (or the ConfigMap mounted as it) to add or remove nodes without a
@@ -58,7 +60,18 @@ pub enum Source {
     },
 }
 
-/// Parses a `--nodes` list: comma-separated `host:port`, spaces ignored.
+/// Splits a static entry into its ring identity and address: `id=host:port`
+/// names the identity (give it the node's `--node-id`); a bare
+/// `host:port` is its own identity.
+fn split_entry(entry: &str) -> (&str, &str) {
+    match entry.split_once('=') {
+        Some((id, address)) => (id.trim(), address.trim()),
+        None => (entry, entry),
+    }
+}
+
+/// Parses a `--nodes` list: comma-separated `host:port` or
+/// `id=host:port`, spaces ignored.
 pub fn parse_static(list: &str) -> Result<Vec<String>, String> {
     let nodes: Vec<String> = list
         .split(',')
@@ -67,16 +80,26 @@ pub fn parse_static(list: &str) -> Result<Vec<String>, String> {
         .map(str::to_owned)
         .collect();
     if nodes.is_empty() {
-        return Err("--nodes lists no node; expected host:port,host:port".to_owned());
+        return Err(
+            "--nodes lists no node; expected host:port,host:port (or id=host:port)".to_owned(),
+        );
     }
     for n in &nodes {
-        validate_host_port(n)?;
+        let (id, address) = split_entry(n);
+        if id.is_empty() {
+            return Err(format!("{n:?} has an empty id; expected id=host:port"));
+        }
+        validate_host_port(address)?;
     }
-    let mut sorted = nodes.clone();
-    sorted.sort();
-    sorted.dedup();
-    if sorted.len() != nodes.len() {
-        return Err(format!("--nodes lists a node twice: {list}"));
+    for (what, pick) in [
+        ("node", (|e| split_entry(e).1) as fn(&str) -> &str),
+        ("id", |e| split_entry(e).0),
+    ] {
+        let mut seen: Vec<&str> = nodes.iter().map(|n| pick(n)).collect();
+        seen.sort_unstable();
+        if let Some(twice) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("--nodes lists a {what} twice: {}", twice[0]));
+        }
     }
     Ok(nodes)
 }
@@ -95,13 +118,17 @@ pub fn parse_file(text: &str) -> Result<Vec<String>, String> {
     parse_static(&entries.join(","))
 }
 
-/// Members named by their `host:port` (static lists and files).
+/// The members of a static list or file (entries checked by
+/// [`parse_static`]).
 fn members_of(nodes: Vec<String>) -> Vec<Member> {
     nodes
-        .into_iter()
-        .map(|address| Member {
-            id: NodeId::from(address.as_str()),
-            address,
+        .iter()
+        .map(|entry| {
+            let (id, address) = split_entry(entry);
+            Member {
+                id: NodeId::from(id),
+                address: address.to_owned(),
+            }
         })
         .collect()
 }
@@ -286,6 +313,36 @@ mod tests {
         assert!(parse_static(":80").is_err());
         assert!(parse_static("a:1,a:1").unwrap_err().contains("twice"));
         assert!(parse_static("[::1]:50061").is_ok());
+    }
+
+    #[test]
+    fn static_entries_may_name_their_identity() {
+        let nodes = parse_static("node-1=127.0.0.1:50061, node-2 = 127.0.0.1:50062,c:3").unwrap();
+        let members = members_of(nodes);
+        let pairs: Vec<(&str, &str)> = members
+            .iter()
+            .map(|m| (&*m.id, m.address.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("node-1", "127.0.0.1:50061"),
+                ("node-2", "127.0.0.1:50062"),
+                ("c:3", "c:3")
+            ]
+        );
+        assert!(parse_static("=a:1").unwrap_err().contains("empty id"));
+        assert!(
+            parse_static("x=a:1,x=b:2")
+                .unwrap_err()
+                .contains("id twice")
+        );
+        assert!(
+            parse_static("x=a:1,y=a:1")
+                .unwrap_err()
+                .contains("node twice")
+        );
+        assert!(parse_static("x=a").is_err());
     }
 
     #[test]
