@@ -39,6 +39,10 @@ pub struct ServeOptions {
     /// Time in-flight calls get after the listener closes
     /// (`--shutdown-grace`).
     pub shutdown_grace: Duration,
+    /// Whether the service can do its job (the orchestrator: some node is
+    /// reachable). While false, the named services report NOT_SERVING even
+    /// though the server runs. `None`: always ready once serving.
+    pub ready: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl ServeOptions {
@@ -57,7 +61,14 @@ impl ServeOptions {
             request_timeout: limits.request_timeout,
             drain_delay: process.drain_delay,
             shutdown_grace: process.shutdown_grace,
+            ready: None,
         }
+    }
+
+    /// Reports the services NOT_SERVING while `ready` is false.
+    pub fn with_readiness(mut self, ready: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.ready = Some(ready);
+        self
     }
 }
 
@@ -117,6 +128,7 @@ pub async fn serve(
         request_timeout,
         drain_delay,
         shutdown_grace,
+        ready,
     } = options;
     let set_all = |status| {
         let health = health.clone();
@@ -167,13 +179,40 @@ pub async fn serve(
         let _ = metrics_stopped.await;
     }));
 
-    set_all(ServingStatus::Serving).await;
+    // Readiness follows `ready` until draining starts.
+    let readiness = match ready {
+        None => {
+            set_all(ServingStatus::Serving).await;
+            None
+        }
+        Some(mut ready) => {
+            let (health, services) = (health.clone(), services.clone());
+            Some(tokio::spawn(async move {
+                loop {
+                    let status = if *ready.borrow_and_update() {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    for s in &services {
+                        health.set_service_status(*s, status).await;
+                    }
+                    if ready.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }))
+        }
+    };
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "{name} serving");
 
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {
             let _ = stop_metrics.send(());
+            if let Some(task) = &readiness {
+                task.abort();
+            }
             return match result {
                 Ok(Ok(())) => Err(anyhow::anyhow!("grpc server stopped unexpectedly")),
                 Ok(Err(e)) => Err(e).context("grpc server failed"),
@@ -183,6 +222,11 @@ pub async fn serve(
     }
 
     tracing::info!(?drain_delay, grace = ?shutdown_grace, "draining: health is NOT_SERVING");
+    if let Some(task) = readiness {
+        // Stopped before draining reports NOT_SERVING, so it cannot undo it.
+        task.abort();
+        let _ = task.await;
+    }
     set_all(ServingStatus::NotServing).await;
     tokio::time::sleep(drain_delay).await;
     let _ = stop_grpc.send(());

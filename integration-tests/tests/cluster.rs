@@ -17,6 +17,7 @@ use ringcache_proto::v1::{
     DeleteRequest, GetManyRequest, GetRequest, ListNodesRequest, LocateRequest, NodeState,
     SetManyRequest, SetRequest,
 };
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn set(key: &str, value: &str) -> SetRequest {
     SetRequest {
@@ -839,4 +840,84 @@ async fn a_client_cannot_forge_an_internal_version() {
             .into_inner();
         assert_eq!(r.version, next.version, "node {i} holds the real version");
     }
+}
+
+/// Readiness tells the truth: an orchestrator whose nodes never answer
+/// reports NOT_SERVING (liveness stays SERVING) and lists them as never
+/// reached; once a node answers it reports SERVING.
+#[tokio::test]
+async fn readiness_reports_not_serving_until_a_node_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let nodes = format!("cache-a={address}");
+    let mut args = vec!["--nodes", nodes.as_str()];
+    args.extend_from_slice(integration_tests::FAST_HEALTH);
+    let orchestrator =
+        integration_tests::Process::start(&integration_tests::binary("orchestrator"), &args, &[]);
+    let url = orchestrator.grpc_url();
+    let mut api =
+        ringcache_proto::v1::cluster_client::ClusterClient::new(orchestrator.channel().await);
+    integration_tests::eventually(Duration::from_secs(10), || {
+        let mut api = api.clone();
+        async move {
+            let nodes = api
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .nodes;
+            if nodes[0].state() == NodeState::NeverReached {
+                Ok(())
+            } else {
+                Err(format!("{nodes:?}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        integration_tests::health(&url, "ringcache.v1.Cache")
+            .await
+            .unwrap(),
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        integration_tests::health(&url, "").await.unwrap(),
+        ServingStatus::Serving,
+        "liveness is not readiness"
+    );
+    let logs = orchestrator.logs().join("\n");
+    assert!(
+        logs.contains("no cache node answers") && logs.contains(&address),
+        "{logs}"
+    );
+
+    // The node starts: readiness follows.
+    let _node = NodeProcess::start(&["--listen", &address, "--node-id", "cache-a"]).await;
+    integration_tests::eventually(Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            match integration_tests::health(&url, "ringcache.v1.Cache").await {
+                Ok(ServingStatus::Serving) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let nodes = api
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes[0].id, "cache-a");
+    assert_eq!(nodes[0].state(), NodeState::Healthy);
+    let page = orchestrator.scrape().await;
+    assert_eq!(
+        metric_value(&page, "ringcache_node_reached", &["node=\"cache-a\""]),
+        Some(1.0)
+    );
 }

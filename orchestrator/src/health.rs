@@ -48,6 +48,8 @@ pub struct Health {
     ejections: u32,
     /// When the node last became healthy.
     healthy_since: Option<Instant>,
+    /// Whether it ever answered a check or a call.
+    answered: bool,
 }
 
 impl Default for Health {
@@ -57,6 +59,7 @@ impl Default for Health {
             consecutive_failures: 0,
             ejections: 0,
             healthy_since: None,
+            answered: false,
         }
     }
 }
@@ -65,6 +68,12 @@ impl Health {
     /// The current state.
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Whether the node ever answered a check or a call (a node that never
+    /// did is likely a wrong address, or not started yet).
+    pub fn answered(&self) -> bool {
+        self.answered
     }
 
     /// Failures in a row.
@@ -80,6 +89,7 @@ impl Health {
     /// Records a successful call. Calls do not readmit an ejected node
     /// (none are sent to it); they only reset the failure count.
     pub fn call_succeeded(&mut self) {
+        self.answered = true;
         if self.routable() {
             self.consecutive_failures = 0;
         }
@@ -89,6 +99,7 @@ impl Health {
     /// readmitted the node.
     pub fn check_succeeded(&mut self, now: Instant, policy: &HealthPolicy) -> bool {
         self.consecutive_failures = 0;
+        self.answered = true;
         match self.state {
             State::Ejected { until } if now < until => false,
             State::Ejected { .. } => {

@@ -27,6 +27,7 @@ pub struct ClusterMetrics {
     latency: HistogramVec,
     ops: HistogramVec,
     routable: IntGaugeVec,
+    reached: IntGaugeVec,
     /// Nodes on the ring.
     pub ring_nodes: IntGauge,
     /// Replica writes that failed, by node.
@@ -82,6 +83,13 @@ impl ClusterMetrics {
                 Opts::new(
                     "ringcache_node_healthy",
                     "1 if the node gets calls, 0 if it is ejected.",
+                ),
+                &["node"],
+            )?,
+            reached: IntGaugeVec::new(
+                Opts::new(
+                    "ringcache_node_reached",
+                    "1 once the node has answered this orchestrator, 0 while it never has (a wrong address, or a node not started).",
                 ),
                 &["node"],
             )?,
@@ -160,6 +168,7 @@ impl ClusterMetrics {
         registry.register(Box::new(m.latency.clone()))?;
         registry.register(Box::new(m.ops.clone()))?;
         registry.register(Box::new(m.routable.clone()))?;
+        registry.register(Box::new(m.reached.clone()))?;
         registry.register(Box::new(m.ring_nodes.clone()))?;
         registry.register(Box::new(m.replica_failures.clone()))?;
         registry.register(Box::new(m.ejections.clone()))?;
@@ -184,6 +193,16 @@ impl ClusterMetrics {
             .set(i64::from(routable));
     }
 
+    /// Records that `node` has answered (its `reached` gauge starts at 0).
+    pub fn set_reached(&self, node: &str) {
+        self.reached.with_label_values(&[node]).set(1);
+    }
+
+    /// Records a new node, not reached yet.
+    pub fn add_node(&self, node: &str) {
+        self.reached.with_label_values(&[node]).set(0);
+    }
+
     /// Removes every series of a node that left the membership.
     pub fn forget_node(&self, node: &str) {
         let _ = self.latency.remove_label_values(&[node]);
@@ -192,6 +211,7 @@ impl ClusterMetrics {
             let _ = self.calls.remove_label_values(&[node, code_name(code)]);
         }
         let _ = self.routable.remove_label_values(&[node]);
+        let _ = self.reached.remove_label_values(&[node]);
         let _ = self.replica_failures.remove_label_values(&[node]);
         let _ = self.ejections.remove_label_values(&[node]);
         let _ = self.pending_invalidations.remove_label_values(&[node]);

@@ -102,6 +102,7 @@ impl NodeHealth {
         if readmitted {
             tracing::info!(node = %self.id, address = %self.address, "node readmitted");
         }
+        self.metrics.set_reached(&self.id);
         self.metrics
             .set_routable(&self.id, self.routable.load(Ordering::Relaxed));
     }
@@ -111,7 +112,7 @@ impl HealthRecorder for NodeHealth {
     fn call_succeeded(&self) {
         // Cheap path: nothing to do while healthy with no failures.
         let mut h = self.health.lock();
-        if h.consecutive_failures() > 0 {
+        if h.consecutive_failures() > 0 || !h.answered() {
             h.call_succeeded();
         }
     }
@@ -190,6 +191,11 @@ impl Node {
     pub fn health(&self) -> (State, u32) {
         let h = self.health.health.lock();
         (h.state(), h.consecutive_failures())
+    }
+
+    /// Whether the node ever answered this orchestrator.
+    pub fn answered(&self) -> bool {
+        self.health.health.lock().answered()
     }
 }
 
@@ -361,6 +367,7 @@ impl Cluster {
                     if !current.nodes.is_empty() {
                         self.start_warming(&node);
                     }
+                    self.metrics.add_node(&node.id);
                     nodes.push(Arc::new(node));
                 }
                 Err(error) => {
@@ -399,6 +406,16 @@ impl Cluster {
         }
         self.topology
             .store(Arc::new(Topology { ring, nodes, epoch }));
+    }
+
+    /// Whether this orchestrator can serve: some node on the ring is
+    /// healthy (answered its last check). False with no node, or with
+    /// every node ejected or never reached.
+    pub fn ready(&self) -> bool {
+        self.topology()
+            .nodes
+            .iter()
+            .any(|n| matches!(n.health().0, State::Healthy))
     }
 
     /// Counts a replica write that failed.

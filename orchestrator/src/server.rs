@@ -43,15 +43,25 @@ pub async fn run(
             cluster.clone(),
         )))),
     };
+    // Readiness: SERVING while some node answers (see `Cluster::ready`),
+    // re-evaluated after every health round.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let _health_checks = {
         let cluster = cluster.clone();
         let (every, timeout) = (config.health_interval, config.health_timeout);
         AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last: Option<bool> = None;
             loop {
                 tick.tick().await;
                 cluster.check_all(timeout).await;
+                let ready = cluster.ready();
+                if last != Some(ready) {
+                    report_readiness(&cluster, ready);
+                    last = Some(ready);
+                    ready_tx.send_replace(ready);
+                }
             }
         }))
     };
@@ -82,7 +92,8 @@ pub async fn run(
             vec![CACHE, CLUSTER],
             &config.limits,
             &config.process,
-        ),
+        )
+        .with_readiness(ready_rx),
         routes.routes(),
         health,
         grpc_listener,
@@ -91,4 +102,26 @@ pub async fn run(
         shutdown,
     )
     .await
+}
+
+/// Logs a change of readiness, naming the nodes when none answers.
+fn report_readiness(cluster: &Cluster, ready: bool) {
+    let topology = cluster.topology();
+    if ready {
+        tracing::info!("a cache node answers: the orchestrator reports SERVING");
+    } else if topology.nodes.is_empty() {
+        tracing::warn!(
+            "no cache node is known yet: the orchestrator reports NOT_SERVING (check --nodes, --nodes-file or --nodes-dns)"
+        );
+    } else {
+        let nodes: Vec<String> = topology
+            .nodes
+            .iter()
+            .map(|n| format!("{}@{}", n.id, n.address))
+            .collect();
+        tracing::warn!(
+            ?nodes,
+            "no cache node answers: the orchestrator reports NOT_SERVING until one does (check the addresses in --nodes, --nodes-file or --nodes-dns, and that the nodes run)"
+        );
+    }
 }

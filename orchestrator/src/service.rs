@@ -162,7 +162,7 @@ fn call_error(node: &Node, error: &CallError) -> KeyError {
 }
 
 fn no_nodes() -> Status {
-    Status::unavailable("no cache node is known (check --nodes or --nodes-dns)")
+    Status::unavailable("no cache node is known (check --nodes, --nodes-file or --nodes-dns)")
 }
 
 fn no_nodes_error() -> KeyError {
@@ -708,6 +708,7 @@ impl Router {
             state: match state {
                 State::Unknown => NodeState::Unknown,
                 State::Healthy => NodeState::Healthy,
+                State::Ejected { .. } if !node.answered() => NodeState::NeverReached,
                 State::Ejected { .. } => NodeState::Ejected,
             } as i32,
             key_share: 1.0 / topo.nodes.len() as f64,
