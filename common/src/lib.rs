@@ -29,6 +29,7 @@ pub mod inflight_bytes;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod refusals;
 pub mod rpc_trace;
 pub mod server;
 pub mod shutdown;

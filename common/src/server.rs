@@ -16,6 +16,7 @@ use crate::{
     inflight_bytes::InFlightBytesLayer,
     limits::InFlightLimitLayer,
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
+    refusals::ClearRefusalsLayer,
     rpc_trace::ServerTraceLayer,
 };
 
@@ -32,6 +33,8 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     /// Most bytes held by calls in flight (`--max-in-flight-bytes`).
     pub max_in_flight_bytes: u64,
+    /// The gRPC message limit (`--max-message-bytes`), named in refusals.
+    pub max_message_bytes: usize,
     /// Longest a request may run (`--request-timeout`).
     pub request_timeout: Duration,
     /// Time spent NOT_SERVING before the listener closes (`--drain-delay`).
@@ -58,6 +61,7 @@ impl ServeOptions {
             services,
             max_in_flight: limits.max_in_flight,
             max_in_flight_bytes: limits.max_in_flight_bytes.bytes(),
+            max_message_bytes: limits.max_message_bytes(),
             request_timeout: limits.request_timeout,
             drain_delay: process.drain_delay,
             shutdown_grace: process.shutdown_grace,
@@ -99,6 +103,9 @@ pub fn registry() -> anyhow::Result<Registry> {
 /// 5. the deadline — the shorter of the client's `grpc-timeout` and
 ///    `request_timeout`, answered `DEADLINE_EXCEEDED`. Inside the limit, so
 ///    a call that runs out of time gives its permit back at once.
+/// 6. clear refusals — tonic's own decoding refusals rewritten to name the
+///    limit or the mistake (inside the metrics, which count the final
+///    code).
 ///
 /// tonic's own `Server::timeout` is not used: it wraps every layer, so the
 /// calls it cuts short would never reach the metrics or the span.
@@ -125,6 +132,7 @@ pub async fn serve(
         services,
         max_in_flight,
         max_in_flight_bytes,
+        max_message_bytes,
         request_timeout,
         drain_delay,
         shutdown_grace,
@@ -155,7 +163,8 @@ pub async fn serve(
             max_in_flight_bytes,
             "--max-in-flight-bytes",
         ))
-        .layer(DeadlineLayer::new(request_timeout));
+        .layer(DeadlineLayer::new(request_timeout))
+        .layer(ClearRefusalsLayer::new(max_message_bytes));
 
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;

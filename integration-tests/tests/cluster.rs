@@ -921,3 +921,66 @@ async fn readiness_reports_not_serving_until_a_node_answers() {
         Some(1.0)
     );
 }
+
+/// `GetRequest` with its key as raw bytes, to send a key that is not
+/// UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGetRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+}
+
+/// Refusals made while decoding name the limit or the mistake, on the
+/// orchestrator and on a node alike.
+#[tokio::test]
+async fn undecodable_and_oversized_requests_say_what_to_fix() {
+    let limits = [
+        "--max-value-bytes",
+        "16KiB",
+        "--max-message-bytes",
+        "128KiB",
+    ];
+    let cluster = TestCluster::start_with(1, &limits, &limits).await;
+    let node_url = cluster.nodes[0].as_ref().unwrap().process.grpc_url();
+    for (who, channel) in [
+        ("orchestrator", cluster.orchestrator.process.channel().await),
+        (
+            "node",
+            tonic::transport::Channel::from_shared(node_url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        ),
+    ] {
+        let mut cache = ringcache_proto::v1::cache_client::CacheClient::new(channel.clone());
+        let entries = (0..20)
+            .map(|i| set(&format!("k{i}"), &"x".repeat(10_000)))
+            .collect();
+        let big = cache
+            .set_many(SetManyRequest { entries })
+            .await
+            .unwrap_err();
+        assert_eq!(big.code(), tonic::Code::OutOfRange, "{who}: {big:?}");
+        assert!(
+            big.message().contains("--max-message-bytes"),
+            "{who}: {}",
+            big.message()
+        );
+
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let bad = grpc
+            .unary::<_, ringcache_proto::v1::GetResponse, _>(
+                tonic::Request::new(RawGetRequest {
+                    key: vec![b'k', 0xff, 0xfe],
+                }),
+                http::uri::PathAndQuery::from_static("/ringcache.v1.Cache/Get"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{who}: {bad:?}");
+        assert!(bad.message().contains("UTF-8"), "{who}: {}", bad.message());
+    }
+}
