@@ -173,6 +173,18 @@ def test_an_inconsistent_capacity_is_refused_at_template_time():
         render(sets=["cacheNode.memory=lots"])
 
 
+def test_request_limits_take_quantities_like_memory():
+    docs = render(sets=["limits.maxValueBytes=2Mi", "limits.maxKeyBytes=2Ki"])
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        e = env(container(one(docs, kind, component)))
+        assert e["RINGCACHE_MAX_VALUE_BYTES"] == str(2 << 20)
+        assert e["RINGCACHE_MAX_KEY_BYTES"] == str(2 << 10)
+    plain = render(sets=["limits.maxValueBytes=65536"])
+    assert env(container(one(plain, "StatefulSet", "cache-node")))["RINGCACHE_MAX_VALUE_BYTES"] == "65536"
+    with pytest.raises(RenderError, match="schema"):
+        render(sets=["limits.maxValueBytes=lots"])
+
+
 def test_otlp_settings_reach_both_workloads():
     for docs, endpoint in [
         (render(ALL_ON), "http://rc-ringcache-jaeger:4318"),

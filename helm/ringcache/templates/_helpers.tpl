@@ -63,6 +63,15 @@ A Kubernetes memory quantity ("1Gi", "768Mi", "2G", "1048576") in bytes.
 {{- if $unit -}}{{ mul (atoi $num) (get $units $unit) }}{{- else -}}{{ atoi $num }}{{- end -}}
 {{- end -}}
 
+{{/* limits.maxKeyBytes and limits.maxValueBytes in bytes: a number, or a
+quantity like 1Ki or 1Mi, as cacheNode.memory. */}}
+{{- define "ringcache.keyBytes" -}}
+{{- include "ringcache.bytes" .Values.limits.maxKeyBytes -}}
+{{- end -}}
+{{- define "ringcache.valueBytes" -}}
+{{- include "ringcache.bytes" .Values.limits.maxValueBytes -}}
+{{- end -}}
+
 {{/*
 The node's --capacity in bytes: cacheNode.capacity, or 75% of
 cacheNode.memory. Refuses a capacity above 80% of the memory limit, and one
@@ -79,7 +88,7 @@ whose shards cannot hold the largest entry.
 {{- if gt (mul $capacity 10) (mul $memory 8) -}}
 {{- fail (printf "cacheNode.capacity (%d bytes) exceeds 80%% of cacheNode.memory (%s = %d bytes): leave at least 20%% of the container's memory for the runtime, connections and allocator slack, or the node will be OOM-killed" $capacity .Values.cacheNode.memory $memory) -}}
 {{- end -}}
-{{- $entry := add .Values.limits.maxKeyBytes .Values.limits.maxValueBytes 4096 -}}
+{{- $entry := add (include "ringcache.keyBytes" . | atoi) (include "ringcache.valueBytes" . | atoi) 4096 -}}
 {{- if gt $entry (div $capacity .Values.cacheNode.shards) -}}
 {{- fail (printf "cacheNode.capacity / cacheNode.shards (%d bytes) cannot hold the largest entry (limits.maxKeyBytes + limits.maxValueBytes + overhead); raise the capacity or lower the shards" (div $capacity .Values.cacheNode.shards)) -}}
 {{- end -}}
@@ -91,7 +100,7 @@ The gRPC message limit both binaries derive from limits (the larger of
 4 MiB and one maximal Set): an in-flight byte budget must hold one.
 */}}
 {{- define "ringcache.messageBytes" -}}
-{{- max (add .Values.limits.maxKeyBytes .Values.limits.maxValueBytes 65536) 4194304 -}}
+{{- max (add (include "ringcache.keyBytes" . | atoi) (include "ringcache.valueBytes" . | atoi) 65536) 4194304 -}}
 {{- end -}}
 
 {{/*
@@ -136,9 +145,9 @@ http://{{ include "ringcache.jaeger" . }}:4318
 - name: RINGCACHE_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 - name: RINGCACHE_MAX_KEY_BYTES
-  value: {{ .Values.limits.maxKeyBytes | quote }}
+  value: {{ include "ringcache.keyBytes" . | quote }}
 - name: RINGCACHE_MAX_VALUE_BYTES
-  value: {{ .Values.limits.maxValueBytes | quote }}
+  value: {{ include "ringcache.valueBytes" . | quote }}
 - name: RINGCACHE_MAX_BATCH
   value: {{ .Values.limits.maxBatch | quote }}
 {{- with include "ringcache.otlpEndpoint" . }}
