@@ -914,6 +914,7 @@ async fn readiness_reports_not_serving_until_a_node_answers() {
         .into_inner()
         .nodes;
     assert_eq!(nodes[0].id, "cache-a");
+    assert_eq!(nodes[0].node_id, "cache-a", "the id the node reports");
     assert_eq!(nodes[0].state(), NodeState::Healthy);
     let page = orchestrator.scrape().await;
     assert_eq!(

@@ -137,6 +137,8 @@ pub struct Node {
     pub stand_ins: StandIns,
     /// Whether it is being warmed (joined or restarted empty).
     pub warmth: Warmth,
+    /// Its own `--node-id`, as it last reported it.
+    reported_id: Mutex<Option<String>>,
     health: Arc<NodeHealth>,
 }
 
@@ -171,6 +173,7 @@ impl Node {
             pending: Pending::new(settings.pending_invalidation_bytes),
             stand_ins: StandIns::new(settings.pending_invalidation_bytes),
             warmth: Warmth::default(),
+            reported_id: Mutex::new(None),
             health,
         })
     }
@@ -191,6 +194,25 @@ impl Node {
     pub fn health(&self) -> (State, u32) {
         let h = self.health.health.lock();
         (h.state(), h.consecutive_failures())
+    }
+
+    /// Its own `--node-id`, as it last reported it.
+    pub fn reported_id(&self) -> Option<String> {
+        self.reported_id.lock().clone()
+    }
+
+    /// Records the id the node reports; warns when an entry that names an
+    /// identity (`id=host:port`) reaches a node that says it is another.
+    fn saw_id(&self, id: &str) {
+        let mut reported = self.reported_id.lock();
+        if reported.as_deref() == Some(id) {
+            return;
+        }
+        let named = *self.id != *self.address;
+        if named && !id.is_empty() && *self.id != *id {
+            tracing::warn!(node = %self.id, address = %self.address, reports = %id, "the node at this address reports another --node-id than the membership gives it: check the id=host:port entries");
+        }
+        *reported = Some(id.to_owned());
     }
 
     /// Whether the node ever answered this orchestrator.
@@ -447,11 +469,13 @@ impl Cluster {
                     // A restarted node is empty: warm it before it gets
                     // calls again.
                     match node.client.transport().identity(timeout).await {
-                        Ok(identity) if node.warmth.saw_incarnation(identity.incarnation) => {
-                            tracing::info!(node = %node.id, "node restarted (new incarnation): warming it");
-                            self.start_warming(node);
+                        Ok(identity) => {
+                            node.saw_id(&identity.id);
+                            if node.warmth.saw_incarnation(identity.incarnation) {
+                                tracing::info!(node = %node.id, "node restarted (new incarnation): warming it");
+                                self.start_warming(node);
+                            }
                         }
-                        Ok(_) => {}
                         Err(reason) => {
                             tracing::debug!(node = %node.id, %reason, "cannot learn the node's incarnation");
                         }

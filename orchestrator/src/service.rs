@@ -714,6 +714,7 @@ impl Router {
             key_share: 1.0 / topo.nodes.len() as f64,
             consecutive_failures: failures,
             warming: node.warmth.warming(),
+            node_id: node.reported_id().unwrap_or_default(),
         }
     }
 }
