@@ -12,11 +12,12 @@ use std::{
 
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, FlushRequest, FlushResponse,
-    GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError, Op, OpResult,
-    RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse,
-    SetResult, StatsRequest, StatsResponse, cache_server::Cache, internal_server::Internal,
-    node_server::Node, op, op_result,
+    ApplyRequest, ApplyResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest,
+    DeleteResponse, DeleteResult, FlushRequest, FlushResponse, GetManyRequest, GetManyResponse,
+    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, RingEpoch, ScanRequest,
+    ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
+    StatsRequest, StatsResponse, cache_server::Cache, internal_server::Internal, node_server::Node,
+    op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -52,6 +53,16 @@ impl CacheService {
             limits,
             max_message_bytes,
         }
+    }
+
+    fn delete_one(&self, req: &DeleteRequest) -> Result<DeleteResponse, NodeError> {
+        self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let condition = (req.if_version != 0).then_some(req.if_version);
+        let out = self.store.delete_if(&req.key, condition);
+        Ok(DeleteResponse {
+            deleted: out.deleted,
+            version: out.version,
+        })
     }
 
     fn set_one(&self, req: &SetRequest, prefix: &str) -> Result<SetResponse, NodeError> {
@@ -112,13 +123,25 @@ impl Cache for CacheService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(Response::new(self.delete_one(&request.into_inner())?))
+    }
+
+    async fn delete_many(
+        &self,
+        request: Request<DeleteManyRequest>,
+    ) -> Result<Response<DeleteManyResponse>, Status> {
         let req = request.into_inner();
-        self.limits
-            .check_key(|| "key".to_owned(), &req.key)
-            .map_err(NodeError::from)?;
-        Ok(Response::new(DeleteResponse {
-            deleted: self.store.delete(&req.key),
-        }))
+        // Refused whole before anything is deleted, as SetMany.
+        self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
+        let results = req
+            .keys
+            .iter()
+            .map(|key| DeleteResult {
+                deleted: self.store.delete(key),
+                error: None,
+            })
+            .collect();
+        Ok(Response::new(DeleteManyResponse { results }))
     }
 
     async fn get_many(
@@ -241,12 +264,7 @@ impl InternalService {
                 op_result::Result::Get(get_response(cache.store.get(&req.key)))
             }
             Some(op::Op::Set(req)) => op_result::Result::Set(cache.set_one(req, "")?),
-            Some(op::Op::Delete(req)) => {
-                cache.limits.check_key(|| "key".to_owned(), &req.key)?;
-                op_result::Result::Delete(DeleteResponse {
-                    deleted: cache.store.delete(&req.key),
-                })
-            }
+            Some(op::Op::Delete(req)) => op_result::Result::Delete(cache.delete_one(req)?),
             Some(op::Op::Copy(req)) => {
                 let checked = cache.limits.check_copy(req)?;
                 let out = cache
@@ -532,7 +550,10 @@ mod tests {
         );
         assert!(got.ttl.is_none());
         let del = svc
-            .delete(Request::new(DeleteRequest { key: "a".into() }))
+            .delete(Request::new(DeleteRequest {
+                key: "a".into(),
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -653,7 +674,10 @@ mod tests {
                 op(op::Op::Set(set_req("a", b"1"))),
                 op(op::Op::Get(GetRequest { key: "a".into() })),
                 op(op::Op::Get(GetRequest { key: String::new() })),
-                op(op::Op::Delete(DeleteRequest { key: "a".into() })),
+                op(op::Op::Delete(DeleteRequest {
+                    key: "a".into(),
+                    ..Default::default()
+                })),
                 op(op::Op::Get(GetRequest { key: "a".into() })),
                 Op { op: None },
             ],

@@ -194,6 +194,15 @@ impl ShardStats {
     }
 }
 
+/// What [`Store::delete_if`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// A live value was removed.
+    pub deleted: bool,
+    /// When not removed: the key's current version (0 if absent).
+    pub version: u64,
+}
+
 /// One page of [`Store::scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanPage {
@@ -533,6 +542,7 @@ impl Store {
                 Condition::Always => true,
                 Condition::IfAbsent => live_version == 0,
                 Condition::IfVersion(expected) => live_version == expected,
+                Condition::IfPresent => live_version != 0,
                 Condition::Replica(version) => live_version < version,
             };
             if !allowed {
@@ -626,16 +636,37 @@ impl Store {
 
     /// Removes `key`. Returns whether a live value was removed.
     pub fn delete(&self, key: &str) -> bool {
+        self.delete_if(key, None).deleted
+    }
+
+    /// Removes `key` if `version` is `None` or equals its current version
+    /// (checked and removed under the shard's lock). When it is not
+    /// removed, says the current version (0 if absent).
+    pub fn delete_if(&self, key: &str, version: Option<u64>) -> DeleteOutcome {
         let shard = self.shard(key);
         let removed = {
             let mut inner = shard.inner.write();
+            if let Some(expected) = version {
+                let now = self.clock.now_ms();
+                let current = inner
+                    .cache
+                    .peek(key)
+                    .filter(|e| e.is_live(|| now))
+                    .map_or(0, |e| e.version);
+                if current != expected {
+                    return DeleteOutcome {
+                        deleted: false,
+                        version: current,
+                    };
+                }
+            }
             let removed = inner.cache.remove(key);
             if let Some((_, entry)) = &removed {
                 inner.unindex(entry);
             }
             removed
         };
-        match removed {
+        let deleted = match removed {
             Some((_, entry)) => {
                 let live = entry.is_live(|| self.clock.now_ms());
                 if live {
@@ -646,6 +677,10 @@ impl Store {
                 live
             }
             None => false,
+        };
+        DeleteOutcome {
+            deleted,
+            version: 0,
         }
     }
 

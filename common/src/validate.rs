@@ -112,6 +112,8 @@ pub enum WriteCondition {
     IfAbsent,
     /// Write only if the current version is this one (0 = absent).
     IfVersion(u64),
+    /// Write only if the key holds a live value.
+    IfPresent,
     /// Copy from another node: write with exactly this version, only if it
     /// is greater than the current version. Never from a client's request:
     /// only `ringcache.v1.Internal`'s `CopyRequest` makes it.
@@ -175,7 +177,11 @@ impl RequestLimits {
     pub fn check_set(&self, prefix: &str, req: &SetRequest) -> Result<CheckedSet, ValidationError> {
         let ttl = self.check_entry(prefix, &req.key, &req.value, req.ttl.as_ref())?;
         let condition = match req.condition {
-            None | Some(set_request::Condition::IfAbsent(false)) => WriteCondition::Always,
+            None
+            | Some(
+                set_request::Condition::IfAbsent(false) | set_request::Condition::IfPresent(false),
+            ) => WriteCondition::Always,
+            Some(set_request::Condition::IfPresent(true)) => WriteCondition::IfPresent,
             Some(set_request::Condition::IfAbsent(true)) => WriteCondition::IfAbsent,
             Some(set_request::Condition::IfVersion(v)) => WriteCondition::IfVersion(v),
         };
@@ -367,6 +373,16 @@ mod tests {
         assert_eq!(
             limits.check_set("", &req).unwrap().condition,
             WriteCondition::IfVersion(7)
+        );
+        req.condition = Some(set_request::Condition::IfPresent(true));
+        assert_eq!(
+            limits.check_set("", &req).unwrap().condition,
+            WriteCondition::IfPresent
+        );
+        req.condition = Some(set_request::Condition::IfPresent(false));
+        assert_eq!(
+            limits.check_set("", &req).unwrap().condition,
+            WriteCondition::Always
         );
     }
 

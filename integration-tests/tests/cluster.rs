@@ -165,7 +165,10 @@ async fn get_many_across_all_nodes_answers_every_key_in_order() {
     }
     // Deletes go through the router too.
     let del = cache
-        .delete(DeleteRequest { key: "k1".into() })
+        .delete(DeleteRequest {
+            key: "k1".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -708,6 +711,7 @@ async fn a_key_deleted_or_overwritten_while_its_owner_was_away_never_comes_back(
     cache
         .delete(DeleteRequest {
             key: deleted.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -197,7 +197,10 @@ impl Workload {
                                 }
                             }
                             _ => match cache
-                                .delete(with_timeout(DeleteRequest { key: key.clone() }))
+                                .delete(with_timeout(DeleteRequest {
+                                    key: key.clone(),
+                                    ..Default::default()
+                                }))
                                 .await
                             {
                                 Ok(_) => {
@@ -594,7 +597,10 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
     cluster.wait_node_state(owner, NodeState::Healthy).await;
 
     cache
-        .delete(DeleteRequest { key: "k".into() })
+        .delete(DeleteRequest {
+            key: "k".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     // A few health rounds: the stand-in's copy is retired and deleted.

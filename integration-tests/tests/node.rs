@@ -84,13 +84,19 @@ async fn set_get_delete_with_versions_and_ttl() {
     .await;
 
     let del = c
-        .delete(DeleteRequest { key: "a".into() })
+        .delete(DeleteRequest {
+            key: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(del.deleted);
     let del = c
-        .delete(DeleteRequest { key: "a".into() })
+        .delete(DeleteRequest {
+            key: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -502,7 +508,12 @@ async fn overwrites_and_deletes_are_not_counted_as_evictions() {
     for v in [b"one", b"two", b"333"] {
         c.set(set("k", v)).await.unwrap();
     }
-    c.delete(DeleteRequest { key: "k".into() }).await.unwrap();
+    c.delete(DeleteRequest {
+        key: "k".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let total = node
         .node()
         .await

@@ -48,11 +48,11 @@ use std::{
 
 use parking_lot::Mutex;
 use ringcache_proto::v1::{
-    CopyRequest, DeleteRequest, GetRequest, GetResponse, GetResult, Op, SetResponse, op, op_result,
+    CopyRequest, GetRequest, GetResponse, GetResult, Op, SetResponse, op, op_result,
 };
 
 use crate::{
-    client::CallError,
+    client::{CallError, delete_op},
     nodes::{Cluster, Node, Previous, Topology},
     ring::Preference,
 };
@@ -384,12 +384,7 @@ pub async fn copy_to(
         .collect();
     if !raced.is_empty() {
         cluster.metrics().handoff_raced.inc_by(raced.len() as u64);
-        let ops = raced
-            .iter()
-            .map(|k| Op {
-                op: Some(op::Op::Delete(DeleteRequest { key: (*k).clone() })),
-            })
-            .collect();
+        let ops = raced.iter().map(|k| delete_op((*k).clone())).collect();
         let deleted = target
             .client
             .call(ops, Some(Instant::now() + timeout), None)

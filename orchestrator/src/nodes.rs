@@ -18,15 +18,13 @@ use std::{
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
-use ringcache_proto::{
-    service_names::CACHE,
-    v1::{DeleteRequest, Op, op, op_result},
-};
+use ringcache_proto::{service_names::CACHE, v1::op_result};
 
 use crate::{
     client::{
         CallError, NodeClient, NodeStack, StackSettings,
         batch::BatchLimits,
+        delete_op,
         layers::{CallMetrics, HealthRecorder},
         stack,
         transport::{Transport, TransportSettings},
@@ -546,12 +544,7 @@ impl Cluster {
                     }
                 },
                 Replay::Keys(keys) => {
-                    let ops = keys
-                        .iter()
-                        .map(|(key, _)| Op {
-                            op: Some(op::Op::Delete(DeleteRequest { key: key.clone() })),
-                        })
-                        .collect();
+                    let ops = keys.iter().map(|(key, _)| delete_op(key.clone())).collect();
                     let deadline = Some(Instant::now() + timeout);
                     match node.client.call(ops, deadline, None).await {
                         Ok(results) => {

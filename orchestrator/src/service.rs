@@ -45,16 +45,16 @@ use ringcache_common::{
     validate::{RequestLimits, to_proto_duration},
 };
 use ringcache_proto::v1::{
-    CopyRequest, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest,
-    GetResponse, GetResult, KeyError, ListNodesRequest, ListNodesResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse, SetRequest,
-    SetResponse, SetResult, cache_server::Cache, cluster_server::Cluster as ClusterApi, op,
-    op_result, set_request,
+    CopyRequest, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
+    DeleteResult, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError,
+    ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse, NodeInfo, NodeState, Op,
+    OpResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
+    cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    client::CallError,
+    client::{CallError, delete_op},
     handoff,
     health::State,
     nodes::{Cluster, Node, Topology},
@@ -492,12 +492,7 @@ impl Router {
             }
         }
         let calls = by_node.into_values().map(|(node, keys)| async move {
-            let ops = keys
-                .iter()
-                .map(|k| Op {
-                    op: Some(op::Op::Delete(DeleteRequest { key: k.clone() })),
-                })
-                .collect();
+            let ops = keys.iter().map(|k| delete_op(k.clone())).collect();
             let result = node.client.call(ops, deadline, None).await;
             (node, keys, result)
         });
@@ -542,7 +537,10 @@ impl Router {
         let unconditional = entries.iter().all(|e| {
             matches!(
                 e.condition,
-                None | Some(set_request::Condition::IfAbsent(false))
+                None | Some(
+                    set_request::Condition::IfAbsent(false)
+                        | set_request::Condition::IfPresent(false)
+                )
             )
         });
         let retryable: fn(&CallError) -> bool = if unconditional {
@@ -687,6 +685,122 @@ impl Router {
         routed.results
     }
 
+    /// Deletes `key` on every usable owner (or, with none, the node
+    /// standing in), on nodes holding a stand-in copy and on its previous
+    /// owners; owners it cannot reach are recorded for invalidation. True
+    /// if an owner removed a live value; an error only if no owner could be
+    /// reached.
+    async fn remove(&self, key: &str, deadline: Option<Instant>) -> Result<bool, KeyError> {
+        let topo = self.cluster.topology();
+        let pref = topo.ring.preference(key);
+        let none_failed = vec![false; topo.nodes.len()];
+        let owners: Preference = pref.iter().copied().take(self.replicas).collect();
+        let mut targets = usable_owners(&topo, key, &owners, &none_failed, self.replicas);
+        if targets.is_empty() {
+            targets.extend(choose(&topo, key, &pref, &none_failed));
+        }
+        if targets.is_empty() {
+            return Err(no_nodes_error());
+        }
+        // Nodes holding a stand-in copy (written while the owners were
+        // away) get the delete too: they serve the key if the owners fail.
+        let owner_targets = targets.len();
+        for (n, node) in topo.nodes.iter().enumerate() {
+            if !targets.contains(&n) && node.routable() && node.stand_ins.contains(key) {
+                targets.push(n);
+            }
+        }
+        let parent = sampled_span();
+        let calls = targets.iter().map(|&n| {
+            topo.nodes[n]
+                .client
+                .call(vec![delete_op(key.to_owned())], deadline, parent.clone())
+        });
+        let mut deleted = false;
+        let mut first_error = None;
+        let mut any_ok = false;
+        let mut reached: Preference = Preference::new();
+        for (t, (&n, result)) in targets.iter().zip(join_all(calls).await).enumerate() {
+            let node = &topo.nodes[n];
+            if t >= owner_targets {
+                // A stand-in: not part of the answer; if it missed the
+                // delete, it must not serve the key until deleted there.
+                if result.is_err() {
+                    self.cluster.invalidate_later(node, key);
+                }
+                continue;
+            }
+            if result.is_ok() {
+                reached.push(n);
+            }
+            let answer = result
+                .map_err(|e| call_error(node, &e))
+                .and_then(|mut results| match results.pop().and_then(|r| r.result) {
+                    Some(op_result::Result::Delete(d)) => Ok(d.deleted),
+                    other => Err(op_error(node, other, "delete")),
+                });
+            match answer {
+                Ok(d) => {
+                    any_ok = true;
+                    deleted |= d;
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        // Owners the delete did not reach may still hold the key: record it
+        // against them, so they do not serve it until it is deleted there.
+        for &o in &owners {
+            if !reached.contains(&o) {
+                self.cluster.invalidate_later(&topo.nodes[o], key);
+            }
+        }
+        self.delete_on_shadows(&topo, std::iter::once(key), deadline)
+            .await;
+        match (any_ok, first_error) {
+            (false, Some(error)) => Err(error),
+            _ => Ok(deleted),
+        }
+    }
+
+    /// A compare-and-delete on the key's primary (the first usable owner).
+    /// Moved to the next node only when the call provably never reached
+    /// the first: otherwise it may have been applied.
+    async fn delete_if(
+        &self,
+        req: &DeleteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<DeleteResponse, KeyError> {
+        let topo = self.cluster.topology();
+        let mut pref = topo.ring.owners(&req.key, prefix_len(&topo, self.replicas));
+        let mut failed = vec![false; topo.nodes.len()];
+        let mut last = no_nodes_error();
+        for _ in 0..self.replicas.max(2) {
+            let Some(n) = target(&topo, &req.key, &mut pref, &failed) else {
+                break;
+            };
+            let node = &topo.nodes[n];
+            let op = Op {
+                op: Some(op::Op::Delete(req.clone())),
+            };
+            match node.client.call(vec![op], deadline, sampled_span()).await {
+                Ok(mut results) => {
+                    return match results.pop().and_then(|r| r.result) {
+                        Some(op_result::Result::Delete(d)) => Ok(d),
+                        other => Err(op_error(node, other, "delete")),
+                    };
+                }
+                Err(e) if e.is_node_fault() && !e.may_have_applied() => {
+                    failed[n] = true;
+                    last = call_error(node, &e);
+                }
+                Err(e) => return Err(call_error(node, &e)),
+            }
+        }
+        Err(last)
+    }
+
     /// The TTL of a stand-in copy: the write's own, capped at
     /// `--failover-ttl`. A node that is not among a key's owners holds it
     /// only while they are away; when they return it is not updated, so
@@ -761,82 +875,50 @@ impl Cache for Router {
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
         let _deleting = self.cluster.mutations.begin(&req.key);
-        let topo = self.cluster.topology();
-        let pref = topo.ring.preference(&req.key);
-        let none_failed = vec![false; topo.nodes.len()];
-        let owners: Preference = pref.iter().copied().take(self.replicas).collect();
-        let mut targets = usable_owners(&topo, &req.key, &owners, &none_failed, self.replicas);
-        if targets.is_empty() {
-            targets.extend(choose(&topo, &req.key, &pref, &none_failed));
-        }
-        if targets.is_empty() {
-            return Err(no_nodes());
-        }
-        // Nodes holding a stand-in copy (written while the owners were
-        // away) get the delete too: they serve the key if the owners fail.
-        let owner_targets = targets.len();
-        for (n, node) in topo.nodes.iter().enumerate() {
-            if !targets.contains(&n) && node.routable() && node.stand_ins.contains(&req.key) {
-                targets.push(n);
+        if req.if_version != 0 {
+            // Compare-and-delete: decided by the primary alone; the other
+            // copies follow only if it deleted.
+            let answer = self.delete_if(&req, deadline).await.map_err(status_of)?;
+            if !answer.deleted {
+                return Ok(Response::new(answer));
             }
         }
-        let parent = sampled_span();
-        let calls = targets.iter().map(|&n| {
-            let op = Op {
-                op: Some(op::Op::Delete(DeleteRequest {
-                    key: req.key.clone(),
-                })),
-            };
-            topo.nodes[n]
-                .client
-                .call(vec![op], deadline, parent.clone())
-        });
-        let mut deleted = false;
-        let mut first_error = None;
-        let mut any_ok = false;
-        let mut reached: Preference = Preference::new();
-        for (t, (&n, result)) in targets.iter().zip(join_all(calls).await).enumerate() {
-            let node = &topo.nodes[n];
-            if t >= owner_targets {
-                // A stand-in: not part of the answer; if it missed the
-                // delete, it must not serve the key until deleted there.
-                if result.is_err() {
-                    self.cluster.invalidate_later(node, &req.key);
-                }
-                continue;
-            }
-            if result.is_ok() {
-                reached.push(n);
-            }
-            let answer = result
-                .map_err(|e| call_error(node, &e))
-                .and_then(|mut results| match results.pop().and_then(|r| r.result) {
-                    Some(op_result::Result::Delete(d)) => Ok(d.deleted),
-                    other => Err(op_error(node, other, "delete")),
-                });
-            match answer {
-                Ok(d) => {
-                    any_ok = true;
-                    deleted |= d;
-                }
-                Err(error) => {
-                    first_error.get_or_insert_with(|| status_of(error));
-                }
-            }
-        }
-        // Owners the delete did not reach may still hold the key: record it
-        // against them, so they do not serve it until it is deleted there.
-        for &o in &owners {
-            if !reached.contains(&o) {
-                self.cluster.invalidate_later(&topo.nodes[o], &req.key);
-            }
-        }
-        self.delete_on_shadows(&topo, std::iter::once(req.key.as_str()), deadline)
-            .await;
-        match (any_ok, first_error) {
-            (false, Some(error)) => Err(error),
-            _ => Ok(Response::new(DeleteResponse { deleted })),
-        }
+        let deleted = self.remove(&req.key, deadline).await.map_err(status_of)?;
+        Ok(Response::new(DeleteResponse {
+            deleted: deleted || req.if_version != 0,
+            version: 0,
+        }))
+    }
+
+    async fn delete_many(
+        &self,
+        request: Request<DeleteManyRequest>,
+    ) -> Result<Response<DeleteManyResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_keys(&req.keys)?;
+        let _deleting: Vec<_> = req
+            .keys
+            .iter()
+            .map(|k| self.cluster.mutations.begin(k))
+            .collect();
+        // Each key as a delete of its own, all at once: the per-node
+        // coalescing turns them into one call per node.
+        let results = join_all(req.keys.iter().map(|k| self.remove(k, deadline)))
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(deleted) => DeleteResult {
+                    deleted,
+                    error: None,
+                },
+                Err(error) => DeleteResult {
+                    deleted: false,
+                    error: Some(error),
+                },
+            })
+            .collect();
+        Ok(Response::new(DeleteManyResponse { results }))
     }
 
     async fn get_many(

@@ -41,6 +41,10 @@ enum Step {
         key: usize,
         len: usize,
     },
+    IfPresent {
+        key: usize,
+        len: usize,
+    },
     /// Compare-and-set with the key's current version (`stale: false`) or
     /// an older one.
     Cas {
@@ -72,6 +76,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (key.clone(), len.clone(), proptest::option::of(1u64..500))
             .prop_map(|(key, len, ttl_ms)| Step::Set { key, len, ttl_ms }),
         1 => (key.clone(), len.clone()).prop_map(|(key, len)| Step::IfAbsent { key, len }),
+        1 => (key.clone(), len.clone()).prop_map(|(key, len)| Step::IfPresent { key, len }),
         2 => (key.clone(), len.clone(), any::<bool>())
             .prop_map(|(key, len, stale)| Step::Cas { key, len, stale }),
         1 => (key.clone(), len.clone(), any::<bool>())
@@ -214,6 +219,24 @@ fn run(steps: &[Step]) {
                     model.written(key, v, out.version, 0);
                 } else {
                     assert_eq!(out.version, current);
+                }
+            }
+            Step::IfPresent { key, len } => {
+                let v = value(key, len, salt);
+                let current = model.live_version(key, now);
+                let out = store
+                    .set(&name(key), &v, None, Condition::IfPresent)
+                    .unwrap();
+                assert_eq!(
+                    out.stored,
+                    current != 0,
+                    "step {n}: if-present over {current}"
+                );
+                if out.stored {
+                    assert!(out.version > current);
+                    model.written(key, v, out.version, 0);
+                } else {
+                    assert_eq!(out.version, 0);
                 }
             }
             Step::Cas { key, len, stale } => {

@@ -542,3 +542,26 @@ fn overwrites_and_deletes_are_not_evictions() {
         "{total:?}"
     );
 }
+
+#[test]
+fn a_conditional_delete_removes_only_the_version_it_names() {
+    let s = store(MIB, 2);
+    assert_eq!(
+        s.delete_if("k", Some(5)),
+        DeleteOutcome {
+            deleted: false,
+            version: 0
+        }
+    );
+    let v = set(&s, "k", b"v").version;
+    assert_eq!(
+        s.delete_if("k", Some(v + 1)),
+        DeleteOutcome {
+            deleted: false,
+            version: v
+        }
+    );
+    assert!(s.get("k").is_some());
+    assert!(s.delete_if("k", Some(v)).deleted);
+    assert!(s.get("k").is_none());
+}

@@ -17,7 +17,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use ringcache_proto::v1::{Op, OpResult};
+use ringcache_proto::v1::{DeleteRequest, Op, OpResult, op};
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 pub mod batch;
@@ -26,6 +26,13 @@ pub mod layers;
 pub mod transport;
 
 pub use error::CallError;
+
+/// An op that deletes `key` unconditionally.
+pub fn delete_op(key: String) -> Op {
+    Op {
+        op: Some(op::Op::Delete(DeleteRequest { key, if_version: 0 })),
+    }
+}
 
 use self::{
     batch::{BatchLimits, Coalescer},

@@ -52,6 +52,7 @@ impl FakeNode {
                     None | Some(set_request::Condition::IfAbsent(false)) => true,
                     Some(set_request::Condition::IfAbsent(true)) => current == 0,
                     Some(set_request::Condition::IfVersion(v)) => current == v,
+                    Some(set_request::Condition::IfPresent(p)) => !p || current != 0,
                 };
                 if !allowed {
                     return op_result::Result::Set(SetResponse {
@@ -77,9 +78,19 @@ impl FakeNode {
                     version: c.version.max(current),
                 })
             }
-            Some(op::Op::Delete(d)) => op_result::Result::Delete(DeleteResponse {
-                deleted: data.remove(&d.key).is_some(),
-            }),
+            Some(op::Op::Delete(d)) => {
+                let current = data.get(&d.key).map_or(0, |(_, v)| *v);
+                if d.if_version != 0 && d.if_version != current {
+                    return op_result::Result::Delete(DeleteResponse {
+                        deleted: false,
+                        version: current,
+                    });
+                }
+                op_result::Result::Delete(DeleteResponse {
+                    deleted: data.remove(&d.key).is_some(),
+                    version: 0,
+                })
+            }
             None => op_result::Result::Error(KeyError::default()),
         }
     }
@@ -381,7 +392,10 @@ async fn a_delete_goes_to_every_owner() {
     }
     let deleted = f
         .router
-        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .delete(Request::new(DeleteRequest {
+            key: "k".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -405,7 +419,10 @@ async fn an_owner_a_delete_missed_is_not_read_from_until_invalidated() {
     *owners[0].fail.lock() = Some(CallError::NotSent("connection refused".into()));
     let status = f
         .router
-        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .delete(Request::new(DeleteRequest {
+            key: "k".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -580,7 +597,10 @@ async fn keys_that_moved_are_read_from_their_previous_owner_which_gets_every_del
     // miss cannot read the old value back from there.
     let k = moved[0].as_str();
     f.router
-        .delete(Request::new(DeleteRequest { key: k.into() }))
+        .delete(Request::new(DeleteRequest {
+            key: k.into(),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert!(!before[k].data.lock().contains_key(k));
@@ -601,7 +621,10 @@ async fn a_stand_in_copy_gets_deletes_and_is_retired_once_the_owner_is_back() {
     // A delete while the owner is still away reaches the stand-in.
     f.set(set_req("k", "again")).await.unwrap();
     f.router
-        .delete(Request::new(DeleteRequest { key: "k".into() }))
+        .delete(Request::new(DeleteRequest {
+            key: "k".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap();
     assert!(!stand_in.data.lock().contains_key("k"));
@@ -614,4 +637,78 @@ async fn a_stand_in_copy_gets_deletes_and_is_retired_once_the_owner_is_back() {
     assert!(!s.stand_ins.contains("k"));
     assert!(s.pending.contains("k"), "to be deleted on the stand-in");
     assert!(!s.usable_for("k"));
+}
+
+#[tokio::test]
+async fn a_conditional_delete_is_decided_by_the_primary_and_then_reaches_every_copy() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    let written = f.set(set_req("k", "v")).await.unwrap();
+    let delete = |if_version| {
+        f.router.delete(Request::new(DeleteRequest {
+            key: "k".into(),
+            if_version,
+        }))
+    };
+    let stale = delete(written.version + 1).await.unwrap().into_inner();
+    assert!(!stale.deleted);
+    assert_eq!(
+        stale.version, written.version,
+        "the current version comes back"
+    );
+    assert!(
+        owners[1].data.lock().contains_key("k"),
+        "the replica keeps it"
+    );
+
+    let done = delete(written.version).await.unwrap().into_inner();
+    assert!(done.deleted);
+    assert!(!owners[0].data.lock().contains_key("k"));
+    assert!(
+        !owners[1].data.lock().contains_key("k"),
+        "the replica follows"
+    );
+
+    // Lost mid-call: it may have been applied; not tried elsewhere.
+    f.set(set_req("k", "again")).await.unwrap();
+    *owners[0].fail.lock() = Some(CallError::Lost("reset".into()));
+    let calls_before = owners[1].calls.lock().len();
+    assert!(delete(1).await.is_err());
+    assert_eq!(owners[1].calls.lock().len(), calls_before, "not retried");
+}
+
+#[tokio::test]
+async fn set_if_present_writes_only_over_a_live_value() {
+    let f = Fixture::new(3, 2);
+    let mut req = set_req("k", "v");
+    req.condition = Some(set_request::Condition::IfPresent(true));
+    let absent = f.set(req.clone()).await.unwrap();
+    assert!(!absent.stored);
+    f.set(set_req("k", "first")).await.unwrap();
+    let replaced = f.set(req).await.unwrap();
+    assert!(replaced.stored);
+    for node in f.owners("k").iter().take(2) {
+        assert_eq!(&node.data.lock()["k"].0[..], b"v", "on every owner");
+    }
+}
+
+#[tokio::test]
+async fn delete_many_reaches_every_owner_and_answers_in_order() {
+    let f = Fixture::new(3, 2);
+    for k in ["a", "b"] {
+        f.set(set_req(k, "v")).await.unwrap();
+    }
+    let r = f
+        .router
+        .delete_many(Request::new(DeleteManyRequest {
+            keys: vec!["a".into(), "nobody".into(), "b".into()],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let deleted: Vec<bool> = r.results.iter().map(|r| r.deleted).collect();
+    assert_eq!(deleted, [true, false, true]);
+    for node in f.nodes.values() {
+        assert!(node.data.lock().is_empty());
+    }
 }
