@@ -39,6 +39,17 @@ impl From<NodeError> for tonic::Status {
             NodeError::Store(e @ StoreError::EntryTooLarge { .. }) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
+            // The stored value is not a counter: the request cannot apply
+            // to the key as it is.
+            NodeError::Store(e @ StoreError::NotAnInteger { .. }) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
+            NodeError::Store(e @ StoreError::Overflow { .. }) => {
+                tonic::Status::out_of_range(e.to_string())
+            }
+            NodeError::Store(e @ StoreError::Contended { .. }) => {
+                tonic::Status::aborted(e.to_string())
+            }
             e @ NodeError::EmptyOp => tonic::Status::invalid_argument(e.to_string()),
             e @ NodeError::ResponseTooLarge { .. } => {
                 tonic::Status::resource_exhausted(e.to_string())

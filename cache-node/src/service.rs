@@ -14,10 +14,10 @@ use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest,
     DeleteResponse, DeleteResult, FlushRequest, FlushResponse, GetManyRequest, GetManyResponse,
-    GetRequest, GetResponse, GetResult, KeyError, Op, OpResult, RingEpoch, ScanRequest,
-    ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
-    StatsRequest, StatsResponse, cache_server::Cache, internal_server::Internal, node_server::Node,
-    op, op_result,
+    GetRequest, GetResponse, GetResult, IncrementRequest, IncrementResponse, KeyError, Op,
+    OpResult, RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest,
+    SetResponse, SetResult, StatsRequest, StatsResponse, cache_server::Cache,
+    internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -53,6 +53,18 @@ impl CacheService {
             limits,
             max_message_bytes,
         }
+    }
+
+    fn increment_one(&self, req: &IncrementRequest) -> Result<IncrementResponse, NodeError> {
+        let ttl = self.limits.check_increment(req)?;
+        let out = self
+            .store
+            .increment(&req.key, req.delta, req.initial, ttl)?;
+        Ok(IncrementResponse {
+            value: out.value,
+            version: out.version,
+            ttl: out.ttl.map(to_proto_duration),
+        })
     }
 
     fn delete_one(&self, req: &DeleteRequest) -> Result<DeleteResponse, NodeError> {
@@ -124,6 +136,13 @@ impl Cache for CacheService {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         Ok(Response::new(self.delete_one(&request.into_inner())?))
+    }
+
+    async fn increment(
+        &self,
+        request: Request<IncrementRequest>,
+    ) -> Result<Response<IncrementResponse>, Status> {
+        Ok(Response::new(self.increment_one(&request.into_inner())?))
     }
 
     async fn delete_many(
@@ -265,6 +284,7 @@ impl InternalService {
             }
             Some(op::Op::Set(req)) => op_result::Result::Set(cache.set_one(req, "")?),
             Some(op::Op::Delete(req)) => op_result::Result::Delete(cache.delete_one(req)?),
+            Some(op::Op::Increment(req)) => op_result::Result::Increment(cache.increment_one(req)?),
             Some(op::Op::Copy(req)) => {
                 let checked = cache.limits.check_copy(req)?;
                 let out = cache
@@ -393,6 +413,7 @@ fn op_key(op: &Op) -> Option<&str> {
         op::Op::Set(r) => Some(&r.key),
         op::Op::Delete(r) => Some(&r.key),
         op::Op::Copy(r) => Some(&r.key),
+        op::Op::Increment(r) => Some(&r.key),
     }
 }
 

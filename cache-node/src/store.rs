@@ -133,7 +133,46 @@ pub enum StoreError {
         /// The heaviest entry a shard admits.
         max_weight: u64,
     },
+    /// An increment found a value that is not a decimal 64-bit integer.
+    #[error("the value of {key:?} is not a decimal 64-bit integer, so it cannot be incremented")]
+    NotAnInteger {
+        /// The key.
+        key: String,
+    },
+    /// An increment would leave the 64-bit range.
+    #[error("incrementing {key:?} ({value}) by {delta} would overflow a 64-bit integer")]
+    Overflow {
+        /// The key.
+        key: String,
+        /// Its current value.
+        value: i64,
+        /// The delta asked for.
+        delta: i64,
+    },
+    /// An increment kept losing the race with other writes of its key.
+    #[error("{key:?} was written concurrently {attempts} times while incrementing it; retry")]
+    Contended {
+        /// The key.
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+    },
 }
+
+/// What [`Store::increment`] left in the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incremented {
+    /// The new value.
+    pub value: i64,
+    /// The key's new version.
+    pub version: u64,
+    /// Time left to live; `None` = no expiry.
+    pub ttl: Option<Duration>,
+}
+
+/// Attempts [`Store::increment`] makes before giving up on a key that
+/// other writes keep changing.
+const INCREMENT_ATTEMPTS: u32 = 64;
 
 pub use ringcache_common::validate::WriteCondition as Condition;
 
@@ -632,6 +671,58 @@ impl Store {
         // Evicted values are freed here, outside the lock.
         drop(evicted);
         Ok(outcome)
+    }
+
+    /// Adds `delta` to the decimal integer stored under `key` (created as
+    /// `initial + delta`, with `ttl`, if absent) and returns the result.
+    /// The value is stored as decimal text, so `get` reads it; an existing
+    /// key keeps its TTL. Atomic per key: a compare-and-set on the version
+    /// read, repeated if another write got in between.
+    pub fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        initial: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Incremented, StoreError> {
+        for _ in 0..INCREMENT_ATTEMPTS {
+            let current = self.get(key);
+            let (base, version, ttl) = match &current {
+                Some(found) => {
+                    let value = std::str::from_utf8(&found.value)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok())
+                        .ok_or_else(|| StoreError::NotAnInteger {
+                            key: key.to_owned(),
+                        })?;
+                    (value, found.version, found.ttl)
+                }
+                None => (initial, 0, ttl),
+            };
+            let value = base
+                .checked_add(delta)
+                .ok_or_else(|| StoreError::Overflow {
+                    key: key.to_owned(),
+                    value: base,
+                    delta,
+                })?;
+            let condition = match version {
+                0 => Condition::IfAbsent,
+                v => Condition::IfVersion(v),
+            };
+            let out = self.set(key, value.to_string().as_bytes(), ttl, condition)?;
+            if out.stored {
+                return Ok(Incremented {
+                    value,
+                    version: out.version,
+                    ttl,
+                });
+            }
+        }
+        Err(StoreError::Contended {
+            key: key.to_owned(),
+            attempts: INCREMENT_ATTEMPTS,
+        })
     }
 
     /// Removes `key`. Returns whether a live value was removed.

@@ -204,6 +204,14 @@ impl RequestLimits {
         })
     }
 
+    /// Checks an `IncrementRequest`'s key and TTL; returns the TTL.
+    pub fn check_increment(
+        &self,
+        req: &ringcache_proto::v1::IncrementRequest,
+    ) -> Result<Option<Duration>, ValidationError> {
+        self.check_entry("", &req.key, &[], req.ttl.as_ref())
+    }
+
     /// Checks the key, value and TTL of an entry to write; returns the TTL.
     fn check_entry(
         &self,

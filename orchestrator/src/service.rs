@@ -46,10 +46,11 @@ use ringcache_common::{
 };
 use ringcache_proto::v1::{
     CopyRequest, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
-    DeleteResult, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, KeyError,
-    ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse, NodeInfo, NodeState, Op,
-    OpResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
-    cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result, set_request,
+    DeleteResult, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
+    IncrementRequest, IncrementResponse, KeyError, ListNodesRequest, ListNodesResponse,
+    LocateRequest, LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest,
+    SetManyResponse, SetRequest, SetResponse, SetResult, cache_server::Cache,
+    cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -582,7 +583,24 @@ impl Router {
                 send,
             )
             .await;
+        self.replicate(topo, entries, &owners, &routed, deadline, parent)
+            .await;
+        routed.results
+    }
 
+    /// After the primaries stored `entries` (as `routed` says): copies to
+    /// the other owners with the primary's version, records stand-ins and
+    /// owners that missed the write for invalidation, and deletes the keys
+    /// on their previous owners during a handoff window.
+    async fn replicate(
+        &self,
+        topo: &Topology,
+        entries: &[SetRequest],
+        owners: &[Preference],
+        routed: &Routed<SetResult>,
+        deadline: Option<Instant>,
+        parent: Option<tracing::Span>,
+    ) {
         // Phase 2: replicas, with the primary's version. `holders`: the
         // replicas that stored each key's copy.
         let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
@@ -682,7 +700,6 @@ impl Router {
                 .map(|(e, _)| e.key.as_str());
             self.delete_on_shadows(topo, written, deadline).await;
         }
-        routed.results
     }
 
     /// Deletes `key` on every usable owner (or, with none, the node
@@ -765,32 +782,44 @@ impl Router {
     }
 
     /// A compare-and-delete on the key's primary (the first usable owner).
-    /// Moved to the next node only when the call provably never reached
-    /// the first: otherwise it may have been applied.
     async fn delete_if(
         &self,
         req: &DeleteRequest,
         deadline: Option<Instant>,
     ) -> Result<DeleteResponse, KeyError> {
         let topo = self.cluster.topology();
-        let mut pref = topo.ring.owners(&req.key, prefix_len(&topo, self.replicas));
+        let op = op::Op::Delete(req.clone());
+        let (n, answer) = self.on_primary(&topo, &req.key, op, deadline).await?;
+        match answer {
+            Some(op_result::Result::Delete(d)) => Ok(d),
+            other => Err(op_error(&topo.nodes[n], other, "delete")),
+        }
+    }
+
+    /// Runs `op` on the key's primary (the first usable owner): an op that
+    /// must happen once (a conditional delete, an increment). Moved to the
+    /// next node only when the call provably never reached the first:
+    /// otherwise it may have been applied. Answers which node ran it.
+    async fn on_primary(
+        &self,
+        topo: &Topology,
+        key: &str,
+        op: op::Op,
+        deadline: Option<Instant>,
+    ) -> Result<(usize, Option<op_result::Result>), KeyError> {
+        let mut pref = topo.ring.owners(key, prefix_len(topo, self.replicas));
         let mut failed = vec![false; topo.nodes.len()];
         let mut last = no_nodes_error();
         for _ in 0..self.replicas.max(2) {
-            let Some(n) = target(&topo, &req.key, &mut pref, &failed) else {
+            let Some(n) = target(topo, key, &mut pref, &failed) else {
                 break;
             };
             let node = &topo.nodes[n];
-            let op = Op {
-                op: Some(op::Op::Delete(req.clone())),
+            let call = Op {
+                op: Some(op.clone()),
             };
-            match node.client.call(vec![op], deadline, sampled_span()).await {
-                Ok(mut results) => {
-                    return match results.pop().and_then(|r| r.result) {
-                        Some(op_result::Result::Delete(d)) => Ok(d),
-                        other => Err(op_error(node, other, "delete")),
-                    };
-                }
+            match node.client.call(vec![call], deadline, sampled_span()).await {
+                Ok(mut results) => return Ok((n, results.pop().and_then(|r| r.result))),
                 Err(e) if e.is_node_fault() && !e.may_have_applied() => {
                     failed[n] = true;
                     last = call_error(node, &e);
@@ -888,6 +917,56 @@ impl Cache for Router {
             deleted: deleted || req.if_version != 0,
             version: 0,
         }))
+    }
+
+    async fn increment(
+        &self,
+        request: Request<IncrementRequest>,
+    ) -> Result<Response<IncrementResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_increment(&req)?;
+        let _writing = self.cluster.mutations.begin(&req.key);
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        // Applied once, on the primary (never retried once it may have
+        // reached a node: it would count twice)...
+        let (n, answer) = self
+            .on_primary(topo, &req.key, op::Op::Increment(req.clone()), deadline)
+            .await
+            .map_err(status_of)?;
+        let counted = match answer {
+            Some(op_result::Result::Increment(r)) => r,
+            other => return Err(status_of(op_error(&topo.nodes[n], other, "increment"))),
+        };
+        // ...then its result is copied to the other owners like a write's.
+        let entry = SetRequest {
+            key: req.key.clone(),
+            value: counted.value.to_string().into_bytes().into(),
+            ttl: counted.ttl,
+            condition: None,
+        };
+        let owners = vec![topo.ring.owners(&req.key, self.replicas)];
+        let routed = Routed {
+            results: vec![SetResult {
+                stored: true,
+                version: counted.version,
+                error: None,
+            }],
+            served_by: vec![Some(n)],
+            prefs: vec![topo.ring.owners(&req.key, prefix_len(topo, self.replicas))],
+            failed: vec![false; topo.nodes.len()],
+        };
+        self.replicate(
+            topo,
+            std::slice::from_ref(&entry),
+            &owners,
+            &routed,
+            deadline,
+            sampled_span(),
+        )
+        .await;
+        Ok(Response::new(counted))
     }
 
     async fn delete_many(

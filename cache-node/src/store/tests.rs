@@ -565,3 +565,60 @@ fn a_conditional_delete_removes_only_the_version_it_names() {
     assert!(s.delete_if("k", Some(v)).deleted);
     assert!(s.get("k").is_none());
 }
+
+#[test]
+fn increments_count_in_decimal_text_and_refuse_what_is_not_a_counter() {
+    let (s, clock) = manual_store(MIB, 2);
+    let first = s
+        .increment("c", 5, 10, Some(Duration::from_millis(100)))
+        .unwrap();
+    assert_eq!(first.value, 15, "created as initial + delta");
+    let second = s.increment("c", -20, 0, None).unwrap();
+    assert_eq!(second.value, -5);
+    assert!(second.version > first.version);
+    let got = s.get("c").unwrap();
+    assert_eq!(&got.value[..], b"-5", "readable as text");
+    assert!(got.ttl.is_some(), "an existing counter keeps its TTL");
+    clock.store(200, Relaxed);
+    assert_eq!(
+        s.increment("c", 1, 0, None).unwrap().value,
+        1,
+        "expired: new"
+    );
+
+    set(&s, "text", b"hello");
+    assert!(matches!(
+        s.increment("text", 1, 0, None),
+        Err(StoreError::NotAnInteger { .. })
+    ));
+    set(&s, "max", i64::MAX.to_string().as_bytes());
+    assert!(matches!(
+        s.increment("max", 1, 0, None),
+        Err(StoreError::Overflow { .. })
+    ));
+    assert_eq!(
+        &s.get("max").unwrap().value[..],
+        i64::MAX.to_string().as_bytes()
+    );
+}
+
+#[test]
+fn concurrent_increments_are_each_applied_once() {
+    let s = Arc::new(store(MIB, 1));
+    let barrier = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..500 {
+                    s.increment("n", 1, 0, None).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(&s.get("n").unwrap().value[..], b"2000");
+}

@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use clap::Parser;
 use parking_lot::Mutex;
-use ringcache_proto::v1::{DeleteResponse, GetResponse, SetResponse};
+use ringcache_proto::v1::{DeleteResponse, GetResponse, IncrementResponse, SetResponse};
 use tower::util::BoxCloneSyncService;
 
 use super::*;
@@ -78,6 +78,24 @@ impl FakeNode {
                     version: c.version.max(current),
                 })
             }
+            Some(op::Op::Increment(i)) => {
+                let base = data
+                    .get(&i.key)
+                    .map_or(i.initial, |(v, _)| {
+                        std::str::from_utf8(v).unwrap().parse::<i64>().unwrap()
+                    });
+                let value = base + i.delta;
+                let version = self.last_version.fetch_add(1, Ordering::Relaxed) + 1;
+                data.insert(
+                    i.key.clone(),
+                    (Bytes::from(value.to_string()), version),
+                );
+                op_result::Result::Increment(IncrementResponse {
+                    value,
+                    version,
+                    ttl: None,
+                })
+            }
             Some(op::Op::Delete(d)) => {
                 let current = data.get(&d.key).map_or(0, |(_, v)| *v);
                 if d.if_version != 0 && d.if_version != current {
@@ -120,6 +138,7 @@ impl FakeNode {
                         Some(op::Op::Set(r)) => format!("set {}", r.key),
                         Some(op::Op::Copy(r)) => format!("copy {}@{}", r.key, r.version),
                         Some(op::Op::Delete(r)) => format!("delete {}", r.key),
+                        Some(op::Op::Increment(r)) => format!("increment {}", r.key),
                         None => "none".to_owned(),
                     })
                     .collect()
@@ -711,4 +730,40 @@ async fn delete_many_reaches_every_owner_and_answers_in_order() {
     for node in f.nodes.values() {
         assert!(node.data.lock().is_empty());
     }
+}
+
+#[tokio::test]
+async fn an_increment_runs_once_on_the_primary_and_its_result_is_copied() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("n");
+    owners[0].last_version.store(500, Ordering::Relaxed);
+    let inc = |delta| {
+        f.router.increment(Request::new(IncrementRequest {
+            key: "n".into(),
+            delta,
+            initial: 10,
+            ttl: None,
+        }))
+    };
+    assert_eq!(inc(5).await.unwrap().into_inner().value, 15);
+    let r = inc(-3).await.unwrap().into_inner();
+    assert_eq!(r.value, 12);
+    for o in owners.iter().take(2) {
+        let (value, version) = o.data.lock()["n"].clone();
+        assert_eq!((&value[..], version), (&b"12"[..], r.version), "same value and version");
+    }
+    assert_eq!(
+        owners[1].keys_called().iter().flatten().filter(|c| c.starts_with("copy")).count(),
+        2,
+        "the replica got copies, never the increment itself"
+    );
+
+    // Lost mid-call: it may have counted; never tried again elsewhere.
+    *owners[0].fail.lock() = Some(CallError::Lost("reset".into()));
+    let calls = owners[1].calls.lock().len();
+    assert!(inc(1).await.is_err());
+    assert_eq!(owners[1].calls.lock().len(), calls);
+    // Never sent: the next node counts it (once).
+    *owners[0].fail.lock() = Some(CallError::NotSent("refused".into()));
+    assert_eq!(inc(1).await.unwrap().into_inner().value, 13);
 }
