@@ -989,3 +989,73 @@ async fn undecodable_and_oversized_requests_say_what_to_fix() {
         assert!(bad.message().contains("UTF-8"), "{who}: {}", bad.message());
     }
 }
+
+/// Counters through two orchestrators at once: every increment counts
+/// exactly once, and every replica ends on the same value.
+#[tokio::test]
+async fn concurrent_increments_through_two_orchestrators_count_exactly() {
+    const CLIENTS: i64 = 8;
+    const EACH: i64 = 50;
+    let cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let second = TestCluster::orchestrator_for(&cluster.node_addrs, &["--replicas", "2"]).await;
+    let entries = [cluster.orchestrator.cache().await, second.cache().await];
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let mut cache = entries[(c % 2) as usize].clone();
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    cache
+                        .increment(ringcache_proto::v1::IncrementRequest {
+                            key: "hits".into(),
+                            delta: 1,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut cache = cluster.orchestrator.cache().await;
+    let got = cache
+        .get(GetRequest { key: "hits".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, (CLIENTS * EACH).to_string().as_bytes());
+    let mut copies = 0;
+    for i in 0..3 {
+        let r = cluster
+            .node_cache(i)
+            .await
+            .get(GetRequest { key: "hits".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.found {
+            copies += 1;
+            assert_eq!(r.value, got.value, "node {i}");
+            assert_eq!(r.version, got.version, "node {i}");
+        }
+    }
+    assert_eq!(copies, 2, "on both owners");
+    // Not a counter: a clear refusal, nothing changed.
+    cache.set(set("name", "ringcache")).await.unwrap();
+    let refused = cache
+        .increment(ringcache_proto::v1::IncrementRequest {
+            key: "name".into(),
+            delta: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("not a decimal"), "{refused:?}");
+}

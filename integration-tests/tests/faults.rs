@@ -619,3 +619,69 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
         String::from_utf8_lossy(&got.value)
     );
 }
+
+/// A counter's owner is killed while it is being incremented (R=2): every
+/// acknowledged increment survives on the other owner, and none is
+/// applied twice (a call whose outcome is unknown may count once or not
+/// at all, never more).
+#[tokio::test]
+async fn increments_survive_their_primary_dying_and_never_count_twice() {
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
+    let mut api = cluster.orchestrator.cluster().await;
+    let primary = api
+        .locate(ringcache_proto::v1::LocateRequest {
+            key: "counter".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .owners[0]
+        .address
+        .clone();
+    let primary = cluster
+        .node_addrs
+        .iter()
+        .position(|a| *a == primary)
+        .unwrap();
+    let mut cache = cluster.orchestrator.cache().await;
+    let (mut acked, mut unknown) = (0i64, 0i64);
+    let mut increment = async |cache: &mut CacheClient<Channel>| {
+        cache
+            .increment(with_timeout(ringcache_proto::v1::IncrementRequest {
+                key: "counter".into(),
+                delta: 1,
+                ..Default::default()
+            }))
+            .await
+    };
+    for round in 0..400 {
+        if round == 150 {
+            cluster.kill_node(primary);
+        }
+        match increment(&mut cache).await {
+            Ok(_) => acked += 1,
+            Err(_) => unknown += 1,
+        }
+    }
+    let value: i64 = std::str::from_utf8(
+        &cache
+            .get(GetRequest {
+                key: "counter".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    println!(
+        "RELIABILITY | increments, SIGKILL of the counter's primary | R=2 | {} | {unknown} | value {value} for {acked} acknowledged |",
+        acked + unknown
+    );
+    assert!(
+        value >= acked && value <= acked + unknown,
+        "{value} after {acked} acknowledged and {unknown} unknown"
+    );
+}

@@ -79,17 +79,12 @@ impl FakeNode {
                 })
             }
             Some(op::Op::Increment(i)) => {
-                let base = data
-                    .get(&i.key)
-                    .map_or(i.initial, |(v, _)| {
-                        std::str::from_utf8(v).unwrap().parse::<i64>().unwrap()
-                    });
+                let base = data.get(&i.key).map_or(i.initial, |(v, _)| {
+                    std::str::from_utf8(v).unwrap().parse::<i64>().unwrap()
+                });
                 let value = base + i.delta;
                 let version = self.last_version.fetch_add(1, Ordering::Relaxed) + 1;
-                data.insert(
-                    i.key.clone(),
-                    (Bytes::from(value.to_string()), version),
-                );
+                data.insert(i.key.clone(), (Bytes::from(value.to_string()), version));
                 op_result::Result::Increment(IncrementResponse {
                     value,
                     version,
@@ -750,10 +745,19 @@ async fn an_increment_runs_once_on_the_primary_and_its_result_is_copied() {
     assert_eq!(r.value, 12);
     for o in owners.iter().take(2) {
         let (value, version) = o.data.lock()["n"].clone();
-        assert_eq!((&value[..], version), (&b"12"[..], r.version), "same value and version");
+        assert_eq!(
+            (&value[..], version),
+            (&b"12"[..], r.version),
+            "same value and version"
+        );
     }
     assert_eq!(
-        owners[1].keys_called().iter().flatten().filter(|c| c.starts_with("copy")).count(),
+        owners[1]
+            .keys_called()
+            .iter()
+            .flatten()
+            .filter(|c| c.starts_with("copy"))
+            .count(),
         2,
         "the replica got copies, never the increment itself"
     );
