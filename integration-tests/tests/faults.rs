@@ -645,7 +645,7 @@ async fn increments_survive_their_primary_dying_and_never_count_twice() {
         .unwrap();
     let mut cache = cluster.orchestrator.cache().await;
     let (mut acked, mut unknown) = (0i64, 0i64);
-    let mut increment = async |cache: &mut CacheClient<Channel>| {
+    let increment = async |cache: &mut CacheClient<Channel>| {
         cache
             .increment(with_timeout(ringcache_proto::v1::IncrementRequest {
                 key: "counter".into(),
