@@ -10,14 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest,
-    DeleteResponse, DeleteResult, FlushRequest, FlushResponse, GetManyRequest, GetManyResponse,
-    GetRequest, GetResponse, GetResult, IncrementRequest, IncrementResponse, KeyError, Op,
-    OpResult, RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest,
-    SetResponse, SetResult, StatsRequest, StatsResponse, cache_server::Cache,
-    internal_server::Internal, node_server::Node, op, op_result,
+    DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest, FlushResponse,
+    GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, IncrementRequest,
+    IncrementResponse, KeyError, KeyInfo, Op, OpResult, RingEpoch, ScanRequest, ScanResponse,
+    SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
+    StatsResponse, TouchRequest, TouchResponse, cache_server::Cache, internal_server::Internal,
+    node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -56,7 +58,7 @@ impl CacheService {
     }
 
     fn increment_one(&self, req: &IncrementRequest) -> Result<IncrementResponse, NodeError> {
-        let ttl = self.limits.check_increment(req)?;
+        let ttl = self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
         let out = self
             .store
             .increment(&req.key, req.delta, req.initial, ttl)?;
@@ -64,6 +66,21 @@ impl CacheService {
             value: out.value,
             version: out.version,
             ttl: out.ttl.map(to_proto_duration),
+        })
+    }
+
+    /// A touch, answering the value whatever `return_value` says (the
+    /// caller drops it if not asked for).
+    fn touch_one(&self, req: &TouchRequest) -> Result<TouchResponse, NodeError> {
+        let ttl = self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
+        Ok(match self.store.touch(&req.key, ttl)? {
+            Some(found) => TouchResponse {
+                found: true,
+                version: found.version,
+                ttl: found.ttl.map(to_proto_duration),
+                value: found.value,
+            },
+            None => TouchResponse::default(),
         })
     }
 
@@ -143,6 +160,41 @@ impl Cache for CacheService {
         request: Request<IncrementRequest>,
     ) -> Result<Response<IncrementResponse>, Status> {
         Ok(Response::new(self.increment_one(&request.into_inner())?))
+    }
+
+    async fn touch(
+        &self,
+        request: Request<TouchRequest>,
+    ) -> Result<Response<TouchResponse>, Status> {
+        let req = request.into_inner();
+        let mut answer = self.touch_one(&req)?;
+        if !req.return_value {
+            answer.value = Bytes::new();
+        }
+        Ok(Response::new(answer))
+    }
+
+    async fn exists(
+        &self,
+        request: Request<ExistsRequest>,
+    ) -> Result<Response<ExistsResponse>, Status> {
+        let req = request.into_inner();
+        self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
+        let results = req
+            .keys
+            .iter()
+            .map(|key| match self.store.get(key) {
+                Some(found) => KeyInfo {
+                    found: true,
+                    version: found.version,
+                    ttl: found.ttl.map(to_proto_duration),
+                    value_bytes: found.value.len() as u64,
+                    error: None,
+                },
+                None => KeyInfo::default(),
+            })
+            .collect();
+        Ok(Response::new(ExistsResponse { results }))
     }
 
     async fn delete_many(
@@ -285,6 +337,7 @@ impl InternalService {
             Some(op::Op::Set(req)) => op_result::Result::Set(cache.set_one(req, "")?),
             Some(op::Op::Delete(req)) => op_result::Result::Delete(cache.delete_one(req)?),
             Some(op::Op::Increment(req)) => op_result::Result::Increment(cache.increment_one(req)?),
+            Some(op::Op::Touch(req)) => op_result::Result::Touch(cache.touch_one(req)?),
             Some(op::Op::Copy(req)) => {
                 let checked = cache.limits.check_copy(req)?;
                 let out = cache
@@ -414,6 +467,7 @@ fn op_key(op: &Op) -> Option<&str> {
         op::Op::Delete(r) => Some(&r.key),
         op::Op::Copy(r) => Some(&r.key),
         op::Op::Increment(r) => Some(&r.key),
+        op::Op::Touch(r) => Some(&r.key),
     }
 }
 

@@ -149,8 +149,9 @@ pub enum StoreError {
         /// The delta asked for.
         delta: i64,
     },
-    /// An increment kept losing the race with other writes of its key.
-    #[error("{key:?} was written concurrently {attempts} times while incrementing it; retry")]
+    /// An increment or touch kept losing the race with other writes of
+    /// its key.
+    #[error("{key:?} was written concurrently {attempts} times while updating it; retry")]
     Contended {
         /// The key.
         key: String,
@@ -717,6 +718,29 @@ impl Store {
                     version: out.version,
                     ttl,
                 });
+            }
+        }
+        Err(StoreError::Contended {
+            key: key.to_owned(),
+            attempts: INCREMENT_ATTEMPTS,
+        })
+    }
+
+    /// Sets `key`'s time to live (`None`: no expiry) if it holds a live
+    /// value, giving it a new version; returns it as it now is. Atomic per
+    /// key, as [`Store::increment`].
+    pub fn touch(&self, key: &str, ttl: Option<Duration>) -> Result<Option<Found>, StoreError> {
+        for _ in 0..INCREMENT_ATTEMPTS {
+            let Some(found) = self.get(key) else {
+                return Ok(None);
+            };
+            let out = self.set(key, &found.value, ttl, Condition::IfVersion(found.version))?;
+            if out.stored {
+                return Ok(Some(Found {
+                    value: found.value,
+                    version: out.version,
+                    ttl,
+                }));
             }
         }
         Err(StoreError::Contended {

@@ -204,12 +204,14 @@ impl RequestLimits {
         })
     }
 
-    /// Checks an `IncrementRequest`'s key and TTL; returns the TTL.
-    pub fn check_increment(
+    /// Checks a key and an optional TTL (`Increment`, `Touch`); returns
+    /// the TTL.
+    pub fn check_key_ttl(
         &self,
-        req: &ringcache_proto::v1::IncrementRequest,
+        key: &str,
+        ttl: Option<&prost_types::Duration>,
     ) -> Result<Option<Duration>, ValidationError> {
-        self.check_entry("", &req.key, &[], req.ttl.as_ref())
+        self.check_entry("", key, &[], ttl)
     }
 
     /// Checks the key, value and TTL of an entry to write; returns the TTL.

@@ -1059,3 +1059,69 @@ async fn concurrent_increments_through_two_orchestrators_count_exactly() {
     );
     assert!(refused.message().contains("not a decimal"), "{refused:?}");
 }
+
+/// Touch moves a key's expiry on every owner; Exists sees keys without
+/// their values.
+#[tokio::test]
+async fn touch_moves_the_expiry_everywhere_and_exists_sees_it() {
+    let cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let mut entry = set("session", "data");
+    entry.ttl = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    cache.set(entry).await.unwrap();
+    let touched = cache
+        .touch(ringcache_proto::v1::TouchRequest {
+            key: "session".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            return_value: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(touched.found);
+    assert_eq!(touched.value, b"data".as_slice());
+    let mut holders = 0;
+    for i in 0..3 {
+        let r = cluster
+            .node_cache(i)
+            .await
+            .get(GetRequest {
+                key: "session".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.found {
+            holders += 1;
+            assert_eq!(r.version, touched.version, "node {i}");
+            assert!(r.ttl.unwrap().seconds < 2, "node {i}: {:?}", r.ttl);
+        }
+    }
+    assert_eq!(holders, 2);
+    let seen = cache
+        .exists(ringcache_proto::v1::ExistsRequest {
+            keys: vec!["session".into(), "nobody".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(seen[0].found && seen[0].value_bytes == 4 && seen[0].version == touched.version);
+    assert!(!seen[1].found);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gone = cache
+        .exists(ringcache_proto::v1::ExistsRequest {
+            keys: vec!["session".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(!gone[0].found, "expired at the touched TTL");
+}

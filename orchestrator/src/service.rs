@@ -46,11 +46,12 @@ use ringcache_common::{
 };
 use ringcache_proto::v1::{
     CopyRequest, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
-    DeleteResult, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
-    IncrementRequest, IncrementResponse, KeyError, ListNodesRequest, ListNodesResponse,
-    LocateRequest, LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest,
-    SetManyResponse, SetRequest, SetResponse, SetResult, cache_server::Cache,
-    cluster_server::Cluster as ClusterApi, op, op_result, set_request,
+    DeleteResult, ExistsRequest, ExistsResponse, GetManyRequest, GetManyResponse, GetRequest,
+    GetResponse, GetResult, IncrementRequest, IncrementResponse, KeyError, KeyInfo,
+    ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse, NodeInfo, NodeState, Op,
+    OpResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, TouchRequest,
+    TouchResponse, cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result,
+    set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -702,6 +703,41 @@ impl Router {
         }
     }
 
+    /// [`Router::replicate`] for one entry that node `n` stored with
+    /// `version` (the result of an increment or a touch).
+    async fn replicate_one(
+        &self,
+        topo: &Topology,
+        entry: &SetRequest,
+        n: usize,
+        version: u64,
+        deadline: Option<Instant>,
+    ) {
+        let owners = vec![topo.ring.owners(&entry.key, self.replicas)];
+        let routed = Routed {
+            results: vec![SetResult {
+                stored: true,
+                version,
+                error: None,
+            }],
+            served_by: vec![Some(n)],
+            prefs: vec![
+                topo.ring
+                    .owners(&entry.key, prefix_len(topo, self.replicas)),
+            ],
+            failed: vec![false; topo.nodes.len()],
+        };
+        self.replicate(
+            topo,
+            std::slice::from_ref(entry),
+            &owners,
+            &routed,
+            deadline,
+            sampled_span(),
+        )
+        .await;
+    }
+
     /// Deletes `key` on every usable owner (or, with none, the node
     /// standing in), on nodes holding a stand-in copy and on its previous
     /// owners; owners it cannot reach are recorded for invalidation. True
@@ -925,7 +961,7 @@ impl Cache for Router {
     ) -> Result<Response<IncrementResponse>, Status> {
         let deadline = deadline(&request);
         let req = request.into_inner();
-        self.limits.check_increment(&req)?;
+        self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
         let _writing = self.cluster.mutations.begin(&req.key);
         let topology = self.cluster.topology();
         let topo = &*topology;
@@ -946,27 +982,69 @@ impl Cache for Router {
             ttl: counted.ttl,
             condition: None,
         };
-        let owners = vec![topo.ring.owners(&req.key, self.replicas)];
-        let routed = Routed {
-            results: vec![SetResult {
-                stored: true,
-                version: counted.version,
-                error: None,
-            }],
-            served_by: vec![Some(n)],
-            prefs: vec![topo.ring.owners(&req.key, prefix_len(topo, self.replicas))],
-            failed: vec![false; topo.nodes.len()],
-        };
-        self.replicate(
-            topo,
-            std::slice::from_ref(&entry),
-            &owners,
-            &routed,
-            deadline,
-            sampled_span(),
-        )
-        .await;
+        self.replicate_one(topo, &entry, n, counted.version, deadline)
+            .await;
         Ok(Response::new(counted))
+    }
+
+    async fn touch(
+        &self,
+        request: Request<TouchRequest>,
+    ) -> Result<Response<TouchResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
+        let _writing = self.cluster.mutations.begin(&req.key);
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        // On the primary, which answers the value too; then, as a write,
+        // copied to the other owners with the new version and TTL.
+        let (n, answer) = self
+            .on_primary(topo, &req.key, op::Op::Touch(req.clone()), deadline)
+            .await
+            .map_err(status_of)?;
+        let mut touched = match answer {
+            Some(op_result::Result::Touch(t)) => t,
+            other => return Err(status_of(op_error(&topo.nodes[n], other, "touch"))),
+        };
+        if touched.found {
+            let entry = SetRequest {
+                key: req.key.clone(),
+                value: touched.value.clone(),
+                ttl: touched.ttl,
+                condition: None,
+            };
+            self.replicate_one(topo, &entry, n, touched.version, deadline)
+                .await;
+        }
+        if !req.return_value {
+            touched.value = bytes::Bytes::new();
+        }
+        Ok(Response::new(touched))
+    }
+
+    async fn exists(
+        &self,
+        request: Request<ExistsRequest>,
+    ) -> Result<Response<ExistsResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        self.limits.check_keys(&req.keys)?;
+        // Read as GetMany (with its fallback and handoff); the values stay
+        // here.
+        let results = self
+            .read(&req.keys, deadline)
+            .await
+            .into_iter()
+            .map(|r| KeyInfo {
+                found: r.found,
+                version: r.version,
+                ttl: r.ttl,
+                value_bytes: r.value.len() as u64,
+                error: r.error,
+            })
+            .collect();
+        Ok(Response::new(ExistsResponse { results }))
     }
 
     async fn delete_many(

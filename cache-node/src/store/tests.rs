@@ -622,3 +622,30 @@ fn concurrent_increments_are_each_applied_once() {
     }
     assert_eq!(&s.get("n").unwrap().value[..], b"2000");
 }
+
+#[test]
+fn touch_changes_the_ttl_and_the_version_but_not_the_value() {
+    let (s, clock) = manual_store(MIB, 2);
+    assert_eq!(s.touch("k", None).unwrap(), None);
+    let v = s
+        .set(
+            "k",
+            b"v",
+            Some(Duration::from_millis(50)),
+            Condition::Always,
+        )
+        .unwrap()
+        .version;
+    let t = s
+        .touch("k", Some(Duration::from_millis(500)))
+        .unwrap()
+        .unwrap();
+    assert!(t.version > v);
+    assert_eq!(&t.value[..], b"v");
+    clock.store(100, Relaxed);
+    assert!(s.get("k").is_some(), "the longer TTL holds");
+    let persisted = s.touch("k", None).unwrap().unwrap();
+    assert_eq!(persisted.ttl, None);
+    clock.store(10_000, Relaxed);
+    assert!(s.get("k").is_some(), "no expiry any more");
+}

@@ -11,7 +11,9 @@ use std::{
 use bytes::Bytes;
 use clap::Parser;
 use parking_lot::Mutex;
-use ringcache_proto::v1::{DeleteResponse, GetResponse, IncrementResponse, SetResponse};
+use ringcache_proto::v1::{
+    DeleteResponse, GetResponse, IncrementResponse, SetResponse, TouchResponse,
+};
 use tower::util::BoxCloneSyncService;
 
 use super::*;
@@ -91,6 +93,19 @@ impl FakeNode {
                     ttl: None,
                 })
             }
+            Some(op::Op::Touch(t)) => match data.get(&t.key).cloned() {
+                Some((value, _)) => {
+                    let version = self.last_version.fetch_add(1, Ordering::Relaxed) + 1;
+                    data.insert(t.key.clone(), (value.clone(), version));
+                    op_result::Result::Touch(TouchResponse {
+                        found: true,
+                        version,
+                        ttl: t.ttl,
+                        value,
+                    })
+                }
+                None => op_result::Result::Touch(TouchResponse::default()),
+            },
             Some(op::Op::Delete(d)) => {
                 let current = data.get(&d.key).map_or(0, |(_, v)| *v);
                 if d.if_version != 0 && d.if_version != current {
@@ -134,6 +149,7 @@ impl FakeNode {
                         Some(op::Op::Copy(r)) => format!("copy {}@{}", r.key, r.version),
                         Some(op::Op::Delete(r)) => format!("delete {}", r.key),
                         Some(op::Op::Increment(r)) => format!("increment {}", r.key),
+                        Some(op::Op::Touch(r)) => format!("touch {}", r.key),
                         None => "none".to_owned(),
                     })
                     .collect()
@@ -770,4 +786,43 @@ async fn an_increment_runs_once_on_the_primary_and_its_result_is_copied() {
     // Never sent: the next node counts it (once).
     *owners[0].fail.lock() = Some(CallError::NotSent("refused".into()));
     assert_eq!(inc(1).await.unwrap().into_inner().value, 13);
+}
+
+#[tokio::test]
+async fn a_touch_runs_on_the_primary_and_its_new_version_reaches_the_replica() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    owners[0].last_version.store(900, Ordering::Relaxed);
+    f.set(set_req("k", "v")).await.unwrap();
+    let touched = f
+        .router
+        .touch(Request::new(TouchRequest {
+            key: "k".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            return_value: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(touched.found);
+    assert!(touched.value.is_empty(), "no value unless asked for");
+    assert_eq!(
+        owners[1].data.lock()["k"].1,
+        touched.version,
+        "replica follows"
+    );
+    let missing = f
+        .router
+        .touch(Request::new(TouchRequest {
+            key: "nobody".into(),
+            ttl: None,
+            return_value: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!missing.found);
 }
