@@ -41,7 +41,8 @@ use integration_tests::{
     workspace_root,
 };
 use ringcache_proto::v1::{
-    GetManyRequest, GetRequest, SetManyRequest, SetRequest, cache_client::CacheClient,
+    GetManyRequest, GetRequest, IncrementRequest, SetManyRequest, SetRequest,
+    cache_client::CacheClient,
 };
 use tonic::transport::Channel;
 
@@ -193,6 +194,21 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             }
         }
     };
+    let increment = |clients: Vec<CacheClient<Channel>>| {
+        move |t: usize, i: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            async move {
+                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                c.increment(IncrementRequest {
+                    key: format!("counter:{k}"),
+                    delta: 1,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        }
+    };
     let batch = o.batch as u64;
     let get_many = |clients: Vec<CacheClient<Channel>>| {
         move |t: usize, i: u64| {
@@ -228,6 +244,16 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             &servers,
             1,
             set(orch_clients.clone(), value.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "ringcache Increment (orchestrator)",
+            Some("twemproxy INCR"),
+            &servers,
+            1,
+            increment(orch_clients.clone()),
         )
         .await,
         ringcache_case(
@@ -476,6 +502,7 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
     for (case, test, rate, clients) in [
         ("twemproxy SET", "set", 60_000.0, o.concurrency),
         ("twemproxy GET", "get", 60_000.0, o.concurrency),
+        ("twemproxy INCR", "incr", 60_000.0, o.concurrency),
         ("twemproxy GET, 1 in flight", "get", 8_000.0, 1),
     ] {
         let before = cpu_of(&pids);
