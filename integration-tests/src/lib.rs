@@ -544,9 +544,23 @@ impl TestCluster {
     /// warming (its keys copied back after a restart or a join): what a
     /// rolling restart waits for before the next node.
     pub async fn wait_node_warm(&self, i: usize) {
+        self.wait_node(i, Duration::from_secs(30), |n| {
+            n.state() == NodeState::Healthy && !n.warming
+        })
+        .await;
+    }
+
+    /// Waits until `ok` holds for the orchestrator's report of node `i`.
+    async fn wait_node(
+        &self,
+        i: usize,
+        timeout: Duration,
+        ok: impl Fn(&ringcache_proto::v1::NodeInfo) -> bool,
+    ) {
         let cluster = self.orchestrator.cluster().await;
         let addr = self.node_addrs[i].clone();
-        eventually(Duration::from_secs(30), || {
+        let ok = &ok;
+        eventually(timeout, || {
             let addr = addr.clone();
             let mut cluster = cluster.clone();
             async move {
@@ -560,7 +574,7 @@ impl TestCluster {
                     .iter()
                     .find(|n| n.address == addr)
                     .ok_or("node not listed")?;
-                if node.state() == NodeState::Healthy && !node.warming {
+                if ok(node) {
                     Ok(())
                 } else {
                     Err(format!(
@@ -593,29 +607,7 @@ impl TestCluster {
 
     /// Waits until the orchestrator reports node `i` in `state`.
     pub async fn wait_node_state(&self, i: usize, state: NodeState) {
-        let cluster = self.orchestrator.cluster().await;
-        let addr = self.node_addrs[i].clone();
-        eventually(Duration::from_secs(15), || {
-            let addr = addr.clone();
-            let mut cluster = cluster.clone();
-            async move {
-                let nodes = cluster
-                    .list_nodes(ListNodesRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner()
-                    .nodes;
-                let node = nodes
-                    .iter()
-                    .find(|n| n.address == addr)
-                    .ok_or("node not listed")?;
-                if node.state() == state {
-                    Ok(())
-                } else {
-                    Err(format!("{addr} is {:?}", node.state()))
-                }
-            }
-        })
-        .await;
+        self.wait_node(i, Duration::from_secs(15), |n| n.state() == state)
+            .await;
     }
 }

@@ -259,6 +259,14 @@ impl KeyResult for SetResult {
     }
 }
 
+/// What a primary stored for an op that is then copied to the other
+/// owners.
+struct Stored {
+    value: bytes::Bytes,
+    ttl: Option<prost_types::Duration>,
+    version: u64,
+}
+
 /// What [`Router::route`] found out, item by item.
 struct Routed<R> {
     /// The answers, in item order.
@@ -703,6 +711,44 @@ impl Router {
         }
     }
 
+    /// Runs `op` on `key`'s primary ([`Router::on_primary`]: applied once),
+    /// reads its answer with `answer` (`None`: not the kind expected), and
+    /// copies what the primary stored, if anything, to the other owners.
+    async fn once_then_copied<T>(
+        &self,
+        key: &str,
+        op: op::Op,
+        deadline: Option<Instant>,
+        answer: impl FnOnce(op_result::Result) -> Option<(T, Option<Stored>)>,
+    ) -> Result<T, Status> {
+        let _writing = self.cluster.mutations.begin(key);
+        let topology = self.cluster.topology();
+        let topo = &*topology;
+        let kind = match &op {
+            op::Op::Increment(_) => "increment",
+            op::Op::Touch(_) => "touch",
+            _ => "op",
+        };
+        let (n, result) = self
+            .on_primary(topo, key, op, deadline)
+            .await
+            .map_err(status_of)?;
+        let Some((reply, stored)) = result.clone().and_then(answer) else {
+            return Err(status_of(op_error(&topo.nodes[n], result, kind)));
+        };
+        if let Some(stored) = stored {
+            let entry = SetRequest {
+                key: key.to_owned(),
+                value: stored.value,
+                ttl: stored.ttl,
+                condition: None,
+            };
+            self.replicate_one(topo, &entry, n, stored.version, deadline)
+                .await;
+        }
+        Ok(reply)
+    }
+
     /// [`Router::replicate`] for one entry that node `n` stored with
     /// `version` (the result of an increment or a touch).
     async fn replicate_one(
@@ -962,28 +1008,25 @@ impl Cache for Router {
         let deadline = deadline(&request);
         let req = request.into_inner();
         self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
-        let _writing = self.cluster.mutations.begin(&req.key);
-        let topology = self.cluster.topology();
-        let topo = &*topology;
-        // Applied once, on the primary (never retried once it may have
-        // reached a node: it would count twice)...
-        let (n, answer) = self
-            .on_primary(topo, &req.key, op::Op::Increment(req.clone()), deadline)
-            .await
-            .map_err(status_of)?;
-        let counted = match answer {
-            Some(op_result::Result::Increment(r)) => r,
-            other => return Err(status_of(op_error(&topo.nodes[n], other, "increment"))),
-        };
-        // ...then its result is copied to the other owners like a write's.
-        let entry = SetRequest {
-            key: req.key.clone(),
-            value: counted.value.to_string().into_bytes().into(),
-            ttl: counted.ttl,
-            condition: None,
-        };
-        self.replicate_one(topo, &entry, n, counted.version, deadline)
-            .await;
+        // Applied once (it would count twice), then copied as a write.
+        let counted = self
+            .once_then_copied(
+                &req.key,
+                op::Op::Increment(req.clone()),
+                deadline,
+                |r| match r {
+                    op_result::Result::Increment(r) => {
+                        let stored = Stored {
+                            value: r.value.to_string().into_bytes().into(),
+                            ttl: r.ttl,
+                            version: r.version,
+                        };
+                        Some((r, Some(stored)))
+                    }
+                    _ => None,
+                },
+            )
+            .await?;
         Ok(Response::new(counted))
     }
 
@@ -994,29 +1037,26 @@ impl Cache for Router {
         let deadline = deadline(&request);
         let req = request.into_inner();
         self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
-        let _writing = self.cluster.mutations.begin(&req.key);
-        let topology = self.cluster.topology();
-        let topo = &*topology;
-        // On the primary, which answers the value too; then, as a write,
-        // copied to the other owners with the new version and TTL.
-        let (n, answer) = self
-            .on_primary(topo, &req.key, op::Op::Touch(req.clone()), deadline)
-            .await
-            .map_err(status_of)?;
-        let mut touched = match answer {
-            Some(op_result::Result::Touch(t)) => t,
-            other => return Err(status_of(op_error(&topo.nodes[n], other, "touch"))),
-        };
-        if touched.found {
-            let entry = SetRequest {
-                key: req.key.clone(),
-                value: touched.value.clone(),
-                ttl: touched.ttl,
-                condition: None,
-            };
-            self.replicate_one(topo, &entry, n, touched.version, deadline)
-                .await;
-        }
+        // The primary answers the value too, so the new TTL and version
+        // can be copied to the other owners as a write.
+        let mut touched = self
+            .once_then_copied(
+                &req.key,
+                op::Op::Touch(req.clone()),
+                deadline,
+                |r| match r {
+                    op_result::Result::Touch(t) => {
+                        let stored = t.found.then(|| Stored {
+                            value: t.value.clone(),
+                            ttl: t.ttl,
+                            version: t.version,
+                        });
+                        Some((t, stored))
+                    }
+                    _ => None,
+                },
+            )
+            .await?;
         if !req.return_value {
             touched.value = bytes::Bytes::new();
         }
