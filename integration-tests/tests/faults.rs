@@ -267,6 +267,27 @@ impl Workload {
     }
 }
 
+/// The index in `cluster.nodes` of `key`'s first owner, as the
+/// orchestrator locates it.
+async fn first_owner(cluster: &TestCluster, key: &str) -> usize {
+    let address = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .locate(ringcache_proto::v1::LocateRequest { key: key.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .owners[0]
+        .address
+        .clone();
+    cluster
+        .node_addrs
+        .iter()
+        .position(|a| *a == address)
+        .unwrap()
+}
+
 /// Writes the fixed keys through the orchestrator.
 async fn preload(cache: &mut CacheClient<Channel>) {
     for chunk in (0..FIXED_KEYS).collect::<Vec<_>>().chunks(500) {
@@ -568,20 +589,7 @@ fn tempfile_dir() -> std::path::PathBuf {
 async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
     let cluster = TestCluster::start_with(3, NODE_ARGS, &["--failover-ttl", "10m"]).await;
     let mut cache = cluster.orchestrator.cache().await;
-    let mut api = cluster.orchestrator.cluster().await;
-    let owner_addr = api
-        .locate(ringcache_proto::v1::LocateRequest { key: "k".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .owners[0]
-        .address
-        .clone();
-    let owner = cluster
-        .node_addrs
-        .iter()
-        .position(|a| *a == owner_addr)
-        .unwrap();
+    let owner = first_owner(&cluster, "k").await;
     let set = |value: &str| SetRequest {
         key: "k".into(),
         value: value.as_bytes().to_vec().into(),
@@ -627,22 +635,7 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
 #[tokio::test]
 async fn increments_survive_their_primary_dying_and_never_count_twice() {
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
-    let mut api = cluster.orchestrator.cluster().await;
-    let primary = api
-        .locate(ringcache_proto::v1::LocateRequest {
-            key: "counter".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .owners[0]
-        .address
-        .clone();
-    let primary = cluster
-        .node_addrs
-        .iter()
-        .position(|a| *a == primary)
-        .unwrap();
+    let primary = first_owner(&cluster, "counter").await;
     let mut cache = cluster.orchestrator.cache().await;
     let (mut acked, mut unknown) = (0i64, 0i64);
     let increment = async |cache: &mut CacheClient<Channel>| {
