@@ -878,10 +878,11 @@ impl Router {
         }
     }
 
-    /// Runs `op` on the key's primary (the first usable owner): an op that
-    /// must happen once (a conditional delete, an increment). Moved to the
-    /// next node only when the call provably never reached the first:
-    /// otherwise it may have been applied. Answers which node ran it.
+    /// Runs `op` on the key's primary (the first usable owner). An op that
+    /// must happen once (a conditional delete, an increment) moves to the
+    /// next node only when the call provably never reached the first
+    /// (otherwise it may have been applied); a touch after any node fault.
+    /// Answers which node ran it.
     async fn on_primary(
         &self,
         topo: &Topology,
@@ -889,6 +890,12 @@ impl Router {
         op: op::Op,
         deadline: Option<Instant>,
     ) -> Result<(usize, Option<op_result::Result>), KeyError> {
+        // A touch may run twice (it sets the same TTL again): it moves on
+        // after any node fault, as an unconditional write does.
+        let retryable: fn(&CallError) -> bool = match op {
+            op::Op::Touch(_) => CallError::is_node_fault,
+            _ => |e| e.is_node_fault() && !e.may_have_applied(),
+        };
         let mut pref = topo.ring.owners(key, prefix_len(topo, self.replicas));
         let mut failed = vec![false; topo.nodes.len()];
         let mut last = no_nodes_error();
@@ -902,7 +909,7 @@ impl Router {
             };
             match node.client.call(vec![call], deadline, sampled_span()).await {
                 Ok(mut results) => return Ok((n, results.pop().and_then(|r| r.result))),
-                Err(e) if e.is_node_fault() && !e.may_have_applied() => {
+                Err(e) if retryable(&e) => {
                     failed[n] = true;
                     last = call_error(node, &e);
                 }
