@@ -513,8 +513,22 @@ impl Store {
 
     /// Reads `key`; `None` if absent or expired.
     pub fn get(&self, key: &str) -> Option<Found> {
+        let found = self.lookup(key);
         let shard = self.shard(key);
-        let found = {
+        let counter = if found.is_some() {
+            &shard.hits
+        } else {
+            &shard.misses
+        };
+        counter.fetch_add(1, Relaxed);
+        found
+    }
+
+    /// Reads `key` without counting a hit or a miss: the read half of an
+    /// increment or a touch, which are writes.
+    fn lookup(&self, key: &str) -> Option<Found> {
+        let shard = self.shard(key);
+        {
             let inner = shard.inner.read();
             match inner.cache.get(key) {
                 Some(entry) => {
@@ -535,14 +549,7 @@ impl Store {
                 }
                 None => None,
             }
-        };
-        let counter = if found.is_some() {
-            &shard.hits
-        } else {
-            &shard.misses
-        };
-        counter.fetch_add(1, Relaxed);
-        found
+        }
     }
 
     /// Writes `value` under `key` if `condition` holds. A `ttl` of `None`
@@ -687,7 +694,7 @@ impl Store {
         ttl: Option<Duration>,
     ) -> Result<Incremented, StoreError> {
         for _ in 0..INCREMENT_ATTEMPTS {
-            let current = self.get(key);
+            let current = self.lookup(key);
             let (base, version, ttl) = match &current {
                 Some(found) => {
                     let value = std::str::from_utf8(&found.value)
@@ -731,7 +738,7 @@ impl Store {
     /// key, as [`Store::increment`].
     pub fn touch(&self, key: &str, ttl: Option<Duration>) -> Result<Option<Found>, StoreError> {
         for _ in 0..INCREMENT_ATTEMPTS {
-            let Some(found) = self.get(key) else {
+            let Some(found) = self.lookup(key) else {
                 return Ok(None);
             };
             let out = self.set(key, &found.value, ttl, Condition::IfVersion(found.version))?;
