@@ -265,6 +265,17 @@ async fn with_one_replica_a_dead_nodes_keys_miss_and_no_call_fails_once_it_is_ej
     let dead = cluster.node_addrs[1].clone();
     cluster.kill_node(1);
     cluster.wait_node_state(1, NodeState::Ejected).await;
+    // Readiness with some nodes down: still SERVING (their keys go to the
+    // next node); only no node answering makes it NOT_SERVING.
+    assert_eq!(
+        integration_tests::health(
+            &cluster.orchestrator.process.grpc_url(),
+            "ringcache.v1.Cache"
+        )
+        .await
+        .unwrap(),
+        ServingStatus::Serving
+    );
     load.strict.store(true, Ordering::Relaxed);
     for i in 0..300 {
         let key = format!("k{i}");
