@@ -1136,3 +1136,43 @@ async fn touch_moves_the_expiry_everywhere_and_exists_sees_it() {
         .results;
     assert!(!gone[0].found, "expired at the touched TTL");
 }
+
+/// A key read over and over is the first in `Cluster/HotKeys`, marked hot,
+/// with its owners; `/metrics` counts it.
+#[tokio::test]
+async fn hot_keys_shows_the_key_taking_the_load() {
+    let cluster = TestCluster::start(
+        3,
+        &["--hot-key-window", "300ms", "--hot-key-threshold", "50"],
+    )
+    .await;
+    let mut cache = cluster.orchestrator.cache().await;
+    cache.set(set("celebrity", "v")).await.unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(900);
+    while std::time::Instant::now() < until {
+        cache
+            .get(GetRequest {
+                key: "celebrity".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let hot = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .hot_keys(ringcache_proto::v1::HotKeysRequest { limit: 5 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = &hot.keys[0];
+    assert_eq!(first.key, "celebrity", "{hot:?}");
+    assert!(first.hot && first.reads_per_second >= 50.0, "{hot:?}");
+    assert_eq!(first.owners.len(), 1);
+    assert_eq!(hot.threshold, 50.0);
+    let page = cluster.orchestrator.process.scrape().await;
+    assert!(
+        metric_value(&page, "ringcache_hot_keys", &[]).is_some_and(|v| v >= 1.0),
+        "{page}"
+    );
+}

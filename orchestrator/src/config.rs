@@ -134,6 +134,15 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_HANDOFF_RATE", default_value_t = 50_000)]
     pub handoff_rate: u32,
 
+    /// The window hot-key rates are measured over (Cluster/HotKeys).
+    #[arg(long, env = "RINGCACHE_HOT_KEY_WINDOW", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub hot_key_window: Duration,
+
+    /// Calls per second (reads + writes) from which a key counts as hot
+    /// (Cluster/HotKeys, ringcache_hot_keys).
+    #[arg(long, env = "RINGCACHE_HOT_KEY_THRESHOLD", default_value_t = 1000.0)]
+    pub hot_key_threshold: f64,
+
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -288,6 +297,7 @@ impl Config {
             ("--dns-interval", self.dns_interval.is_zero()),
             ("--eject-backoff", self.eject_backoff.is_zero()),
             ("--failover-ttl", self.failover_ttl.is_zero()),
+            ("--hot-key-window", self.hot_key_window.is_zero()),
             ("--max-node-in-flight", self.max_node_in_flight == 0),
             ("--node-connections", self.node_connections == 0),
             ("--node-queue", self.node_queue == 0),

@@ -12,6 +12,7 @@
 //! - [`handoff`]: warm handoff — refilling a node that joined or restarted
 //!   empty, reads that miss on it answered from other holders, and the
 //!   record of running writes that keeps copies from resurrecting deletes.
+//! - [`hotkeys`]: a bounded sketch of the busiest keys (`Cluster/HotKeys`).
 //! - [`client`]: how one node is called — a coalescer over a tower stack
 //!   (trace, metrics, passive health, shedding, timeout) over HTTP/2
 //!   connections, failing with a typed [`client::CallError`].
@@ -32,6 +33,7 @@ pub mod client;
 pub mod config;
 pub mod handoff;
 pub mod health;
+pub mod hotkeys;
 pub mod invalidation;
 pub mod membership;
 pub mod metrics;

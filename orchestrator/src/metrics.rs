@@ -50,6 +50,8 @@ pub struct ClusterMetrics {
     pub handoff_scanned: IntCounter,
     /// Nodes being refilled now.
     pub nodes_warming: IntGauge,
+    /// Keys at or above the hot-key threshold in the last window.
+    pub hot_keys: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -155,7 +157,12 @@ impl ClusterMetrics {
                 "ringcache_nodes_warming",
                 "Nodes being refilled now (joined the ring or restarted empty).",
             )?,
+            hot_keys: IntGauge::new(
+                "ringcache_hot_keys",
+                "Keys at or above --hot-key-threshold calls per second in the last --hot-key-window (Cluster/HotKeys lists them).",
+            )?,
         };
+        registry.register(Box::new(m.hot_keys.clone()))?;
         registry.register(Box::new(m.handoff_reads.clone()))?;
         registry.register(Box::new(m.handoff_copies.clone()))?;
         registry.register(Box::new(m.handoff_raced.clone()))?;

@@ -14,7 +14,10 @@ use ringcache_proto::{
 use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
-use crate::{config::Config, membership, metrics::ClusterMetrics, nodes::Cluster, service::Router};
+use crate::{
+    config::Config, hotkeys::HotKeys, membership, metrics::ClusterMetrics, nodes::Cluster,
+    service::Router,
+};
 
 /// Runs an orchestrator on the given listeners until `shutdown` completes,
 /// then drains as the cache node does.
@@ -29,6 +32,7 @@ pub async fn run(
     let registry = registry()?;
     let metrics = Arc::new(ClusterMetrics::new(&registry)?);
     let max_message = config.limits.max_message_bytes();
+    let hot_keys_gauge = metrics.hot_keys.clone();
     let cluster = Arc::new(Cluster::new(config.call_settings(), metrics));
 
     // A static list is in place before the first call is accepted; DNS
@@ -72,7 +76,12 @@ pub async fn run(
         config.replicas,
         max_message,
     )
-    .with_failover_ttl(config.failover_ttl);
+    .with_failover_ttl(config.failover_ttl)
+    .with_hot_keys(Arc::new(HotKeys::new(
+        config.hot_key_window,
+        config.hot_key_threshold,
+        Some(hot_keys_gauge),
+    )));
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut routes = RoutesBuilder::default();
     routes

@@ -47,11 +47,11 @@ use ringcache_common::{
 use ringcache_proto::v1::{
     CopyRequest, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
     DeleteResult, ExistsRequest, ExistsResponse, GetManyRequest, GetManyResponse, GetRequest,
-    GetResponse, GetResult, IncrementRequest, IncrementResponse, KeyError, KeyInfo,
-    ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse, NodeInfo, NodeState, Op,
-    OpResult, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, TouchRequest,
-    TouchResponse, cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result,
-    set_request,
+    GetResponse, GetResult, HotKey, HotKeysRequest, HotKeysResponse, IncrementRequest,
+    IncrementResponse, KeyError, KeyInfo, ListNodesRequest, ListNodesResponse, LocateRequest,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse, SetRequest,
+    SetResponse, SetResult, TouchRequest, TouchResponse, cache_server::Cache,
+    cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -59,6 +59,7 @@ use crate::{
     client::{CallError, delete_op},
     handoff,
     health::State,
+    hotkeys::{Access, HotKeys},
     nodes::{Cluster, Node, Topology},
     ring::Preference,
 };
@@ -77,6 +78,7 @@ pub struct Router {
     replicas: usize,
     max_message_bytes: usize,
     failover_ttl: std::time::Duration,
+    hot: Arc<HotKeys>,
 }
 
 /// The first node of `pref` usable for `key` that this request has not
@@ -318,7 +320,18 @@ impl Router {
             replicas: replicas.max(1),
             max_message_bytes,
             failover_ttl: DEFAULT_FAILOVER_TTL,
+            hot: Arc::new(HotKeys::new(
+                std::time::Duration::from_secs(1),
+                1000.0,
+                None,
+            )),
         }
+    }
+
+    /// Counts calls per key in `hot` (`Cluster/HotKeys`).
+    pub fn with_hot_keys(mut self, hot: Arc<HotKeys>) -> Self {
+        self.hot = hot;
+        self
     }
 
     /// Stand-in copies (writes that land on a node that does not own the
@@ -410,6 +423,9 @@ impl Router {
 
     /// Reads `keys`, answering each in order.
     async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
+        for k in keys {
+            self.hot.record(k, Access::Read);
+        }
         let topology = self.cluster.topology();
         let topo = &*topology;
         let parent = sampled_span();
@@ -536,7 +552,10 @@ impl Router {
         // what it read before.
         let _writing: Vec<_> = entries
             .iter()
-            .map(|e| self.cluster.mutations.begin(&e.key))
+            .map(|e| {
+                self.hot.record(&e.key, Access::Write);
+                self.cluster.mutations.begin(&e.key)
+            })
             .collect();
         // Phase 1: primaries. A batch of unconditional writes is retried on
         // the next node after any failure that blames the node: writing the
@@ -722,6 +741,7 @@ impl Router {
         answer: impl FnOnce(op_result::Result) -> Option<(T, Option<Stored>)>,
     ) -> Result<T, Status> {
         let _writing = self.cluster.mutations.begin(key);
+        self.hot.record(key, Access::Write);
         let topology = self.cluster.topology();
         let topo = &*topology;
         let kind = match &op {
@@ -790,6 +810,7 @@ impl Router {
     /// if an owner removed a live value; an error only if no owner could be
     /// reached.
     async fn remove(&self, key: &str, deadline: Option<Instant>) -> Result<bool, KeyError> {
+        self.hot.record(key, Access::Write);
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(key);
         let none_failed = vec![false; topo.nodes.len()];
@@ -1168,6 +1189,42 @@ impl ClusterApi for Router {
                 .collect(),
             replicas: u32::try_from(self.replicas).unwrap_or(u32::MAX),
             epoch: format!("{:016x}", topo.epoch),
+        }))
+    }
+
+    async fn hot_keys(
+        &self,
+        request: Request<HotKeysRequest>,
+    ) -> Result<Response<HotKeysResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 10,
+            n => usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(crate::hotkeys::SLOTS),
+        };
+        let topo = self.cluster.topology();
+        let keys = self
+            .hot
+            .top(limit)
+            .into_iter()
+            .map(|k| HotKey {
+                hot: self.hot.is_hot(&k),
+                owners: topo
+                    .ring
+                    .owners(&k.key, self.replicas)
+                    .iter()
+                    .map(|&i| topo.nodes[i].id.to_string())
+                    .collect(),
+                key: k.key,
+                reads_per_second: k.reads_per_second,
+                writes_per_second: k.writes_per_second,
+                error_per_second: k.error_per_second,
+            })
+            .collect();
+        Ok(Response::new(HotKeysResponse {
+            keys,
+            window: Some(to_proto_duration(self.hot.window())),
+            threshold: self.hot.threshold(),
         }))
     }
 

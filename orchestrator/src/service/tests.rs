@@ -17,6 +17,7 @@ use ringcache_proto::v1::{
 use tower::util::BoxCloneSyncService;
 
 use super::*;
+use crate::hotkeys::HotKeys;
 use crate::{
     client::{NodeCall, NodeReply},
     config::Config,
@@ -825,4 +826,44 @@ async fn a_touch_runs_on_the_primary_and_its_new_version_reaches_the_replica() {
         .unwrap()
         .into_inner();
     assert!(!missing.found);
+}
+
+#[tokio::test]
+async fn hot_keys_lists_the_busiest_key_with_its_owners() {
+    let f = Fixture::new(3, 2);
+    // A long window, ended by hand: the test does not depend on timing.
+    let hot = Arc::new(HotKeys::new(Duration::from_secs(3600), 100.0, None));
+    let router = f.router.clone().with_hot_keys(hot.clone());
+    router
+        .set(Request::new(set_req("celebrity", "v")))
+        .await
+        .unwrap();
+    for i in 0..2_000u32 {
+        let key = if i % 4 == 0 {
+            format!("other:{i}")
+        } else {
+            "celebrity".to_owned()
+        };
+        router.get(Request::new(GetRequest { key })).await.unwrap();
+    }
+    hot.roll(true);
+    let hot = router
+        .hot_keys(Request::new(HotKeysRequest { limit: 3 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hot.keys[0].key, "celebrity", "{hot:?}");
+    assert!(
+        hot.keys[0].hot && hot.keys[0].reads_per_second > 100.0,
+        "{hot:?}"
+    );
+    let topo = f.cluster.topology();
+    let owners: Vec<String> = topo
+        .ring
+        .owners("celebrity", 2)
+        .iter()
+        .map(|&i| topo.nodes[i].id.to_string())
+        .collect();
+    assert_eq!(hot.keys[0].owners, owners);
+    assert!(hot.keys.len() <= 3);
 }

@@ -1,0 +1,289 @@
+//! Hot-key detection: which keys take the most reads and writes through
+//! this orchestrator, in bounded memory and at a small cost per call.
+//!
+//! A space-saving sketch (Metwally et al.): at most [`SLOTS`] keys are
+//! counted; a key not counted yet takes the slot of the least counted one
+//! and inherits its count as its error bound, so every key whose true
+//! count exceeds `calls / SLOTS` is guaranteed to be in the sketch. Only
+//! one call in [`SAMPLE`] is counted (a shared counter picks them), so the
+//! common case costs one atomic add; counts are scaled back up when rates
+//! are reported. Counting restarts every window (`--hot-key-window`); the
+//! last full window is what [`HotKeys::top`] reports, so a rate is the
+//! rate of the last second (by default), not of the process's life.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+
+/// Keys counted at once.
+pub const SLOTS: usize = 256;
+
+/// One call in this many is counted.
+pub const SAMPLE: u64 = 8;
+
+/// What a call did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read (Get, GetMany, Exists).
+    Read,
+    /// A write (Set, SetMany, Delete, DeleteMany, Increment, Touch).
+    Write,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counter {
+    reads: u64,
+    writes: u64,
+    /// Counts inherited from the key this one replaced: the estimate may
+    /// be this much too high.
+    error: u64,
+}
+
+impl Counter {
+    fn total(&self) -> u64 {
+        self.reads + self.writes
+    }
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    counters: HashMap<Box<str>, Counter>,
+}
+
+/// A key's estimated rates over the last full window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HotKey {
+    /// The key.
+    pub key: String,
+    /// Reads per second.
+    pub reads_per_second: f64,
+    /// Writes per second.
+    pub writes_per_second: f64,
+    /// How much of the rates may be overestimation (per second).
+    pub error_per_second: f64,
+}
+
+impl HotKey {
+    /// Reads and writes per second.
+    pub fn rate(&self) -> f64 {
+        self.reads_per_second + self.writes_per_second
+    }
+}
+
+/// The sketch; see the module documentation.
+#[derive(Debug)]
+pub struct HotKeys {
+    window: Duration,
+    /// Calls per second (reads + writes) from which a key counts as hot.
+    threshold: f64,
+    /// Hot keys in the last window, for `/metrics`.
+    gauge: Option<prometheus::IntGauge>,
+    calls: AtomicU64,
+    current: Mutex<Window>,
+    last: Mutex<Vec<HotKey>>,
+}
+
+impl HotKeys {
+    /// A sketch reporting rates over windows of `window`; keys at
+    /// `threshold` calls per second or more are hot (counted in `gauge`).
+    pub fn new(window: Duration, threshold: f64, gauge: Option<prometheus::IntGauge>) -> Self {
+        Self {
+            window: window.max(Duration::from_millis(1)),
+            threshold,
+            gauge,
+            calls: AtomicU64::new(0),
+            current: Mutex::new(Window {
+                started: Instant::now(),
+                counters: HashMap::with_capacity(SLOTS),
+            }),
+            last: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one access of `key` (one in [`SAMPLE`] is actually counted).
+    #[inline]
+    pub fn record(&self, key: &str, access: Access) {
+        if !self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SAMPLE)
+        {
+            return;
+        }
+        self.count(key, access, Instant::now());
+    }
+
+    fn count(&self, key: &str, access: Access, now: Instant) {
+        let mut w = self.current.lock();
+        if now.duration_since(w.started) >= self.window {
+            let finished = std::mem::replace(
+                &mut *w,
+                Window {
+                    started: now,
+                    counters: HashMap::with_capacity(SLOTS),
+                },
+            );
+            drop(w);
+            self.publish(finished, now);
+            w = self.current.lock();
+        }
+        let counters = &mut w.counters;
+        if !counters.contains_key(key) && counters.len() >= SLOTS {
+            // Space-saving: the least counted key gives up its slot, and
+            // its count becomes the newcomer's error bound.
+            let least = counters
+                .iter()
+                .min_by_key(|(_, c)| c.total())
+                .map(|(k, c)| (k.clone(), *c));
+            if let Some((k, c)) = least {
+                counters.remove(&k);
+                counters.insert(
+                    key.into(),
+                    Counter {
+                        reads: 0,
+                        writes: 0,
+                        error: c.total(),
+                    },
+                );
+            }
+        }
+        let c = counters.entry(key.into()).or_default();
+        match access {
+            Access::Read => c.reads += 1,
+            Access::Write => c.writes += 1,
+        }
+    }
+
+    fn publish(&self, finished: Window, now: Instant) {
+        let secs = now
+            .duration_since(finished.started)
+            .as_secs_f64()
+            .max(f64::EPSILON);
+        let scale = SAMPLE as f64 / secs;
+        let mut keys: Vec<HotKey> = finished
+            .counters
+            .into_iter()
+            .map(|(key, c)| HotKey {
+                key: key.into(),
+                reads_per_second: (c.reads + c.error) as f64 * scale,
+                writes_per_second: c.writes as f64 * scale,
+                error_per_second: c.error as f64 * scale,
+            })
+            .collect();
+        keys.sort_by(|a, b| b.rate().total_cmp(&a.rate()));
+        if let Some(g) = &self.gauge {
+            g.set(keys.iter().filter(|k| self.is_hot(k)).count() as i64);
+        }
+        *self.last.lock() = keys;
+    }
+
+    /// Whether `key`'s rate makes it hot.
+    pub fn is_hot(&self, key: &HotKey) -> bool {
+        key.rate() >= self.threshold
+    }
+
+    /// The `limit` busiest keys of the last full window, busiest first.
+    /// A window with no calls since reports nothing.
+    pub fn top(&self, limit: usize) -> Vec<HotKey> {
+        self.roll(false);
+        let last = self.last.lock();
+        last.iter().take(limit).cloned().collect()
+    }
+
+    /// Ends the current window if it is over (or at once with `now`) and
+    /// publishes it. Rates are counts over the window's real length: after
+    /// a quiet spell they come out low, and an empty window reports
+    /// nothing.
+    pub fn roll(&self, at_once: bool) {
+        let now = Instant::now();
+        let mut w = self.current.lock();
+        if at_once || now.duration_since(w.started) >= self.window {
+            let finished = std::mem::replace(
+                &mut *w,
+                Window {
+                    started: now,
+                    counters: HashMap::new(),
+                },
+            );
+            drop(w);
+            self.publish(finished, now);
+        }
+    }
+
+    /// The reporting window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Calls per second from which a key is hot.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heavy_key_among_many_light_ones_is_found_with_its_rate() {
+        let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
+        let start = Instant::now();
+        // 10,000 distinct light keys once each, and one key 5,000 times,
+        // interleaved (counted directly: no sampling in the test).
+        for i in 0..10_000u32 {
+            h.count(&format!("light:{i}"), Access::Read, start);
+            if i % 2 == 0 {
+                h.count("hot", Access::Read, start);
+            }
+            if i % 10 == 0 {
+                h.count("hot", Access::Write, start);
+            }
+        }
+        let counters = h.current.lock().counters.len();
+        assert!(counters <= SLOTS, "bounded: {counters}");
+        let w = std::mem::replace(
+            &mut *h.current.lock(),
+            Window {
+                started: start,
+                counters: HashMap::new(),
+            },
+        );
+        h.publish(w, start + Duration::from_secs(1));
+        let top = h.top(3);
+        assert_eq!(top[0].key, "hot");
+        // Counted directly here, so rates are scaled by SAMPLE.
+        let reads = top[0].reads_per_second / SAMPLE as f64;
+        let writes = top[0].writes_per_second / SAMPLE as f64;
+        // (The window began a moment before `start`: allow 1%.)
+        assert!((4_950.0..=5_050.0).contains(&reads), "{top:?}");
+        assert!((990.0..=1_010.0).contains(&writes), "{top:?}");
+        assert!(top[1].reads_per_second < top[0].reads_per_second / 10.0);
+    }
+
+    #[test]
+    fn sampling_counts_one_call_in_sample() {
+        let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
+        for _ in 0..(SAMPLE * 100) {
+            h.record("k", Access::Read);
+        }
+        assert_eq!(h.current.lock().counters["k"].reads, 100);
+    }
+
+    #[test]
+    fn rates_describe_the_last_window_only() {
+        let h = HotKeys::new(Duration::from_millis(20), 1000.0, None);
+        for _ in 0..(SAMPLE * 10) {
+            h.record("k", Access::Read);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(h.top(5).len(), 1, "the finished window is reported");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(h.top(5).is_empty(), "nothing since: nothing hot");
+    }
+}
