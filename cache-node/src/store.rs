@@ -171,9 +171,9 @@ pub struct Incremented {
     pub ttl: Option<Duration>,
 }
 
-/// Attempts [`Store::increment`] makes before giving up on a key that
-/// other writes keep changing.
-const INCREMENT_ATTEMPTS: u32 = 64;
+/// Attempts [`Store::increment`] and [`Store::touch`] make before giving
+/// up on a key that other writes keep changing.
+const UPDATE_ATTEMPTS: u32 = 64;
 
 pub use ringcache_common::validate::WriteCondition as Condition;
 
@@ -684,8 +684,7 @@ impl Store {
     /// Adds `delta` to the decimal integer stored under `key` (created as
     /// `initial + delta`, with `ttl`, if absent) and returns the result.
     /// The value is stored as decimal text, so `get` reads it; an existing
-    /// key keeps its TTL. Atomic per key: a compare-and-set on the version
-    /// read, repeated if another write got in between.
+    /// key keeps its TTL. Atomic per key ([`Store::update`]).
     pub fn increment(
         &self,
         key: &str,
@@ -693,9 +692,8 @@ impl Store {
         initial: i64,
         ttl: Option<Duration>,
     ) -> Result<Incremented, StoreError> {
-        for _ in 0..INCREMENT_ATTEMPTS {
-            let current = self.lookup(key);
-            let (base, version, ttl) = match &current {
+        let updated = self.update(key, |current| {
+            let (base, ttl) = match current {
                 Some(found) => {
                     let value = std::str::from_utf8(&found.value)
                         .ok()
@@ -703,9 +701,9 @@ impl Store {
                         .ok_or_else(|| StoreError::NotAnInteger {
                             key: key.to_owned(),
                         })?;
-                    (value, found.version, found.ttl)
+                    (value, found.ttl)
                 }
-                None => (initial, 0, ttl),
+                None => (initial, ttl),
             };
             let value = base
                 .checked_add(delta)
@@ -714,45 +712,61 @@ impl Store {
                     value: base,
                     delta,
                 })?;
-            let condition = match version {
-                0 => Condition::IfAbsent,
-                v => Condition::IfVersion(v),
-            };
-            let out = self.set(key, value.to_string().as_bytes(), ttl, condition)?;
-            if out.stored {
-                return Ok(Incremented {
-                    value,
-                    version: out.version,
-                    ttl,
-                });
-            }
-        }
-        Err(StoreError::Contended {
-            key: key.to_owned(),
-            attempts: INCREMENT_ATTEMPTS,
+            Ok(Some((Bytes::from(value.to_string()), ttl, (value, ttl))))
+        })?;
+        // The closure always writes: `None` cannot come back.
+        let ((value, ttl), version) = updated.unwrap_or_default();
+        Ok(Incremented {
+            value,
+            version,
+            ttl,
         })
     }
 
     /// Sets `key`'s time to live (`None`: no expiry) if it holds a live
     /// value, giving it a new version; returns it as it now is. Atomic per
-    /// key, as [`Store::increment`].
+    /// key ([`Store::update`]).
     pub fn touch(&self, key: &str, ttl: Option<Duration>) -> Result<Option<Found>, StoreError> {
-        for _ in 0..INCREMENT_ATTEMPTS {
-            let Some(found) = self.lookup(key) else {
+        let updated = self.update(key, |current| {
+            Ok(current.map(|found| (found.value.clone(), ttl, found.value.clone())))
+        })?;
+        Ok(updated.map(|(value, version)| Found {
+            value,
+            version,
+            ttl,
+        }))
+    }
+
+    /// A read-modify-write of one key, atomic per key: `change` sees its
+    /// live entry (if any) and returns the value and TTL to store with
+    /// what to answer, or `None` to leave the key as it is. Stored as a
+    /// compare-and-set on the version read (`if_absent` if there was
+    /// none), repeated if another write got in between. Answers `change`'s
+    /// answer with the new version.
+    fn update<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(
+            Option<&Found>,
+        ) -> Result<Option<(Bytes, Option<Duration>, T)>, StoreError>,
+    ) -> Result<Option<(T, u64)>, StoreError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = self.lookup(key);
+            let Some((value, ttl, answer)) = change(current.as_ref())? else {
                 return Ok(None);
             };
-            let out = self.set(key, &found.value, ttl, Condition::IfVersion(found.version))?;
+            let condition = match &current {
+                None => Condition::IfAbsent,
+                Some(found) => Condition::IfVersion(found.version),
+            };
+            let out = self.set(key, &value, ttl, condition)?;
             if out.stored {
-                return Ok(Some(Found {
-                    value: found.value,
-                    version: out.version,
-                    ttl,
-                }));
+                return Ok(Some((answer, out.version)));
             }
         }
         Err(StoreError::Contended {
             key: key.to_owned(),
-            attempts: INCREMENT_ATTEMPTS,
+            attempts: UPDATE_ATTEMPTS,
         })
     }
 
