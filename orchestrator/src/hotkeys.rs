@@ -55,6 +55,22 @@ struct Window {
     counters: HashMap<Box<str>, Counter>,
 }
 
+impl Window {
+    /// If this window is `len` old (or `at_once`), starts a new one at
+    /// `now` and returns the finished one.
+    fn end_if(&mut self, now: Instant, len: Duration, at_once: bool) -> Option<Window> {
+        (at_once || now.duration_since(self.started) >= len).then(|| {
+            std::mem::replace(
+                self,
+                Window {
+                    started: now,
+                    counters: HashMap::with_capacity(SLOTS),
+                },
+            )
+        })
+    }
+}
+
 /// A key's estimated rates over the last full window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HotKey {
@@ -120,14 +136,7 @@ impl HotKeys {
 
     fn count(&self, key: &str, access: Access, now: Instant) {
         let mut w = self.current.lock();
-        if now.duration_since(w.started) >= self.window {
-            let finished = std::mem::replace(
-                &mut *w,
-                Window {
-                    started: now,
-                    counters: HashMap::with_capacity(SLOTS),
-                },
-            );
+        if let Some(finished) = w.end_if(now, self.window, false) {
             drop(w);
             self.publish(finished, now);
             w = self.current.lock();
@@ -202,14 +211,7 @@ impl HotKeys {
     pub fn roll(&self, at_once: bool) {
         let now = Instant::now();
         let mut w = self.current.lock();
-        if at_once || now.duration_since(w.started) >= self.window {
-            let finished = std::mem::replace(
-                &mut *w,
-                Window {
-                    started: now,
-                    counters: HashMap::new(),
-                },
-            );
+        if let Some(finished) = w.end_if(now, self.window, at_once) {
             drop(w);
             self.publish(finished, now);
         }
