@@ -52,7 +52,7 @@ use ringcache_proto::v1::{
 };
 
 use crate::{
-    client::{CallError, delete_op},
+    client::CallError,
     nodes::{Cluster, Node, Previous, Topology},
     ring::Preference,
 };
@@ -377,28 +377,17 @@ pub async fn copy_to(
         .await;
     // Whatever the outcome (a lost call may still have been applied):
     // keys that changed meanwhile must not keep the copy.
-    let raced: Vec<&String> = entries
+    let raced: Vec<String> = entries
         .iter()
         .map(|(k, _)| k)
         .filter(|k| copying.raced(k))
+        .cloned()
         .collect();
     if !raced.is_empty() {
         cluster.metrics().handoff_raced.inc_by(raced.len() as u64);
-        let ops = raced.iter().map(|k| delete_op((*k).clone())).collect();
-        let deleted = target
-            .client
-            .call(ops, Some(Instant::now() + timeout), None)
+        cluster
+            .delete_or_record(target, raced, Some(Instant::now() + timeout))
             .await;
-        let all_deleted = deleted.is_ok_and(|r| {
-            r.len() == raced.len()
-                && r.iter()
-                    .all(|r| matches!(r.result, Some(op_result::Result::Delete(_))))
-        });
-        if !all_deleted {
-            for k in raced {
-                cluster.invalidate_later(target, k);
-            }
-        }
     }
     let stored = result?
         .iter()

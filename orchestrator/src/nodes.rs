@@ -581,6 +581,34 @@ impl Cluster {
             .set(node.pending.len() as i64);
     }
 
+    /// Deletes `keys` on `node`; the keys it did not confirm deleted (the
+    /// call failed, or an op was answered otherwise) are recorded for
+    /// invalidation there, so it does not serve them meanwhile.
+    pub async fn delete_or_record(
+        &self,
+        node: &Node,
+        keys: Vec<String>,
+        deadline: Option<Instant>,
+    ) {
+        if keys.is_empty() {
+            return;
+        }
+        let ops = keys.iter().map(|k| delete_op(k.clone())).collect();
+        let answers = node
+            .client
+            .call(ops, deadline, None)
+            .await
+            .unwrap_or_default();
+        for (i, key) in keys.iter().enumerate() {
+            let deleted = answers
+                .get(i)
+                .is_some_and(|r| matches!(r.result, Some(op_result::Result::Delete(_))));
+            if !deleted {
+                self.invalidate_later(node, key);
+            }
+        }
+    }
+
     /// Records that `node` may hold a stale value of `key`.
     pub fn invalidate_later(&self, node: &Node, key: &str) {
         node.pending.record(key);

@@ -518,17 +518,9 @@ impl Router {
             }
         }
         let calls = by_node.into_values().map(|(node, keys)| async move {
-            let ops = keys.iter().map(|k| delete_op(k.clone())).collect();
-            let result = node.client.call(ops, deadline, None).await;
-            (node, keys, result)
+            self.cluster.delete_or_record(&node, keys, deadline).await;
         });
-        for (node, keys, result) in join_all(calls).await {
-            if result.is_err() {
-                for k in &keys {
-                    self.cluster.invalidate_later(&node, k);
-                }
-            }
-        }
+        join_all(calls).await;
     }
 
     /// Runs `ops` on `node` and answers them as writes.
