@@ -115,6 +115,33 @@ where
     }
 }
 
+/// Polls `Cluster/ListNodes` until `ok` holds for the listed nodes, and
+/// returns them; panics with the last list after `timeout`.
+pub async fn wait_for_nodes(
+    cluster: &ClusterClient<Channel>,
+    timeout: Duration,
+    ok: impl Fn(&[ringcache_proto::v1::NodeInfo]) -> bool,
+) -> Vec<ringcache_proto::v1::NodeInfo> {
+    let ok = &ok;
+    eventually(timeout, || {
+        let mut cluster = cluster.clone();
+        async move {
+            let nodes = cluster
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .nodes;
+            if ok(&nodes) {
+                Ok(nodes)
+            } else {
+                Err(format!("{nodes:?}"))
+            }
+        }
+    })
+    .await
+}
+
 /// A running server process, killed when dropped.
 #[derive(Debug)]
 pub struct Process {
@@ -557,33 +584,10 @@ impl TestCluster {
         timeout: Duration,
         ok: impl Fn(&ringcache_proto::v1::NodeInfo) -> bool,
     ) {
+        let addr = &self.node_addrs[i];
         let cluster = self.orchestrator.cluster().await;
-        let addr = self.node_addrs[i].clone();
-        let ok = &ok;
-        eventually(timeout, || {
-            let addr = addr.clone();
-            let mut cluster = cluster.clone();
-            async move {
-                let nodes = cluster
-                    .list_nodes(ListNodesRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner()
-                    .nodes;
-                let node = nodes
-                    .iter()
-                    .find(|n| n.address == addr)
-                    .ok_or("node not listed")?;
-                if ok(node) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{addr} is {:?}, warming: {}",
-                        node.state(),
-                        node.warming
-                    ))
-                }
-            }
+        wait_for_nodes(&cluster, timeout, |nodes| {
+            nodes.iter().find(|n| n.address == *addr).is_some_and(&ok)
         })
         .await;
     }

@@ -514,23 +514,8 @@ async fn dns_discovery_finds_nodes_by_name_and_places_them_by_node_id() {
     args.extend_from_slice(integration_tests::FAST_HEALTH);
     let orchestrator = integration_tests::OrchestratorProcess::start(&args).await;
     let mut api = orchestrator.cluster().await;
-    let nodes = integration_tests::eventually(Duration::from_secs(10), || {
-        let mut api = api.clone();
-        async move {
-            let nodes = api
-                .list_nodes(ListNodesRequest {})
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .nodes;
-            if nodes.is_empty() {
-                Err("no node discovered yet".to_owned())
-            } else {
-                Ok(nodes)
-            }
-        }
-    })
-    .await;
+    let nodes =
+        integration_tests::wait_for_nodes(&api, Duration::from_secs(10), |n| !n.is_empty()).await;
     assert_eq!(nodes.len(), 1, "{nodes:?}");
     assert_eq!(nodes[0].id, "cache-0");
     assert!(nodes[0].address.ends_with(&format!(":{port}")));
@@ -876,21 +861,8 @@ async fn readiness_reports_not_serving_until_a_node_answers() {
     let url = orchestrator.grpc_url();
     let mut api =
         ringcache_proto::v1::cluster_client::ClusterClient::new(orchestrator.channel().await);
-    integration_tests::eventually(Duration::from_secs(10), || {
-        let mut api = api.clone();
-        async move {
-            let nodes = api
-                .list_nodes(ListNodesRequest {})
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .nodes;
-            if nodes[0].state() == NodeState::NeverReached {
-                Ok(())
-            } else {
-                Err(format!("{nodes:?}"))
-            }
-        }
+    integration_tests::wait_for_nodes(&api, Duration::from_secs(10), |n| {
+        n[0].state() == NodeState::NeverReached
     })
     .await;
     assert_eq!(

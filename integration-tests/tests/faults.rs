@@ -17,11 +17,10 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{NodeProcess, OrchestratorProcess, TestCluster, eventually};
+use integration_tests::{NodeProcess, OrchestratorProcess, TestCluster, wait_for_nodes};
 use ringcache_proto::v1::{
-    DeleteManyRequest, DeleteRequest, GetManyRequest, GetRequest, IncrementRequest,
-    ListNodesRequest, NodeState, SetManyRequest, SetRequest, TouchRequest,
-    cache_client::CacheClient,
+    DeleteManyRequest, DeleteRequest, GetManyRequest, GetRequest, IncrementRequest, NodeState,
+    SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient,
 };
 use tonic::transport::Channel;
 
@@ -643,21 +642,8 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
     nodes.push(NodeProcess::start(NODE_ARGS).await);
     std::fs::write(&file, list(&nodes)).unwrap();
     let api = orchestrator.cluster().await;
-    eventually(Duration::from_secs(30), || {
-        let mut api = api.clone();
-        async move {
-            let listed = api
-                .list_nodes(ListNodesRequest {})
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .nodes;
-            if listed.len() == 4 && listed.iter().all(|n| !n.warming) {
-                Ok(())
-            } else {
-                Err(format!("{listed:?}"))
-            }
-        }
+    wait_for_nodes(&api, Duration::from_secs(30), |listed| {
+        listed.len() == 4 && listed.iter().all(|n| !n.warming)
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
