@@ -143,6 +143,19 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_HOT_KEY_THRESHOLD", default_value_t = 1000.0)]
     pub hot_key_threshold: f64,
 
+    /// Hot-key relief: the most bytes (keys, values and bookkeeping) of hot
+    /// keys' answers this orchestrator keeps to answer their reads itself.
+    /// 0 turns relief off.
+    #[arg(long, env = "RINGCACHE_HOT_KEY_CACHE_BYTES", default_value = "16MiB")]
+    pub hot_key_cache_bytes: ByteSize,
+
+    /// Hot-key relief: how long an answer is served from this
+    /// orchestrator's near cache. A write or delete through this
+    /// orchestrator is seen at once; one through another orchestrator may
+    /// be seen this much later for a hot key.
+    #[arg(long, env = "RINGCACHE_HOT_KEY_TTL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub hot_key_ttl: Duration,
+
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -298,6 +311,7 @@ impl Config {
             ("--eject-backoff", self.eject_backoff.is_zero()),
             ("--failover-ttl", self.failover_ttl.is_zero()),
             ("--hot-key-window", self.hot_key_window.is_zero()),
+            ("--hot-key-ttl", self.hot_key_ttl.is_zero()),
             ("--max-node-in-flight", self.max_node_in_flight == 0),
             ("--node-connections", self.node_connections == 0),
             ("--node-queue", self.node_queue == 0),
@@ -306,6 +320,12 @@ impl Config {
             if zero {
                 return Err(invalid(flag, "must be positive"));
             }
+        }
+        if !(self.hot_key_threshold.is_finite() && self.hot_key_threshold > 0.0) {
+            return Err(invalid(
+                "--hot-key-threshold",
+                format!("must be a positive number, got {}", self.hot_key_threshold),
+            ));
         }
         if self.eject_max_backoff < self.eject_backoff {
             return Err(invalid(

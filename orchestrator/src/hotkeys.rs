@@ -5,25 +5,33 @@
 //! counted; a key not counted yet takes the slot of the least counted one
 //! and inherits its count as its error bound, so every key whose true
 //! count exceeds `calls / SLOTS` is guaranteed to be in the sketch. Only
-//! one call in [`SAMPLE`] is counted (a shared counter picks them), so the
-//! common case costs one atomic add; counts are scaled back up when rates
+//! one call in [`SAMPLE`] is counted (a hash of a shared call counter
+//! picks them), so the common case costs one atomic add; counts are scaled back up when rates
 //! are reported. Counting restarts every window (`--hot-key-window`); the
 //! last full window is what [`HotKeys::top`] reports, so a rate is the
 //! rate of the last second (by default), not of the process's life.
 
 use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicU64, Ordering},
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 /// Keys counted at once.
 pub const SLOTS: usize = 256;
 
 /// One call in this many is counted.
 pub const SAMPLE: u64 = 8;
+
+/// splitmix64's finalizer: consecutive inputs give unrelated outputs.
+#[inline]
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
 
 /// What a call did to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +110,10 @@ pub struct HotKeys {
     calls: AtomicU64,
     current: Mutex<Window>,
     last: Mutex<Vec<HotKey>>,
+    /// The hot keys of the last window, for [`HotKeys::is_hot_now`].
+    hot_now: RwLock<HashSet<Box<str>>>,
+    /// Whether `hot_now` has any key (so most calls skip its lock).
+    any_hot: AtomicBool,
 }
 
 impl HotKeys {
@@ -118,17 +130,20 @@ impl HotKeys {
                 counters: HashMap::with_capacity(SLOTS),
             }),
             last: Mutex::new(Vec::new()),
+            hot_now: RwLock::new(HashSet::new()),
+            any_hot: AtomicBool::new(false),
         }
     }
 
     /// Counts one access of `key` (one in [`SAMPLE`] is actually counted).
     #[inline]
     pub fn record(&self, key: &str, access: Access) {
-        if !self
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(SAMPLE)
-        {
+        // Which calls are counted is decided by a hash of the call count,
+        // not the count itself: a workload that repeats a cycle of keys (a
+        // GetMany of 16 keys, two keys read in turn) would otherwise have
+        // the same keys counted every time and the others never.
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        if !mix(n).is_multiple_of(SAMPLE) {
             return;
         }
         self.count(key, access, Instant::now());
@@ -185,10 +200,31 @@ impl HotKeys {
             })
             .collect();
         keys.sort_by(|a, b| b.rate().total_cmp(&a.rate()));
+        let hot: HashSet<Box<str>> = keys
+            .iter()
+            .filter(|k| self.is_hot(k))
+            .map(|k| k.key.as_str().into())
+            .collect();
         if let Some(g) = &self.gauge {
-            g.set(keys.iter().filter(|k| self.is_hot(k)).count() as i64);
+            g.set(hot.len() as i64);
         }
+        self.any_hot.store(!hot.is_empty(), Ordering::Release);
+        *self.hot_now.write() = hot;
         *self.last.lock() = keys;
+    }
+
+    /// Whether any key was hot in the last full window.
+    #[inline]
+    pub fn any_hot(&self) -> bool {
+        self.any_hot.load(Ordering::Acquire)
+    }
+
+    /// Whether `key` was hot in the last full window. Cheap when no key
+    /// is (one atomic load). A window with no calls since the last ends
+    /// when the next call is counted.
+    #[inline]
+    pub fn is_hot_now(&self, key: &str) -> bool {
+        self.any_hot.load(Ordering::Acquire) && self.hot_now.read().contains(key)
     }
 
     /// Whether `key`'s rate makes it hot.
@@ -269,12 +305,31 @@ mod tests {
     }
 
     #[test]
-    fn sampling_counts_one_call_in_sample() {
+    fn sampling_counts_about_one_call_in_sample() {
         let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
-        for _ in 0..(SAMPLE * 100) {
+        for _ in 0..(SAMPLE * 1000) {
             h.record("k", Access::Read);
         }
-        assert_eq!(h.current.lock().counters["k"].reads, 100);
+        let counted = h.current.lock().counters["k"].reads;
+        assert!((900..=1100).contains(&counted), "{counted}");
+    }
+
+    #[test]
+    fn keys_read_in_a_cycle_are_all_counted() {
+        // 16 keys in turn (a GetMany repeated): a cycle that is a multiple
+        // of SAMPLE must not hide any of them.
+        let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
+        let keys: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+        for _ in 0..1000 {
+            for k in &keys {
+                h.record(k, Access::Read);
+            }
+        }
+        let counters = &h.current.lock().counters;
+        for k in &keys {
+            let reads = counters.get(k.as_str()).map_or(0, |c| c.reads);
+            assert!((80..=170).contains(&reads), "{k}: {reads}");
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!   empty, reads that miss on it answered from other holders, and the
 //!   record of running writes that keeps copies from resurrecting deletes.
 //! - [`hotkeys`]: a bounded sketch of the busiest keys (`Cluster/HotKeys`).
+//! - [`nearcache`]: hot-key relief — a byte-bounded cache of hot keys'
+//!   answers, fresh for a short TTL and voided by every write through this
+//!   orchestrator.
 //! - [`client`]: how one node is called — a coalescer over a tower stack
 //!   (trace, metrics, passive health, shedding, timeout) over HTTP/2
 //!   connections, failing with a typed [`client::CallError`].
@@ -37,6 +40,7 @@ pub mod hotkeys;
 pub mod invalidation;
 pub mod membership;
 pub mod metrics;
+pub mod nearcache;
 pub mod nodes;
 pub mod ring;
 pub mod server;

@@ -52,6 +52,10 @@ pub struct ClusterMetrics {
     pub nodes_warming: IntGauge,
     /// Keys at or above the hot-key threshold in the last window.
     pub hot_keys: IntGauge,
+    /// Reads answered from the near cache (hot-key relief).
+    pub hot_key_relieved: IntCounter,
+    /// Bytes held by the near cache.
+    pub hot_key_cache_bytes: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -161,8 +165,18 @@ impl ClusterMetrics {
                 "ringcache_hot_keys",
                 "Keys at or above --hot-key-threshold calls per second in the last --hot-key-window (Cluster/HotKeys lists them).",
             )?,
+            hot_key_relieved: IntCounter::new(
+                "ringcache_hot_key_relieved_reads_total",
+                "Reads of hot keys answered from this orchestrator's near cache instead of a node (hot-key relief).",
+            )?,
+            hot_key_cache_bytes: IntGauge::new(
+                "ringcache_hot_key_cache_bytes",
+                "Bytes held by the near cache of hot keys (at most --hot-key-cache-bytes).",
+            )?,
         };
         registry.register(Box::new(m.hot_keys.clone()))?;
+        registry.register(Box::new(m.hot_key_relieved.clone()))?;
+        registry.register(Box::new(m.hot_key_cache_bytes.clone()))?;
         registry.register(Box::new(m.handoff_reads.clone()))?;
         registry.register(Box::new(m.handoff_copies.clone()))?;
         registry.register(Box::new(m.handoff_raced.clone()))?;

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::{
-    config::Config, hotkeys::HotKeys, membership, metrics::ClusterMetrics, nodes::Cluster,
-    service::Router,
+    config::Config, hotkeys::HotKeys, membership, metrics::ClusterMetrics, nearcache::NearCache,
+    nodes::Cluster, service::Router,
 };
 
 /// Runs an orchestrator on the given listeners until `shutdown` completes,
@@ -33,6 +33,8 @@ pub async fn run(
     let metrics = Arc::new(ClusterMetrics::new(&registry)?);
     let max_message = config.limits.max_message_bytes();
     let hot_keys_gauge = metrics.hot_keys.clone();
+    let relieved = metrics.hot_key_relieved.clone();
+    let near_bytes = metrics.hot_key_cache_bytes.clone();
     let cluster = Arc::new(Cluster::new(config.call_settings(), metrics));
 
     // A static list is in place before the first call is accepted; DNS
@@ -70,7 +72,7 @@ pub async fn run(
         }))
     };
 
-    let router = Router::new(
+    let mut router = Router::new(
         cluster,
         config.limits.limits(),
         config.replicas,
@@ -82,6 +84,12 @@ pub async fn run(
         config.hot_key_threshold,
         Some(hot_keys_gauge),
     )));
+    // Hot-key relief, unless --hot-key-cache-bytes is 0.
+    if config.hot_key_cache_bytes.bytes() > 0 {
+        let near = NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)
+            .with_gauge(near_bytes);
+        router = router.with_relief(Arc::new(near), Some(relieved));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut routes = RoutesBuilder::default();
     routes

@@ -60,6 +60,7 @@ use crate::{
     handoff,
     health::State,
     hotkeys::{Access, HotKeys},
+    nearcache::{self, NearCache},
     nodes::{Cluster, Node, Topology},
     ring::Preference,
 };
@@ -79,6 +80,34 @@ pub struct Router {
     max_message_bytes: usize,
     failover_ttl: std::time::Duration,
     hot: Arc<HotKeys>,
+    /// Hot-key relief (`None`: off).
+    relief: Option<Relief>,
+}
+
+/// Hot-key relief: the near cache and what it counts.
+#[derive(Debug, Clone)]
+struct Relief {
+    near: Arc<NearCache>,
+    /// Reads answered from `near`.
+    relieved: Option<prometheus::IntCounter>,
+}
+
+/// A write or delete of one key in progress: counted by the hot-key
+/// sketch and recorded for warm handoff (a copy must not keep what it read
+/// before it) while it runs; when it ends, whatever the nodes answered,
+/// the key's near-cache answer is void.
+struct Writing<'a> {
+    _mutation: handoff::Mutation<'a>,
+    near: Option<&'a NearCache>,
+    key: &'a str,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Some(near) = self.near {
+            near.invalidate(self.key);
+        }
+    }
 }
 
 /// The first node of `pref` usable for `key` that this request has not
@@ -226,6 +255,37 @@ fn get_result(node: &Node, r: OpResult) -> GetResult {
     }
 }
 
+/// What the near cache keeps of a node's answer `r`, read at `now`.
+fn near_answer(r: &GetResult, now: Instant) -> nearcache::Answer {
+    // A TTL a node reported is valid (non-negative, bounded); one that does
+    // not fit an `Instant` is treated as no expiry.
+    let expires = r.ttl.and_then(|t| {
+        let d =
+            std::time::Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
+        now.checked_add(d)
+    });
+    nearcache::Answer {
+        found: r.found,
+        value: r.value.clone(),
+        version: r.version,
+        expires,
+    }
+}
+
+/// A near-cache answer as a read result at `now`: the key's time left is
+/// counted from its expiry.
+fn relieved_result(a: nearcache::Answer, now: Instant) -> GetResult {
+    GetResult {
+        found: a.found,
+        value: a.value,
+        version: a.version,
+        ttl: a
+            .expires
+            .map(|e| to_proto_duration(e.saturating_duration_since(now))),
+        error: None,
+    }
+}
+
 fn set_result(node: &Node, r: OpResult) -> SetResult {
     match r.result {
         Some(op_result::Result::Set(s) | op_result::Result::Copy(s)) => SetResult {
@@ -325,6 +385,28 @@ impl Router {
                 1000.0,
                 None,
             )),
+            relief: None,
+        }
+    }
+
+    /// Relieves hot keys: their reads are answered from `near` while its
+    /// answers are fresh; `relieved` counts them.
+    pub fn with_relief(
+        mut self,
+        near: Arc<NearCache>,
+        relieved: Option<prometheus::IntCounter>,
+    ) -> Self {
+        self.relief = Some(Relief { near, relieved });
+        self
+    }
+
+    /// Starts a write or delete of `key` (see [`Writing`]).
+    fn writing<'a>(&'a self, key: &'a str) -> Writing<'a> {
+        self.hot.record(key, Access::Write);
+        Writing {
+            _mutation: self.cluster.mutations.begin(key),
+            near: self.relief.as_ref().map(|r| &*r.near),
+            key,
         }
     }
 
@@ -421,11 +503,82 @@ impl Router {
         routed.finish_with(|i| last_error[i].clone().unwrap_or_else(|| unanswered.clone()))
     }
 
-    /// Reads `keys`, answering each in order.
+    /// Reads `keys`, answering each in order: hot keys from the near
+    /// cache while it holds a fresh answer (relief), the others from the
+    /// nodes.
     async fn read(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
         for k in keys {
             self.hot.record(k, Access::Read);
         }
+        // No hot key, no relief: one atomic load on the common path.
+        match &self.relief {
+            Some(relief) if self.hot.any_hot() => self.read_relieved(relief, keys, deadline).await,
+            _ => self.read_nodes(keys, deadline).await,
+        }
+    }
+
+    /// [`Router::read`] with relief: answers what the near cache holds,
+    /// reads the rest from the nodes, and keeps the nodes' answers for hot
+    /// keys.
+    async fn read_relieved(
+        &self,
+        relief: &Relief,
+        keys: &[String],
+        deadline: Option<Instant>,
+    ) -> Vec<GetResult> {
+        let near = &*relief.near;
+        let now = Instant::now();
+        let mut results: Vec<Option<GetResult>> = Vec::with_capacity(keys.len());
+        let mut fills = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let cached = near.get(k, now);
+            if cached.is_none() && self.hot.is_hot_now(k) {
+                // Taken before the nodes are asked: see `NearCache::fill`.
+                fills.push((i, near.ticket(k)));
+            }
+            results.push(cached.map(|a| relieved_result(a, now)));
+        }
+        let relieved = results.iter().filter(|r| r.is_some()).count();
+        if relieved > 0 {
+            if let Some(c) = &relief.relieved {
+                c.inc_by(relieved as u64);
+            }
+            if let Some(span) = sampled_span() {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                span.set_attribute("ringcache.relieved_keys", relieved as i64);
+            }
+        }
+        if relieved == keys.len() {
+            return results.into_iter().flatten().collect();
+        }
+        let fetched = if relieved == 0 {
+            self.read_nodes(keys, deadline).await
+        } else {
+            let missing: Vec<String> = keys
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.read_nodes(&missing, deadline).await
+        };
+        let mut fetched = fetched.into_iter();
+        let mut out: Vec<GetResult> = results
+            .into_iter()
+            .map(|r| r.or_else(|| fetched.next()).unwrap_or_default())
+            .collect();
+        let now = Instant::now();
+        for (i, ticket) in fills {
+            let r = &mut out[i];
+            if r.error.is_none() {
+                near.fill(&keys[i], ticket, near_answer(r, now), now);
+            }
+        }
+        out
+    }
+
+    /// Reads `keys` from the nodes, answering each in order.
+    async fn read_nodes(&self, keys: &[String], deadline: Option<Instant>) -> Vec<GetResult> {
         let topology = self.cluster.topology();
         let topo = &*topology;
         let parent = sampled_span();
@@ -542,13 +695,7 @@ impl Router {
         let parent = sampled_span();
         // While it runs, a copy of these keys (warm handoff) must not keep
         // what it read before.
-        let _writing: Vec<_> = entries
-            .iter()
-            .map(|e| {
-                self.hot.record(&e.key, Access::Write);
-                self.cluster.mutations.begin(&e.key)
-            })
-            .collect();
+        let _writing: Vec<_> = entries.iter().map(|e| self.writing(&e.key)).collect();
         // Phase 1: primaries. A batch of unconditional writes is retried on
         // the next node after any failure that blames the node: writing the
         // same value again is harmless whether or not the first node
@@ -732,8 +879,7 @@ impl Router {
         deadline: Option<Instant>,
         answer: impl FnOnce(op_result::Result) -> Option<(T, Option<Stored>)>,
     ) -> Result<T, Status> {
-        let _writing = self.cluster.mutations.begin(key);
-        self.hot.record(key, Access::Write);
+        let _writing = self.writing(key);
         let topology = self.cluster.topology();
         let topo = &*topology;
         let kind = match &op {
@@ -802,7 +948,6 @@ impl Router {
     /// if an owner removed a live value; an error only if no owner could be
     /// reached.
     async fn remove(&self, key: &str, deadline: Option<Instant>) -> Result<bool, KeyError> {
-        self.hot.record(key, Access::Write);
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(key);
         let none_failed = vec![false; topo.nodes.len()];
@@ -1005,7 +1150,7 @@ impl Cache for Router {
         let deadline = deadline(&request);
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
-        let _deleting = self.cluster.mutations.begin(&req.key);
+        let _deleting = self.writing(&req.key);
         if req.if_version != 0 {
             // Compare-and-delete: decided by the primary alone; the other
             // copies follow only if it deleted.
@@ -1114,11 +1259,7 @@ impl Cache for Router {
         let deadline = deadline(&request);
         let req = request.into_inner();
         self.limits.check_keys(&req.keys)?;
-        let _deleting: Vec<_> = req
-            .keys
-            .iter()
-            .map(|k| self.cluster.mutations.begin(k))
-            .collect();
+        let _deleting: Vec<_> = req.keys.iter().map(|k| self.writing(k)).collect();
         // Each key as a delete of its own, all at once: the per-node
         // coalescing turns them into one call per node.
         let results = join_all(req.keys.iter().map(|k| self.remove(k, deadline)))
@@ -1201,6 +1342,7 @@ impl ClusterApi for Router {
             .into_iter()
             .map(|k| HotKey {
                 hot: self.hot.is_hot(&k),
+                relieved: self.relief.is_some() && self.hot.is_hot_now(&k.key),
                 owners: topo
                     .ring
                     .owners(&k.key, self.replicas)
@@ -1217,6 +1359,11 @@ impl ClusterApi for Router {
             keys,
             window: Some(to_proto_duration(self.hot.window())),
             threshold: self.hot.threshold(),
+            relief_ttl: self
+                .relief
+                .as_ref()
+                .map(|r| to_proto_duration(r.near.ttl())),
+            relief_bytes: self.relief.as_ref().map_or(0, |r| r.near.bytes()),
         }))
     }
 
@@ -1226,7 +1373,6 @@ impl ClusterApi for Router {
     ) -> Result<Response<LocateResponse>, Status> {
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
-        let _deleting = self.cluster.mutations.begin(&req.key);
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(&req.key);
         let none_failed = vec![false; topo.nodes.len()];
