@@ -479,3 +479,88 @@ async fn a_call_that_runs_out_of_time_is_counted_and_traced_as_deadline_exceeded
     );
     assert_eq!(failures.unwrap_or(0.0), 0.0);
 }
+
+/// A read that hot-key relief answers is one orchestrator SERVER span,
+/// marked `ringcache.relieved_keys`, with no node call under it.
+#[tokio::test]
+async fn a_relieved_read_is_marked_on_its_span_and_calls_no_node() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(
+        &jaeger,
+        3,
+        &[
+            "--hot-key-window",
+            "200ms",
+            "--hot-key-threshold",
+            "50",
+            "--hot-key-ttl",
+            "60s",
+        ],
+    )
+    .await;
+    let mut cache = cluster.orchestrator.cache().await;
+    cache
+        .set(SetRequest {
+            key: "celebrity".into(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut api = cluster.orchestrator.cluster().await;
+    integration_tests::eventually(std::time::Duration::from_secs(20), || {
+        let (mut cache, mut api) = (cache.clone(), api.clone());
+        async move {
+            for _ in 0..100 {
+                let key = "celebrity".into();
+                cache.get(GetRequest { key }).await.unwrap();
+            }
+            let hot = api
+                .hot_keys(ringcache_proto::v1::HotKeysRequest { limit: 1 })
+                .await
+                .unwrap()
+                .into_inner();
+            match hot.keys.first() {
+                Some(k) if k.relieved => Ok(()),
+                _ => Err(hot),
+            }
+        }
+    })
+    .await;
+    // This read fills the near cache if the last ones did not.
+    cache
+        .get(GetRequest {
+            key: "celebrity".into(),
+        })
+        .await
+        .unwrap();
+    let relieved_trace = "4bf92f3577b34da6a3ce929d0e0e4739";
+    let got = cache
+        .get(traced(
+            GetRequest {
+                key: "celebrity".into(),
+            },
+            relieved_trace,
+            "00f067aa0ba902ba",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found);
+    jaeger.trace(relieved_trace, 1).await;
+    // Give any node span time to arrive, then read the whole trace.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let trace = jaeger.trace(relieved_trace, 1).await;
+    let servers = trace.spans("orchestrator", "server");
+    assert_eq!(servers.len(), 1, "{trace:#?}");
+    assert_eq!(
+        servers[0].tag("ringcache.relieved_keys").as_deref(),
+        Some("1"),
+        "{trace:#?}"
+    );
+    assert!(
+        trace.spans("orchestrator", "client").is_empty(),
+        "{trace:#?}"
+    );
+    assert!(trace.spans("cache-node", "server").is_empty(), "{trace:#?}");
+}
