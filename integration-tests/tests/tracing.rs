@@ -507,7 +507,7 @@ async fn a_relieved_read_is_marked_on_its_span_and_calls_no_node() {
         })
         .await
         .unwrap();
-    let mut api = cluster.orchestrator.cluster().await;
+    let api = cluster.orchestrator.cluster().await;
     integration_tests::eventually(std::time::Duration::from_secs(20), || {
         let (mut cache, mut api) = (cache.clone(), api.clone());
         async move {
