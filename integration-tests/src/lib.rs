@@ -46,6 +46,7 @@ use tonic_health::pb::{
 pub mod bench;
 pub mod jaeger;
 pub mod tools;
+pub mod zipf;
 
 /// The workspace root (where `Cargo.toml` and `scripts/` are).
 pub fn workspace_root() -> PathBuf {
