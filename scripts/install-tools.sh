@@ -20,6 +20,10 @@ declare -A PACKAGES=(
   # Jaeger v2 lives in ./cmd/jaeger of the v1.7x module tags. Its go.mod has
   # replace directives, so `go install` refuses it: see install_jaeger.
   [jaeger]="github.com/jaegertracing/jaeger@v1.76.0"
+  # Go stubs from proto/ (scripts/gen-go.sh): buf and its two plugins.
+  [buf]="github.com/bufbuild/buf/cmd/buf@v1.75.0"
+  [protoc-gen-go]="google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12"
+  [protoc-gen-go-grpc]="google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2"
 )
 
 install_go_tool() {

@@ -6,7 +6,8 @@
 # Steps: install the real tools the tests drive (grpcurl, Jaeger and helm,
 # built from the Go module proxy and cached), check formatting and lints, run
 # every test (unit tests, benchmarks in test mode, the integration tests that
-# start the real binaries), then check the Helm chart and the Dockerfile.
+# start the real binaries), then the Go client and example (stubs up to
+# date, go vet, go test), then check the Helm chart and the Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --all-targets --locked
+
+step "Go client and example: stubs up to date, go vet, go test"
+scripts/gen-go.sh --check
+# The Go client's tests start the real binaries (built by cargo test above).
+cargo build --bins --locked
+(cd clients/go && go vet ./... && RINGCACHE_BIN_DIR="$PWD/../../target/debug" go test -count=1 ./...)
+(cd examples/go-http-service && go vet ./... && go test -count=1 ./...)
 
 step "helm chart and Dockerfile"
 scripts/check-helm.sh

@@ -1,0 +1,383 @@
+// Package ringcache is the Go client of ringcache, a distributed in-memory
+// cache served over gRPC.
+//
+// A Client talks to an orchestrator (or, for tests, straight to one cache
+// node) and wraps the generated stubs in package
+// github.com/ringcache/ringcache/clients/go/gen/ringcache/v1 with what a
+// Go service wants: context deadlines, time.Duration TTLs, []byte values,
+// errors that keep their gRPC code, retries where they are safe, and
+// OpenTelemetry trace propagation.
+//
+//	c, err := ringcache.Dial("localhost:50051")
+//	if err != nil { ... }
+//	defer c.Close()
+//	_, err = c.Set(ctx, "user:42", []byte(`{"name":"Ada"}`), 10*time.Minute)
+//	item, err := c.Get(ctx, "user:42")
+//	if errors.Is(err, ringcache.ErrCacheMiss) { ... }
+//
+// # Errors
+//
+// Every error from a call carries its gRPC code: status.Code(err) gives
+// it (codes.InvalidArgument for a key over the limit, codes.Unavailable
+// when no node could be reached, ...). A miss is not a gRPC error: Get
+// answers ErrCacheMiss. Batch calls answer per key, each result with its
+// own error.
+//
+// # Retries
+//
+// Calls that may safely run twice — Get, GetMany, and the unconditional
+// Set, SetMany and Delete — are retried when the orchestrator answers
+// UNAVAILABLE (no node reachable, or the connection broke) or
+// RESOURCE_EXHAUSTED (it shed load), with exponential backoff and full
+// jitter, within the context's deadline. Conditional writes (SetIfAbsent,
+// CompareAndSwap, CompareAndDelete) are never retried: a first attempt may
+// have been applied.
+//
+// # Tracing
+//
+// Dial installs otelgrpc's client handler: each call is a CLIENT span
+// under the span in its context, and the trace context travels to the
+// orchestrator, which continues the trace to the cache nodes. Configure
+// the global TracerProvider and propagator (otel.SetTracerProvider,
+// otel.SetTextMapPropagator) as for any instrumented Go service.
+package ringcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/ringcache/ringcache/clients/go/gen/ringcache/v1"
+)
+
+// ErrCacheMiss is what Get answers for a key that holds no live value.
+var ErrCacheMiss = errors.New("ringcache: cache miss")
+
+// Item is a cached value.
+type Item struct {
+	// Value is the stored bytes.
+	Value []byte
+	// Version is the key's version: it grows with every write of the key,
+	// and CompareAndSwap / CompareAndDelete take it.
+	Version uint64
+	// TTL is the time left before the key expires; 0 means no expiry.
+	TTL time.Duration
+}
+
+// Entry is one write of SetMany.
+type Entry struct {
+	Key   string
+	Value []byte
+	// TTL is how long the key lives; 0 means no expiry.
+	TTL time.Duration
+}
+
+// GetResult answers one key of GetMany.
+type GetResult struct {
+	Key string
+	// Item is the value when Err is nil.
+	Item Item
+	// Err is ErrCacheMiss for a miss, or an error with the gRPC code of
+	// why this key could not be read (the others may have been).
+	Err error
+}
+
+// SetResult answers one entry of SetMany.
+type SetResult struct {
+	Key string
+	// Version is the key's new version when Err is nil.
+	Version uint64
+	// Err says why this entry was not written (with its gRPC code).
+	Err error
+}
+
+// RetryPolicy says how calls that may safely run twice are retried.
+type RetryPolicy struct {
+	// Attempts is the most tries of one call, the first included; 1
+	// turns retries off.
+	Attempts int
+	// Backoff is the first wait; it doubles with each retry, up to
+	// MaxBackoff, and each wait is drawn uniformly below it (full jitter).
+	Backoff    time.Duration
+	MaxBackoff time.Duration
+}
+
+// DefaultRetryPolicy is what Dial and New use unless told otherwise:
+// three tries, waiting below 20 ms then below 40 ms.
+var DefaultRetryPolicy = RetryPolicy{Attempts: 3, Backoff: 20 * time.Millisecond, MaxBackoff: time.Second}
+
+// Option configures a Client.
+type Option func(*options)
+
+type options struct {
+	retry    RetryPolicy
+	dialOpts []grpc.DialOption
+}
+
+// WithRetryPolicy replaces DefaultRetryPolicy.
+func WithRetryPolicy(p RetryPolicy) Option {
+	return func(o *options) { o.retry = p }
+}
+
+// WithDialOptions adds gRPC dial options (for example TLS credentials,
+// which replace the default plaintext transport).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(o *options) { o.dialOpts = append(o.dialOpts, opts...) }
+}
+
+// Client calls ringcache. It is safe for concurrent use; one Client (one
+// HTTP/2 connection, multiplexed) serves a whole process.
+type Client struct {
+	conn  *grpc.ClientConn
+	cache pb.CacheClient
+	retry RetryPolicy
+}
+
+// Dial connects to the orchestrator at target ("host:port", or any gRPC
+// target such as "dns:///ringcache.default.svc:50051"). The connection is
+// made lazily, on the first call. Plaintext unless WithDialOptions gives
+// transport credentials.
+func Dial(target string, opts ...Option) (*Client, error) {
+	o := options{retry: DefaultRetryPolicy}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	dial := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler()),
+	}, o.dialOpts...)
+	conn, err := grpc.NewClient(target, dial...)
+	if err != nil {
+		return nil, fmt.Errorf("ringcache: dial %s: %w", target, err)
+	}
+	return &Client{conn: conn, cache: pb.NewCacheClient(conn), retry: o.retry}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Cache is the generated stub, for the calls this wrapper does not cover
+// (Increment, Touch, Exists, DeleteMany, conditional SetMany).
+func (c *Client) Cache() pb.CacheClient { return c.cache }
+
+// retryable reports whether err is worth another try of a call that may
+// run twice.
+func retryable(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.ResourceExhausted:
+		return true
+	default:
+		return false
+	}
+}
+
+// do runs call, retrying as the policy says while ctx allows.
+func (c *Client) do(ctx context.Context, call func(context.Context) error) error {
+	backoff := c.retry.Backoff
+	var err error
+	for attempt := 1; ; attempt++ {
+		err = call(ctx)
+		if err == nil || !retryable(err) || attempt >= c.retry.Attempts {
+			return err
+		}
+		wait := time.Duration(0)
+		if backoff > 0 {
+			wait = time.Duration(rand.Int64N(int64(backoff)))
+		}
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) <= wait {
+			return err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		backoff *= 2
+		if c.retry.MaxBackoff > 0 && backoff > c.retry.MaxBackoff {
+			backoff = c.retry.MaxBackoff
+		}
+	}
+}
+
+func ttlProto(ttl time.Duration) (*durationpb.Duration, error) {
+	switch {
+	case ttl < 0:
+		return nil, status.Errorf(codes.InvalidArgument, "ringcache: negative TTL %v", ttl)
+	case ttl == 0:
+		return nil, nil
+	default:
+		return durationpb.New(ttl), nil
+	}
+}
+
+func ttlOf(d *durationpb.Duration) time.Duration {
+	if d == nil {
+		return 0
+	}
+	return d.AsDuration()
+}
+
+// keyError turns a per-key error of a batch answer into an error with
+// its gRPC code.
+func keyError(e *pb.KeyError) error {
+	if e == nil {
+		return nil
+	}
+	return status.Error(codes.Code(e.GetCode()), e.GetMessage())
+}
+
+// Get reads key. A key with no live value answers ErrCacheMiss.
+func (c *Client) Get(ctx context.Context, key string) (Item, error) {
+	var r *pb.GetResponse
+	err := c.do(ctx, func(ctx context.Context) (err error) {
+		r, err = c.cache.Get(ctx, &pb.GetRequest{Key: key})
+		return err
+	})
+	if err != nil {
+		return Item{}, err
+	}
+	if !r.GetFound() {
+		return Item{}, ErrCacheMiss
+	}
+	return Item{Value: r.GetValue(), Version: r.GetVersion(), TTL: ttlOf(r.GetTtl())}, nil
+}
+
+// Set writes value under key for ttl (0: no expiry) and answers the key's
+// new version.
+func (c *Client) Set(ctx context.Context, key string, value []byte, ttl time.Duration) (uint64, error) {
+	req, err := setRequest(key, value, ttl)
+	if err != nil {
+		return 0, err
+	}
+	var r *pb.SetResponse
+	err = c.do(ctx, func(ctx context.Context) (err error) {
+		r, err = c.cache.Set(ctx, req)
+		return err
+	})
+	return r.GetVersion(), err
+}
+
+// SetIfAbsent writes value under key only if the key holds no live value;
+// stored is false if it did. Never retried.
+func (c *Client) SetIfAbsent(ctx context.Context, key string, value []byte, ttl time.Duration) (stored bool, version uint64, err error) {
+	req, err := setRequest(key, value, ttl)
+	if err != nil {
+		return false, 0, err
+	}
+	req.Condition = &pb.SetRequest_IfAbsent{IfAbsent: true}
+	r, err := c.cache.Set(ctx, req)
+	return r.GetStored(), r.GetVersion(), err
+}
+
+// CompareAndSwap writes value under key only if the key's version is
+// still version; stored is false (with the current version) if it is not.
+// Never retried.
+func (c *Client) CompareAndSwap(ctx context.Context, key string, value []byte, ttl time.Duration, version uint64) (stored bool, current uint64, err error) {
+	if version == 0 {
+		return false, 0, status.Error(codes.InvalidArgument, "ringcache: CompareAndSwap needs a version (0 is no version)")
+	}
+	req, err := setRequest(key, value, ttl)
+	if err != nil {
+		return false, 0, err
+	}
+	req.Condition = &pb.SetRequest_IfVersion{IfVersion: version}
+	r, err := c.cache.Set(ctx, req)
+	return r.GetStored(), r.GetVersion(), err
+}
+
+func setRequest(key string, value []byte, ttl time.Duration) (*pb.SetRequest, error) {
+	t, err := ttlProto(ttl)
+	if err != nil {
+		return nil, err
+	}
+	return &pb.SetRequest{Key: key, Value: value, Ttl: t}, nil
+}
+
+// Delete removes key; deleted is false if it held no live value.
+func (c *Client) Delete(ctx context.Context, key string) (deleted bool, err error) {
+	var r *pb.DeleteResponse
+	err = c.do(ctx, func(ctx context.Context) (err error) {
+		r, err = c.cache.Delete(ctx, &pb.DeleteRequest{Key: key})
+		return err
+	})
+	return r.GetDeleted(), err
+}
+
+// CompareAndDelete removes key only if its version is still version.
+// Never retried.
+func (c *Client) CompareAndDelete(ctx context.Context, key string, version uint64) (deleted bool, err error) {
+	if version == 0 {
+		return false, status.Error(codes.InvalidArgument, "ringcache: CompareAndDelete needs a version (0 is no version)")
+	}
+	r, err := c.cache.Delete(ctx, &pb.DeleteRequest{Key: key, IfVersion: version})
+	return r.GetDeleted(), err
+}
+
+// GetMany reads keys in one call and answers them in order. The error is
+// for the call as a whole; each result carries its own (ErrCacheMiss for
+// a miss).
+func (c *Client) GetMany(ctx context.Context, keys []string) ([]GetResult, error) {
+	var r *pb.GetManyResponse
+	err := c.do(ctx, func(ctx context.Context) (err error) {
+		r, err = c.cache.GetMany(ctx, &pb.GetManyRequest{Keys: keys})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(r.GetResults()) != len(keys) {
+		return nil, status.Errorf(codes.Internal, "ringcache: %d results for %d keys", len(r.GetResults()), len(keys))
+	}
+	out := make([]GetResult, len(keys))
+	for i, res := range r.GetResults() {
+		out[i].Key = keys[i]
+		switch {
+		case res.GetError() != nil:
+			out[i].Err = keyError(res.GetError())
+		case !res.GetFound():
+			out[i].Err = ErrCacheMiss
+		default:
+			out[i].Item = Item{Value: res.GetValue(), Version: res.GetVersion(), TTL: ttlOf(res.GetTtl())}
+		}
+	}
+	return out, nil
+}
+
+// SetMany writes entries in one call and answers them in order.
+func (c *Client) SetMany(ctx context.Context, entries []Entry) ([]SetResult, error) {
+	reqs := make([]*pb.SetRequest, len(entries))
+	for i, e := range entries {
+		req, err := setRequest(e.Key, e.Value, e.TTL)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d (%q): %w", i, e.Key, err)
+		}
+		reqs[i] = req
+	}
+	var r *pb.SetManyResponse
+	err := c.do(ctx, func(ctx context.Context) (err error) {
+		r, err = c.cache.SetMany(ctx, &pb.SetManyRequest{Entries: reqs})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(r.GetResults()) != len(entries) {
+		return nil, status.Errorf(codes.Internal, "ringcache: %d results for %d entries", len(r.GetResults()), len(entries))
+	}
+	out := make([]SetResult, len(entries))
+	for i, res := range r.GetResults() {
+		out[i] = SetResult{Key: entries[i].Key, Version: res.GetVersion(), Err: keyError(res.GetError())}
+	}
+	return out, nil
+}

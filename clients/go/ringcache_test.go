@@ -1,0 +1,272 @@
+package ringcache
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// binDir is where the ringcache binaries are: $RINGCACHE_BIN_DIR
+// (scripts/test.sh sets it), or the workspace's target/debug.
+func binDir(t *testing.T) string {
+	t.Helper()
+	dir := os.Getenv("RINGCACHE_BIN_DIR")
+	if dir == "" {
+		dir = filepath.Join("..", "..", "target", "debug")
+	}
+	for _, name := range []string{"cache-node", "orchestrator"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Fatalf("%s not found in %s: build it (cargo build --bins) or set RINGCACHE_BIN_DIR", name, dir)
+		}
+	}
+	return dir
+}
+
+// start runs a ringcache binary on free ports and answers the gRPC
+// address it logs once it is serving.
+func start(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"}, args...)
+	cmd := exec.Command(filepath.Join(binDir(t), name), args...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	addr := make(chan string, 1)
+	go func() {
+		lines := bufio.NewScanner(stderr)
+		for lines.Scan() {
+			var line struct {
+				Message string `json:"message"`
+				GRPC    string `json:"grpc"`
+			}
+			if json.Unmarshal(lines.Bytes(), &line) == nil && strings.HasSuffix(line.Message, "serving") && line.GRPC != "" {
+				addr <- line.GRPC
+			}
+		}
+	}()
+	select {
+	case a := <-addr:
+		return a
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s did not start serving", name)
+		return ""
+	}
+}
+
+// cluster starts two cache nodes and an orchestrator, and answers a
+// client of the orchestrator.
+func cluster(t *testing.T) *Client {
+	t.Helper()
+	nodes := []string{start(t, "cache-node"), start(t, "cache-node")}
+	orchestrator := start(t, "orchestrator", "--nodes", strings.Join(nodes, ","))
+	c, err := Dial(orchestrator)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	// The orchestrator serves once a node answered its health check.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for {
+		_, err := c.Get(ctx, "warm-up")
+		if err == nil || errors.Is(err, ErrCacheMiss) {
+			return c
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("orchestrator not ready: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestSetGetDeleteThroughTheOrchestrator(t *testing.T) {
+	c := cluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	if _, err := c.Get(ctx, "user:42"); !errors.Is(err, ErrCacheMiss) {
+		t.Fatalf("empty cache: got %v, want ErrCacheMiss", err)
+	}
+	v1, err := c.Set(ctx, "user:42", []byte(`{"name":"Ada"}`), time.Minute)
+	if err != nil || v1 == 0 {
+		t.Fatalf("Set: %d, %v", v1, err)
+	}
+	item, err := c.Get(ctx, "user:42")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(item.Value) != `{"name":"Ada"}` || item.Version != v1 {
+		t.Fatalf("Get: %+v, want the value at version %d", item, v1)
+	}
+	if item.TTL <= 55*time.Second || item.TTL > time.Minute {
+		t.Fatalf("TTL %v, want just under 1m", item.TTL)
+	}
+	noTTL, err := c.Set(ctx, "forever", []byte("x"), 0)
+	if err != nil || noTTL == 0 {
+		t.Fatal(err)
+	}
+	if item, _ := c.Get(ctx, "forever"); item.TTL != 0 {
+		t.Fatalf("no TTL given, got %v", item.TTL)
+	}
+
+	deleted, err := c.Delete(ctx, "user:42")
+	if err != nil || !deleted {
+		t.Fatalf("Delete: %v, %v", deleted, err)
+	}
+	if _, err := c.Get(ctx, "user:42"); !errors.Is(err, ErrCacheMiss) {
+		t.Fatalf("after Delete: %v", err)
+	}
+	if deleted, err := c.Delete(ctx, "user:42"); err != nil || deleted {
+		t.Fatalf("second Delete: %v, %v", deleted, err)
+	}
+}
+
+func TestConditionalWrites(t *testing.T) {
+	c := cluster(t)
+	ctx := context.Background()
+	stored, v1, err := c.SetIfAbsent(ctx, "lock", []byte("a"), time.Minute)
+	if err != nil || !stored {
+		t.Fatalf("SetIfAbsent on an empty key: %v, %v", stored, err)
+	}
+	if stored, _, _ := c.SetIfAbsent(ctx, "lock", []byte("b"), time.Minute); stored {
+		t.Fatal("SetIfAbsent on a held key stored")
+	}
+	stored, v2, err := c.CompareAndSwap(ctx, "lock", []byte("c"), time.Minute, v1)
+	if err != nil || !stored || v2 <= v1 {
+		t.Fatalf("CompareAndSwap at the current version: %v %d %v", stored, v2, err)
+	}
+	stored, current, err := c.CompareAndSwap(ctx, "lock", []byte("d"), time.Minute, v1)
+	if err != nil || stored || current != v2 {
+		t.Fatalf("CompareAndSwap at an old version: %v %d %v (current %d)", stored, current, err, v2)
+	}
+	if deleted, _ := c.CompareAndDelete(ctx, "lock", v1); deleted {
+		t.Fatal("CompareAndDelete at an old version deleted")
+	}
+	if deleted, err := c.CompareAndDelete(ctx, "lock", v2); err != nil || !deleted {
+		t.Fatalf("CompareAndDelete at the current version: %v %v", deleted, err)
+	}
+	if _, _, err := c.CompareAndSwap(ctx, "lock", nil, 0, 0); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("version 0: %v", err)
+	}
+}
+
+func TestBatchesAnswerInOrder(t *testing.T) {
+	c := cluster(t)
+	ctx := context.Background()
+	var entries []Entry
+	for _, k := range []string{"a", "b", "c", "d", "e", "f"} {
+		entries = append(entries, Entry{Key: k, Value: []byte("v-" + k), TTL: time.Hour})
+	}
+	set, err := c.SetMany(ctx, entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range set {
+		if r.Key != entries[i].Key || r.Err != nil || r.Version == 0 {
+			t.Fatalf("SetMany[%d]: %+v", i, r)
+		}
+	}
+	got, err := c.GetMany(ctx, []string{"f", "missing", "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got[0].Item.Value) != "v-f" || got[0].Err != nil {
+		t.Fatalf("GetMany[0]: %+v", got[0])
+	}
+	if !errors.Is(got[1].Err, ErrCacheMiss) {
+		t.Fatalf("GetMany[1]: %+v", got[1])
+	}
+	if string(got[2].Item.Value) != "v-a" || got[2].Item.Version != set[0].Version {
+		t.Fatalf("GetMany[2]: %+v", got[2])
+	}
+}
+
+func TestErrorsKeepTheirGRPCCode(t *testing.T) {
+	c := cluster(t)
+	ctx := context.Background()
+	_, err := c.Get(ctx, "")
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("empty key: %v", err)
+	}
+	_, err = c.Set(ctx, strings.Repeat("k", 1<<20), nil, 0)
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "key") {
+		t.Fatalf("huge key: %v", err)
+	}
+	if _, err := c.Set(ctx, "k", nil, -time.Second); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("negative TTL: %v", err)
+	}
+	short, cancel := context.WithTimeout(ctx, time.Nanosecond)
+	defer cancel()
+	time.Sleep(time.Millisecond)
+	if _, err := c.Get(short, "k"); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("expired context: %v", err)
+	}
+}
+
+// The retry loop itself, with calls that fail as a server would.
+func TestRetriesOnlyWhatIsSafeAndWithinTheDeadline(t *testing.T) {
+	c := &Client{retry: RetryPolicy{Attempts: 4, Backoff: time.Millisecond, MaxBackoff: 4 * time.Millisecond}}
+	ctx := context.Background()
+
+	calls := 0
+	err := c.do(ctx, func(context.Context) error {
+		calls++
+		if calls < 3 {
+			return status.Error(codes.Unavailable, "no node")
+		}
+		return nil
+	})
+	if err != nil || calls != 3 {
+		t.Fatalf("UNAVAILABLE twice then OK: %v after %d calls", err, calls)
+	}
+
+	calls = 0
+	err = c.do(ctx, func(context.Context) error {
+		calls++
+		return status.Error(codes.ResourceExhausted, "shed")
+	})
+	if status.Code(err) != codes.ResourceExhausted || calls != 4 {
+		t.Fatalf("always shed: %v after %d calls, want 4", err, calls)
+	}
+
+	calls = 0
+	err = c.do(ctx, func(context.Context) error {
+		calls++
+		return status.Error(codes.InvalidArgument, "bad key")
+	})
+	if status.Code(err) != codes.InvalidArgument || calls != 1 {
+		t.Fatalf("INVALID_ARGUMENT: %v after %d calls, want 1", err, calls)
+	}
+
+	// A deadline shorter than the backoff ends the retries.
+	slow := &Client{retry: RetryPolicy{Attempts: 10, Backoff: time.Hour, MaxBackoff: time.Hour}}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	calls = 0
+	begin := time.Now()
+	_ = slow.do(short, func(context.Context) error {
+		calls++
+		return status.Error(codes.Unavailable, "no node")
+	})
+	if time.Since(begin) > 5*time.Second {
+		t.Fatalf("retries outlived the deadline: %v", time.Since(begin))
+	}
+}
