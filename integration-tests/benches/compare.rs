@@ -22,6 +22,15 @@
 //! on how heavy the load generator is. Results are also written as JSON to
 //! `bench-results/`.
 //!
+//! `--zipf S` runs the skewed-load table instead: `Get`s of keys drawn
+//! from a Zipf distribution with exponent `S` over `--zipf-keys` (1M) keys,
+//! through an orchestrator with hot-key relief off and one with it on (the
+//! default), in front of the same three nodes; plus uniform `Get`s through
+//! both, for relief's cost when nothing is hot. It reports the busiest
+//! node's CPU against the mean node CPU, and the share of reads relieved.
+//! `--hot-key-threshold N` is passed to both orchestrators. The smoke run
+//! makes a small pass of it too.
+//!
 //! `--baseline DIR` also routes the same load through the `orchestrator`
 //! binary in `DIR` (say, a build of the previous commit), in front of the
 //! same nodes, so a change to the orchestrator is measured side by side
@@ -32,6 +41,7 @@
 use std::{
     net::TcpListener,
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -39,6 +49,7 @@ use integration_tests::{
     NodeProcess, TestCluster,
     bench::{Args, LoadResult, closed_loop, cpu_of},
     workspace_root,
+    zipf::Zipf,
 };
 use ringcache_proto::v1::{
     GetManyRequest, GetRequest, IncrementRequest, SetManyRequest, SetRequest,
@@ -48,6 +59,10 @@ use tonic::transport::Channel;
 
 struct Options {
     full: bool,
+    /// `--zipf S`: the skewed-load table only.
+    zipf: Option<f64>,
+    zipf_keys: usize,
+    hot_key_threshold: Option<String>,
     baseline: Option<String>,
     seconds: u64,
     concurrency: usize,
@@ -62,6 +77,9 @@ fn options() -> Options {
     let value = |name: &str| args.value::<usize>(name);
     Options {
         full,
+        zipf: args.value::<f64>("--zipf"),
+        zipf_keys: value("--zipf-keys").unwrap_or(if full { 1_000_000 } else { 5_000 }),
+        hot_key_threshold: args.value::<String>("--hot-key-threshold"),
         baseline: args.value::<String>("--baseline"),
         seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(50),
@@ -297,6 +315,10 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         )
         .await,
     ];
+    if let Some(row) = go_client_row(o, &cluster.orchestrator.addr(), &servers) {
+        // Next to the Rust client's Get, the first row.
+        rows.insert(1, row);
+    }
     if let Some(dir) = &o.baseline {
         // The baseline orchestrator, in front of the same nodes.
         let binary = std::path::Path::new(dir).join("orchestrator");
@@ -348,6 +370,234 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         );
     }
     rows
+}
+
+/// The Go client (`clients/go`, its `ringcache-load` command) making the
+/// same `Get` load as the Rust client's first row, against the same
+/// orchestrator: `None` (with a message) when `go` is missing.
+fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row> {
+    if !have("go") {
+        eprintln!("go not found: skipping the Go client row");
+        return None;
+    }
+    let root = workspace_root();
+    let binary = root.join("target/go/ringcache-load");
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg("./cmd/ringcache-load")
+        .current_dir(root.join("clients/go"))
+        .env("GOFLAGS", "-buildvcs=false")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(built, "go build of clients/go/cmd/ringcache-load failed");
+    let max_calls = if o.full { 0 } else { 2_000 };
+    let server_before = cpu_of(servers);
+    let out = Command::new(&binary)
+        .args(["-target", orchestrator])
+        .args(["-concurrency", &o.concurrency.to_string()])
+        .args(["-duration", &format!("{}s", o.seconds)])
+        .args(["-max-calls", &max_calls.to_string()])
+        .args(["-keys", &o.keys.to_string()])
+        .output()
+        .expect("run ringcache-load");
+    let server = cpu_of(servers) - server_before;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("its JSON line");
+    let calls = v["calls"].as_f64().unwrap_or(0.0);
+    assert_eq!(
+        v["errors"].as_f64(),
+        Some(0.0),
+        "Go client calls failed: {v}"
+    );
+    Some(Row {
+        case: "Go client Get (orchestrator)".to_owned(),
+        ops_per_sec: v["calls_per_sec"].as_f64().unwrap_or(0.0),
+        p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
+        p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
+        server_cpu_us_per_op: server * 1e6 / calls.max(1.0),
+        client_cpu_us_per_op: v["client_cpu_us_per_op"].as_f64(),
+        peer: Some("twemproxy GET".to_owned()),
+    })
+}
+
+/// One row of the skewed-load table.
+struct SkewRow {
+    case: String,
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    server_cpu_us_per_op: f64,
+    /// The orchestrator's share of `server_cpu_us_per_op`.
+    orchestrator_cpu_us_per_op: f64,
+    /// CPU of the busiest node over the mean node CPU.
+    busiest_vs_mean: f64,
+    /// Reads the orchestrator answered from its near cache.
+    relieved_share: f64,
+}
+
+/// Which keys a skewed-load case reads.
+#[derive(Clone)]
+enum Keys {
+    Uniform(u64),
+    Zipf(Arc<Zipf>),
+}
+
+impl Keys {
+    fn key(&self, t: usize, i: u64) -> String {
+        match self {
+            Keys::Uniform(n) => format!("key:{}", (t as u64 * 7919 + i * 104_729) % n),
+            Keys::Zipf(z) => format!("key:{}", z.rank(t as u64, i)),
+        }
+    }
+}
+
+async fn relieved_reads(o: &integration_tests::OrchestratorProcess) -> f64 {
+    let page = o.process.scrape().await;
+    integration_tests::metric_value(&page, "ringcache_hot_key_relieved_reads_total", &[])
+        .unwrap_or(0.0)
+}
+
+/// `Get`s of `keys` through `orchestrator` in a closed loop, after a
+/// warm-up long enough for hot keys to be found (two windows).
+async fn skew_case(
+    o: &Options,
+    case: String,
+    orchestrator: &integration_tests::OrchestratorProcess,
+    node_pids: &[u32],
+    keys: Keys,
+) -> SkewRow {
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(orchestrator.cache().await);
+    }
+    let call = move |t: usize, i: u64| {
+        let mut c = clients[t % clients.len()].clone();
+        let key = keys.key(t, i);
+        async move { c.get(GetRequest { key }).await.is_ok() }
+    };
+    let call = Arc::new(call);
+    let warm = if o.full { 3 } else { 1 };
+    let c = call.clone();
+    closed_loop(
+        o.concurrency,
+        Duration::from_secs(warm),
+        u64::MAX,
+        move |t, i| c(t, i + (1 << 40)),
+    )
+    .await;
+    let max_calls = if o.full { u64::MAX } else { 4_000 };
+    let nodes_before: Vec<f64> = node_pids.iter().map(|&p| cpu_of(&[p])).collect();
+    let orch_before = cpu_of(&[orchestrator.process.pid()]);
+    let relieved_before = relieved_reads(orchestrator).await;
+    let r = closed_loop(
+        o.concurrency,
+        Duration::from_secs(o.seconds),
+        max_calls,
+        move |t, i| call(t, i),
+    )
+    .await;
+    assert_eq!(r.errors, 0, "{case}: {} calls failed", r.errors);
+    let nodes: Vec<f64> = node_pids
+        .iter()
+        .zip(&nodes_before)
+        .map(|(&p, b)| cpu_of(&[p]) - b)
+        .collect();
+    let orch = cpu_of(&[orchestrator.process.pid()]) - orch_before;
+    let relieved = relieved_reads(orchestrator).await - relieved_before;
+    let ops = r.calls.max(1) as f64;
+    let mean = nodes.iter().sum::<f64>() / nodes.len() as f64;
+    let busiest = nodes.iter().copied().fold(0.0, f64::max);
+    SkewRow {
+        case,
+        ops_per_sec: r.rate(),
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        server_cpu_us_per_op: (orch + nodes.iter().sum::<f64>()) * 1e6 / ops,
+        orchestrator_cpu_us_per_op: orch * 1e6 / ops,
+        busiest_vs_mean: if mean > 0.0 { busiest / mean } else { 0.0 },
+        relieved_share: relieved / ops,
+    }
+}
+
+/// The skewed-load table: see the module documentation.
+async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
+    let mut on_args: Vec<&str> = Vec::new();
+    if let Some(t) = &o.hot_key_threshold {
+        on_args.extend(["--hot-key-threshold", t.as_str()]);
+    }
+    let cluster = TestCluster::start(3, &on_args).await;
+    let mut off_args = on_args.clone();
+    off_args.extend(["--hot-key-cache-bytes", "0"]);
+    let off = TestCluster::orchestrator_for(&cluster.node_addrs, &off_args).await;
+    let on = &cluster.orchestrator;
+    let node_pids: Vec<u32> = cluster
+        .nodes
+        .iter()
+        .flatten()
+        .map(|n| n.process.pid())
+        .collect();
+    let value = bytes::Bytes::from(vec![0x5au8; o.value]);
+    let mut via = on.cache().await;
+    for chunk in (0..o.zipf_keys).collect::<Vec<_>>().chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|i| SetRequest {
+                key: format!("key:{i}"),
+                value: value.clone(),
+                ..Default::default()
+            })
+            .collect();
+        via.set_many(SetManyRequest { entries }).await.unwrap();
+    }
+    let zipf = Keys::Zipf(Arc::new(Zipf::new(o.zipf_keys, s)));
+    let uniform = Keys::Uniform(o.zipf_keys as u64);
+    let mut rows = Vec::new();
+    for (case, orchestrator, keys) in [
+        ("uniform Get, relief off", &off, uniform.clone()),
+        ("uniform Get, relief on", on, uniform),
+        (&*format!("Zipf s={s} Get, relief off"), &off, zipf.clone()),
+        (&*format!("Zipf s={s} Get, relief on"), on, zipf),
+    ] {
+        rows.push(skew_case(o, case.to_owned(), orchestrator, &node_pids, keys).await);
+    }
+    rows
+}
+
+fn print_skew(o: &Options, rows: &[SkewRow]) {
+    println!(
+        "| case ({} keys) | ops/s | p50 | p99 | server CPU/op | of which orchestrator | busiest node / mean node CPU | reads relieved |",
+        o.zipf_keys
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.1} µs | {:.2}× | {:.1}% |",
+            r.case,
+            r.ops_per_sec,
+            r.p50_us,
+            r.p99_us,
+            r.server_cpu_us_per_op,
+            r.orchestrator_cpu_us_per_op,
+            r.busiest_vs_mean,
+            r.relieved_share * 100.0
+        );
+    }
+    for pair in rows.chunks(2) {
+        if let [off, on] = pair {
+            println!(
+                "{} → {}: {:.2}× the throughput, {:.2}× the server CPU per Get",
+                off.case,
+                on.case,
+                on.ops_per_sec / off.ops_per_sec,
+                on.server_cpu_us_per_op / off.server_cpu_us_per_op
+            );
+        }
+    }
 }
 
 /// A child process killed when dropped.
@@ -552,6 +802,15 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
 #[tokio::main]
 async fn main() {
     let o = options();
+    if let Some(s) = o.zipf.filter(|_| o.full) {
+        eprintln!(
+            "skewed load: Zipf s={s} over {} keys, {}s per case, {} in flight",
+            o.zipf_keys, o.seconds, o.concurrency
+        );
+        let rows = skew_rows(&o, s).await;
+        print_skew(&o, &rows);
+        return;
+    }
     eprintln!(
         "{} run: {}s per case, {} in flight, {}-byte values, {} keys",
         if o.full { "full" } else { "smoke" },
@@ -560,6 +819,10 @@ async fn main() {
         o.value,
         o.keys
     );
+    if !o.full {
+        // The smoke run keeps the skewed-load harness working too.
+        print_skew(&o, &skew_rows(&o, o.zipf.unwrap_or(1.1)).await);
+    }
     let mut rows = ringcache_rows(&o).await;
     let peers = peer_rows(&o).await.unwrap_or_default();
     rows.extend(peers.iter().cloned());
