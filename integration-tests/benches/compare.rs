@@ -28,8 +28,11 @@
 //! default), in front of the same three nodes; plus uniform `Get`s through
 //! both, for relief's cost when nothing is hot. It reports the busiest
 //! node's CPU against the mean node CPU, and the share of reads relieved.
-//! `--hot-key-threshold N` is passed to both orchestrators. The smoke run
-//! makes a small pass of it too.
+//! `--hot-key-threshold N` is passed to both orchestrators. `--node-cpu F`
+//! caps each node at F CPUs (a cgroup, v1 or v2; needs root), so that the
+//! nodes, not the orchestrator, are what limits throughput — as in a
+//! deployment where many orchestrators send one hot key's reads to its one
+//! node. The smoke run makes a small pass of it too.
 //!
 //! `--baseline DIR` also routes the same load through the `orchestrator`
 //! binary in `DIR` (say, a build of the previous commit), in front of the
@@ -63,6 +66,7 @@ struct Options {
     zipf: Option<f64>,
     zipf_keys: usize,
     hot_key_threshold: Option<String>,
+    node_cpu: Option<f64>,
     baseline: Option<String>,
     seconds: u64,
     concurrency: usize,
@@ -80,6 +84,7 @@ fn options() -> Options {
         zipf: args.value::<f64>("--zipf"),
         zipf_keys: value("--zipf-keys").unwrap_or(if full { 1_000_000 } else { 5_000 }),
         hot_key_threshold: args.value::<String>("--hot-key-threshold"),
+        node_cpu: args.value::<f64>("--node-cpu"),
         baseline: args.value::<String>("--baseline"),
         seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(50),
@@ -524,6 +529,48 @@ async fn skew_case(
     }
 }
 
+/// A CPU cap on one process, removed when dropped.
+struct CpuCap(std::path::PathBuf);
+
+impl CpuCap {
+    /// Caps `pid` at `cpus` CPUs in a new cgroup (v2 if mounted at
+    /// /sys/fs/cgroup or /sys/fs/cgroup/unified with the cpu controller,
+    /// else v1's cpu hierarchy).
+    fn new(pid: u32, cpus: f64) -> Result<Self, String> {
+        let period = 100_000u64;
+        let quota = ((cpus * period as f64) as u64).max(1_000);
+        let name = format!("ringcache-bench-{}-{pid}", std::process::id());
+        let write = |path: std::path::PathBuf, value: String| {
+            std::fs::write(&path, value).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+            let controllers = std::fs::read_to_string(format!("{root}/cgroup.subtree_control"));
+            if controllers.is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")) {
+                let dir = std::path::Path::new(root).join(&name);
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                write(dir.join("cpu.max"), format!("{quota} {period}"))?;
+                write(dir.join("cgroup.procs"), pid.to_string())?;
+                return Ok(CpuCap(dir));
+            }
+        }
+        let dir = std::path::Path::new("/sys/fs/cgroup/cpu").join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+        write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        // Every thread of the process.
+        write(dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(CpuCap(dir))
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        // The process must leave before the group can go: it is killed
+        // first (the cluster drops before the caps).
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// The skewed-load table: see the module documentation.
 async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
     let mut on_args: Vec<&str> = Vec::new();
@@ -541,6 +588,16 @@ async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
         .flatten()
         .map(|n| n.process.pid())
         .collect();
+    let mut caps = Vec::new();
+    if let Some(cpus) = o.node_cpu {
+        for &pid in &node_pids {
+            match CpuCap::new(pid, cpus) {
+                Ok(cap) => caps.push(cap),
+                Err(e) => panic!("--node-cpu: cannot cap node {pid}: {e}"),
+            }
+        }
+        eprintln!("nodes capped at {cpus} CPU each");
+    }
     let value = bytes::Bytes::from(vec![0x5au8; o.value]);
     let mut via = on.cache().await;
     for chunk in (0..o.zipf_keys).collect::<Vec<_>>().chunks(500) {
@@ -565,6 +622,9 @@ async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
     ] {
         rows.push(skew_case(o, case.to_owned(), orchestrator, &node_pids, keys).await);
     }
+    drop(off);
+    drop(cluster);
+    drop(caps);
     rows
 }
 
