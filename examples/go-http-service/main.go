@@ -62,11 +62,21 @@ type database struct {
 
 var errNoProduct = errors.New("no such product")
 
-func (d *database) get(ctx context.Context, id string) (Product, error) {
+// query takes the time a query takes, or until ctx ends.
+func (d *database) query(ctx context.Context) error {
+	t := time.NewTimer(d.delay)
+	defer t.Stop()
 	select {
-	case <-time.After(d.delay):
+	case <-t.C:
+		return nil
 	case <-ctx.Done():
-		return Product{}, ctx.Err()
+		return ctx.Err()
+	}
+}
+
+func (d *database) get(ctx context.Context, id string) (Product, error) {
+	if err := d.query(ctx); err != nil {
+		return Product{}, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -78,10 +88,8 @@ func (d *database) get(ctx context.Context, id string) (Product, error) {
 }
 
 func (d *database) put(ctx context.Context, p Product, create bool) (Product, error) {
-	select {
-	case <-time.After(d.delay):
-	case <-ctx.Done():
-		return Product{}, ctx.Err()
+	if err := d.query(ctx); err != nil {
+		return Product{}, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -385,17 +385,8 @@ fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row
         eprintln!("go not found: skipping the Go client row");
         return None;
     }
-    let root = workspace_root();
-    let binary = root.join("target/go/ringcache-load");
-    let built = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg("./cmd/ringcache-load")
-        .current_dir(root.join("clients/go"))
-        .env("GOFLAGS", "-buildvcs=false")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(built, "go build of clients/go/cmd/ringcache-load failed");
+    let binary =
+        integration_tests::tools::go_build("clients/go", "./cmd/ringcache-load", "ringcache-load");
     let max_calls = if o.full { 0 } else { 2_000 };
     let server_before = cpu_of(servers);
     let out = Command::new(&binary)

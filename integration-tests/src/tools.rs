@@ -96,3 +96,25 @@ pub fn grpcurl(args: &[&str], stdin: Option<&str>) -> GrpcurlOutput {
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
+
+/// Builds the Go package `package` of the module in `module` (a path
+/// below the workspace root) with the `go` command, into
+/// `target/go/<name>`, and returns the binary's path. Panics if `go` is
+/// missing or the build fails.
+pub fn go_build(module: &str, package: &str, name: &str) -> PathBuf {
+    let root = workspace_root();
+    let out = root.join("target/go").join(name);
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(package)
+        .current_dir(root.join(module))
+        .env("GOFLAGS", "-buildvcs=false")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run go: {e}"));
+    assert!(
+        status.success(),
+        "go build of {module}/{package} failed: {status}"
+    );
+    out
+}

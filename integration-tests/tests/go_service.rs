@@ -14,33 +14,16 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{TestCluster, eventually, jaeger::Jaeger, workspace_root};
+use integration_tests::{TestCluster, eventually, jaeger::Jaeger, tools::go_build};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Builds the example once per test process.
 fn example_binary() -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let out = root.join("target/go/go-http-service");
-            let status = Command::new("go")
-                .args(["build", "-o"])
-                .arg(&out)
-                .arg(".")
-                .current_dir(root.join("examples/go-http-service"))
-                .env("GOFLAGS", "-buildvcs=false")
-                .status()
-                .map_err(|e| format!("cannot run go: {e}"))?;
-            if status.success() {
-                Ok(out)
-            } else {
-                Err(format!("go build of the example failed: {status}"))
-            }
-        })
+        .get_or_init(|| go_build("examples/go-http-service", ".", "go-http-service"))
         .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The example service, killed when dropped.
