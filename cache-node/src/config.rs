@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 use ringcache_common::{
-    config::{LimitArgs, LimitError, ProcessArgs},
+    config::{LimitArgs, LimitError, ProcessArgs, TlsArgs},
     size::ByteSize,
     validate::RequestLimits,
 };
@@ -36,6 +36,10 @@ pub struct Config {
     /// Request limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// TLS on the gRPC port, and the plaintext probe port.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// The node's identity on the orchestrators' hash ring, reported by
     /// ringcache.v1.Node/Stats. Must be unique in the cluster and stable

@@ -33,6 +33,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // TLS files are loaded before anything else: a node asked for TLS
+    // must not start without it.
+    let tls = config.tls.server_config()?;
     let store = Arc::new(Store::new(config.store())?);
     let grpc_addr = grpc_listener.local_addr()?;
     let node_id = config.node_id(grpc_addr.port());
@@ -58,6 +61,8 @@ pub async fn run(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The same health state, for the plaintext probe port.
+    let health_probe = health_service.clone();
     let max_message = config.limits.max_message_bytes();
     let cache = CacheService::new(store.clone(), config.limits(), max_message);
     let internal = InternalService::new(cache.clone());
@@ -97,9 +102,12 @@ pub async fn run(
             vec![CACHE, NODE, INTERNAL],
             &config.limits,
             &config.process,
-        ),
+        )
+        .with_tls(tls)
+        .with_probe_listen(config.tls.probe_listen),
         routes.routes(),
         health,
+        health_probe,
         grpc_listener,
         metrics_listener,
         registry,

@@ -210,3 +210,48 @@ mod tests {
         );
     }
 }
+
+/// TLS on the gRPC port, and the plaintext probe port.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first) to serve on --listen. With
+    /// --tls-key, the gRPC port speaks TLS only. Re-read when the file
+    /// changes (every 2s): new connections get the new certificate,
+    /// existing ones keep theirs.
+    #[arg(long, env = "RINGCACHE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "RINGCACHE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s): clients must present a certificate signed by
+    /// one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "RINGCACHE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Also serve grpc.health.v1 in plaintext on this address, for probes
+    /// that cannot speak TLS (the kubelet's gRPC probe). Health only.
+    #[arg(long, env = "RINGCACHE_PROBE_LISTEN")]
+    pub probe_listen: Option<std::net::SocketAddr>,
+}
+
+impl TlsArgs {
+    /// The reloading TLS configuration these flags ask for, loaded now (a
+    /// server asked for TLS must not start without it); `None` without
+    /// --tls-cert.
+    pub fn server_config(
+        &self,
+    ) -> Result<Option<std::sync::Arc<crate::tls::ReloadingServerConfig>>, crate::tls::TlsError>
+    {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        crate::tls::ReloadingServerConfig::load(crate::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })
+        .map(Some)
+    }
+}

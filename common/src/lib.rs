@@ -18,10 +18,15 @@
 //! - [`limits`]: a tower layer that caps in-flight requests and sheds the
 //!   excess with `RESOURCE_EXHAUSTED` instead of queueing it.
 //! - [`grpc`]: reflection (v1 and v1alpha) and health wiring.
+//! - [`tls`]: TLS on the gRPC port (rustls), certificates reloaded when
+//!   their files change.
+//! - [`auth`]: bearer tokens with roles (read, write, admin), from a file
+//!   reloaded when it changes, checked by a tower layer.
 //! - [`size`]: parsing of `512MiB`-style byte sizes for flags.
 //! - [`validate`]: request limits (key, value, batch sizes, TTLs), checked
 //!   before any work is done, with messages that name the limit.
 
+pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod grpc;
@@ -35,4 +40,5 @@ pub mod server;
 pub mod shutdown;
 pub mod size;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

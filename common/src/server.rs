@@ -1,7 +1,7 @@
 //! Serving and draining, the same way in both binaries: the tower layers,
 //! the `/metrics` endpoint, readiness, and graceful shutdown.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use prometheus::Registry;
@@ -11,6 +11,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
 use crate::{
+    auth::AuthLayer,
     deadline::DeadlineLayer,
     grpc::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA},
     inflight_bytes::InFlightBytesLayer,
@@ -18,6 +19,7 @@ use crate::{
     metrics::{self, GrpcMetrics, GrpcMetricsLayer},
     refusals::ClearRefusalsLayer,
     rpc_trace::ServerTraceLayer,
+    tls::ReloadingServerConfig,
 };
 
 /// How to serve.
@@ -46,6 +48,14 @@ pub struct ServeOptions {
     /// reachable). While false, the named services report NOT_SERVING even
     /// though the server runs. `None`: always ready once serving.
     pub ready: Option<tokio::sync::watch::Receiver<bool>>,
+    /// TLS on the gRPC port (`--tls-cert`, `--tls-key`, `--tls-client-ca`);
+    /// `None`: plaintext.
+    pub tls: Option<Arc<ReloadingServerConfig>>,
+    /// A plaintext port serving `grpc.health.v1` only (`--probe-listen`),
+    /// for probes that cannot speak TLS.
+    pub probe_listen: Option<SocketAddr>,
+    /// Bearer-token checks (`--auth-tokens`); `None`: no authentication.
+    pub auth: Option<AuthLayer>,
 }
 
 impl ServeOptions {
@@ -66,7 +76,28 @@ impl ServeOptions {
             drain_delay: process.drain_delay,
             shutdown_grace: process.shutdown_grace,
             ready: None,
+            tls: None,
+            probe_listen: None,
+            auth: None,
         }
+    }
+
+    /// Serves TLS with `tls` (see [`crate::tls`]).
+    pub fn with_tls(mut self, tls: Option<Arc<ReloadingServerConfig>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Also serves health checks in plaintext on `addr`.
+    pub fn with_probe_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.probe_listen = addr;
+        self
+    }
+
+    /// Checks bearer tokens with `auth` (see [`crate::auth`]).
+    pub fn with_auth(mut self, auth: Option<AuthLayer>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Reports the services NOT_SERVING while `ready` is false.
@@ -96,14 +127,16 @@ pub fn registry() -> anyhow::Result<Registry> {
 ///    ones whose client went away (counted as `Canceled`).
 /// 2. the SERVER span (when spans are exported) — so a shed or timed-out
 ///    call shows in its trace with its status.
-/// 3. the in-flight limit — before any work is done; health checks and
+/// 3. authentication (with `--auth-tokens`) — a call without the right
+///    token does no work at all; probes need no token.
+/// 4. the in-flight limit — before any work is done; health checks and
 ///    reflection bypass it, so a busy server still answers its probes.
-/// 4. the in-flight byte budget — request and response bytes held by
+/// 5. the in-flight byte budget — request and response bytes held by
 ///    calls, counted until each response is sent; probes bypass it too.
-/// 5. the deadline — the shorter of the client's `grpc-timeout` and
+/// 6. the deadline — the shorter of the client's `grpc-timeout` and
 ///    `request_timeout`, answered `DEADLINE_EXCEEDED`. Inside the limit, so
 ///    a call that runs out of time gives its permit back at once.
-/// 6. clear refusals — tonic's own decoding refusals rewritten to name the
+/// 7. clear refusals — tonic's own decoding refusals rewritten to name the
 ///    limit or the mistake (inside the metrics, which count the final
 ///    code).
 ///
@@ -116,12 +149,21 @@ pub fn registry() -> anyhow::Result<Registry> {
 /// `drain_delay`, the listener closes and in-flight calls get
 /// `shutdown_grace` to finish.
 ///
-/// Logs `"<name> serving"` with the `grpc` and `metrics` addresses once
-/// ready (the integration harness waits for that line).
+/// With TLS, connections are accepted by [`crate::tls::incoming`] and the
+/// certificate files are watched for changes. With a probe port, a second,
+/// plaintext server answers `grpc.health.v1` there from the same health
+/// state, until the process ends.
+///
+/// Logs `"<name> serving"` with the `grpc`, `metrics` (and `probe`)
+/// addresses once ready (the integration harness waits for that line).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     options: ServeOptions,
     routes: Routes,
     health: HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     registry: Registry,
@@ -137,6 +179,9 @@ pub async fn serve(
         drain_delay,
         shutdown_grace,
         ready,
+        tls,
+        probe_listen,
+        auth,
     } = options;
     let set_all = |status| {
         let health = health.clone();
@@ -158,6 +203,7 @@ pub async fn serve(
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(grpc_metrics))
         .option_layer(tracing)
+        .option_layer(auth)
         .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"))
         .layer(InFlightBytesLayer::new(
             max_in_flight_bytes,
@@ -168,20 +214,66 @@ pub async fn serve(
 
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let incoming = TcpIncoming::from(grpc_listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-
     let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(layers)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = grpc_stopped.await;
-        });
+        .add_routes(routes);
+    let stopped = async {
+        let _ = grpc_stopped.await;
+    };
+    type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let mut _watch_certs = None;
+    let server: Serving = match tls {
+        Some(tls) => {
+            let failures = prometheus::IntCounter::new(
+                "ringcache_tls_handshake_failures_total",
+                "TLS handshakes on the gRPC port that failed or timed out (wrong CA, no client certificate, plaintext clients, ...).",
+            )?;
+            registry.register(Box::new(failures.clone()))?;
+            _watch_certs = Some(AbortOnDrop(tokio::spawn(
+                tls.clone().watch(crate::tls::RELOAD_INTERVAL),
+            )));
+            let incoming = crate::tls::incoming(grpc_listener, tls, Some(failures));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => {
+            let incoming = TcpIncoming::from(grpc_listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60)));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
     let mut server = tokio::spawn(server);
+
+    // The plaintext probe port: health only, same state, lives until the
+    // process ends (probes keep answering NOT_SERVING while draining).
+    let probe = match probe_listen {
+        Some(addr) => {
+            let listener = bind("--probe-listen", addr).await?;
+            let probe_addr = listener.local_addr()?;
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            // Health, and reflection describing health alone (so
+            // `grpcurl -plaintext <probe> grpc.health.v1.Health/Check`
+            // works).
+            let mut probe_routes = tonic::service::RoutesBuilder::default();
+            probe_routes.add_service(health_service);
+            crate::grpc::add_reflection(&mut probe_routes, &[], &[])?;
+            let probe_server = tonic::transport::Server::builder()
+                .add_routes(probe_routes.routes())
+                .serve_with_incoming(incoming);
+            Some((
+                probe_addr,
+                AbortOnDrop(tokio::spawn(async move {
+                    if let Err(e) = probe_server.await {
+                        tracing::error!(error = %e, "probe server failed");
+                    }
+                })),
+            ))
+        }
+        None => None,
+    };
 
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     let metrics_server = tokio::spawn(metrics::serve(metrics_listener, registry, async {
@@ -213,7 +305,21 @@ pub async fn serve(
             }))
         }
     };
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "{name} serving");
+    match &probe {
+        Some((probe_addr, _)) => tracing::info!(
+            grpc = %grpc_addr,
+            metrics = %metrics_addr,
+            probe = %probe_addr,
+            tls = _watch_certs.is_some(),
+            "{name} serving"
+        ),
+        None => tracing::info!(
+            grpc = %grpc_addr,
+            metrics = %metrics_addr,
+            tls = _watch_certs.is_some(),
+            "{name} serving"
+        ),
+    }
 
     tokio::select! {
         () = shutdown => {}

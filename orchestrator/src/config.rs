@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 use ringcache_common::{
-    config::{LimitArgs, LimitError, ProcessArgs},
+    config::{LimitArgs, LimitError, ProcessArgs, TlsArgs},
     size::ByteSize,
 };
 
@@ -184,6 +184,17 @@ pub struct Config {
     /// the first hop).
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// TLS on the gRPC port, and the plaintext probe port.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// File of bearer tokens clients must present (`authorization: Bearer
+    /// <token>`), one `<role> <token>` per line (roles: read, write,
+    /// admin; `#` comments). Re-read when it changes. Without it, no
+    /// authentication.
+    #[arg(long, env = "RINGCACHE_AUTH_TOKENS")]
+    pub auth_tokens: Option<std::path::PathBuf>,
 }
 
 /// A configuration whose values do not fit together.

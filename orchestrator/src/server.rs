@@ -3,6 +3,7 @@
 use std::{future::Future, sync::Arc};
 
 use ringcache_common::{
+    auth::{AuthLayer, ReloadingTokens},
     grpc::add_reflection,
     server::{AbortOnDrop, ServeOptions, registry, serve},
 };
@@ -29,6 +30,26 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let source = config.source()?;
+    // TLS files and tokens are loaded before anything else: an
+    // orchestrator asked for them must not start without them.
+    let tls = config.tls.server_config()?;
+    let auth = match &config.auth_tokens {
+        Some(path) => {
+            let tokens = ReloadingTokens::load(path.clone())?;
+            let watch = tokens
+                .clone()
+                .watch(ringcache_common::auth::RELOAD_INTERVAL);
+            Some((
+                AuthLayer::new(tokens, ringcache_common::auth::ringcache_policy),
+                watch,
+            ))
+        }
+        None => None,
+    };
+    let (auth, _watch_tokens) = match auth {
+        Some((layer, watch)) => (Some(layer), Some(AbortOnDrop(tokio::spawn(watch)))),
+        None => (None, None),
+    };
     let registry = registry()?;
     let metrics = Arc::new(ClusterMetrics::new(&registry)?);
     let max_message = config.limits.max_message_bytes();
@@ -91,6 +112,8 @@ pub async fn run(
         router = router.with_relief(Arc::new(near), Some(relieved));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The same health state, for the plaintext probe port.
+    let health_probe = health_service.clone();
     let mut routes = RoutesBuilder::default();
     routes
         .add_service(
@@ -110,9 +133,13 @@ pub async fn run(
             &config.limits,
             &config.process,
         )
-        .with_readiness(ready_rx),
+        .with_readiness(ready_rx)
+        .with_tls(tls)
+        .with_probe_listen(config.tls.probe_listen)
+        .with_auth(auth),
         routes.routes(),
         health,
+        health_probe,
         grpc_listener,
         metrics_listener,
         registry,
