@@ -3,7 +3,7 @@
 //! Tokens come from a file (`--auth-tokens`, typically a mounted Secret),
 //! one `<role> <token>` pair per line, `#` starting a comment; roles are
 //! `read`, `write` and `admin`, each allowing what the one before does
-//! plus more. The file is re-read when it changes ([`RELOAD_INTERVAL`]), so
+//! plus more. The file is re-read when it changes ([`crate::reload`]), so
 //! a token is added or revoked without a restart; a change that does not
 //! parse is logged and the previous tokens stay.
 //!
@@ -18,18 +18,13 @@ use std::{
     path::{Path, PathBuf},
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use futures::future::{Either, Ready, ready};
 use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
-use crate::limits::is_probe;
-
-/// How often the token file is checked for changes.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+use crate::{limits::is_probe, reload::Reloading};
 
 /// What a token may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,71 +147,25 @@ impl Tokens {
     }
 }
 
-/// Tokens that follow their file; see the module documentation.
-#[derive(Debug)]
-pub struct ReloadingTokens {
-    path: PathBuf,
-    current: ArcSwap<Tokens>,
-    loaded: parking_lot::Mutex<Option<Vec<u8>>>,
-}
-
-fn read_tokens(path: &Path) -> Result<(Tokens, Vec<u8>), TokenFileError> {
+fn read_tokens(path: &Path) -> Result<Tokens, TokenFileError> {
     let error = |message: String| TokenFileError {
         path: path.to_owned(),
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| error("not UTF-8 text".to_owned()))?;
-    Ok((Tokens::parse(text).map_err(error)?, bytes))
+    Tokens::parse(text).map_err(error)
 }
 
-impl ReloadingTokens {
-    /// Loads the file; fails if it does not parse (a server must not start
-    /// open when it was asked to authenticate).
-    pub fn load(path: PathBuf) -> Result<Arc<Self>, TokenFileError> {
-        let (tokens, bytes) = read_tokens(&path)?;
-        Ok(Arc::new(Self {
-            path,
-            current: ArcSwap::from_pointee(tokens),
-            loaded: parking_lot::Mutex::new(Some(bytes)),
-        }))
-    }
+/// Tokens that follow their file; see the module documentation.
+pub type ReloadingTokens = Reloading<Tokens, TokenFileError>;
 
-    /// Re-reads the file if it changed; true if new tokens are in use.
-    pub fn reload_if_changed(&self) -> bool {
-        let bytes = std::fs::read(&self.path).ok();
-        let mut loaded = self.loaded.lock();
-        if *loaded == bytes {
-            return false;
-        }
-        *loaded = bytes;
-        match read_tokens(&self.path) {
-            Ok((tokens, _)) => {
-                self.current.store(Arc::new(tokens));
-                tracing::info!(path = %self.path.display(), "auth tokens reloaded");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "auth token file changed but does not load; keeping the previous tokens");
-                false
-            }
-        }
-    }
-
-    /// Checks the file every `every` until dropped (run it in a task).
-    pub async fn watch(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.reload_if_changed();
-        }
-    }
-
-    /// The role of `presented` among the current tokens.
-    pub fn role_of(&self, presented: &[u8]) -> Option<Role> {
-        self.current.load().role_of(presented)
-    }
+/// Loads the token file at `path`, to follow it; fails if it does not
+/// parse (a server must not start open when it was asked to
+/// authenticate).
+pub fn load_tokens(path: PathBuf) -> Result<Arc<ReloadingTokens>, TokenFileError> {
+    let files = vec![path.clone()];
+    Reloading::new("auth tokens", files, move || read_tokens(&path))
 }
 
 /// The layer checking tokens; see the module documentation.
@@ -272,7 +221,7 @@ impl<S> Auth<S> {
                 "missing credentials: send `authorization: Bearer <token>` metadata",
             ));
         };
-        match self.tokens.role_of(token) {
+        match self.tokens.with(|t| t.role_of(token)) {
             None => Some(tonic::Status::unauthenticated("unknown bearer token")),
             Some(role) if role < need => Some(tonic::Status::permission_denied(format!(
                 "a {role} token may not call {path}: it needs the {need} role"
@@ -318,7 +267,7 @@ mod tests {
             text.len()
         ));
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-        let tokens = ReloadingTokens::load(path.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let tokens = load_tokens(path.clone()).unwrap_or_else(|e| panic!("{e}"));
         (path, tokens)
     }
 
@@ -411,15 +360,29 @@ mod tests {
     #[test]
     fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_tokens() {
         let (path, tokens) = tokens_file(&format!("read {READER}\n# reload test\n"));
-        assert_eq!(tokens.role_of(READER.as_bytes()), Some(Role::Read));
+        assert_eq!(
+            tokens.with(|t| t.role_of(READER.as_bytes())),
+            Some(Role::Read)
+        );
         assert!(!tokens.reload_if_changed(), "unchanged");
         std::fs::write(&path, format!("admin {ADMIN}\n")).unwrap_or_else(|e| panic!("{e}"));
         assert!(tokens.reload_if_changed());
-        assert_eq!(tokens.role_of(READER.as_bytes()), None, "revoked");
-        assert_eq!(tokens.role_of(ADMIN.as_bytes()), Some(Role::Admin));
+        assert_eq!(
+            tokens.with(|t| t.role_of(READER.as_bytes())),
+            None,
+            "revoked"
+        );
+        assert_eq!(
+            tokens.with(|t| t.role_of(ADMIN.as_bytes())),
+            Some(Role::Admin)
+        );
         std::fs::write(&path, "garbage\n").unwrap_or_else(|e| panic!("{e}"));
         assert!(!tokens.reload_if_changed());
-        assert_eq!(tokens.role_of(ADMIN.as_bytes()), Some(Role::Admin), "kept");
+        assert_eq!(
+            tokens.with(|t| t.role_of(ADMIN.as_bytes())),
+            Some(Role::Admin),
+            "kept"
+        );
         let _ = std::fs::remove_file(path);
     }
 }

@@ -247,11 +247,12 @@ impl TlsArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        crate::tls::ReloadingServerConfig::load(crate::tls::ServerFiles {
+        crate::tls::ServerFiles {
             cert: cert.clone(),
             key: key.clone(),
             client_ca: self.tls_client_ca.clone(),
-        })
+        }
+        .reloading()
         .map(Some)
     }
 }

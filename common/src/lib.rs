@@ -18,6 +18,7 @@
 //! - [`limits`]: a tower layer that caps in-flight requests and sheds the
 //!   excess with `RESOURCE_EXHAUSTED` instead of queueing it.
 //! - [`grpc`]: reflection (v1 and v1alpha) and health wiring.
+//! - [`reload`]: values loaded from files and reloaded when they change.
 //! - [`tls`]: TLS on the gRPC port (rustls), certificates reloaded when
 //!   their files change.
 //! - [`auth`]: bearer tokens with roles (read, write, admin), from a file
@@ -35,6 +36,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod refusals;
+pub mod reload;
 pub mod rpc_trace;
 pub mod server;
 pub mod shutdown;

@@ -233,7 +233,7 @@ pub async fn serve(
             )?;
             registry.register(Box::new(failures.clone()))?;
             _watch_certs = Some(AbortOnDrop(tokio::spawn(
-                tls.clone().watch(crate::tls::RELOAD_INTERVAL),
+                tls.clone().watch(crate::reload::RELOAD_INTERVAL),
             )));
             let incoming = crate::tls::incoming(grpc_listener, tls, Some(failures));
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))

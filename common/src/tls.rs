@@ -2,13 +2,11 @@
 //! flags, reloaded when they change on disk.
 //!
 //! cert-manager (and any Secret mounted in a pod) replaces certificate
-//! files in place. [`ReloadingServerConfig`] re-reads the files every
-//! [`RELOAD_INTERVAL`] and, when their bytes changed and they still make a
-//! valid configuration, serves the new one to every connection accepted
-//! from then on. Connections already open keep the session they
-//! negotiated; nothing restarts. A change that does not load (a key that
-//! does not match its certificate, a half-written file) is logged and the
-//! previous configuration stays in use.
+//! files in place. [`ReloadingServerConfig`] (and, for the orchestrator's
+//! calls to nodes, [`ReloadingClientConfig`]) follows its files as
+//! [`crate::reload`] describes: every connection made after a change uses
+//! the new certificate; connections already open keep the session they
+//! negotiated; nothing restarts.
 //!
 //! Handshakes run in their own tasks, each bounded by
 //! [`HANDSHAKE_TIMEOUT`], so a client that connects and stalls does not
@@ -20,17 +18,15 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use rustls::{
-    RootCertStore, ServerConfig,
+    ClientConfig, RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 
-/// How often the certificate files are checked for changes.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+use crate::reload::Reloading;
 
 /// Longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,77 +141,86 @@ impl ServerFiles {
         Ok(config)
     }
 
-    /// The files' bytes, to tell whether they changed.
-    fn contents(&self) -> Vec<Option<Vec<u8>>> {
-        std::iter::once(&self.cert)
-            .chain(std::iter::once(&self.key))
-            .chain(self.client_ca.iter())
-            .map(|p| std::fs::read(p).ok())
+    /// The files, for watching.
+    fn paths(&self) -> Vec<PathBuf> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
             .collect()
     }
+
+    /// A configuration that follows the files.
+    pub fn reloading(self) -> Result<Arc<ReloadingServerConfig>, TlsError> {
+        let paths = self.paths();
+        Reloading::new("TLS certificate", paths, move || self.load())
+    }
 }
 
-/// A server configuration that follows its files; see the module
-/// documentation.
-#[derive(Debug)]
-pub struct ReloadingServerConfig {
-    files: ServerFiles,
-    current: ArcSwap<ServerConfig>,
-    loaded: parking_lot::Mutex<Vec<Option<Vec<u8>>>>,
+/// A server configuration that follows its files.
+pub type ReloadingServerConfig = Reloading<ServerConfig, TlsError>;
+
+/// An acceptor with the configuration in use now.
+pub fn acceptor(config: &ReloadingServerConfig) -> TlsAcceptor {
+    TlsAcceptor::from(config.current())
 }
 
-impl ReloadingServerConfig {
-    /// Loads `files`; fails if they do not make a configuration (a server
-    /// must not start without the TLS it was asked for).
-    pub fn load(files: ServerFiles) -> Result<Arc<Self>, TlsError> {
-        let contents = files.contents();
-        let config = files.load()?;
-        Ok(Arc::new(Self {
-            files,
-            current: ArcSwap::from_pointee(config),
-            loaded: parking_lot::Mutex::new(contents),
-        }))
+/// The PEM files of the orchestrator's TLS client to nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFiles {
+    /// CA certificates node certificates must chain to (`--node-tls-ca`).
+    pub ca: PathBuf,
+    /// The orchestrator's own certificate chain (`--node-tls-cert`), for
+    /// nodes that require client certificates; with `key`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (`--node-tls-key`).
+    pub key: Option<PathBuf>,
+}
+
+impl ClientFiles {
+    /// Loads the files into a client configuration asking for HTTP/2.
+    pub fn load(&self) -> Result<ClientConfig, TlsError> {
+        let roots = load_roots("--node-tls-ca", &self.ca)?;
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let mut config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(
+                    load_certs("--node-tls-cert", cert)?,
+                    load_key("--node-tls-key", key)?,
+                )
+                .map_err(|e| {
+                    TlsError::Config(format!(
+                        "--node-tls-cert {} and --node-tls-key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?,
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 
-    /// Re-reads the files if their bytes changed; true if a new
-    /// configuration is now served.
-    pub fn reload_if_changed(&self) -> bool {
-        let contents = self.files.contents();
-        let mut loaded = self.loaded.lock();
-        if *loaded == contents {
-            return false;
-        }
-        match self.files.load() {
-            Ok(config) => {
-                self.current.store(Arc::new(config));
-                *loaded = contents;
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                true
-            }
-            Err(e) => {
-                // Keep serving the previous configuration; try again at
-                // the next change (a file may be half-written).
-                *loaded = contents;
-                tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous certificate");
-                false
-            }
-        }
+    /// A configuration that follows the files.
+    pub fn reloading(self) -> Result<Arc<ReloadingClientConfig>, TlsError> {
+        let paths = [Some(&self.ca), self.cert.as_ref(), self.key.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        Reloading::new("node TLS client certificate", paths, move || self.load())
     }
+}
 
-    /// Checks the files every `every` until dropped (run it in a task).
-    pub async fn watch(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.reload_if_changed();
-        }
-    }
+/// A client configuration that follows its files.
+pub type ReloadingClientConfig = Reloading<ClientConfig, TlsError>;
 
-    /// An acceptor with the current configuration.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
-    }
+/// A connector with the configuration in use now.
+pub fn connector(config: &ReloadingClientConfig) -> TlsConnector {
+    TlsConnector::from(config.current())
 }
 
 /// Accepts TCP connections on `listener` and hands over those that
@@ -245,7 +250,7 @@ pub fn incoming(
                 () = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = config.acceptor();
+            let acceptor = acceptor(&config);
             let (tx, failures) = (tx.clone(), failures.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

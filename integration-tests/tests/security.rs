@@ -486,3 +486,175 @@ fn a_server_refuses_to_start_with_unusable_tls_files() {
     );
     let _ = Path::new(&missing);
 }
+
+/// A node that requires client certificates from the cluster CA, and an
+/// orchestrator that presents one (and checks the node's): a working
+/// cluster. The same orchestrator without its certificate, or checking the
+/// wrong name, reaches no node.
+#[tokio::test]
+async fn an_orchestrator_with_mutual_tls_routes_to_nodes_that_require_it() {
+    let pki = Pki::new();
+    let ca = Ca::new("cluster CA");
+    let ca_pem = pki.write("ca.pem", &ca.pem);
+    let node = tls_node(
+        &pki,
+        &ca.sign(&["cache-node.internal", "127.0.0.1"], false, false),
+        Some(&ca.pem),
+    );
+    let (cert, key) = ca.sign(&["orchestrator"], true, false);
+    let (cert, key) = (
+        pki.write("orch.pem", &cert),
+        pki.write("orch-key.pem", &key),
+    );
+    let nodes = node.grpc.to_string();
+
+    let orchestrator = OrchestratorProcess::start(&[
+        "--nodes",
+        &nodes,
+        "--node-tls-ca",
+        &ca_pem,
+        "--node-tls-cert",
+        &cert,
+        "--node-tls-key",
+        &key,
+        "--node-tls-server-name",
+        "cache-node.internal",
+    ])
+    .await;
+    let mut cache = orchestrator.cache().await;
+    cache
+        .set(SetRequest {
+            key: "k".into(),
+            value: b"over mTLS".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = cache.get(GetRequest { key: "k".into() }).await.unwrap();
+    assert_eq!(got.into_inner().value.as_ref(), b"over mTLS");
+
+    // Without a client certificate, and checking a name the node's
+    // certificate does not carry: never ready, calls fail.
+    for extra in [
+        vec!["--node-tls-ca", ca_pem.as_str()],
+        vec![
+            "--node-tls-ca",
+            ca_pem.as_str(),
+            "--node-tls-cert",
+            cert.as_str(),
+            "--node-tls-key",
+            key.as_str(),
+            "--node-tls-server-name",
+            "someone-else.internal",
+        ],
+    ] {
+        let mut args = vec!["--nodes", nodes.as_str(), "--health-interval", "200ms"];
+        args.extend(extra.iter().copied());
+        let process = Process::start(&binary("orchestrator"), &args, &[]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = integration_tests::health(&process.grpc_url(), "ringcache.v1.Cache").await;
+        assert!(
+            matches!(
+                status,
+                Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+            ),
+            "{extra:?}: {status:?}"
+        );
+        let mut cache = CacheClient::new(process.channel().await);
+        let err = cache
+            .get(GetRequest { key: "k".into() })
+            .await
+            .expect_err("no node is reachable");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
+}
+
+/// TLS on every hop — client to orchestrator, orchestrator to node with
+/// client certificates — and one call is still one trace across both
+/// services in Jaeger.
+#[tokio::test]
+async fn traces_stay_whole_with_tls_on_every_hop() {
+    let jaeger = integration_tests::jaeger::Jaeger::start().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", jaeger.otlp_grpc.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let pki = Pki::new();
+    let ca = Ca::new("cluster CA");
+    let ca_pem = pki.write("ca.pem", &ca.pem);
+    let (node_cert, node_key) = ca.sign(&["localhost", "127.0.0.1"], false, false);
+    let (node_cert, node_key) = (
+        pki.write("node.pem", &node_cert),
+        pki.write("node-key.pem", &node_key),
+    );
+    let node = Process::start(
+        &binary("cache-node"),
+        &[
+            "--tls-cert",
+            &node_cert,
+            "--tls-key",
+            &node_key,
+            "--tls-client-ca",
+            &ca_pem,
+        ],
+        &env,
+    );
+    let (cert, key) = ca.sign(&["orchestrator"], true, false);
+    let (cert, key) = (
+        pki.write("orch.pem", &cert),
+        pki.write("orch-key.pem", &key),
+    );
+    let nodes = node.grpc.to_string();
+    let orchestrator = Process::start(
+        &binary("orchestrator"),
+        &[
+            "--nodes",
+            &nodes,
+            "--node-tls-ca",
+            &ca_pem,
+            "--node-tls-cert",
+            &cert,
+            "--node-tls-key",
+            &key,
+            "--tls-cert",
+            &node_cert,
+            "--tls-key",
+            &node_key,
+            "--probe-listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    let probe = format!("http://{}", probe_addr(&orchestrator));
+    eventually(Duration::from_secs(20), || async {
+        match integration_tests::health(&probe, "ringcache.v1.Cache").await {
+            Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let mut cache = tls_client(&orchestrator.grpc.to_string(), &ca.pem).await;
+    let trace_id = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(SetRequest {
+        key: "traced".into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-20f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    cache.set(request).await.unwrap();
+    let trace = jaeger.trace(trace_id, 3).await;
+    let server = trace.spans("orchestrator", "server");
+    assert_eq!(server.len(), 1, "{trace:#?}");
+    assert_eq!(server[0].parent.as_deref(), Some("20f067aa0ba902b7"));
+    let client = trace.spans("orchestrator", "client");
+    assert_eq!(client.len(), 1, "{trace:#?}");
+    assert_eq!(client[0].parent.as_deref(), Some(server[0].id.as_str()));
+    let node_span = trace.spans("cache-node", "server");
+    assert_eq!(node_span.len(), 1, "{trace:#?}");
+    assert_eq!(node_span[0].parent.as_deref(), Some(client[0].id.as_str()));
+}

@@ -195,6 +195,28 @@ pub struct Config {
     /// authentication.
     #[arg(long, env = "RINGCACHE_AUTH_TOKENS")]
     pub auth_tokens: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) node certificates must chain to: turns on TLS
+    /// for every call to nodes. Re-read when the file changes.
+    #[arg(long, env = "RINGCACHE_NODE_TLS_CA")]
+    pub node_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM certificate the orchestrator presents to nodes (for nodes
+    /// started with --tls-client-ca). Needs --node-tls-key and
+    /// --node-tls-ca.
+    #[arg(long, env = "RINGCACHE_NODE_TLS_CERT", requires_all = ["node_tls_key", "node_tls_ca"])]
+    pub node_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key of --node-tls-cert.
+    #[arg(long, env = "RINGCACHE_NODE_TLS_KEY", requires = "node_tls_cert")]
+    pub node_tls_key: Option<std::path::PathBuf>,
+
+    /// The name every node certificate is checked against. Default: the
+    /// host of each node's address as given to --nodes (with --nodes-dns,
+    /// addresses are the resolved IPs: set this to a name the node
+    /// certificates carry, e.g. the headless Service's DNS name).
+    #[arg(long, env = "RINGCACHE_NODE_TLS_SERVER_NAME", requires = "node_tls_ca")]
+    pub node_tls_server_name: Option<String>,
 }
 
 /// A configuration whose values do not fit together.
@@ -254,7 +276,28 @@ impl Config {
         }
     }
 
-    /// How nodes are called: connections, timeouts, limits, coalescing.
+    /// TLS to nodes as the --node-tls-* flags ask (files loaded now);
+    /// `None` without --node-tls-ca.
+    pub fn node_tls(
+        &self,
+    ) -> Result<Option<crate::client::transport::NodeTls>, ringcache_common::tls::TlsError> {
+        let Some(ca) = &self.node_tls_ca else {
+            return Ok(None);
+        };
+        let config = ringcache_common::tls::ClientFiles {
+            ca: ca.clone(),
+            cert: self.node_tls_cert.clone(),
+            key: self.node_tls_key.clone(),
+        }
+        .reloading()?;
+        Ok(Some(crate::client::transport::NodeTls {
+            config,
+            server_name: self.node_tls_server_name.clone(),
+        }))
+    }
+
+    /// How nodes are called: connections, timeouts, limits, coalescing
+    /// (plaintext: [`Config::node_tls`] adds TLS).
     pub fn call_settings(&self) -> CallSettings {
         let max_message = self.limits.max_message_bytes();
         let max_ops = self.limits.max_batch.max(1);
@@ -264,6 +307,7 @@ impl Config {
                 connections: self.node_connections,
                 max_message_bytes: max_message,
                 reconnect_backoff: Duration::from_millis(250),
+                tls: None,
             },
             stack: StackSettings {
                 node_timeout: self.node_timeout,

@@ -3,7 +3,7 @@
 use std::{future::Future, sync::Arc};
 
 use ringcache_common::{
-    auth::{AuthLayer, ReloadingTokens},
+    auth::{AuthLayer, load_tokens},
     grpc::add_reflection,
     server::{AbortOnDrop, ServeOptions, registry, serve},
 };
@@ -35,10 +35,10 @@ pub async fn run(
     let tls = config.tls.server_config()?;
     let auth = match &config.auth_tokens {
         Some(path) => {
-            let tokens = ReloadingTokens::load(path.clone())?;
+            let tokens = load_tokens(path.clone())?;
             let watch = tokens
                 .clone()
-                .watch(ringcache_common::auth::RELOAD_INTERVAL);
+                .watch(ringcache_common::reload::RELOAD_INTERVAL);
             Some((
                 AuthLayer::new(tokens, ringcache_common::auth::ringcache_policy),
                 watch,
@@ -56,7 +56,16 @@ pub async fn run(
     let hot_keys_gauge = metrics.hot_keys.clone();
     let relieved = metrics.hot_key_relieved.clone();
     let near_bytes = metrics.hot_key_cache_bytes.clone();
-    let cluster = Arc::new(Cluster::new(config.call_settings(), metrics));
+    let mut settings = config.call_settings();
+    settings.transport.tls = config.node_tls()?;
+    let _watch_node_tls = settings.transport.tls.as_ref().map(|tls| {
+        AbortOnDrop(tokio::spawn(
+            tls.config
+                .clone()
+                .watch(ringcache_common::reload::RELOAD_INTERVAL),
+        ))
+    });
+    let cluster = Arc::new(Cluster::new(settings, metrics));
 
     // A static list is in place before the first call is accepted; DNS
     // discovery runs its first round at once, then every --dns-interval.

@@ -67,6 +67,37 @@ pub struct TransportSettings {
     /// After a failed connection attempt, calls fail at once (as not
     /// sent) for this long instead of each trying again.
     pub reconnect_backoff: Duration,
+    /// TLS to nodes (`--node-tls-*`); `None`: plaintext.
+    pub tls: Option<NodeTls>,
+}
+
+/// How the orchestrator speaks TLS to nodes.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// CA, and the orchestrator's own certificate for nodes that require
+    /// one; reloaded when the files change (each new connection uses the
+    /// configuration in use when it is made).
+    pub config: Arc<ringcache_common::tls::ReloadingClientConfig>,
+    /// The name node certificates are checked against
+    /// (`--node-tls-server-name`); `None`: the host part of each node's
+    /// address (a DNS name or an IP address).
+    pub server_name: Option<String>,
+}
+
+impl NodeTls {
+    /// The name to verify `address`'s (`host:port`) certificate against.
+    fn server_name(&self, address: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+        let name = match &self.server_name {
+            Some(n) => n.as_str(),
+            None => address
+                .rsplit_once(':')
+                .map_or(address, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
+        };
+        rustls::pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("{name:?} is not a name to check a certificate against: {e}"))
+    }
 }
 
 /// The HTTP/2 flow-control window per stream: large enough that a batch's
@@ -177,7 +208,8 @@ impl Transport {
                 pool.settings.reconnect_backoff.saturating_sub(at.elapsed())
             )));
         }
-        match tokio::time::timeout(pool.settings.connect_timeout, connect(&pool.address)).await {
+        let connecting = connect(&pool.address, pool.settings.tls.as_ref());
+        match tokio::time::timeout(pool.settings.connect_timeout, connecting).await {
             Ok(Ok(sender)) => {
                 let id = slot.opened.fetch_add(1, Ordering::Relaxed) + 1;
                 *slot.sender.lock() = Some((id, sender.clone()));
@@ -357,16 +389,35 @@ impl Drop for ForgetUnlessAnswered<'_> {
 
 /// Opens one HTTP/2 connection and spawns the task that drives it (and
 /// pings it while idle).
-async fn connect(address: &str) -> Result<SendRequest<Bytes>, String> {
+async fn connect(address: &str, tls: Option<&NodeTls>) -> Result<SendRequest<Bytes>, String> {
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    match tls {
+        None => http2(tcp, address).await,
+        Some(tls) => {
+            let name = tls.server_name(address)?;
+            let stream = ringcache_common::tls::connector(&tls.config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            http2(stream, address).await
+        }
+    }
+}
+
+/// The HTTP/2 handshake on `io`, and the task that drives the connection
+/// (with keepalive pings) until it closes.
+async fn http2<T>(io: T, address: &str) -> Result<SendRequest<Bytes>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .enable_push(false)
-        .handshake::<_, Bytes>(tcp)
+        .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
     let mut ping = connection.ping_pong();
