@@ -120,9 +120,13 @@ def test_probe_ports_match_container_ports(docs):
         ports = {p["containerPort"] for p in c["ports"]}
         listen = int(arg(c, "--listen").rsplit(":", 1)[1])
         metrics = int(arg(c, "--metrics-listen").rsplit(":", 1)[1])
-        assert {listen, metrics} == ports
+        # With TLS, kubelet gRPC probes (which cannot speak TLS) use the
+        # plaintext health-only probe port.
+        probe_listen = [a for a in c["args"] if a.startswith("--probe-listen=")]
+        probe_port = int(probe_listen[0].rsplit(":", 1)[1]) if probe_listen else listen
+        assert {listen, metrics, probe_port} == ports
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
-            assert c[probe]["grpc"]["port"] == listen, (component, probe)
+            assert c[probe]["grpc"]["port"] == probe_port, (component, probe)
         # Readiness follows the named service that turns NOT_SERVING on drain.
         assert c["readinessProbe"]["grpc"]["service"] == "ringcache.v1.Cache"
         assert "service" not in c["livenessProbe"]["grpc"]
@@ -271,3 +275,61 @@ def test_helm_test_round_trips_through_the_orchestrator_service(docs):
     script = pod["spec"]["containers"][0]["args"][0]
     assert f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}" in script
     assert "Cache/Set" in script and "Cache/Get" in script
+
+
+def mounted_secret(workload, path):
+    spec = workload["spec"]["template"]["spec"]
+    c = container(workload)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]["secretName"]
+
+
+def test_tls_wires_certificates_names_and_mutual_tls_together():
+    docs = render(ALL_ON)
+    node = one(docs, "StatefulSet", "cache-node")
+    orch = one(docs, "Deployment", "orchestrator")
+    nc, oc = container(node), container(orch)
+    certs = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "Certificate"}
+    # Each workload mounts the Secret its Certificate writes.
+    assert mounted_secret(node, "/etc/ringcache/tls") == certs["cache-node"]["spec"]["secretName"]
+    assert mounted_secret(orch, "/etc/ringcache/tls") == certs["orchestrator"]["spec"]["secretName"]
+    # Orchestrators check the name node certificates carry.
+    assert arg(oc, "--node-tls-server-name") in certs["cache-node"]["spec"]["dnsNames"]
+    # Both from the configured issuer; the orchestrators' also for client auth.
+    for c in certs.values():
+        assert c["spec"]["issuerRef"]["name"] == "ringcache-ca"
+    assert "client auth" in certs["orchestrator"]["spec"]["usages"]
+    # Mutual TLS: nodes require client certificates, orchestrators present one.
+    assert arg(nc, "--tls-client-ca") == "/etc/ringcache/tls/ca.crt"
+    assert arg(oc, "--node-tls-cert") == arg(oc, "--tls-cert")
+    # The Service the clients use is a name in the orchestrators' certificate.
+    service = one(docs, "Service", "orchestrator")["metadata"]["name"]
+    assert service in certs["orchestrator"]["spec"]["dnsNames"]
+
+
+def test_tokens_come_from_the_secret_and_helm_test_uses_tls_and_a_token():
+    docs = render(ALL_ON)
+    orch = one(docs, "Deployment", "orchestrator")
+    oc = container(orch)
+    assert mounted_secret(orch, "/etc/ringcache/auth") == "ringcache-tokens"
+    assert arg(oc, "--auth-tokens") == "/etc/ringcache/auth/tokens"
+    pod = one(docs, "Pod", "test")
+    c = pod["spec"]["containers"][0]
+    script = c["args"][0]
+    assert "-cacert /etc/ringcache/tls/ca.crt" in script and "-plaintext" not in script
+    assert "authorization: Bearer $(cat /etc/ringcache/auth/token)" in script
+    token = next(v for v in pod["spec"]["volumes"] if v["name"] == "token")
+    assert token["secret"]["secretName"] == "ringcache-tokens"
+    assert token["secret"]["items"] == [{"key": "test-token", "path": "token"}]
+
+
+def test_tls_without_a_certificate_source_is_refused():
+    with pytest.raises(RenderError, match="tls.enabled needs certificates"):
+        render(sets=["tls.enabled=true"])
+    with pytest.raises(RenderError, match="issuerRef.name"):
+        render(sets=["tls.enabled=true", "tls.certManager.enabled=true"])
+    # Existing Secrets need no cert-manager.
+    docs = render(sets=["tls.enabled=true", "tls.orchestrator.existingSecret=o", "tls.cacheNode.existingSecret=n"])
+    assert not [d for d in docs if d["kind"] == "Certificate"]
+    assert mounted_secret(one(docs, "StatefulSet", "cache-node"), "/etc/ringcache/tls") == "n"

@@ -212,3 +212,36 @@ prometheus.io/path: /metrics
     matchLabels:
       {{- include "ringcache.selectorLabels" (list $ (index . 1)) | nindent 6 }}
 {{- end -}}
+
+{{/* The Secret holding the orchestrators' TLS certificate. */}}
+{{- define "ringcache.orchestratorTlsSecret" -}}
+{{- .Values.tls.orchestrator.existingSecret | default (printf "%s-orchestrator-tls" (include "ringcache.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secret holding the nodes' TLS certificate. */}}
+{{- define "ringcache.nodeTlsSecret" -}}
+{{- .Values.tls.cacheNode.existingSecret | default (printf "%s-cache-node-tls" (include "ringcache.fullname" .)) -}}
+{{- end -}}
+
+{{/* The name node certificates carry and orchestrators check. */}}
+{{- define "ringcache.nodeTlsName" -}}
+{{ include "ringcache.nodes" . }}.{{ .Release.Namespace }}.svc
+{{- end -}}
+
+{{/* The port kubelet gRPC probes use: the plaintext probe port with TLS. */}}
+{{- define "ringcache.probePort" -}}
+{{- $ctx := index . 0 -}}{{- $grpcPort := index . 1 -}}
+{{- if $ctx.Values.tls.enabled -}}{{ $ctx.Values.tls.probePort }}{{- else -}}{{ $grpcPort }}{{- end -}}
+{{- end -}}
+
+{{/* Refuses TLS without a certificate source. */}}
+{{- define "ringcache.tlsCheck" -}}
+{{- if .Values.tls.enabled -}}
+{{- if and (not .Values.tls.certManager.enabled) (or (not .Values.tls.orchestrator.existingSecret) (not .Values.tls.cacheNode.existingSecret)) -}}
+{{- fail "tls.enabled needs certificates: set tls.certManager.enabled (with tls.certManager.issuerRef.name), or both tls.orchestrator.existingSecret and tls.cacheNode.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name: an Issuer or ClusterIssuer that signs with a CA" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
