@@ -69,9 +69,34 @@ install_jaeger() {
   echo "$version" > "$stamp"
 }
 
+# Rust tools, from crates.io: name -> version.
+declare -A CRATES=(
+  # The supply-chain check (licenses, bans, sources) in scripts/test.sh.
+  [cargo-deny]="0.20.2"
+)
+
+install_cargo_tool() {
+  local name="$1" version="${CRATES[$1]}"
+  local stamp="$BIN_DIR/.$name.version"
+  if [[ -x "$BIN_DIR/$name" && -f "$stamp" && "$(cat "$stamp")" == "$version" ]]; then
+    return 0
+  fi
+  echo "install-tools: building $name $version from crates.io; this takes a few minutes once" >&2
+  local tmp
+  tmp="$(mktemp -d)"
+  cargo install --quiet --locked --version "$version" --root "$tmp" "$name"
+  mv "$tmp/bin/$name" "$BIN_DIR/$name"
+  rm -rf "$tmp"
+  echo "$version" > "$stamp"
+}
+
 tools=("$@")
-[[ ${#tools[@]} -eq 0 ]] && tools=("${!PACKAGES[@]}")
+[[ ${#tools[@]} -eq 0 ]] && tools=("${!PACKAGES[@]}" "${!CRATES[@]}")
 for tool in "${tools[@]}"; do
+  if [[ -n "${CRATES[$tool]:-}" ]]; then
+    install_cargo_tool "$tool"
+    continue
+  fi
   [[ -n "${PACKAGES[$tool]:-}" ]] || { echo "install-tools: unknown tool '$tool'" >&2; exit 2; }
   case "$tool" in
     jaeger) install_jaeger ;;

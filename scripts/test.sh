@@ -3,11 +3,13 @@
 #
 #   scripts/test.sh
 #
-# Steps: install the real tools the tests drive (grpcurl, Jaeger and helm,
-# built from the Go module proxy and cached), check formatting and lints, run
-# every test (unit tests, benchmarks in test mode, the integration tests that
-# start the real binaries), then the Go client and example (stubs up to
-# date, go vet, go test), then check the Helm chart and the Dockerfile.
+# Steps: install the real tools the tests drive (grpcurl, Jaeger, helm, buf
+# from the Go module proxy; cargo-deny from crates.io; all cached), check
+# formatting and lints, check the supply chain (cargo deny: licenses, bans,
+# sources), run every test (unit tests, benchmarks in test mode, the
+# integration tests that start the real binaries), then the Go client and
+# example (stubs up to date, go vet, go test), then the Helm chart and the
+# Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo deny: licenses, bans, sources (deny.toml; offline)"
+"$(scripts/install-tools.sh cargo-deny | tail -n 1)/cargo-deny" --offline check licenses bans sources
 
 step "cargo test"
 cargo test --workspace --all-targets --locked
