@@ -96,6 +96,18 @@ pub fn binary(name: &str) -> PathBuf {
     }
 }
 
+/// A fresh directory under the system's temporary directory, named
+/// `ringcache-<what>-<pid>-<nanos>` (the caller removes it).
+pub fn fresh_temp_dir(what: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("ringcache-{what}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
 /// Retries `check` every 50 ms until it returns `Ok` or `timeout` passes;
 /// then panics with the last error.
 pub async fn eventually<T, E, F, Fut>(timeout: Duration, mut check: F) -> T

@@ -614,7 +614,7 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
     for _ in 0..3 {
         nodes.push(NodeProcess::start(NODE_ARGS).await);
     }
-    let dir = tempfile_dir();
+    let dir = integration_tests::fresh_temp_dir("faults");
     let file = dir.join("nodes");
     let list = |nodes: &[NodeProcess]| {
         nodes
@@ -673,20 +673,6 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
         "the new node holds {items} keys"
     );
     std::fs::remove_dir_all(dir).ok();
-}
-
-/// A fresh directory under the system's temporary directory.
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ringcache-faults-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A write made while its owner was away lands on a stand-in. When the

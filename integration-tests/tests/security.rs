@@ -76,16 +76,9 @@ impl Ca {
 
 impl Pki {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ringcache-pki-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Pki { dir }
+        Pki {
+            dir: integration_tests::fresh_temp_dir("pki"),
+        }
     }
 
     fn write(&self, name: &str, contents: &str) -> String {
@@ -130,6 +123,17 @@ fn tls_node(pki: &Pki, server: &(String, String), client_ca: Option<&str>) -> Pr
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Process::start(&binary("cache-node"), &args, &[])
+}
+
+/// A node with a certificate for `names` from a new cluster CA, requiring
+/// client certificates from it; with the PKI directory, the CA and the
+/// CA's PEM file.
+fn mutual_tls_node(names: &[&str]) -> (Pki, Ca, String, Process) {
+    let pki = Pki::new();
+    let ca = Ca::new("cluster CA");
+    let ca_pem = pki.write("ca.pem", &ca.pem);
+    let node = tls_node(&pki, &ca.sign(names, false, false), Some(&ca.pem));
+    (pki, ca, ca_pem, node)
 }
 
 fn ok(out: &GrpcurlOutput) {
@@ -261,14 +265,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn mutual_tls_refuses_clients_without_a_certificate_from_the_cluster_ca() {
-    let pki = Pki::new();
-    let ca = Ca::new("cluster CA");
-    let ca_pem = pki.write("ca.pem", &ca.pem);
-    let node = tls_node(
-        &pki,
-        &ca.sign(&["localhost", "127.0.0.1"], false, false),
-        Some(&ca.pem),
-    );
+    let (pki, ca, ca_pem, node) = mutual_tls_node(&["localhost", "127.0.0.1"]);
     let addr = node.grpc.to_string();
     let (cert, key) = ca.sign(&["orchestrator"], true, false);
     let (cert, key) = (
@@ -493,14 +490,7 @@ fn a_server_refuses_to_start_with_unusable_tls_files() {
 /// wrong name, reaches no node.
 #[tokio::test]
 async fn an_orchestrator_with_mutual_tls_routes_to_nodes_that_require_it() {
-    let pki = Pki::new();
-    let ca = Ca::new("cluster CA");
-    let ca_pem = pki.write("ca.pem", &ca.pem);
-    let node = tls_node(
-        &pki,
-        &ca.sign(&["cache-node.internal", "127.0.0.1"], false, false),
-        Some(&ca.pem),
-    );
+    let (pki, ca, ca_pem, node) = mutual_tls_node(&["cache-node.internal", "127.0.0.1"]);
     let (cert, key) = ca.sign(&["orchestrator"], true, false);
     let (cert, key) = (
         pki.write("orch.pem", &cert),
