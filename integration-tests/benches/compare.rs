@@ -34,6 +34,10 @@
 //! deployment where many orchestrators send one hot key's reads to its one
 //! node. The smoke run makes a small pass of it too.
 //!
+//! `--tls` adds a row for the routed `Get` with TLS on every hop (client to
+//! orchestrator, and mutual TLS from orchestrator to nodes; certificates
+//! made here with rcgen), next to the plaintext row of the same run.
+//!
 //! `--baseline DIR` also routes the same load through the `orchestrator`
 //! binary in `DIR` (say, a build of the previous commit), in front of the
 //! same nodes, so a change to the orchestrator is measured side by side
@@ -67,6 +71,7 @@ struct Options {
     zipf_keys: usize,
     hot_key_threshold: Option<String>,
     node_cpu: Option<f64>,
+    tls: bool,
     baseline: Option<String>,
     seconds: u64,
     concurrency: usize,
@@ -85,6 +90,7 @@ fn options() -> Options {
         zipf_keys: value("--zipf-keys").unwrap_or(if full { 1_000_000 } else { 5_000 }),
         hot_key_threshold: args.value::<String>("--hot-key-threshold"),
         node_cpu: args.value::<f64>("--node-cpu"),
+        tls: args.flag("--tls") || !full,
         baseline: args.value::<String>("--baseline"),
         seconds: value("--seconds").map_or(if full { 10 } else { 1 }, |s| s as u64),
         concurrency: value("--concurrency").unwrap_or(50),
@@ -419,6 +425,150 @@ fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row
         client_cpu_us_per_op: v["client_cpu_us_per_op"].as_f64(),
         peer: Some("twemproxy GET".to_owned()),
     })
+}
+
+/// PEM files of a test CA and the certificates a TLS cluster needs.
+struct TlsFiles {
+    dir: std::path::PathBuf,
+    ca: String,
+}
+
+impl TlsFiles {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = integration_tests::fresh_temp_dir("bench-tls");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let write = |name: &str, pem: &str| std::fs::write(dir.join(name), pem).unwrap();
+        write("ca.pem", &ca);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        write("cert.pem", &cert.pem());
+        write("key.pem", &key.serialize_pem());
+        TlsFiles { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The routed `Get` with TLS on every hop: three nodes requiring client
+/// certificates, an orchestrator serving TLS and presenting its
+/// certificate to them, 8 TLS connections from this process.
+async fn tls_row(o: &Options) -> Row {
+    use integration_tests::{Process, binary};
+    let files = TlsFiles::new();
+    let (ca, cert, key) = (
+        files.path("ca.pem"),
+        files.path("cert.pem"),
+        files.path("key.pem"),
+    );
+    let node_args = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ];
+    let nodes: Vec<Process> = (0..3)
+        .map(|_| Process::start(&binary("cache-node"), &node_args, &[]))
+        .collect();
+    let list = nodes
+        .iter()
+        .map(|n| n.grpc.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let orchestrator = Process::start(
+        &binary("orchestrator"),
+        &[
+            "--nodes",
+            &list,
+            "--node-tls-ca",
+            &ca,
+            "--node-tls-cert",
+            &cert,
+            "--node-tls-key",
+            &key,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&files.ca))
+        .domain_name("localhost");
+    let url = format!("https://{}", orchestrator.grpc);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let channel = tonic::transport::Channel::from_shared(url.clone())
+            .unwrap()
+            .tls_config(tls.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(CacheClient::new(channel));
+    }
+    // Ready once a node answers through it; then preload.
+    let mut c = clients[0].clone();
+    for _ in 0..200 {
+        if c.get(GetRequest { key: "k".into() }).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let value = bytes::Bytes::from(vec![0x5au8; o.value]);
+    for chunk in (0..o.keys).collect::<Vec<_>>().chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|i| SetRequest {
+                key: format!("key:{i}"),
+                value: value.clone(),
+                ..Default::default()
+            })
+            .collect();
+        c.set_many(SetManyRequest { entries }).await.unwrap();
+    }
+    let servers: Vec<u32> = std::iter::once(orchestrator.pid())
+        .chain(nodes.iter().map(Process::pid))
+        .collect();
+    let keys = o.keys as u64;
+    ringcache_case(
+        o,
+        o.concurrency,
+        "ringcache Get (orchestrator, TLS + mTLS to nodes)",
+        Some("twemproxy GET"),
+        &servers,
+        1,
+        move |t: usize, i: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            async move {
+                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                c.get(GetRequest {
+                    key: format!("key:{k}"),
+                })
+                .await
+                .is_ok()
+            }
+        },
+    )
+    .await
 }
 
 /// One row of the skewed-load table.
@@ -875,6 +1025,11 @@ async fn main() {
         print_skew(&o, &skew_rows(&o, o.zipf.unwrap_or(1.1)).await);
     }
     let mut rows = ringcache_rows(&o).await;
+    if o.tls {
+        // Right after the plaintext Get rows it is compared with.
+        let tls = tls_row(&o).await;
+        rows.insert(2, tls);
+    }
     let peers = peer_rows(&o).await.unwrap_or_default();
     rows.extend(peers.iter().cloned());
 
