@@ -222,8 +222,10 @@ async fn a_hot_key_is_relieved_and_writes_through_the_same_orchestrator_are_seen
 /// relieves the key, but within its `--hot-key-ttl`.
 #[tokio::test]
 async fn a_write_through_another_orchestrator_is_seen_within_the_ttl() {
-    let ttl = Duration::from_secs(2);
-    let cluster = TestCluster::start(3, &args(&["--hot-key-ttl", "2s"])).await;
+    // Long enough that the answer filled just before the write is still
+    // fresh when the first read after it comes, even on a loaded machine.
+    let ttl = Duration::from_secs(3);
+    let cluster = TestCluster::start(3, &args(&["--hot-key-ttl", "3s"])).await;
     let other = TestCluster::orchestrator_for(&cluster.node_addrs, &[]).await;
     let o = &cluster.orchestrator;
     let mut cache = o.cache().await;
@@ -250,10 +252,7 @@ async fn a_write_through_another_orchestrator_is_seen_within_the_ttl() {
     };
     // The bound is the TTL (plus this test's own scheduling): the answer
     // was filled before the write, so it is served at most `ttl` after.
-    assert!(
-        seen <= ttl + Duration::from_millis(1500),
-        "seen after {seen:?}"
-    );
+    assert!(seen <= ttl + Duration::from_secs(2), "seen after {seen:?}");
     assert!(
         stale_reads > 0,
         "the other orchestrator's write was seen at once: was the key relieved?"
