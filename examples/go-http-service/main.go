@@ -158,12 +158,7 @@ func (s *server) getProduct(w http.ResponseWriter, r *http.Request) {
 		s.log.WarnContext(ctx, "cache read failed; reading the database", "id", id, "error", err)
 	}
 	p, err := s.db.get(ctx, id)
-	if errors.Is(err, errNoProduct) {
-		fail(w, http.StatusNotFound, "no product "+id)
-		return
-	}
-	if err != nil {
-		fail(w, http.StatusServiceUnavailable, err.Error())
+	if failedQuery(w, id, err) {
 		return
 	}
 	body, _ := json.Marshal(cached{Product: &p})
@@ -180,6 +175,20 @@ func (s *server) getProduct(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-Cache", "miss")
 	writeJSON(w, http.StatusOK, p)
+}
+
+// failedQuery answers a database error (404 for a missing product, 503
+// otherwise) and says whether there was one.
+func failedQuery(w http.ResponseWriter, id string, err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, errNoProduct):
+		fail(w, http.StatusNotFound, "no product "+id)
+	default:
+		fail(w, http.StatusServiceUnavailable, err.Error())
+	}
+	return true
 }
 
 func (s *server) readProduct(w http.ResponseWriter, r *http.Request) (Product, bool) {
@@ -204,12 +213,7 @@ func (s *server) putProduct(w http.ResponseWriter, r *http.Request) {
 	}
 	p.ID = id
 	p, err := s.db.put(ctx, p, false)
-	if errors.Is(err, errNoProduct) {
-		fail(w, http.StatusNotFound, "no product "+id)
-		return
-	}
-	if err != nil {
-		fail(w, http.StatusServiceUnavailable, err.Error())
+	if failedQuery(w, id, err) {
 		return
 	}
 	marker, _ := json.Marshal(cached{UpdatedTo: p.Revision})

@@ -125,6 +125,22 @@ fn self_cpu() -> f64 {
     cpu_of(&[std::process::id()])
 }
 
+/// Writes `key:0` … `key:<keys-1>` with `value` through `client`, 500 a
+/// call.
+async fn preload(client: &mut CacheClient<Channel>, keys: usize, value: &bytes::Bytes) {
+    for chunk in (0..keys).collect::<Vec<_>>().chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|i| SetRequest {
+                key: format!("key:{i}"),
+                value: value.clone(),
+                ..Default::default()
+            })
+            .collect();
+        client.set_many(SetManyRequest { entries }).await.unwrap();
+    }
+}
+
 /// Runs one ringcache case: `call` in a closed loop; `ops_per_call` is how
 /// many keys one call carries (GetMany).
 async fn ringcache_case<F, Fut>(
@@ -533,18 +549,7 @@ async fn tls_row(o: &Options) -> Row {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let value = bytes::Bytes::from(vec![0x5au8; o.value]);
-    for chunk in (0..o.keys).collect::<Vec<_>>().chunks(500) {
-        let entries = chunk
-            .iter()
-            .map(|i| SetRequest {
-                key: format!("key:{i}"),
-                value: value.clone(),
-                ..Default::default()
-            })
-            .collect();
-        c.set_many(SetManyRequest { entries }).await.unwrap();
-    }
+    preload(&mut c, o.keys, &bytes::Bytes::from(vec![0x5au8; o.value])).await;
     let servers: Vec<u32> = std::iter::once(orchestrator.pid())
         .chain(nodes.iter().map(Process::pid))
         .collect();
@@ -740,18 +745,7 @@ async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
         eprintln!("nodes capped at {cpus} CPU each");
     }
     let value = bytes::Bytes::from(vec![0x5au8; o.value]);
-    let mut via = on.cache().await;
-    for chunk in (0..o.zipf_keys).collect::<Vec<_>>().chunks(500) {
-        let entries = chunk
-            .iter()
-            .map(|i| SetRequest {
-                key: format!("key:{i}"),
-                value: value.clone(),
-                ..Default::default()
-            })
-            .collect();
-        via.set_many(SetManyRequest { entries }).await.unwrap();
-    }
+    preload(&mut on.cache().await, o.zipf_keys, &value).await;
     let zipf = Keys::Zipf(Arc::new(Zipf::new(o.zipf_keys, s)));
     let uniform = Keys::Uniform(o.zipf_keys as u64);
     let mut rows = Vec::new();
