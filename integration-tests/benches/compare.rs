@@ -125,6 +125,12 @@ fn self_cpu() -> f64 {
     cpu_of(&[std::process::id()])
 }
 
+/// The key rank task `t` reads at its `i`th call in the uniform cases: a
+/// walk, different per task, that spreads calls evenly over `keys`.
+fn uniform_rank(t: usize, i: u64, keys: u64) -> u64 {
+    (t as u64 * 7919 + i * 104_729) % keys
+}
+
 /// Writes `key:0` … `key:<keys-1>` with `value` through `client`, 500 a
 /// call.
 async fn preload(client: &mut CacheClient<Channel>, keys: usize, value: &bytes::Bytes) {
@@ -213,7 +219,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         move |t: usize, i: u64| {
             let mut c = clients[t % clients.len()].clone();
             async move {
-                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                let k = uniform_rank(t, i, keys);
                 c.get(GetRequest {
                     key: format!("key:{k}"),
                 })
@@ -228,7 +234,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             let mut c = clients[t % clients.len()].clone();
             let value = value.clone();
             async move {
-                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                let k = uniform_rank(t, i, keys);
                 c.set(SetRequest {
                     key: format!("key:{k}"),
                     value,
@@ -243,7 +249,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         move |t: usize, i: u64| {
             let mut c = clients[t % clients.len()].clone();
             async move {
-                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                let k = uniform_rank(t, i, keys);
                 c.increment(IncrementRequest {
                     key: format!("counter:{k}"),
                     delta: 1,
@@ -259,7 +265,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         move |t: usize, i: u64| {
             let mut c = clients[t % clients.len()].clone();
             async move {
-                let base = (t as u64 * 7919 + i * 104_729) % keys;
+                let base = uniform_rank(t, i, keys);
                 let keys = (0..batch)
                     .map(|j| format!("key:{}", (base + j * 997) % keys))
                     .collect();
@@ -564,7 +570,7 @@ async fn tls_row(o: &Options) -> Row {
         move |t: usize, i: u64| {
             let mut c = clients[t % clients.len()].clone();
             async move {
-                let k = (t as u64 * 7919 + i * 104_729) % keys;
+                let k = uniform_rank(t, i, keys);
                 c.get(GetRequest {
                     key: format!("key:{k}"),
                 })
@@ -601,7 +607,7 @@ enum Keys {
 impl Keys {
     fn key(&self, t: usize, i: u64) -> String {
         match self {
-            Keys::Uniform(n) => format!("key:{}", (t as u64 * 7919 + i * 104_729) % n),
+            Keys::Uniform(n) => format!("key:{}", uniform_rank(t, i, *n)),
             Keys::Zipf(z) => format!("key:{}", z.rank(t as u64, i)),
         }
     }
