@@ -10,5 +10,5 @@
 # Results are also written as JSON to bench-results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-peers.sh
+scripts/install-debs.sh peers
 exec cargo bench --locked -p integration-tests --bench compare -- --bench "$@"

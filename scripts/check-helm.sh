@@ -28,7 +28,9 @@ fi
 CHART=helm/ringcache
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
-declare -A VALUES=([default]="" [all-on]="-f helm/ci/all-on.yaml" [ha]="-f $CHART/values-ha.yaml")
+# No image is published, so the chart needs one named (as a user would).
+IMAGE="--set image.repository=registry.example.com/ringcache"
+declare -A VALUES=([default]="$IMAGE" [all-on]="$IMAGE -f helm/ci/all-on.yaml" [ha]="$IMAGE -f $CHART/values-ha.yaml")
 
 for name in default all-on ha; do
   echo "==> helm lint --strict ($name)"

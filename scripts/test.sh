@@ -9,7 +9,10 @@
 # sources), run every test (unit tests, benchmarks in test mode, the
 # integration tests that start the real binaries), then the Go client and
 # example (stubs up to date, go vet, go test), then the Helm chart and the
-# Dockerfile.
+# Dockerfile, then the container image (built and run with podman).
+#
+# The chart on a real Kubernetes control plane is a second, slower command:
+# scripts/test-k8s.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +21,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "installing test tools"
 scripts/install-tools.sh
 # The benchmark against twemproxy + Redis runs a smoke pass in the tests.
-scripts/install-peers.sh
+scripts/install-debs.sh peers
+# The image test builds and runs the image without a Docker daemon.
+scripts/install-debs.sh image
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -41,3 +46,6 @@ cargo build --bins --locked
 
 step "helm chart and Dockerfile"
 scripts/check-helm.sh
+
+step "container image: built without Docker, run with podman"
+scripts/test-image.sh --bin-dir target/debug

@@ -20,9 +20,15 @@ HELM = os.environ.get("HELM", "helm")
 KUBE_VERSION = "1.31.0"
 
 
-def render(*values, sets=(), namespace="cache"):
+# No image is published: every render names one, as a user must.
+IMAGE = "registry.example.com/ringcache"
+
+
+def render(*values, sets=(), namespace="cache", image=IMAGE):
     """The chart's manifests, rendered by real helm, as a list of dicts."""
     cmd = [HELM, "template", "rc", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    if image is not None:
+        cmd += ["--set", f"image.repository={image}"]
     for v in values:
         cmd += ["-f", str(v)]
     for s in sets:
@@ -166,6 +172,31 @@ def test_a_rolling_update_waits_for_warm_handoff(docs):
     nodes = one(docs, "StatefulSet", "cache-node")
     assert nodes["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     assert nodes["spec"]["minReadySeconds"] >= 10
+
+
+def test_without_an_image_the_chart_refuses_and_says_how_to_build_one():
+    with pytest.raises(RenderError, match="image.repository is not set") as refused:
+        render(image=None)
+    assert "scripts/build-image.sh" in str(refused.value)
+    assert "--set image.repository=" in str(refused.value)
+    docs = render(sets=["image.tag=1.2.3"])
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
+        assert container(one(docs, kind, component))["image"] == f"{IMAGE}:1.2.3"
+        assert container(one(render(), kind, component))["image"] == f"{IMAGE}:{app_version}"
+
+
+def test_orchestrators_close_connections_after_a_maximum_age(docs):
+    # Clients behind the ClusterIP Service reconnect, and so reach pods the
+    # autoscaler added.
+    orch = one(docs, "Deployment", "orchestrator")
+    age = seconds(arg(container(orch), "--max-connection-age"))
+    # Long enough that reconnects cost nothing, short enough that added
+    # pods get traffic within minutes; calls in flight get the shutdown
+    # grace, which the pod's grace period outlasts.
+    assert 60 <= age <= 1800, age
+    off = one(render(sets=["orchestrator.maxConnectionAge=0s"]), "Deployment", "orchestrator")
+    assert arg(container(off), "--max-connection-age") == "0s"
 
 
 def test_an_inconsistent_capacity_is_refused_at_template_time():

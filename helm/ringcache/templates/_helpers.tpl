@@ -45,7 +45,14 @@ app.kubernetes.io/instance: {{ $.Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
+{{/*
+The image. No image is published, so there is no default to fall back on:
+a chart that rendered one would install pods stuck in ImagePullBackOff.
+*/}}
 {{- define "ringcache.image" -}}
+{{- if not .Values.image.repository -}}
+{{- fail "image.repository is not set: ringcache publishes no image. Build one from the repository (scripts/build-image.sh --push <registry>/ringcache:<tag>, or docker build -t <registry>/ringcache:<tag> . && docker push <registry>/ringcache:<tag>), then install with --set image.repository=<registry>/ringcache --set image.tag=<tag> (README: Install on Kubernetes)." -}}
+{{- end -}}
 {{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
 {{- end -}}
 
