@@ -56,6 +56,9 @@ pub struct ServeOptions {
     pub probe_listen: Option<SocketAddr>,
     /// Bearer-token checks (`--auth-tokens`); `None`: no authentication.
     pub auth: Option<AuthLayer>,
+    /// Close client connections gracefully after about this long
+    /// (`--max-connection-age`); `None`: never.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl ServeOptions {
@@ -79,7 +82,15 @@ impl ServeOptions {
             tls: None,
             probe_listen: None,
             auth: None,
+            max_connection_age: None,
         }
+    }
+
+    /// Closes client connections gracefully after about `age` (zero:
+    /// never), so clients spread over servers added since they connected.
+    pub fn with_max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = (!age.is_zero()).then_some(age);
+        self
     }
 
     /// Serves TLS with `tls` (see [`crate::tls`]).
@@ -105,6 +116,19 @@ impl ServeOptions {
         self.ready = Some(ready);
         self
     }
+}
+
+/// `age` shortened by a random 0-10%, so that servers started together do
+/// not all close their connections at the same moment. (tonic takes one
+/// age per server, so the jitter is per process, not per connection.)
+fn jittered(age: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is seeded from the OS: random enough here.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let fraction = (random % 1001) as f64 / 10_000.0; // 0 ..= 0.1
+    age.mul_f64(1.0 - fraction)
 }
 
 /// A Prometheus registry with the process collector (CPU, memory, file
@@ -182,6 +206,7 @@ pub async fn serve(
         tls,
         probe_listen,
         auth,
+        max_connection_age,
     } = options;
     let set_all = |status| {
         let health = health.clone();
@@ -215,11 +240,18 @@ pub async fn serve(
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(layers)
-        .add_routes(routes);
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(age) = max_connection_age {
+        // hyper sends GOAWAY when a connection reaches its age, lets the
+        // calls in flight finish (each bounded by the deadline layer), and
+        // closes it. No `max_connection_age_grace`: in tonic 0.14 setting it
+        // replaces the graceful close at `age` with a forced one at
+        // `age + grace`, which would cut calls in flight.
+        builder = builder.max_connection_age(jittered(age));
+    }
+    let router = builder.layer(layers).add_routes(routes);
     let stopped = async {
         let _ = grpc_stopped.await;
     };
@@ -430,4 +462,20 @@ pub async fn bind(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpL
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind {flag} {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jittered_age_is_at_most_ten_percent_shorter_and_varies() {
+        let age = Duration::from_secs(300);
+        let ages: Vec<Duration> = (0..200).map(|_| jittered(age)).collect();
+        for a in &ages {
+            assert!(*a <= age && *a >= age.mul_f64(0.9), "{a:?}");
+        }
+        let distinct: std::collections::HashSet<_> = ages.iter().collect();
+        assert!(distinct.len() > 50, "only {} distinct ages", distinct.len());
+    }
 }

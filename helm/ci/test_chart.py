@@ -192,8 +192,7 @@ def test_orchestrators_close_connections_after_a_maximum_age(docs):
     orch = one(docs, "Deployment", "orchestrator")
     age = seconds(arg(container(orch), "--max-connection-age"))
     # Long enough that reconnects cost nothing, short enough that added
-    # pods get traffic within minutes; calls in flight get the shutdown
-    # grace, which the pod's grace period outlasts.
+    # pods get traffic within minutes.
     assert 60 <= age <= 1800, age
     off = one(render(sets=["orchestrator.maxConnectionAge=0s"]), "Deployment", "orchestrator")
     assert arg(container(off), "--max-connection-age") == "0s"

@@ -196,6 +196,15 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_AUTH_TOKENS")]
     pub auth_tokens: Option<std::path::PathBuf>,
 
+    /// Close each client connection gracefully after about this long
+    /// (HTTP/2 GOAWAY: calls in flight finish, clients reconnect for the
+    /// next ones), so clients spread over orchestrators added since they
+    /// connected, behind an L4 load balancer such as a Kubernetes Service.
+    /// Jittered by up to -10% per process. Calls in flight are not cut
+    /// (they end by `--request-timeout` at the latest). `0s`: never.
+    #[arg(long, env = "RINGCACHE_MAX_CONNECTION_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+
     /// PEM CA certificate(s) node certificates must chain to: turns on TLS
     /// for every call to nodes. Re-read when the file changes.
     #[arg(long, env = "RINGCACHE_NODE_TLS_CA")]

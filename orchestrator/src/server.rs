@@ -145,7 +145,8 @@ pub async fn run(
         .with_readiness(ready_rx)
         .with_tls(tls)
         .with_probe_listen(config.tls.probe_listen)
-        .with_auth(auth),
+        .with_auth(auth)
+        .with_max_connection_age(config.max_connection_age),
         routes.routes(),
         health,
         health_probe,
