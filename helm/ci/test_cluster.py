@@ -69,7 +69,18 @@ def wait_for(ok, what, timeout=120):
 
 def check_running(k8s, ns, nodes, orchestrators, memory):
     """Both workloads as the chart asks, every pod Running and Ready, on the
-    nodes the scheduler picked."""
+    nodes the scheduler picked. (`helm --wait` returns once a Deployment is
+    within its maxUnavailable of ready: wait for all of them.)"""
+    wait_for(
+        lambda: k8s.get("deployment", "-n", ns, "-l", f"{COMPONENT}=orchestrator")["items"][0]["status"].get(
+            "readyReplicas"
+        )
+        == orchestrators
+        and k8s.get("statefulset", "-n", ns, "-l", f"{COMPONENT}=cache-node")["items"][0]["status"].get("readyReplicas")
+        == nodes,
+        f"{orchestrators} orchestrators and {nodes} nodes ready in {ns}",
+        timeout=60,
+    )
     sts = k8s.get("statefulset", "-n", ns, "-l", f"{COMPONENT}=cache-node")["items"][0]
     assert sts["spec"]["replicas"] == nodes
     assert sts["status"].get("readyReplicas") == nodes, sts["status"]
@@ -101,7 +112,9 @@ def test_install_with_defaults_makes_every_pod_ready(k8s):
     # What the API server defaulted and the controllers made of it.
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     assert sts["spec"]["minReadySeconds"] == 30
-    assert sts["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 0  # defaulted
+    # Defaulted by the API server, not set by the chart.
+    assert sts["spec"]["revisionHistoryLimit"] == 10
+    assert sts["spec"]["template"]["spec"]["dnsPolicy"] == "ClusterFirst"
     assert arg(container(dep), "--max-connection-age") == "5m"
     assert container(sts)["securityContext"]["readOnlyRootFilesystem"] is True
     # The Service has a cluster IP and endpoints for both orchestrators;
@@ -216,26 +229,45 @@ def test_rollback_restores_the_first_revision(k8s):
     assert '"revision":3' in history and "Rollback to 1" in history
 
 
+def server_dry_run(k8s, *sets):
+    """The release's manifests with `sets` changed, applied with
+    `kubectl apply --dry-run=server`: the API server validates, defaults
+    and admits them against the live objects, and stores nothing. (`helm
+    upgrade --dry-run=server` does not send the objects to the server.)"""
+    values = helm(k8s, "get", "values", "rc", "-n", NS, "-o", "yaml").stdout
+    args = ["template", "rc", CHART, "-n", NS, "-f", "-"]
+    for s in sets:
+        args += ["--set", s]
+    rendered = subprocess.run([HELM, *map(str, args)], input=values, capture_output=True, text=True, env=k8s.env())
+    assert rendered.returncode == 0, rendered.stderr
+    return k8s.kubectl("apply", "--dry-run=server", "-n", NS, "-f", "-", check=False, input=rendered.stdout)
+
+
 def test_changes_the_api_server_must_refuse_are_refused(k8s):
     sts_before = k8s.get("statefulset", "-n", NS, "-l", f"{COMPONENT}=cache-node")["items"][0]
-    # A renamed chart changes the StatefulSet's selector, which is
-    # immutable: only the API server knows.
-    renamed = helm(k8s, "upgrade", "rc", CHART, "-n", NS, "--reuse-values", "--set", "nameOverride=renamed",
-                   "--dry-run=server", check=False)
+    dep_before = k8s.get("deployment", "-n", NS, "-l", f"{COMPONENT}=orchestrator")["items"][0]
+    # The current values pass.
+    ok = server_dry_run(k8s)
+    assert ok.returncode == 0, ok.stderr
+    # A new nameOverride with the objects' names pinned changes the
+    # StatefulSet's and the Deployment's selectors, which are immutable:
+    # valid YAML, valid schema, refused only by the API server.
+    renamed = server_dry_run(k8s, "nameOverride=renamed", "fullnameOverride=rc-ringcache")
     assert renamed.returncode != 0
-    assert "Forbidden" in renamed.stderr or "immutable" in renamed.stderr, renamed.stderr
-    # A request above the limit: valid YAML and schema, invalid pod spec.
-    over = helm(k8s, "upgrade", "rc", CHART, "-n", NS, "--reuse-values",
-                "--set", "orchestrator.resources.requests.memory=1Gi", "--dry-run=server", check=False)
+    assert "field is immutable" in renamed.stderr or "Forbidden" in renamed.stderr, renamed.stderr
+    # A memory request above the limit: an invalid pod template.
+    over = server_dry_run(k8s, "orchestrator.resources.requests.memory=1Gi")
     assert over.returncode != 0 and "must be less than or equal to memory limit" in over.stderr, over.stderr
-    # And for real: the upgrade fails, the objects are unchanged.
+    # And through helm for real: the upgrade fails and the objects are as
+    # they were.
     failed = helm(k8s, "upgrade", "rc", CHART, "-n", NS, "--reuse-values",
                   "--set", "orchestrator.resources.requests.memory=1Gi", check=False)
-    assert failed.returncode != 0
+    assert failed.returncode != 0 and "must be less than or equal to memory limit" in failed.stderr, failed.stderr
     sts_after = k8s.get("statefulset", "-n", NS, "-l", f"{COMPONENT}=cache-node")["items"][0]
+    dep_after = k8s.get("deployment", "-n", NS, "-l", f"{COMPONENT}=orchestrator")["items"][0]
     assert sts_after["spec"] == sts_before["spec"]
-    dep = k8s.get("deployment", "-n", NS, "-l", f"{COMPONENT}=orchestrator")["items"][0]
-    assert container(dep)["resources"]["requests"]["memory"] == "128Mi"
+    assert dep_after["spec"] == dep_before["spec"]
+    assert container(dep_after)["resources"]["requests"]["memory"] == "128Mi"
 
 
 def test_uninstall_leaves_nothing_behind(k8s):
