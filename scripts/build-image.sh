@@ -20,7 +20,8 @@
 #                   docker://registry.example.com/ringcache:0.1.0 (skopeo's
 #                   --dest-creds/--dest-tls-verify through SKOPEO_ARGS)
 #
-# The tools (umoci, skopeo) come from Debian: scripts/install-debs.sh image.
+# Runs as root. The tools (umoci, skopeo) come from Debian:
+# scripts/install-debs.sh image.
 # Prints the image reference (oci:DIR:TAG) on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "$tag" ]] || { echo "build-image: no --tag and no version in Cargo.toml" >&2; exit 2; }
+# The layer records file owners (root, and 65532 for its home): that takes
+# root, as a Docker build does.
+[[ $(id -u) -eq 0 ]] || { echo "build-image: run as root (the image's files are owned by root and 65532)" >&2; exit 1; }
 scripts/install-debs.sh image
 
 if [[ -z "$bin_dir" ]]; then
