@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestCluster, metric_value};
+use integration_tests::{OrchestratorProcess, TestCluster, metric_value};
 use ringcache_proto::v1::{GetRequest, SetRequest, cache_client::CacheClient};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
@@ -86,14 +86,20 @@ fn calls_served(page: &str) -> f64 {
         .sum()
 }
 
-#[tokio::test]
-async fn a_client_moves_to_an_added_orchestrator_after_max_connection_age_without_a_failed_call() {
-    let age = ["--max-connection-age", "2s"];
-    let cluster = TestCluster::start(1, &age).await;
-    let first = &cluster.orchestrator;
-    let first_addr: SocketAddr = first.addr().parse().unwrap();
-    let balancer = L4Balancer::start(vec![first_addr]).await;
+/// One node, an orchestrator behind the balancer with a client connected
+/// through it, then a second orchestrator added to the balancer (a scale
+/// out): both orchestrators started with `orchestrator_args`.
+struct ScaledOut {
+    cluster: TestCluster,
+    second: OrchestratorProcess,
+    balancer: L4Balancer,
+    cache: CacheClient<Channel>,
+}
 
+async fn scaled_out(orchestrator_args: &[&str]) -> ScaledOut {
+    let cluster = TestCluster::start(1, orchestrator_args).await;
+    let first_addr: SocketAddr = cluster.orchestrator.addr().parse().unwrap();
+    let balancer = L4Balancer::start(vec![first_addr]).await;
     // One client, one connection (tonic's Channel holds a single HTTP/2
     // connection and reconnects when the server closes it).
     let channel = Channel::from_shared(format!("http://{}", balancer.addr))
@@ -101,12 +107,30 @@ async fn a_client_moves_to_an_added_orchestrator_after_max_connection_age_withou
         .connect()
         .await
         .unwrap();
-    let mut cache = CacheClient::new(channel);
+    let cache = CacheClient::new(channel);
+    let second = TestCluster::orchestrator_for(&cluster.node_addrs, orchestrator_args).await;
+    balancer
+        .backends
+        .lock()
+        .unwrap()
+        .push(second.addr().parse().unwrap());
+    ScaledOut {
+        cluster,
+        second,
+        balancer,
+        cache,
+    }
+}
 
-    // Scale out: a second orchestrator joins the Service.
-    let second = TestCluster::orchestrator_for(&cluster.node_addrs, &age).await;
-    let second_addr: SocketAddr = second.addr().parse().unwrap();
-    balancer.backends.lock().unwrap().push(second_addr);
+#[tokio::test]
+async fn a_client_moves_to_an_added_orchestrator_after_max_connection_age_without_a_failed_call() {
+    let ScaledOut {
+        cluster,
+        second,
+        balancer,
+        mut cache,
+    } = scaled_out(&["--max-connection-age", "2s"]).await;
+    let first = &cluster.orchestrator;
 
     // Calls without pause for longer than the age (2 s, jittered down by
     // at most 10%): every one must succeed.
@@ -160,21 +184,12 @@ async fn a_client_moves_to_an_added_orchestrator_after_max_connection_age_withou
 async fn without_max_connection_age_the_client_stays_where_it_connected() {
     // The control: the same traffic, no age, no move (so the test above
     // shows what the flag does, not what the balancer does).
-    let cluster = TestCluster::start(1, &[]).await;
-    let first_addr: SocketAddr = cluster.orchestrator.addr().parse().unwrap();
-    let balancer = L4Balancer::start(vec![first_addr]).await;
-    let channel = Channel::from_shared(format!("http://{}", balancer.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut cache = CacheClient::new(channel);
-    let second = TestCluster::orchestrator_for(&cluster.node_addrs, &[]).await;
-    balancer
-        .backends
-        .lock()
-        .unwrap()
-        .push(second.addr().parse().unwrap());
+    let ScaledOut {
+        cluster: _cluster,
+        second,
+        balancer,
+        mut cache,
+    } = scaled_out(&[]).await;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
         cache.get(GetRequest { key: "stay".into() }).await.unwrap();
