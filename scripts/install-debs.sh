@@ -8,6 +8,8 @@
 #   scripts/install-debs.sh image   # building and running the container
 #                                   # image without a Docker daemon: umoci,
 #                                   # skopeo, podman (with runc)
+#   scripts/install-debs.sh node    # a real Kubernetes node: containerd,
+#                                   # CNI plugins, busybox (test image), gcc
 set -euo pipefail
 
 group="${1:-peers}"
@@ -24,7 +26,12 @@ case "$group" in
     # backend, storage helpers, init): take them.
     apt_flags=()
     ;;
-  *) echo "install-debs: unknown group '$group' (peers, image)" >&2; exit 2 ;;
+  node)
+    commands=(containerd ctr /usr/lib/cni/bridge busybox iptables gcc)
+    packages=(containerd containernetworking-plugins busybox-static iptables gcc libc6-dev)
+    apt_flags=(--no-install-recommends)
+    ;;
+  *) echo "install-debs: unknown group '$group' (peers, image, node)" >&2; exit 2 ;;
 esac
 
 missing=0

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds a real Kubernetes control plane from the Go module proxy, for the
-# chart's cluster test (scripts/test-k8s.sh): etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl and kwok (simulated nodes
-# and pods). Idempotent: a binary already built at its pinned version is not
+# chart's cluster tests (scripts/test-k8s.sh, scripts/test-kubelet.sh): etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok
+# (simulated nodes and pods); for a real node, kubelet, kube-proxy, CoreDNS,
+# a static grpcurl and the source of Kubernetes' pause container. Idempotent: a binary already built at its pinned version is not
 # rebuilt. Takes 10-20 minutes on 2 cores the first time.
 #
 #   scripts/install-k8s.sh
@@ -23,6 +24,11 @@ K8S_VERSION=v1.34.2
 K8S_STAGING_VERSION=v0.34.2
 ETCD_VERSION=v3.6.6
 KWOK_VERSION=v0.8.0
+COREDNS_VERSION=v1.12.4
+GRPCURL_VERSION=v1.9.4
+# Beside the binaries: pause.c and a static grpcurl, for the real node's
+# images.
+NODE_DIR="$TOOLS_DIR/node-images"
 
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 export GOWORK=off
@@ -46,8 +52,9 @@ module_copy() {
 }
 
 install_kubernetes() {
-  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl) missing=0 b
+  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy) missing=0 b
   for b in "${bins[@]}"; do up_to_date "$b" "$K8S_VERSION" || missing=1; done
+  [[ -f "$NODE_DIR/pause.c" ]] || missing=1
   [[ $missing -eq 0 ]] && return 0
   echo "install-k8s: building Kubernetes $K8S_VERSION (${bins[*]}) from the Go module proxy; this takes a while once" >&2
   local tmp
@@ -68,11 +75,33 @@ install_kubernetes() {
         -o "$tmp/$b" "./cmd/$b"
     done
   )
+  mkdir -p "$NODE_DIR"
+  cp "$tmp/src/build/pause/linux/pause.c" "$NODE_DIR/pause.c"
   for b in "${bins[@]}"; do
     mv "$tmp/$b" "$BIN_DIR/$b"
     echo "$K8S_VERSION" > "$BIN_DIR/.$b.version"
   done
   rm -rf "$tmp"
+}
+
+install_coredns() {
+  up_to_date coredns "$COREDNS_VERSION" && return 0
+  echo "install-k8s: building CoreDNS $COREDNS_VERSION from the Go module proxy" >&2
+  local tmp
+  tmp="$(module_copy "github.com/coredns/coredns@$COREDNS_VERSION")"
+  (cd "$tmp/src" && GOFLAGS="$GOFLAGS -mod=mod" go build -ldflags "-s -w" -o "$tmp/coredns" .)
+  mv "$tmp/coredns" "$BIN_DIR/coredns"
+  echo "$COREDNS_VERSION" > "$BIN_DIR/.coredns.version"
+  rm -rf "$tmp"
+}
+
+# grpcurl without cgo: it runs in a container image with no libc (helm
+# test's pod on the real node).
+install_static_grpcurl() {
+  [[ -x "$NODE_DIR/grpcurl" && "$(cat "$NODE_DIR/.grpcurl.version" 2>/dev/null)" == "$GRPCURL_VERSION" ]] && return 0
+  mkdir -p "$NODE_DIR"
+  CGO_ENABLED=0 GOBIN="$NODE_DIR" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+  echo "$GRPCURL_VERSION" > "$NODE_DIR/.grpcurl.version"
 }
 
 install_etcd() {
@@ -116,4 +145,6 @@ install_kwok() {
 install_etcd
 install_kwok
 install_kubernetes
+install_coredns
+install_static_grpcurl
 echo "$BIN_DIR"
