@@ -220,11 +220,18 @@ resolvConf: /etc/resolv.conf
             self._terminate(p, log)
         self.procs = []
         subprocess.run([self.bin / "kube-proxy", "--cleanup"], capture_output=True)
-        # The kubelet mounts its root directory onto itself and leaves a
-        # canary chain in each iptables table.
+        # The kubelet mounts its root directory onto itself, and leaves its
+        # own iptables chains (a canary per table, a hint, and a firewall
+        # chain hooked into INPUT and OUTPUT): give the host back as it was.
         subprocess.run(["umount", "-R", self.dir / "kubelet-root"], capture_output=True)
-        for table in ("nat", "mangle", "filter"):
-            subprocess.run(["iptables", "-t", table, "-X", "KUBE-KUBELET-CANARY"], capture_output=True)
+        for chain in ("INPUT", "OUTPUT"):
+            while subprocess.run(["iptables", "-D", chain, "-j", "KUBE-FIREWALL"], capture_output=True).returncode == 0:
+                pass
+        for table, chain in [("nat", "KUBE-KUBELET-CANARY"), ("mangle", "KUBE-KUBELET-CANARY"),
+                             ("filter", "KUBE-KUBELET-CANARY"), ("filter", "KUBE-FIREWALL"),
+                             ("mangle", "KUBE-IPTABLES-HINT")]:
+            subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
+            subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
         for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
             if ns.startswith("cni-"):
