@@ -26,16 +26,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-class ControlPlane:
-    def __init__(self, bin_dir, stages_dir, nodes=6):
-        self.bin = Path(bin_dir)
-        self.stages = Path(stages_dir)
-        self.nodes = nodes
-        self.dir = Path(tempfile.mkdtemp(prefix="ringcache-k8s-"))
-        self.kubeconfig = self.dir / "kubeconfig"
-        self.procs = []
+class Processes:
+    """Server processes started in turn, each logging to `<dir>/<name>.log`;
+    `start()` runs `_start()` and stops what it started if that fails."""
 
-    # -- lifecycle ---------------------------------------------------------
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.procs = []
 
     def start(self):
         try:
@@ -44,6 +41,55 @@ class ControlPlane:
             self.stop()
             raise
         return self
+
+    def _start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        self.stop_processes()
+
+    def logs(self, name):
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name, argv):
+        log = open(self.dir / f"{name}.log", "w")
+        p = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((name, p, log))
+
+    def stop_processes(self, *names):
+        """Stops the processes named (all, newest first, if none is)."""
+        for name, p, log in reversed(list(self.procs)):
+            if names and name not in names:
+                continue
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            log.close()
+            self.procs.remove((name, p, log))
+
+    def _wait(self, ok, what, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, p, _ in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for {what}:\n{self.logs(name)[-3000:]}")
+            if ok():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"no {what} within {timeout}s")
+
+
+class ControlPlane(Processes):
+    def __init__(self, bin_dir, stages_dir, nodes=6):
+        super().__init__(tempfile.mkdtemp(prefix="ringcache-k8s-"))
+        self.bin = Path(bin_dir)
+        self.stages = Path(stages_dir)
+        self.nodes = nodes
+        self.kubeconfig = self.dir / "kubeconfig"
 
     def _start(self):
         d = self.dir
@@ -56,7 +102,7 @@ class ControlPlane:
         )
 
         etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
-        self._spawn(
+        self._spawn_tool(
             "etcd",
             [
                 "--data-dir", d / "etcd",
@@ -68,7 +114,7 @@ class ControlPlane:
                 "--unsafe-no-fsync",
             ],
         )
-        self._spawn(
+        self._spawn_tool(
             "kube-apiserver",
             [
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
@@ -109,7 +155,7 @@ class ControlPlane:
         self._wait(lambda: self.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, "kube-apiserver ready", 120)
 
         kc = f"--kubeconfig={self.kubeconfig}"
-        self._spawn(
+        self._spawn_tool(
             "kube-controller-manager",
             [
                 kc,
@@ -124,13 +170,13 @@ class ControlPlane:
                 "--concurrent-statefulset-syncs=5",
             ],
         )
-        self._spawn(
+        self._spawn_tool(
             "kube-scheduler",
             [kc, "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}"],
         )
         stages = d / "kwok-stages.yaml"
         stages.write_text("\n---\n".join(p.read_text() for p in sorted(self.stages.glob("*.yaml"))))
-        self._spawn(
+        self._spawn_tool(
             "kwok",
             [
                 kc,
@@ -171,16 +217,7 @@ class ControlPlane:
         self._wait(self._nodes_ready, f"{self.nodes} Ready nodes", 60)
 
     def stop(self):
-        for name, p, log in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            log.close()
-        self.procs = []
+        self.stop_processes()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------
@@ -203,13 +240,8 @@ class ControlPlane:
     def apply(self, obj):
         self.kubectl("apply", "-f", "-", input=json.dumps(obj))
 
-    def logs(self, name):
-        return (self.dir / f"{name}.log").read_text(errors="replace")
-
-    def _spawn(self, name, args):
-        log = open(self.dir / f"{name}.log", "w")
-        p = subprocess.Popen([self.bin / name, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, p, log))
+    def _spawn_tool(self, name, args):
+        self._spawn(name, [self.bin / name, *args])
 
     def _nodes_ready(self):
         out = self.kubectl("get", "nodes", "-o", "json", check=False)
@@ -222,14 +254,3 @@ class ControlPlane:
             if any(c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", []))
         ]
         return len(ready) == self.nodes
-
-    def _wait(self, ok, what, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p, _ in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for {what}:\n{self.logs(name)[-3000:]}")
-            if ok():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"no {what} within {timeout}s")

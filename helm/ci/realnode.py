@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from controlplane import free_port
+from controlplane import Processes, free_port
 
 BRIDGE = "rcnode0"
 GATEWAY = "10.89.0.1"
@@ -37,23 +37,14 @@ def run(*args, **kw):
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, **kw)
 
 
-class RealNode:
+class RealNode(Processes):
     def __init__(self, cp, bin_dir, node_dir, repo):
+        super().__init__(cp.dir / "node")
         self.cp = cp
         self.bin = Path(bin_dir)
         self.node_dir = Path(node_dir)
         self.repo = Path(repo)
-        self.dir = cp.dir / "node"
         self.sock = self.dir / "containerd.sock"
-        self.procs = []
-
-    def start(self):
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self):
         d = self.dir
@@ -205,20 +196,15 @@ resolvConf: /etc/resolv.conf
         return [line.split()[0] for line in out if "RUNNING" in line]
 
     def stop(self):
-        procs = {name: (p, log) for name, p, log in self.procs}
-        if "kubelet" in procs:
-            self._terminate(*procs.pop("kubelet"))
-        if "containerd" in procs:
+        self.stop_processes("kubelet")
+        if any(name == "containerd" for name, _, _ in self.procs):
             # Stop every container, so the shims unmount their roots.
             for task in self.running_tasks():
                 self._ctr("tasks", "kill", "-s", "KILL", task, check=False)
             time.sleep(1)
             for task in self._ctr("tasks", "ls", "-q", check=False).stdout.split():
                 self._ctr("tasks", "delete", task, check=False)
-            self._terminate(*procs.pop("containerd"))
-        for p, log in procs.values():
-            self._terminate(p, log)
-        self.procs = []
+        self.stop_processes()
         subprocess.run([self.bin / "kube-proxy", "--cleanup"], capture_output=True)
         # The kubelet mounts its root directory onto itself, and leaves its
         # own iptables chains (a canary per table, a hint, and a firewall
@@ -244,37 +230,9 @@ resolvConf: /etc/resolv.conf
             raise AssertionError(f"ctr {' '.join(map(str, args))}: {out.stderr}")
         return out
 
-    def _spawn(self, name, args):
-        log = open(self.dir / f"{name}.log", "w")
-        p = subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, p, log))
-
-    @staticmethod
-    def _terminate(p, log):
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        log.close()
-
     def _ready(self):
         out = self.cp.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
         if out.returncode != 0:
             return False
         conditions = json.loads(out.stdout)["status"].get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-    def _wait(self, ok, what, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p, _ in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for {what}:\n"
-                                       f"{(self.dir / (name + '.log')).read_text(errors='replace')[-3000:]}")
-            if ok():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"no {what} within {timeout}s")
