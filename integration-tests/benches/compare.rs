@@ -131,6 +131,17 @@ fn uniform_rank(t: usize, i: u64, keys: u64) -> u64 {
     (t as u64 * 7919 + i * 104_729) % keys
 }
 
+/// One uniform-case Get: task `t`'s `i`th key of `keys`, through `client`.
+async fn uniform_get(mut client: CacheClient<Channel>, t: usize, i: u64, keys: u64) -> bool {
+    let k = uniform_rank(t, i, keys);
+    client
+        .get(GetRequest {
+            key: format!("key:{k}"),
+        })
+        .await
+        .is_ok()
+}
+
 /// Writes `key:0` … `key:<keys-1>` with `value` through `client`, 500 a
 /// call.
 async fn preload(client: &mut CacheClient<Channel>, keys: usize, value: &bytes::Bytes) {
@@ -216,17 +227,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
     }
     let keys = o.keys as u64;
     let get = |clients: Vec<CacheClient<Channel>>| {
-        move |t: usize, i: u64| {
-            let mut c = clients[t % clients.len()].clone();
-            async move {
-                let k = uniform_rank(t, i, keys);
-                c.get(GetRequest {
-                    key: format!("key:{k}"),
-                })
-                .await
-                .is_ok()
-            }
-        }
+        move |t: usize, i: u64| uniform_get(clients[t % clients.len()].clone(), t, i, keys)
     };
     let set = |clients: Vec<CacheClient<Channel>>, value: Vec<u8>| {
         let value = bytes::Bytes::from(value);
@@ -567,17 +568,7 @@ async fn tls_row(o: &Options) -> Row {
         Some("twemproxy GET"),
         &servers,
         1,
-        move |t: usize, i: u64| {
-            let mut c = clients[t % clients.len()].clone();
-            async move {
-                let k = uniform_rank(t, i, keys);
-                c.get(GetRequest {
-                    key: format!("key:{k}"),
-                })
-                .await
-                .is_ok()
-            }
-        },
+        move |t: usize, i: u64| uniform_get(clients[t % clients.len()].clone(), t, i, keys),
     )
     .await
 }
