@@ -38,6 +38,13 @@
 //! orchestrator, and mutual TLS from orchestrator to nodes; certificates
 //! made here with rcgen), next to the plaintext row of the same run.
 //!
+//! `--node-args "…"` and `--orchestrator-args "…"` pass extra flags to
+//! the nodes (the cluster's and the direct one) and the orchestrator, to
+//! measure a setting.
+//!
+//! `--only A,B` runs only the cases whose name contains `A` or `B` (for
+//! example `--only "Get (orchestrator)","twemproxy GET"`).
+//!
 //! `--baseline DIR` also routes the same load through the `orchestrator`
 //! binary in `DIR` (say, a build of the previous commit), in front of the
 //! same nodes, so a change to the orchestrator is measured side by side
@@ -78,6 +85,30 @@ struct Options {
     keys: usize,
     value: usize,
     batch: usize,
+    /// `--node-args "…"`: extra arguments for every cache node.
+    node_args: Vec<String>,
+    /// `--orchestrator-args "…"`: extra arguments for the orchestrator.
+    orchestrator_args: Vec<String>,
+    /// `--only A,B`: run only the cases whose name contains one of these.
+    only: Vec<String>,
+}
+
+impl Options {
+    /// Whether the case named `case` runs (see `--only`).
+    fn runs(&self, case: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| case.contains(o.as_str()))
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A flag's value split at whitespace (none if absent).
+fn words(value: Option<String>) -> Vec<String> {
+    value.map_or_else(Vec::new, |v| {
+        v.split_whitespace().map(str::to_owned).collect()
+    })
 }
 
 fn options() -> Options {
@@ -97,6 +128,12 @@ fn options() -> Options {
         keys: value("--keys").unwrap_or(if full { 100_000 } else { 2_000 }),
         value: value("--value-bytes").unwrap_or(100),
         batch: 100,
+        node_args: words(args.value::<String>("--node-args")),
+        orchestrator_args: words(args.value::<String>("--orchestrator-args")),
+        only: args
+            .value::<String>("--only")
+            .map(|o| o.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -109,6 +146,9 @@ struct Row {
     p99_us: f64,
     server_cpu_us_per_op: f64,
     client_cpu_us_per_op: Option<f64>,
+    /// For a routed case: the orchestrator's share of
+    /// `server_cpu_us_per_op` (the rest is the nodes').
+    orchestrator_cpu_us_per_op: Option<f64>,
     /// The peer row this one is compared with.
     peer: Option<String>,
 }
@@ -159,7 +199,9 @@ async fn preload(client: &mut CacheClient<Channel>, keys: usize, value: &bytes::
 }
 
 /// Runs one ringcache case: `call` in a closed loop; `ops_per_call` is how
-/// many keys one call carries (GetMany).
+/// many keys one call carries (GetMany). With more than one server, the
+/// first is the orchestrator, whose share is reported too. `None` when
+/// `--only` leaves the case out.
 async fn ringcache_case<F, Fut>(
     o: &Options,
     concurrency: usize,
@@ -168,33 +210,42 @@ async fn ringcache_case<F, Fut>(
     servers: &[u32],
     ops_per_call: u64,
     call: F,
-) -> Row
+) -> Option<Row>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    if !o.runs(case) {
+        return None;
+    }
     let max_calls = if o.full { u64::MAX } else { 2_000 };
+    let orchestrator = &servers[..usize::from(servers.len() > 1)];
     let (server_before, client_before) = (cpu_of(servers), self_cpu());
+    let orchestrator_before = cpu_of(orchestrator);
     let r: LoadResult =
         closed_loop(concurrency, Duration::from_secs(o.seconds), max_calls, call).await;
     let server = cpu_of(servers) - server_before;
+    let orchestrator_cpu = cpu_of(orchestrator) - orchestrator_before;
     let client = self_cpu() - client_before;
     assert_eq!(r.errors, 0, "{case}: {} calls failed", r.errors);
     let ops = (r.calls * ops_per_call).max(1) as f64;
-    Row {
+    Some(Row {
         case: case.to_owned(),
         ops_per_sec: r.rate() * ops_per_call as f64,
         p50_us: r.p50_us,
         p99_us: r.p99_us,
         server_cpu_us_per_op: server * 1e6 / ops,
         client_cpu_us_per_op: Some(client * 1e6 / ops),
+        orchestrator_cpu_us_per_op: (!orchestrator.is_empty())
+            .then(|| orchestrator_cpu * 1e6 / ops),
         peer: peer.map(str::to_owned),
-    }
+    })
 }
 
 async fn ringcache_rows(o: &Options) -> Vec<Row> {
-    let cluster = TestCluster::start(3, &[]).await;
-    let direct = NodeProcess::start(&[]).await;
+    let node_args = strs(&o.node_args);
+    let cluster = TestCluster::start_with(3, &node_args, &strs(&o.orchestrator_args)).await;
+    let direct = NodeProcess::start(&node_args).await;
     let servers: Vec<u32> = std::iter::once(cluster.orchestrator.process.pid())
         .chain(cluster.nodes.iter().flatten().map(|n| n.process.pid()))
         .collect();
@@ -277,7 +328,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
     let node_pid = [direct.process.pid()];
     let node_pids: Vec<u32> = servers[1..].to_vec();
     let c = o.concurrency;
-    let mut rows = vec![
+    let rows = vec![
         ringcache_case(
             o,
             c,
@@ -349,6 +400,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         )
         .await,
     ];
+    let mut rows: Vec<Row> = rows.into_iter().flatten().collect();
     if let Some(row) = go_client_row(o, &cluster.orchestrator.addr(), &servers) {
         // Next to the Rust client's Get, the first row.
         rows.insert(1, row);
@@ -366,7 +418,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         let pids: Vec<u32> = std::iter::once(process.pid())
             .chain(node_pids.iter().copied())
             .collect();
-        rows.push(
+        rows.extend(
             ringcache_case(
                 o,
                 c,
@@ -378,7 +430,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             )
             .await,
         );
-        rows.push(
+        rows.extend(
             ringcache_case(
                 o,
                 c,
@@ -390,7 +442,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             )
             .await,
         );
-        rows.push(
+        rows.extend(
             ringcache_case(
                 o,
                 1,
@@ -410,6 +462,9 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
 /// same `Get` load as the Rust client's first row, against the same
 /// orchestrator: `None` (with a message) when `go` is missing.
 fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row> {
+    if !o.runs("Go client Get (orchestrator)") {
+        return None;
+    }
     if !have("go") {
         eprintln!("go not found: skipping the Go client row");
         return None;
@@ -446,6 +501,7 @@ fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row
         p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
         server_cpu_us_per_op: server * 1e6 / calls.max(1.0),
         client_cpu_us_per_op: v["client_cpu_us_per_op"].as_f64(),
+        orchestrator_cpu_us_per_op: None,
         peer: Some("twemproxy GET".to_owned()),
     })
 }
@@ -491,7 +547,11 @@ impl Drop for TlsFiles {
 /// The routed `Get` with TLS on every hop: three nodes requiring client
 /// certificates, an orchestrator serving TLS and presenting its
 /// certificate to them, 8 TLS connections from this process.
-async fn tls_row(o: &Options) -> Row {
+async fn tls_row(o: &Options) -> Option<Row> {
+    const CASE: &str = "ringcache Get (orchestrator, TLS + mTLS to nodes)";
+    if !o.runs(CASE) {
+        return None;
+    }
     use integration_tests::{Process, binary};
     let files = TlsFiles::new();
     let (ca, cert, key) = (
@@ -564,7 +624,7 @@ async fn tls_row(o: &Options) -> Row {
     ringcache_case(
         o,
         o.concurrency,
-        "ringcache Get (orchestrator, TLS + mTLS to nodes)",
+        CASE,
         Some("twemproxy GET"),
         &servers,
         1,
@@ -947,6 +1007,9 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
         ("twemproxy INCR", "incr", 60_000.0, o.concurrency),
         ("twemproxy GET, 1 in flight", "get", 8_000.0, 1),
     ] {
+        if !o.runs(case) {
+            continue;
+        }
         let before = cpu_of(&pids);
         let n = requests(rate);
         let (rps, p50, p99) = parse_csv(&run(vec![
@@ -966,10 +1029,14 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
             p99_us: p99 * 1000.0,
             server_cpu_us_per_op: cpu * 1e6 / n as f64,
             client_cpu_us_per_op: None,
+            orchestrator_cpu_us_per_op: None,
             peer: None,
         });
     }
     // MGET of 100 random keys per call.
+    if !o.runs("twemproxy MGET 100 (keys/s)") {
+        return Some(rows);
+    }
     let n = requests(2_000.0);
     let mut args = vec!["-n".into(), n.to_string(), "MGET".into()];
     args.extend((0..o.batch).map(|_| "key:__rand_int__".to_owned()));
@@ -983,6 +1050,7 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
         p99_us: p99 * 1000.0,
         server_cpu_us_per_op: cpu * 1e6 / (n as f64 * o.batch as f64),
         client_cpu_us_per_op: None,
+        orchestrator_cpu_us_per_op: None,
         peer: None,
     });
     drop(proxy);
@@ -1018,16 +1086,17 @@ async fn main() {
     let mut rows = ringcache_rows(&o).await;
     if o.tls {
         // Right after the plaintext Get rows it is compared with.
-        let tls = tls_row(&o).await;
-        rows.insert(2, tls);
+        if let Some(tls) = tls_row(&o).await {
+            rows.insert(2.min(rows.len()), tls);
+        }
     }
     let peers = peer_rows(&o).await.unwrap_or_default();
     rows.extend(peers.iter().cloned());
 
     println!(
-        "| case | ops/s | p50 | p99 | server CPU/op | client CPU/op | ops/s vs peer | server CPU/op vs peer |"
+        "| case | ops/s | p50 | p99 | server CPU/op | of which orchestrator | client CPU/op | ops/s vs peer | server CPU/op vs peer |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let peer = r
             .peer
@@ -1041,12 +1110,14 @@ async fn main() {
             None => ("—".into(), "—".into()),
         };
         println!(
-            "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {} | {} | {} |",
             r.case,
             r.ops_per_sec,
             r.p50_us,
             r.p99_us,
             r.server_cpu_us_per_op,
+            r.orchestrator_cpu_us_per_op
+                .map_or("—".into(), |c| format!("{c:.1} µs")),
             r.client_cpu_us_per_op
                 .map_or("—".into(), |c| format!("{c:.1} µs")),
             ratio_ops,
@@ -1059,6 +1130,7 @@ async fn main() {
             serde_json::json!({
                 "case": r.case, "ops_per_sec": r.ops_per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us,
                 "server_cpu_us_per_op": r.server_cpu_us_per_op, "client_cpu_us_per_op": r.client_cpu_us_per_op,
+                "orchestrator_cpu_us_per_op": r.orchestrator_cpu_us_per_op,
                 "peer": r.peer,
             })
         })
