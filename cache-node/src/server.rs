@@ -65,7 +65,15 @@ pub async fn run(
     let health_probe = health_service.clone();
     let max_message = config.limits.max_message_bytes();
     let cache = CacheService::new(store.clone(), config.limits(), max_message);
-    let internal = InternalService::new(cache.clone());
+    // ApplyStreams end when the node starts draining (callers move to
+    // unary Apply, which the drain bounds).
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        draining_tx.send_replace(true);
+    };
+    let internal =
+        InternalService::new(cache.clone()).with_streams(draining, config.limits.max_in_flight);
     let internal_epochs = internal.epochs();
     registry.register(Box::new(EpochsCollector::new(internal.epochs())?))?;
     let mut routes = RoutesBuilder::default();

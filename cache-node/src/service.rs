@@ -6,20 +6,23 @@
 //! become statuses in one place, `From<NodeError> for Status`.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use ringcache_common::validate::{RequestLimits, to_proto_duration};
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest,
-    DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest, FlushResponse,
-    GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult, IncrementRequest,
-    IncrementResponse, KeyError, KeyInfo, Op, OpResult, RingEpoch, ScanRequest, ScanResponse,
-    SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest,
-    StatsResponse, TouchRequest, TouchResponse, cache_server::Cache, internal_server::Internal,
-    node_server::Node, op, op_result,
+    ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, DeleteManyRequest,
+    DeleteManyResponse, DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse,
+    FlushRequest, FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, RingEpoch,
+    ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
+    StatsRequest, StatsResponse, TouchRequest, TouchResponse, cache_server::Cache,
+    internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -304,7 +307,17 @@ impl Cache for CacheService {
 pub struct InternalService {
     cache: CacheService,
     epochs: Arc<Epochs>,
+    /// True once the node drains: open `ApplyStream`s end (between
+    /// batches) and new ones are refused, so callers move to unary
+    /// `Apply`, which the drain bounds.
+    draining: tokio::sync::watch::Receiver<bool>,
+    /// Permits for open `ApplyStream`s (`--max-in-flight` of them).
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Open `ApplyStream`s a node allows by default (see
+/// [`InternalService::with_streams`]).
+pub const DEFAULT_MAX_STREAMS: usize = 1024;
 
 /// Epochs seen within this long of each other are current together (a
 /// DNS-driven membership change reaches every orchestrator well within it).
@@ -314,9 +327,95 @@ impl InternalService {
     /// Serves batches against the same store, limits and message size as
     /// `cache`.
     pub fn new(cache: CacheService) -> Self {
+        let (_, draining) = tokio::sync::watch::channel(false);
         Self {
             cache,
             epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
+            draining,
+            streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
+        }
+    }
+
+    /// Ends `ApplyStream`s once `draining` turns true, and allows at most
+    /// `max_streams` open at once.
+    pub fn with_streams(
+        mut self,
+        draining: tokio::sync::watch::Receiver<bool>,
+        max_streams: usize,
+    ) -> Self {
+        self.draining = draining;
+        self.streams = Arc::new(tokio::sync::Semaphore::new(max_streams.max(1)));
+        self
+    }
+
+    /// Records a caller's ring epoch.
+    fn saw_epoch(&self, epoch: u64) {
+        self.epochs.record(epoch, Instant::now());
+    }
+
+    /// Runs a batch as `Apply` does: each op in order, stopping before the
+    /// first answer that would outgrow a message. Returns the results and
+    /// the number of hits among them.
+    fn run_batch(&self, ops: &[Op]) -> Result<(Vec<OpResult>, i64), NodeError> {
+        self.cache.limits.check_batch("ops", ops.len())?;
+        let limit = self.cache.max_message_bytes;
+        let mut size = 0usize;
+        let mut hits = 0i64;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = match self.run(op) {
+                Ok(r) => r,
+                Err(e) => op_result::Result::Error(key_error(e)),
+            };
+            let bytes = match &result {
+                op_result::Result::Get(g) => {
+                    hits += i64::from(g.found);
+                    g.value.len()
+                }
+                _ => 0,
+            } + RESULT_FRAMING;
+            size = size.saturating_add(bytes);
+            if size > limit {
+                // Stop here: the caller sends the rest again. A first op
+                // that cannot fit on its own would never fit: answer it with
+                // an error instead, so the batch makes progress.
+                if results.is_empty() {
+                    results.push(OpResult {
+                        result: Some(op_result::Result::Error(key_error(
+                            NodeError::ResponseTooLarge {
+                                limit,
+                                answered: 0,
+                                requested: 1,
+                            },
+                        ))),
+                    });
+                }
+                break;
+            }
+            results.push(OpResult {
+                result: Some(result),
+            });
+        }
+        Ok((results, hits))
+    }
+
+    /// Answers one batch of an `ApplyStream`.
+    fn stream_batch(&self, req: ApplyStreamRequest) -> ApplyStreamResponse {
+        if req.epoch != 0 {
+            self.saw_epoch(req.epoch);
+        }
+        let outcome = self.run_batch(&req.ops).map_err(key_error);
+        match outcome {
+            Ok((results, _)) => ApplyStreamResponse {
+                id: req.id,
+                results,
+                error: None,
+            },
+            Err(error) => ApplyStreamResponse {
+                id: req.id,
+                results: Vec::new(),
+                error: Some(error),
+            },
         }
     }
 
@@ -353,8 +452,79 @@ impl InternalService {
     }
 }
 
+/// The answers of one `ApplyStream`: each batch read is run and answered
+/// in the same poll, so the stream can only end between batches; it ends
+/// with UNAVAILABLE once the node drains.
+struct BatchStream {
+    service: InternalService,
+    inbound: tonic::Streaming<ApplyStreamRequest>,
+    draining: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ended: bool,
+    /// Held while the stream is open.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio_stream::Stream for BatchStream {
+    type Item = Result<ApplyStreamResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.draining.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            return Poll::Ready(Some(Err(Status::unavailable(
+                "the node is draining: batches not answered were not run (send them with Apply)",
+            ))));
+        }
+        match Pin::new(&mut self.inbound).poll_next(cx) {
+            Poll::Ready(Some(Ok(batch))) => Poll::Ready(Some(Ok(self.service.stream_batch(batch)))),
+            Poll::Ready(Some(Err(status))) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Internal for InternalService {
+    type ApplyStreamStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<ApplyStreamResponse, Status>> + Send>>;
+
+    async fn apply_stream(
+        &self,
+        request: Request<tonic::Streaming<ApplyStreamRequest>>,
+    ) -> Result<Response<Self::ApplyStreamStream>, Status> {
+        if *self.draining.borrow() {
+            return Err(Status::unavailable(
+                "the node is draining: send batches with Apply",
+            ));
+        }
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many ApplyStreams open on this node (--max-in-flight); send batches with Apply",
+            ));
+        };
+        let mut draining = self.draining.clone();
+        let stream = BatchStream {
+            service: self.clone(),
+            inbound: request.into_inner(),
+            draining: Box::pin(async move {
+                // A dropped sender (the node is going away) ends it too.
+                let _ = draining.wait_for(|d| *d).await;
+            }),
+            ended: false,
+            _permit: permit,
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn flush(&self, _: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
         let removed = self.cache.store.clear();
         tracing::info!(removed, "flushed at an orchestrator's request");
@@ -394,51 +564,10 @@ impl Internal for InternalService {
             .and_then(|v| v.to_str().ok())
             .and_then(epochs::parse)
         {
-            self.epochs.record(epoch, Instant::now());
+            self.saw_epoch(epoch);
         }
         let req = request.into_inner();
-        self.cache
-            .limits
-            .check_batch("ops", req.ops.len())
-            .map_err(NodeError::from)?;
-        let limit = self.cache.max_message_bytes;
-        let mut size = 0usize;
-        let mut hits = 0i64;
-        let mut results = Vec::with_capacity(req.ops.len());
-        for op in &req.ops {
-            let result = match self.run(op) {
-                Ok(r) => r,
-                Err(e) => op_result::Result::Error(key_error(e)),
-            };
-            let bytes = match &result {
-                op_result::Result::Get(g) => {
-                    hits += i64::from(g.found);
-                    g.value.len()
-                }
-                _ => 0,
-            } + RESULT_FRAMING;
-            size = size.saturating_add(bytes);
-            if size > limit {
-                // Stop here: the caller sends the rest again. A first op
-                // that cannot fit on its own would never fit: answer it with
-                // an error instead, so the batch makes progress.
-                if results.is_empty() {
-                    results.push(OpResult {
-                        result: Some(op_result::Result::Error(key_error(
-                            NodeError::ResponseTooLarge {
-                                limit,
-                                answered: 0,
-                                requested: 1,
-                            },
-                        ))),
-                    });
-                }
-                break;
-            }
-            results.push(OpResult {
-                result: Some(result),
-            });
-        }
+        let (results, hits) = self.run_batch(&req.ops)?;
         let span = Span::current();
         if !span.is_none() {
             // What explains the batch's latency; never a key or a value.

@@ -89,6 +89,14 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_NODE_CONNECTIONS", default_value_t = 1)]
     pub node_connections: usize,
 
+    /// Send batches to nodes on one long-lived `Internal/ApplyStream` per
+    /// connection (one DATA frame each way per batch) instead of a unary
+    /// `Apply` call each. Sampled requests still go by unary `Apply`, so
+    /// their trace context travels in its headers; nodes that refuse or end
+    /// the stream (draining, an older version) get unary `Apply` too.
+    #[arg(long, env = "RINGCACHE_NODE_STREAMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_streams: bool,
+
     /// Calls to one node in flight at once before further requests for it
     /// queue and go out together, as one batch, when a call returns. 0 for
     /// no coalescing (every request is a call of its own).
@@ -317,6 +325,7 @@ impl Config {
                 max_message_bytes: max_message,
                 reconnect_backoff: Duration::from_millis(250),
                 tls: None,
+                streams: self.node_streams,
             },
             stack: StackSettings {
                 node_timeout: self.node_timeout,

@@ -23,6 +23,7 @@ use tower::{ServiceBuilder, util::BoxCloneSyncService};
 pub mod batch;
 pub mod error;
 pub mod layers;
+pub mod stream;
 pub mod transport;
 
 pub use error::CallError;

@@ -53,7 +53,10 @@ use tonic_health::pb::{
 };
 use tower::Service;
 
-use super::{CallError, NodeCall, NodeReply};
+use super::{
+    CallError, NodeCall, NodeReply,
+    stream::{BatchStream, Ended},
+};
 
 /// How connections to nodes are made.
 #[derive(Debug, Clone)]
@@ -69,6 +72,9 @@ pub struct TransportSettings {
     pub reconnect_backoff: Duration,
     /// TLS to nodes (`--node-tls-*`); `None`: plaintext.
     pub tls: Option<NodeTls>,
+    /// Send batches on one `ApplyStream` per connection
+    /// (`--node-streams`) instead of a unary `Apply` each.
+    pub streams: bool,
 }
 
 /// How the orchestrator speaks TLS to nodes.
@@ -139,6 +145,8 @@ struct Slot {
     connecting: tokio::sync::Mutex<()>,
     /// When and why the last attempt failed.
     last_failure: Mutex<Option<(Instant, String)>>,
+    /// The `ApplyStream` on this slot's connection, if one was opened.
+    stream: Mutex<Option<Arc<BatchStream>>>,
 }
 
 #[derive(Debug)]
@@ -335,8 +343,95 @@ impl Transport {
         }
     }
 
+    /// The `ApplyStream` to send the next batch on, opened if needed, with
+    /// its slot; `None` when batches go by unary `Apply` (streams are off,
+    /// or the node refused a stream on this connection).
+    async fn stream(&self) -> Result<Option<(&Slot, Arc<BatchStream>)>, CallError> {
+        if !self.pool.settings.streams {
+            return Ok(None);
+        }
+        let (slot, connection, sender) = self.sender().await?;
+        let usable = |current: &Option<Arc<BatchStream>>| match current {
+            Some(s) if s.connection() == connection => match s.ended() {
+                None => Some(Some(s.clone())),
+                // Refused or ended by the node (draining, no such method,
+                // too many streams): unary until the connection is new.
+                Some(Ended::NotRun(_)) => Some(None),
+                Some(Ended::Failed(_)) => None,
+            },
+            _ => None,
+        };
+        if let Some(found) = usable(&slot.stream.lock()) {
+            return Ok(found.map(|s| (slot, s)));
+        }
+        let max = self.pool.settings.max_message_bytes;
+        let opened = BatchStream::open(sender, connection, &self.pool.authority, max).await?;
+        let mut current = slot.stream.lock();
+        // Another call may have opened one meanwhile: use that one.
+        if let Some(found) = usable(&current) {
+            return Ok(found.map(|s| (slot, s)));
+        }
+        *current = Some(opened.clone());
+        Ok(Some((slot, opened)))
+    }
+
+    /// Sends `call` on an `ApplyStream` if there is one to send it on:
+    /// `None` if it must go by unary `Apply` (no stream, or the node ended
+    /// the stream before running it).
+    async fn apply_streamed(&self, call: &NodeCall) -> Option<Result<NodeReply, CallError>> {
+        let (slot, stream) = match self.stream().await {
+            Ok(Some(found)) => found,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let epoch = self.epoch.as_ref().map_or(0, |e| e.load(Ordering::Relaxed));
+        match stream.call(&call.ops, epoch).await {
+            Ok(answer) => Some(match answer.error {
+                Some(e) => Err(CallError::Refused(tonic::Status::new(
+                    tonic::Code::from_i32(e.code),
+                    e.message,
+                ))),
+                None => Ok(answer.results),
+            }),
+            Err(Ended::NotRun(_)) => None,
+            Err(Ended::Failed(e)) => {
+                if matches!(e, CallError::NotSent(_) | CallError::Lost(_)) {
+                    // As a broken unary call does: the next call opens a
+                    // fresh connection.
+                    drop(ForgetUnlessAnswered {
+                        slot,
+                        id: stream.connection(),
+                        armed: true,
+                    });
+                }
+                Some(Err(e))
+            }
+        }
+    }
+
     async fn apply(self, call: NodeCall) -> Result<NodeReply, CallError> {
         let count = call.ops.len();
+        // Sampled requests go by unary `Apply`, whose headers carry their
+        // trace context.
+        let streamed = if call.trace.is_none() {
+            self.apply_streamed(&call).await
+        } else {
+            None
+        };
+        let results = match streamed {
+            Some(results) => results?,
+            None => self.apply_unary(call).await?,
+        };
+        if results.is_empty() && count > 0 || results.len() > count {
+            return Err(CallError::Refused(tonic::Status::internal(format!(
+                "answered {} results for {count} ops",
+                results.len()
+            ))));
+        }
+        Ok(results)
+    }
+
+    async fn apply_unary(&self, call: NodeCall) -> Result<NodeReply, CallError> {
         // Tell the node the deadline too, so it stops work nobody waits for.
         let timeout = call.deadline.map(|d| {
             d.saturating_duration_since(Instant::now())
@@ -353,17 +448,10 @@ impl Transport {
         }
         let headers = Some(headers);
         let request = ApplyRequest { ops: call.ops };
-        let results = self
+        Ok(self
             .unary::<_, ApplyResponse>(APPLY, &request, timeout, headers, false)
             .await?
-            .results;
-        if results.is_empty() && count > 0 || results.len() > count {
-            return Err(CallError::Refused(tonic::Status::internal(format!(
-                "answered {} results for {count} ops",
-                results.len()
-            ))));
-        }
-        Ok(results)
+            .results)
     }
 }
 
@@ -572,7 +660,7 @@ async fn unary<M: Message>(
 /// How an HTTP/2 stream error says the call ended: a stream the node
 /// refused before reading (`REFUSED_STREAM`) was never processed; any
 /// other failure after sending may have been.
-fn stream_failure(e: h2::Error) -> CallError {
+pub(super) fn stream_failure(e: h2::Error) -> CallError {
     if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
         CallError::NotSent(format!("the node refused the stream ({e})"))
     } else {
