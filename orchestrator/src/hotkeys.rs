@@ -12,8 +12,12 @@
 //! rate of the last second (by default), not of the process's life.
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -60,22 +64,54 @@ impl Counter {
 #[derive(Debug)]
 struct Window {
     started: Instant,
-    counters: HashMap<Box<str>, Counter>,
+    counters: HashMap<Arc<str>, Counter>,
+    /// Every (total, key) a key had when counted, least first: the least
+    /// counted key is the first entry whose total is still its key's
+    /// (totals only grow, so the others are stale). Finding it this way
+    /// costs a few heap operations instead of a scan of every slot.
+    by_total: BinaryHeap<Reverse<(u64, Arc<str>)>>,
 }
 
 impl Window {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            counters: HashMap::with_capacity(SLOTS),
+            by_total: BinaryHeap::with_capacity(2 * SLOTS),
+        }
+    }
+
     /// If this window is `len` old (or `at_once`), starts a new one at
     /// `now` and returns the finished one.
     fn end_if(&mut self, now: Instant, len: Duration, at_once: bool) -> Option<Window> {
-        (at_once || now.duration_since(self.started) >= len).then(|| {
-            std::mem::replace(
-                self,
-                Window {
-                    started: now,
-                    counters: HashMap::with_capacity(SLOTS),
-                },
-            )
-        })
+        (at_once || now.duration_since(self.started) >= len)
+            .then(|| std::mem::replace(self, Window::new(now)))
+    }
+
+    /// The least counted key and its counter.
+    fn least(&mut self) -> Option<(Arc<str>, Counter)> {
+        loop {
+            let Reverse((total, key)) = self.by_total.peek()?;
+            if let Some(c) = self.counters.get(key)
+                && c.total() == *total
+            {
+                return Some((key.clone(), *c));
+            }
+            self.by_total.pop();
+        }
+    }
+
+    /// Notes that `key` now has `total`; rebuilds the index once stale
+    /// entries outnumber live ones three to one (bounded memory).
+    fn indexed(&mut self, key: Arc<str>, total: u64) {
+        self.by_total.push(Reverse((total, key)));
+        if self.by_total.len() > 4 * SLOTS {
+            self.by_total = self
+                .counters
+                .iter()
+                .map(|(k, c)| Reverse((c.total(), k.clone())))
+                .collect();
+        }
     }
 }
 
@@ -125,10 +161,7 @@ impl HotKeys {
             threshold,
             gauge,
             calls: AtomicU64::new(0),
-            current: Mutex::new(Window {
-                started: Instant::now(),
-                counters: HashMap::with_capacity(SLOTS),
-            }),
+            current: Mutex::new(Window::new(Instant::now())),
             last: Mutex::new(Vec::new()),
             hot_now: RwLock::new(HashSet::new()),
             any_hot: AtomicBool::new(false),
@@ -156,17 +189,13 @@ impl HotKeys {
             self.publish(finished, now);
             w = self.current.lock();
         }
-        let counters = &mut w.counters;
-        if !counters.contains_key(key) && counters.len() >= SLOTS {
+        let w = &mut *w;
+        if !w.counters.contains_key(key) && w.counters.len() >= SLOTS {
             // Space-saving: the least counted key gives up its slot, and
             // its count becomes the newcomer's error bound.
-            let least = counters
-                .iter()
-                .min_by_key(|(_, c)| c.total())
-                .map(|(k, c)| (k.clone(), *c));
-            if let Some((k, c)) = least {
-                counters.remove(&k);
-                counters.insert(
+            if let Some((k, c)) = w.least() {
+                w.counters.remove(&k);
+                w.counters.insert(
                     key.into(),
                     Counter {
                         reads: 0,
@@ -176,10 +205,21 @@ impl HotKeys {
                 );
             }
         }
-        let c = counters.entry(key.into()).or_default();
-        match access {
+        let bump = |c: &mut Counter| match access {
             Access::Read => c.reads += 1,
             Access::Write => c.writes += 1,
+        };
+        match w.counters.get_mut(key) {
+            Some(c) => bump(c),
+            None => {
+                let mut c = Counter::default();
+                bump(&mut c);
+                w.counters.insert(key.into(), c);
+            }
+        }
+        if let Some((k, c)) = w.counters.get_key_value(key) {
+            let (k, total) = (k.clone(), c.total());
+            w.indexed(k, total);
         }
     }
 
@@ -193,7 +233,7 @@ impl HotKeys {
             .counters
             .into_iter()
             .map(|(key, c)| HotKey {
-                key: key.into(),
+                key: key.to_string(),
                 reads_per_second: (c.reads + c.error) as f64 * scale,
                 writes_per_second: c.writes as f64 * scale,
                 error_per_second: c.error as f64 * scale,
@@ -269,6 +309,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_evicted_key_is_always_a_least_counted_one_and_the_index_stays_bounded() {
+        let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
+        let start = Instant::now();
+        // A skewed, shifting mix of 3 × SLOTS keys, so slots keep changing
+        // hands and totals keep growing unevenly.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..50_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = format!("k{}", (x % (3 * SLOTS as u64)) / (1 + i % 3));
+            let mut w = h.current.lock();
+            let full = w.counters.len() >= SLOTS && !w.counters.contains_key(key.as_str());
+            let least = full.then(|| w.least()).flatten();
+            let min = w.counters.values().map(Counter::total).min();
+            drop(w);
+            if let Some((k, c)) = least {
+                assert_eq!(Some(c.total()), min, "{k} is not a least counted key");
+            }
+            h.count(&key, Access::Read, start);
+            let w = h.current.lock();
+            assert!(w.counters.len() <= SLOTS);
+            assert!(w.by_total.len() <= 4 * SLOTS, "{}", w.by_total.len());
+        }
+    }
+
+    #[test]
     fn a_heavy_key_among_many_light_ones_is_found_with_its_rate() {
         let h = HotKeys::new(Duration::from_secs(3600), 1000.0, None);
         let start = Instant::now();
@@ -285,13 +352,7 @@ mod tests {
         }
         let counters = h.current.lock().counters.len();
         assert!(counters <= SLOTS, "bounded: {counters}");
-        let w = std::mem::replace(
-            &mut *h.current.lock(),
-            Window {
-                started: start,
-                counters: HashMap::new(),
-            },
-        );
+        let w = std::mem::replace(&mut *h.current.lock(), Window::new(start));
         h.publish(w, start + Duration::from_secs(1));
         let top = h.top(3);
         assert_eq!(top[0].key, "hot");
