@@ -31,13 +31,15 @@ use std::{
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream, client::SendRequest};
-use http::{HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
 use prost::Message;
 use ringcache_proto::v1::{ApplyStreamResponse, Op};
 use tokio::sync::oneshot;
 
-use super::{CallError, transport::stream_failure};
+use super::{
+    CallError,
+    transport::{grpc_request, stream_failure},
+};
 
 const APPLY_STREAM: &str = "/ringcache.v1.Internal/ApplyStream";
 
@@ -114,27 +116,7 @@ impl BatchStream {
         authority: &http::uri::Authority,
         max_message: usize,
     ) -> Result<Arc<Self>, CallError> {
-        let mut sender = sender
-            .ready()
-            .await
-            .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
-            .path_and_query(APPLY_STREAM)
-            .build()
-            .map_err(|e| CallError::NotSent(e.to_string()))?;
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .body(())
-            .map_err(|e| CallError::NotSent(e.to_string()))?;
-        let h = request.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let (mut sender, request) = grpc_request(sender, authority, APPLY_STREAM).await?;
         let (response, send) = sender
             .send_request(request, false)
             .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;

@@ -536,18 +536,15 @@ where
     Ok(sender)
 }
 
-/// The gRPC unary exchange on one HTTP/2 stream: returns the answer's
-/// message bytes.
-async fn unary<M: Message>(
+/// Waits until `sender`'s connection can take a new stream, and builds a
+/// gRPC request for `path` (POST, `content-type: application/grpc`,
+/// `te: trailers`). Fails as [`CallError::NotSent`].
+pub(super) async fn grpc_request(
     sender: SendRequest<Bytes>,
     authority: &http::uri::Authority,
     path: &'static str,
-    message: &M,
-    timeout: Option<Duration>,
-    headers: Option<HeaderMap>,
-    max_message: usize,
-) -> Result<Bytes, CallError> {
-    let mut sender = sender
+) -> Result<(SendRequest<Bytes>, Request<()>), CallError> {
+    let sender = sender
         .ready()
         .await
         .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
@@ -562,16 +559,32 @@ async fn unary<M: Message>(
         .uri(uri)
         .body(())
         .map_err(|e| CallError::NotSent(e.to_string()))?;
+    let h = request.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(header::TE, HeaderValue::from_static("trailers"));
+    Ok((sender, request))
+}
+
+/// The gRPC unary exchange on one HTTP/2 stream: returns the answer's
+/// message bytes.
+async fn unary<M: Message>(
+    sender: SendRequest<Bytes>,
+    authority: &http::uri::Authority,
+    path: &'static str,
+    message: &M,
+    timeout: Option<Duration>,
+    headers: Option<HeaderMap>,
+    max_message: usize,
+) -> Result<Bytes, CallError> {
+    let (mut sender, mut request) = grpc_request(sender, authority, path).await?;
     {
         let h = request.headers_mut();
         if let Some(extra) = headers {
             h.extend(extra);
         }
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
         if let Some(t) = timeout
             && let Ok(v) = HeaderValue::try_from(grpc_timeout(t))
         {
