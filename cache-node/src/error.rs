@@ -47,9 +47,6 @@ impl From<NodeError> for tonic::Status {
             NodeError::Store(e @ StoreError::Overflow { .. }) => {
                 tonic::Status::out_of_range(e.to_string())
             }
-            NodeError::Store(e @ StoreError::Contended { .. }) => {
-                tonic::Status::aborted(e.to_string())
-            }
             e @ NodeError::EmptyOp => tonic::Status::invalid_argument(e.to_string()),
             e @ NodeError::ResponseTooLarge { .. } => {
                 tonic::Status::resource_exhausted(e.to_string())

@@ -149,15 +149,6 @@ pub enum StoreError {
         /// The delta asked for.
         delta: i64,
     },
-    /// An increment or touch kept losing the race with other writes of
-    /// its key.
-    #[error("{key:?} was written concurrently {attempts} times while updating it; retry")]
-    Contended {
-        /// The key.
-        key: String,
-        /// Attempts made.
-        attempts: u32,
-    },
 }
 
 /// What [`Store::increment`] left in the key.
@@ -170,10 +161,6 @@ pub struct Incremented {
     /// Time left to live; `None` = no expiry.
     pub ttl: Option<Duration>,
 }
-
-/// Attempts [`Store::increment`] and [`Store::touch`] make before giving
-/// up on a key that other writes keep changing.
-const UPDATE_ATTEMPTS: u32 = 64;
 
 pub use ringcache_common::validate::WriteCondition as Condition;
 
@@ -380,6 +367,26 @@ impl ShardInner {
     }
 }
 
+/// One write, as [`Store::write_locked`] applies it.
+struct Write<'a> {
+    /// The key, borrowed (for comparisons).
+    key: &'a str,
+    /// The key as stored (allocated before the lock was taken).
+    owned_key: Key,
+    value: Arc<[u8]>,
+    /// Time to live in milliseconds; `None` = no expiry.
+    ttl_ms: Option<u64>,
+    condition: Condition,
+    /// The clock, read under the lock.
+    now: u64,
+}
+
+/// A TTL in whole milliseconds, at least 1 (callers validate that TTLs are
+/// positive); `None` = no expiry.
+fn ttl_millis(ttl: Option<Duration>) -> Option<u64> {
+    ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
+}
+
 /// An empty cache for one shard of `shard_capacity` bytes.
 fn new_shard_cache(shard_capacity: u64) -> ShardCache {
     // Unwrap-free: these options are valid by construction (a positive
@@ -570,115 +577,148 @@ impl Store {
         // Allocate before taking the lock, to keep the critical section short.
         let owned_key = Key::from(key);
         let value: Arc<[u8]> = Arc::from(value);
-        let ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+        let ttl_ms = ttl_millis(ttl);
 
         let shard = self.shard(key);
+        // Declared before the guard, so it is dropped after it.
         let mut evicted = Vec::new();
         let outcome = {
             let mut inner = shard.inner.write();
             let now = self.clock.now_ms();
-            let current = inner
-                .cache
-                .peek(key)
-                .map(|e| (e.version, e.expires_at, e.is_live(|| now)));
-            let live_version = match current {
-                Some((version, _, true)) => version,
-                _ => 0,
-            };
-            let allowed = match condition {
-                Condition::Always => true,
-                Condition::IfAbsent => live_version == 0,
-                Condition::IfVersion(expected) => live_version == expected,
-                Condition::IfPresent => live_version != 0,
-                Condition::Replica(version) => live_version < version,
-            };
-            if !allowed {
-                return Ok(SetOutcome {
-                    stored: false,
-                    version: live_version,
-                });
-            }
-            if let Some((version, expires_at, live)) = current {
-                if expires_at != 0 {
-                    inner.expiry.remove(&(expires_at, version));
-                }
-                if live {
-                    shard.overwrites.fetch_add(1, Relaxed);
-                } else {
-                    // Overwriting a dead entry retires it: count it as expired.
-                    shard.expirations.fetch_add(1, Relaxed);
-                }
-            }
-            let version = match condition {
-                Condition::Replica(version) => {
-                    // Later local writes must still get larger versions.
-                    inner.last_version = inner.last_version.max(version);
-                    version
-                }
-                _ => inner.next_version(),
-            };
-            let expires_at = ttl_ms.map_or(0, |ms| now.saturating_add(ms));
-            if expires_at != 0 {
-                inner
-                    .expiry
-                    .insert((expires_at, version), owned_key.clone());
-            }
-            let entry = Entry {
-                value,
-                version,
-                expires_at,
-            };
-            inner
-                .cache
-                .insert_with_lifecycle(owned_key, entry, &mut evicted);
-            // Never claim a write the cache refused: quick_cache drops an
-            // entry it will not admit at once, through the same eviction
-            // hook (unreachable with the weight check above, unless the
-            // cache's admission rule changes).
-            if let Some(i) = evicted
-                .iter()
-                .position(|(k, e)| k.as_str() == key && e.version == version)
-            {
-                let (_, refused) = evicted.swap_remove(i);
-                inner.unindex(&refused);
-                for (_, gone) in &evicted {
-                    inner.unindex(gone);
-                }
-                drop(inner);
-                drop(evicted);
-                return Err(StoreError::EntryTooLarge { weight, max_weight });
-            }
-            let mut evictions = 0;
-            let mut expirations = 0;
-            let replaced = current.map(|(version, _, _)| version);
-            for (gone_key, gone) in &evicted {
-                inner.unindex(gone);
-                if gone_key.as_str() == key && Some(gone.version) == replaced {
-                    // The value this write replaced (quick_cache hands it
-                    // to the eviction hook): counted above as an overwrite
-                    // or an expiry, not as an eviction.
-                    continue;
-                }
-                if gone.is_live(|| now) {
-                    evictions += 1;
-                } else {
-                    expirations += 1;
-                }
-            }
-            if evictions > 0 {
-                shard.evictions.fetch_add(evictions, Relaxed);
-            }
-            if expirations > 0 {
-                shard.expirations.fetch_add(expirations, Relaxed);
-            }
-            SetOutcome {
-                stored: true,
-                version,
-            }
+            self.write_locked(
+                shard,
+                &mut inner,
+                Write {
+                    key,
+                    owned_key,
+                    value,
+                    ttl_ms,
+                    condition,
+                    now,
+                },
+                &mut evicted,
+            )
         };
         // Evicted values are freed here, outside the lock.
         drop(evicted);
-        Ok(outcome)
+        outcome
+    }
+
+    /// The write half of [`Store::set`] and [`Store::update`], under the
+    /// shard's write lock (`inner`). What the write evicts is left in
+    /// `evicted`, for the caller to free after releasing the lock.
+    fn write_locked(
+        &self,
+        shard: &Shard,
+        inner: &mut ShardInner,
+        write: Write<'_>,
+        evicted: &mut Vec<(Key, Entry)>,
+    ) -> Result<SetOutcome, StoreError> {
+        let Write {
+            key,
+            owned_key,
+            value,
+            ttl_ms,
+            condition,
+            now,
+        } = write;
+        let current = inner
+            .cache
+            .peek(key)
+            .map(|e| (e.version, e.expires_at, e.is_live(|| now)));
+        let live_version = match current {
+            Some((version, _, true)) => version,
+            _ => 0,
+        };
+        let allowed = match condition {
+            Condition::Always => true,
+            Condition::IfAbsent => live_version == 0,
+            Condition::IfVersion(expected) => live_version == expected,
+            Condition::IfPresent => live_version != 0,
+            Condition::Replica(version) => live_version < version,
+        };
+        if !allowed {
+            return Ok(SetOutcome {
+                stored: false,
+                version: live_version,
+            });
+        }
+        if let Some((version, expires_at, live)) = current {
+            if expires_at != 0 {
+                inner.expiry.remove(&(expires_at, version));
+            }
+            if live {
+                shard.overwrites.fetch_add(1, Relaxed);
+            } else {
+                // Overwriting a dead entry retires it: count it as expired.
+                shard.expirations.fetch_add(1, Relaxed);
+            }
+        }
+        let version = match condition {
+            Condition::Replica(version) => {
+                // Later local writes must still get larger versions.
+                inner.last_version = inner.last_version.max(version);
+                version
+            }
+            _ => inner.next_version(),
+        };
+        let expires_at = ttl_ms.map_or(0, |ms| now.saturating_add(ms));
+        if expires_at != 0 {
+            inner
+                .expiry
+                .insert((expires_at, version), owned_key.clone());
+        }
+        let entry = Entry {
+            value,
+            version,
+            expires_at,
+        };
+        inner.cache.insert_with_lifecycle(owned_key, entry, evicted);
+        // Never claim a write the cache refused: quick_cache drops an
+        // entry it will not admit at once, through the same eviction
+        // hook (unreachable with the weight check above, unless the
+        // cache's admission rule changes).
+        if let Some(i) = evicted
+            .iter()
+            .position(|(k, e)| k.as_str() == key && e.version == version)
+        {
+            let (_, refused) = evicted.swap_remove(i);
+            inner.unindex(&refused);
+            for (_, gone) in evicted.iter() {
+                inner.unindex(gone);
+            }
+            return Err(StoreError::EntryTooLarge {
+                weight: weigh(key.len(), refused.value.len(), refused.expires_at != 0),
+                max_weight: max_entry_weight(self.shard_capacity),
+            });
+        }
+        let mut evictions = 0;
+        let mut expirations = 0;
+        let replaced = current.map(|(version, _, _)| version);
+        for (gone_key, gone) in evicted.iter() {
+            inner.unindex(gone);
+            if gone_key.as_str() == key && Some(gone.version) == replaced {
+                // The value this write replaced (quick_cache hands it
+                // to the eviction hook): counted above as an overwrite
+                // or an expiry, not as an eviction.
+                continue;
+            }
+            if gone.is_live(|| now) {
+                evictions += 1;
+            } else {
+                expirations += 1;
+            }
+        }
+        if evictions > 0 {
+            shard.evictions.fetch_add(evictions, Relaxed);
+        }
+        if expirations > 0 {
+            shard.expirations.fetch_add(expirations, Relaxed);
+        }
+        Ok(SetOutcome {
+            stored: true,
+            version,
+        })
     }
 
     /// Adds `delta` to the decimal integer stored under `key` (created as
@@ -739,35 +779,55 @@ impl Store {
 
     /// A read-modify-write of one key, atomic per key: `change` sees its
     /// live entry (if any) and returns the value and TTL to store with
-    /// what to answer, or `None` to leave the key as it is. Stored as a
-    /// compare-and-set on the version read (`if_absent` if there was
-    /// none), repeated if another write got in between. Answers `change`'s
-    /// answer with the new version.
+    /// what to answer, or `None` to leave the key as it is. The read, the
+    /// change and the write happen under the shard's write lock, so
+    /// concurrent updates of one key are applied one after the other and
+    /// none is ever refused (Redis's INCR does the same). `change` runs
+    /// under the lock: keep it short. Answers `change`'s answer with the
+    /// new version.
     fn update<T>(
         &self,
         key: &str,
-        mut change: impl FnMut(
-            Option<&Found>,
-        ) -> Result<Option<(Bytes, Option<Duration>, T)>, StoreError>,
+        change: impl FnOnce(Option<&Found>) -> Result<Option<(Bytes, Option<Duration>, T)>, StoreError>,
     ) -> Result<Option<(T, u64)>, StoreError> {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let current = self.lookup(key);
-            let Some((value, ttl, answer)) = change(current.as_ref())? else {
-                return Ok(None);
-            };
-            let condition = match &current {
-                None => Condition::IfAbsent,
-                Some(found) => Condition::IfVersion(found.version),
-            };
-            let out = self.set(key, &value, ttl, condition)?;
-            if out.stored {
-                return Ok(Some((answer, out.version)));
-            }
+        let shard = self.shard(key);
+        let max_weight = max_entry_weight(self.shard_capacity);
+        // Declared before the guard, so it is dropped after it: evicted
+        // values are freed outside the lock.
+        let mut evicted = Vec::new();
+        let mut inner = shard.inner.write();
+        let now = self.clock.now_ms();
+        let current = inner
+            .cache
+            .get(key)
+            .filter(|entry| entry.is_live(|| now))
+            .map(|entry| Found {
+                value: Bytes::from_owner(entry.value.clone()),
+                version: entry.version,
+                ttl: (entry.expires_at != 0)
+                    .then(|| Duration::from_millis(entry.expires_at.saturating_sub(now))),
+            });
+        let Some((value, ttl, answer)) = change(current.as_ref())? else {
+            return Ok(None);
+        };
+        let weight = weigh(key.len(), value.len(), ttl.is_some());
+        if weight > max_weight {
+            return Err(StoreError::EntryTooLarge { weight, max_weight });
         }
-        Err(StoreError::Contended {
-            key: key.to_owned(),
-            attempts: UPDATE_ATTEMPTS,
-        })
+        let out = self.write_locked(
+            shard,
+            &mut inner,
+            Write {
+                key,
+                owned_key: Key::from(key),
+                value: Arc::from(&value[..]),
+                ttl_ms: ttl_millis(ttl),
+                condition: Condition::Always,
+                now,
+            },
+            &mut evicted,
+        )?;
+        Ok(Some((answer, out.version)))
     }
 
     /// Removes `key`. Returns whether a live value was removed.

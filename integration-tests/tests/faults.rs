@@ -772,3 +772,188 @@ async fn increments_survive_their_primary_dying_and_never_count_twice() {
         "{value} after {acked} acknowledged and {unknown} unknown"
     );
 }
+
+/// The deadline services put on a cache call: far below `--node-timeout`.
+const SHORT_DEADLINE: Duration = Duration::from_millis(150);
+
+/// The orchestrator's default health settings (the tests' quick ones
+/// would hide how long ejection really takes).
+const DEFAULT_HEALTH: &[&str] = &[
+    "--health-interval",
+    "1s",
+    "--health-timeout",
+    "500ms",
+    "--eject-after",
+    "3",
+    "--eject-backoff",
+    "1s",
+    "--eject-max-backoff",
+    "30s",
+    "--node-timeout",
+    "1s",
+    "--connect-timeout",
+    "1s",
+];
+
+/// Gets of the fixed keys with a 150 ms deadline from several tasks, each
+/// call recorded with when it started and whether it failed.
+struct ShortDeadlineReads {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(std::time::Instant, bool)>>>,
+}
+
+impl ShortDeadlineReads {
+    fn start(cache: CacheClient<Channel>, tasks: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..tasks)
+            .map(|t| {
+                let (stop, mut cache) = (stop.clone(), cache.clone());
+                tokio::spawn(async move {
+                    let mut calls = Vec::new();
+                    let mut i = t * 7919;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = (i + 104_729) % FIXED_KEYS;
+                        let mut request = tonic::Request::new(GetRequest { key: fixed_key(i) });
+                        request.set_timeout(SHORT_DEADLINE);
+                        let started = std::time::Instant::now();
+                        let ok = match cache.get(request).await {
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                // A miss is an answer; a wrong value is not.
+                                assert!(!r.found || r.value == fixed_value(i).as_bytes());
+                                true
+                            }
+                            Err(_) => false,
+                        };
+                        calls.push((started, !ok));
+                    }
+                    calls
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the load; every call, in start order.
+    async fn finish(self) -> Vec<(std::time::Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut calls = Vec::new();
+        for t in self.tasks {
+            calls.extend(t.await.unwrap());
+        }
+        calls.sort_by_key(|c| c.0);
+        calls
+    }
+}
+
+/// Failed calls and calls among those started in `[from, to)`.
+fn failures_between(
+    calls: &[(std::time::Instant, bool)],
+    from: std::time::Instant,
+    to: std::time::Instant,
+) -> (usize, usize) {
+    let window: Vec<_> = calls
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .collect();
+    (window.iter().filter(|(_, f)| *f).count(), window.len())
+}
+
+/// Prints the failures of each 2 s window from `start`.
+fn print_windows(calls: &[(std::time::Instant, bool)], start: std::time::Instant) {
+    let Some(last) = calls.last().map(|c| c.0) else {
+        return;
+    };
+    let mut from = start;
+    while from < last {
+        let to = from + Duration::from_secs(2);
+        let (failed, total) = failures_between(calls, from, to);
+        println!(
+            "  {:>4.1}-{:.1} s: {failed} of {total} calls failed",
+            (from - start).as_secs_f64(),
+            (to - start).as_secs_f64()
+        );
+        from = to;
+    }
+}
+
+/// A node hangs (SIGSTOP) under callers with 150 ms deadlines and the
+/// orchestrator's default health settings (`--node-timeout 1s`): every
+/// call to it is cut by the caller's deadline, which proves nothing about
+/// the node, so the orchestrator probes it at once. It is ejected within
+/// `--eject-after` × `--health-timeout` plus a deadline (1.65 s with the
+/// defaults; asserted with room for a loaded machine: 3 s), and no call
+/// started after that fails: with R=1 its keys miss.
+#[tokio::test]
+async fn a_hung_node_is_ejected_under_short_client_deadlines_and_then_no_call_fails() {
+    let cluster = TestCluster::start_with(3, NODE_ARGS, DEFAULT_HEALTH).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = ShortDeadlineReads::start(cluster.orchestrator.cache().await, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused = &cluster.nodes[0].as_ref().unwrap().process;
+    let stopped = std::time::Instant::now();
+    paused.signal("STOP");
+    cluster.wait_node_state(0, NodeState::Ejected).await;
+    let ejected = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = load.finish().await;
+    paused.signal("CONT");
+    let took = ejected - stopped;
+    let (failed_after, total_after) = failures_between(&calls, ejected, std::time::Instant::now());
+    let (failed_before, total_before) = failures_between(&calls, stopped, ejected);
+    println!(
+        "RELIABILITY | SIGSTOP, 150 ms client deadlines, default health | R=1 | ejected after {:.2} s | {failed_before} of {total_before} calls failed before ejection, {failed_after} of {total_after} after |",
+        took.as_secs_f64()
+    );
+    print_windows(&calls, stopped);
+    assert!(took < Duration::from_secs(3), "ejected only after {took:?}");
+    assert!(total_after > 100, "too little load: {total_after}");
+    assert_eq!(failed_after, 0, "calls failed after the ejection");
+}
+
+/// Hedged reads: with R=2 and one owner hung for 12 s under callers with
+/// 150 ms deadlines, reads whose first owner is the hung node are also sent
+/// to their second owner after the hedge delay, so at most 1% of calls
+/// fail over the whole hang — including the time before the ejection.
+#[tokio::test]
+async fn hedged_reads_keep_a_hung_owner_from_failing_calls() {
+    let mut args = DEFAULT_HEALTH.to_vec();
+    args.extend(["--replicas", "2"]);
+    let cluster = TestCluster::start_with(3, NODE_ARGS, &args).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = ShortDeadlineReads::start(cluster.orchestrator.cache().await, 8);
+    // Long enough for the hedge delay to follow the observed latency.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let paused = &cluster.nodes[0].as_ref().unwrap().process;
+    let stopped = std::time::Instant::now();
+    paused.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let resumed = std::time::Instant::now();
+    let calls = load.finish().await;
+    paused.signal("CONT");
+    let metrics = cluster.orchestrator.process.scrape().await;
+    let hedged = metric(&metrics, "ringcache_hedged_keys_total");
+    let wins = metric(&metrics, "ringcache_hedge_wins_total");
+    let (failed, total) = failures_between(&calls, stopped, resumed);
+    println!(
+        "RELIABILITY | SIGSTOP for 12 s, 150 ms client deadlines, hedged reads | R=2 | {failed} of {total} calls failed ({:.2}%) | {hedged} keys hedged, {wins} won |",
+        failed as f64 * 100.0 / total.max(1) as f64
+    );
+    print_windows(&calls, stopped);
+    assert!(total > 500, "too little load: {total}");
+    assert!(wins > 0.0, "no hedge ever answered first");
+    assert!(
+        failed * 100 <= total,
+        "{failed} of {total} calls failed during the hang"
+    );
+}
+
+/// The value of an unlabelled metric in a Prometheus scrape.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

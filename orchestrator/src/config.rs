@@ -75,6 +75,21 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_NODE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub node_timeout: Duration,
 
+    /// Hedged reads (with --replicas 2 or more): how long a read waits for
+    /// its node before it is also sent to the key's next owner, the first
+    /// answer winning. `auto` (the default) is the p99 latency of answered
+    /// node calls over the last 10 s, at least 2ms and at most
+    /// --node-timeout; `off` turns hedging off; or a duration.
+    #[arg(long, env = "RINGCACHE_HEDGE_DELAY", default_value = "auto")]
+    pub hedge_delay: crate::hedge::DelayPolicy,
+
+    /// Hedged reads: the most keys hedged, in percent of keys read over
+    /// the last 10 s (plus a burst of 20), so a cluster slow everywhere is
+    /// not asked twice for everything.
+    #[arg(long, env = "RINGCACHE_HEDGE_BUDGET", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub hedge_budget: u64,
+
     /// Longest wait for a connection to a node.
     #[arg(long, env = "RINGCACHE_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -346,6 +361,7 @@ impl Config {
                 },
             },
             health: self.health_policy(),
+            probe_timeout: self.health_timeout,
             pending_invalidation_bytes: usize::try_from(self.pending_invalidation_bytes.bytes())
                 .unwrap_or(usize::MAX),
             handoff: HandoffSettings {

@@ -13,6 +13,8 @@
 //!   empty, reads that miss on it answered from other holders, and the
 //!   record of running writes that keeps copies from resurrecting deletes.
 //! - [`hotkeys`]: a bounded sketch of the busiest keys (`Cluster/HotKeys`).
+//! - [`hedge`]: hedged reads — the delay (observed p99 of answered node
+//!   calls, or `--hedge-delay`) and the budget that bounds them.
 //! - [`nearcache`]: hot-key relief — a byte-bounded cache of hot keys'
 //!   answers, fresh for a short TTL and voided by every write through this
 //!   orchestrator.
@@ -36,6 +38,7 @@ pub mod client;
 pub mod config;
 pub mod handoff;
 pub mod health;
+pub mod hedge;
 pub mod hotkeys;
 pub mod invalidation;
 pub mod membership;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::hedge::HedgeMetrics;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -34,6 +35,8 @@ pub struct ClusterMetrics {
     pub replica_failures: IntCounterVec,
     /// Ejections, by node.
     pub ejections: IntCounterVec,
+    /// Probes made because calls were cut short, by node and result.
+    pub probes: IntCounterVec,
     /// Keys recorded for invalidation, by node.
     pub pending_invalidations: IntGaugeVec,
     /// Keys invalidated by replay, by node.
@@ -56,6 +59,8 @@ pub struct ClusterMetrics {
     pub hot_key_relieved: IntCounter,
     /// Bytes held by the near cache.
     pub hot_key_cache_bytes: IntGauge,
+    /// Hedged reads.
+    pub hedge: HedgeMetrics,
 }
 
 impl ClusterMetrics {
@@ -113,6 +118,13 @@ impl ClusterMetrics {
                     "Times a node was ejected after consecutive failures.",
                 ),
                 &["node"],
+            )?,
+            probes: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_node_probes_total",
+                    "Health checks made at once because calls to a node ended without telling whether it answers (cut by their caller's deadline), by node and result (ok, failed).",
+                ),
+                &["node", "result"],
             )?,
             pending_invalidations: IntGaugeVec::new(
                 Opts::new(
@@ -173,7 +185,29 @@ impl ClusterMetrics {
                 "ringcache_hot_key_cache_bytes",
                 "Bytes held by the near cache of hot keys (at most --hot-key-cache-bytes).",
             )?,
+            hedge: HedgeMetrics {
+                hedged: IntCounter::new(
+                    "ringcache_hedged_keys_total",
+                    "Keys read from a second owner because the first had not answered within the hedge delay (--hedge-delay).",
+                )?,
+                wins: IntCounter::new(
+                    "ringcache_hedge_wins_total",
+                    "Hedged keys whose second owner answered first.",
+                )?,
+                refused: IntCounter::new(
+                    "ringcache_hedge_budget_exhausted_total",
+                    "Keys that would have been hedged but were not, because hedges were already --hedge-budget percent of reads.",
+                )?,
+                delay_us: IntGauge::new(
+                    "ringcache_hedge_delay_microseconds",
+                    "The hedge delay in force: --hedge-delay, or the p99 latency of answered node calls.",
+                )?,
+            },
         };
+        registry.register(Box::new(m.hedge.hedged.clone()))?;
+        registry.register(Box::new(m.hedge.wins.clone()))?;
+        registry.register(Box::new(m.hedge.refused.clone()))?;
+        registry.register(Box::new(m.hedge.delay_us.clone()))?;
         registry.register(Box::new(m.hot_keys.clone()))?;
         registry.register(Box::new(m.hot_key_relieved.clone()))?;
         registry.register(Box::new(m.hot_key_cache_bytes.clone()))?;
@@ -193,6 +227,7 @@ impl ClusterMetrics {
         registry.register(Box::new(m.ring_nodes.clone()))?;
         registry.register(Box::new(m.replica_failures.clone()))?;
         registry.register(Box::new(m.ejections.clone()))?;
+        registry.register(Box::new(m.probes.clone()))?;
         Ok(m)
     }
 
@@ -235,6 +270,9 @@ impl ClusterMetrics {
         let _ = self.reached.remove_label_values(&[node]);
         let _ = self.replica_failures.remove_label_values(&[node]);
         let _ = self.ejections.remove_label_values(&[node]);
+        for result in ["ok", "failed"] {
+            let _ = self.probes.remove_label_values(&[node, result]);
+        }
         let _ = self.pending_invalidations.remove_label_values(&[node]);
         let _ = self.invalidations_replayed.remove_label_values(&[node]);
         let _ = self.flushes.remove_label_values(&[node]);

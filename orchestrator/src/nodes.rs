@@ -47,6 +47,9 @@ pub struct CallSettings {
     pub batch: BatchLimits,
     /// When to eject a node.
     pub health: HealthPolicy,
+    /// Longest an active check may take (`--health-timeout`); also bounds
+    /// the probes made when calls are cut short.
+    pub probe_timeout: Duration,
     /// Most bytes of keys recorded per node for invalidation before the
     /// node is marked for a flush instead.
     pub pending_invalidation_bytes: usize,
@@ -73,7 +76,28 @@ pub struct NodeHealth {
     routable: AtomicBool,
     policy: HealthPolicy,
     metrics: Arc<ClusterMetrics>,
+    /// How the node is checked when calls cannot tell whether it answers.
+    probe: Probe,
 }
+
+/// An active check run on demand, when a call ends without saying whether
+/// the node answers (see [`HealthRecorder::call_inconclusive`]): with
+/// client deadlines shorter than `--node-timeout`, every call to a hung
+/// node ends that way, and only checks can blame it. One probe at a time
+/// per node; after one that succeeds, the next waits [`PROBE_SPACING`],
+/// so a healthy node whose callers cut calls short is not checked on
+/// every call.
+#[derive(Debug)]
+struct Probe {
+    transport: Transport,
+    /// `--health-timeout`.
+    timeout: Duration,
+    running: AtomicBool,
+}
+
+/// The least time between the start of a probe that succeeded and the
+/// next one.
+const PROBE_SPACING: Duration = Duration::from_millis(100);
 
 impl NodeHealth {
     fn failed(&self, reason: &str) {
@@ -107,6 +131,42 @@ impl NodeHealth {
 }
 
 impl HealthRecorder for NodeHealth {
+    fn call_inconclusive(self: Arc<Self>) {
+        if self.probe.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.probe.running.store(false, Ordering::Release);
+            return;
+        };
+        runtime.spawn(async move {
+            let started = tokio::time::Instant::now();
+            let outcome = self
+                .probe
+                .transport
+                .health_check(CACHE, self.probe.timeout)
+                .await;
+            let result = if outcome.is_ok() { "ok" } else { "failed" };
+            self.metrics
+                .probes
+                .with_label_values(&[&*self.id, result])
+                .inc();
+            match outcome {
+                Ok(()) => {
+                    // It answers: what the cut-short calls hid was not the
+                    // node. (Never readmits: that is the full check's job.)
+                    self.call_succeeded();
+                    tokio::time::sleep_until(started + PROBE_SPACING).await;
+                }
+                Err(reason) => {
+                    tracing::debug!(node = %self.id, %reason, "probe after calls cut short failed");
+                    self.failed(&format!("probe after calls were cut short: {reason}"));
+                }
+            }
+            self.probe.running.store(false, Ordering::Release);
+        });
+    }
+
     fn call_succeeded(&self) {
         // Cheap path: nothing to do while healthy with no failures.
         let mut h = self.health.lock();
@@ -157,6 +217,11 @@ impl Node {
             routable: AtomicBool::new(true),
             policy: settings.health,
             metrics: metrics.clone(),
+            probe: Probe {
+                transport: transport.clone(),
+                timeout: settings.probe_timeout,
+                running: AtomicBool::new(false),
+            },
         });
         let stack = make_stack(
             member,

@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::{
-    config::Config, hotkeys::HotKeys, membership, metrics::ClusterMetrics, nearcache::NearCache,
-    nodes::Cluster, service::Router,
+    config::Config, hedge::Hedging, hotkeys::HotKeys, membership, metrics::ClusterMetrics,
+    nearcache::NearCache, nodes::Cluster, service::Router,
 };
 
 /// Runs an orchestrator on the given listeners until `shutdown` completes,
@@ -56,6 +56,13 @@ pub async fn run(
     let hot_keys_gauge = metrics.hot_keys.clone();
     let relieved = metrics.hot_key_relieved.clone();
     let near_bytes = metrics.hot_key_cache_bytes.clone();
+    let hedging = Hedging::new(
+        config.hedge_delay,
+        config.hedge_budget,
+        config.node_timeout,
+        Some(metrics.hedge.clone()),
+    )
+    .map(Arc::new);
     let mut settings = config.call_settings();
     settings.transport.tls = config.node_tls()?;
     let _watch_node_tls = settings.transport.tls.as_ref().map(|tls| {
@@ -114,6 +121,21 @@ pub async fn run(
         config.hot_key_threshold,
         Some(hot_keys_gauge),
     )));
+    // Hedged reads, unless --hedge-delay off: the delay and the budget's
+    // window move every hedge::REFRESH, off the request path.
+    let _hedge_refresh = match hedging {
+        Some(hedging) => {
+            router = router.with_hedging(hedging.clone());
+            Some(AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::hedge::REFRESH);
+                loop {
+                    tick.tick().await;
+                    hedging.refresh();
+                }
+            })))
+        }
+        None => None,
+    };
     // Hot-key relief, unless --hot-key-cache-bytes is 0.
     if config.hot_key_cache_bytes.bytes() > 0 {
         let near = NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)

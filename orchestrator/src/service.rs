@@ -38,7 +38,7 @@ use std::{
     time::Instant,
 };
 
-use futures::future::join_all;
+use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
 use ringcache_common::{
     deadline::deadline,
     telemetry,
@@ -59,6 +59,7 @@ use crate::{
     client::{CallError, delete_op},
     handoff,
     health::State,
+    hedge::Hedging,
     hotkeys::{Access, HotKeys},
     nearcache::{self, NearCache},
     nodes::{Cluster, Node, Topology},
@@ -82,6 +83,8 @@ pub struct Router {
     hot: Arc<HotKeys>,
     /// Hot-key relief (`None`: off).
     relief: Option<Relief>,
+    /// Hedged reads (`None`: off).
+    hedging: Option<Arc<Hedging>>,
 }
 
 /// Hot-key relief: the near cache and what it counts.
@@ -242,6 +245,25 @@ fn op_error(node: &Node, result: Option<op_result::Result>, expected: &str) -> K
     }
 }
 
+/// A `Get` op for `key`.
+fn get_op(key: &str) -> Op {
+    Op {
+        op: Some(op::Op::Get(GetRequest {
+            key: key.to_owned(),
+        })),
+    }
+}
+
+/// `Get` ops for `items` of `keys`.
+fn get_ops(keys: &[String], items: &[usize]) -> Vec<Op> {
+    items.iter().map(|&i| get_op(&keys[i])).collect()
+}
+
+/// A node's answers to `Get` ops.
+fn get_results(node: &Node, results: Vec<OpResult>) -> Vec<GetResult> {
+    results.into_iter().map(|r| get_result(node, r)).collect()
+}
+
 fn get_result(node: &Node, r: OpResult) -> GetResult {
     match r.result {
         Some(op_result::Result::Get(g)) => GetResult {
@@ -386,7 +408,14 @@ impl Router {
                 None,
             )),
             relief: None,
+            hedging: None,
         }
+    }
+
+    /// Hedges reads (with two or more replicas): see [`crate::hedge`].
+    pub fn with_hedging(mut self, hedging: Arc<Hedging>) -> Self {
+        self.hedging = Some(hedging);
+        self
     }
 
     /// Relieves hot keys: their reads are answered from `near` while its
@@ -582,23 +611,27 @@ impl Router {
         let topology = self.cluster.topology();
         let topo = &*topology;
         let parent = sampled_span();
+        let hedging = self.hedging.as_deref().filter(|_| self.replicas >= 2);
+        if let Some(h) = hedging {
+            h.reading(keys.len());
+        }
         let send = |n: usize, items: Vec<usize>| {
-            let node = &topo.nodes[n];
-            let ops = items
-                .iter()
-                .map(|&i| Op {
-                    op: Some(op::Op::Get(GetRequest {
-                        key: keys[i].clone(),
-                    })),
-                })
-                .collect();
+            let ops = get_ops(keys, &items);
             let parent = parent.clone();
             async move {
-                let result = node
-                    .client
-                    .call(ops, deadline, parent)
-                    .await
-                    .map(|results| results.into_iter().map(|r| get_result(node, r)).collect());
+                let result = match hedging {
+                    Some(h) => {
+                        self.read_hedged(topo, n, keys, &items, ops, deadline, parent, h)
+                            .await
+                    }
+                    None => {
+                        let node = &topo.nodes[n];
+                        node.client
+                            .call(ops, deadline, parent)
+                            .await
+                            .map(|results| get_results(node, results))
+                    }
+                };
                 (n, items, result)
             }
         };
@@ -626,6 +659,109 @@ impl Router {
             .await;
         }
         routed.results
+    }
+
+    /// Reads `items` of `keys` from node `n`, hedged: if `n` has not
+    /// answered within the hedge delay, each key is also read from its next
+    /// usable owner (budget permitting), and each key takes the first
+    /// answer. Fails only if `n` fails and the hedges did not answer every
+    /// key (the caller then tries the next node, as for any read).
+    #[allow(clippy::too_many_arguments)]
+    async fn read_hedged(
+        &self,
+        topo: &Topology,
+        n: usize,
+        keys: &[String],
+        items: &[usize],
+        ops: Vec<Op>,
+        deadline: Option<Instant>,
+        parent: Option<tracing::Span>,
+        hedging: &Hedging,
+    ) -> Result<Vec<GetResult>, CallError> {
+        let node = &topo.nodes[n];
+        let started = Instant::now();
+        let primary = node.client.call(ops, deadline, parent.clone());
+        tokio::pin!(primary);
+        let answered = |result: Result<Vec<OpResult>, CallError>| {
+            if result.is_ok() {
+                hedging.answered(started.elapsed());
+            }
+            result.map(|results| get_results(node, results))
+        };
+        if let Ok(result) = tokio::time::timeout(hedging.delay(), &mut primary).await {
+            return answered(result);
+        }
+        // Each key's next usable owner, as positions in `items` by node.
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (pos, &item) in items.iter().enumerate() {
+            let key = keys[item].as_str();
+            let next = topo
+                .ring
+                .owners(key, self.replicas)
+                .iter()
+                .copied()
+                .find(|&j| j != n && topo.nodes[j].usable_for(key));
+            if let Some(j) = next {
+                groups.entry(j).or_default().push(pos);
+            }
+        }
+        let hedged: usize = groups.values().map(Vec::len).sum();
+        if hedged == 0 || !hedging.try_hedge(hedged) {
+            return answered(primary.await);
+        }
+        if let Some(span) = &parent {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            span.set_attribute("ringcache.hedged_keys", hedged as i64);
+        }
+        let mut hedges: FuturesUnordered<_> = groups
+            .into_iter()
+            .map(|(j, positions)| {
+                let other = &topo.nodes[j];
+                let ops = positions.iter().map(|&p| get_op(&keys[items[p]])).collect();
+                let call = other.client.call(ops, deadline, parent.clone());
+                async move {
+                    let result = call.await.map(|results| get_results(other, results));
+                    (positions, result)
+                }
+            })
+            .collect();
+        let mut answers: Vec<Option<GetResult>> = vec![None; items.len()];
+        let mut missing = items.len();
+        let mut won = 0;
+        let mut primary_error = None;
+        loop {
+            tokio::select! {
+                result = &mut primary, if primary_error.is_none() => match result {
+                    Ok(results) => {
+                        hedging.won(won);
+                        return answered(Ok(results));
+                    }
+                    Err(e) => primary_error = Some(e),
+                },
+                Some((positions, result)) = hedges.next(), if !hedges.is_empty() => {
+                    if let Ok(results) = result
+                        && results.len() == positions.len()
+                    {
+                        for (p, r) in positions.into_iter().zip(results) {
+                            if answers[p].is_none() {
+                                answers[p] = Some(r);
+                                missing -= 1;
+                                won += 1;
+                            }
+                        }
+                    }
+                    if missing == 0 {
+                        hedging.won(won);
+                        return Ok(answers.into_iter().flatten().collect());
+                    }
+                }
+                else => break,
+            }
+        }
+        hedging.won(won);
+        Err(primary_error.unwrap_or_else(|| {
+            CallError::Lost("neither the node nor its hedges answered".to_owned())
+        }))
     }
 
     /// Nodes that held `key` under the previous membership and no longer

@@ -604,23 +604,76 @@ fn increments_count_in_decimal_text_and_refuse_what_is_not_a_counter() {
 
 #[test]
 fn concurrent_increments_are_each_applied_once() {
+    // A hot counter: 8 threads on one key of one shard, many runs. Every
+    // increment is applied exactly once and none is refused (the read, the
+    // add and the write happen under the shard's lock).
+    const THREADS: usize = 8;
+    const EACH: usize = 5_000;
+    for run in 0..20 {
+        let s = Arc::new(store(MIB, 1));
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                thread::spawn(move || {
+                    barrier.wait();
+                    let mut last = 0;
+                    for _ in 0..EACH {
+                        let out = s.increment("n", 1, 0, None).unwrap();
+                        // One thread's own increments are ordered.
+                        assert!(out.value > last, "run {run}: {} after {last}", out.value);
+                        last = out.value;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total = (THREADS * EACH).to_string();
+        assert_eq!(
+            &s.get("n").unwrap().value[..],
+            total.as_bytes(),
+            "run {run}"
+        );
+    }
+}
+
+#[test]
+fn concurrent_touches_and_increments_keep_one_version_order() {
+    // Touch and increment race on one key: every answer carries a version
+    // no other answer has, and the last one read is the largest.
     let s = Arc::new(store(MIB, 1));
+    s.set("k", b"0", None, Condition::Always).unwrap();
     let barrier = Arc::new(Barrier::new(4));
     let threads: Vec<_> = (0..4)
-        .map(|_| {
+        .map(|i| {
             let (s, barrier) = (s.clone(), barrier.clone());
             thread::spawn(move || {
                 barrier.wait();
-                for _ in 0..500 {
-                    s.increment("n", 1, 0, None).unwrap();
-                }
+                (0..2_000)
+                    .map(|_| {
+                        if i % 2 == 0 {
+                            s.increment("k", 1, 0, None).unwrap().version
+                        } else {
+                            s.touch("k", None).unwrap().unwrap().version
+                        }
+                    })
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_eq!(&s.get("n").unwrap().value[..], b"2000");
+    let mut versions: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let n = versions.len();
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), n, "two updates got the same version");
+    let last = s.get("k").unwrap();
+    assert_eq!(Some(&last.version), versions.last());
+    assert_eq!(&last.value[..], b"4000");
 }
 
 #[test]

@@ -12,10 +12,12 @@
 //!    caller went away (counted as `Canceled` when their future is
 //!    dropped).
 //! 3. [`HealthLayer`] — passive health: outcomes that blame the node
-//!    ([`CallError::is_node_fault`]) count toward ejecting it, anything
-//!    else resets the count. Above the timeout, so a node that does not
-//!    answer is blamed; the timeout layer tells a caller's deadline (not
-//!    the node's fault) from `--node-timeout` (the node's).
+//!    ([`CallError::is_node_fault`]) count toward ejecting it, an answer
+//!    from the node resets the count, and a call that ended without
+//!    telling (cut by its caller's deadline, or dropped) is neither: it
+//!    asks for an active probe of the node instead. Above the timeout, so
+//!    a node that does not answer within `--node-timeout` is blamed; the
+//!    timeout layer tells a caller's deadline from `--node-timeout`.
 //! 4. [`ShedLayer`] — at most `--max-node-in-flight` calls to the node at
 //!    once; beyond that, refuse at once ([`CallError::Shed`]) rather than
 //!    queue. Below health, so our own shedding never blames the node.
@@ -213,10 +215,44 @@ where
 
 /// Where passive health goes: the node's health record.
 pub trait HealthRecorder: fmt::Debug + Send + Sync + 'static {
-    /// A call got an answer, or failed without blaming the node.
+    /// The node answered the call (with results, or with a status that
+    /// does not blame it).
     fn call_succeeded(&self);
     /// A call failed in a way that blames the node.
     fn call_failed(&self, error: &CallError);
+    /// A call ended without saying whether the node answers: its caller's
+    /// deadline passed first, or its caller went away. Neither a success
+    /// nor a failure; the recorder should find out by other means (an
+    /// active check), or a node that hangs would never be blamed while
+    /// callers use deadlines shorter than `--node-timeout`.
+    fn call_inconclusive(self: Arc<Self>);
+}
+
+/// How [`HealthLayer`] files one call's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The node answered.
+    Answered,
+    /// The node is to blame.
+    Failed,
+    /// Nothing is known about the node.
+    Inconclusive,
+    /// Not about the node at all (our own shedding).
+    Ignored,
+}
+
+impl Verdict {
+    /// The verdict on one outcome.
+    pub fn of(result: &Result<NodeReply, CallError>) -> Self {
+        match result {
+            Ok(_) => Verdict::Answered,
+            Err(CallError::CallerDeadline) => Verdict::Inconclusive,
+            Err(CallError::Shed(_)) => Verdict::Ignored,
+            Err(e) if e.is_node_fault() => Verdict::Failed,
+            // A status from the node that does not blame it: an answer.
+            Err(_) => Verdict::Answered,
+        }
+    }
 }
 
 /// Feeds call outcomes to a [`HealthRecorder`].
@@ -263,16 +299,40 @@ where
     }
 
     fn call(&mut self, call: NodeCall) -> CallFuture {
-        let recorder = self.recorder.clone();
+        let mut pending = PendingVerdict {
+            recorder: Some(self.recorder.clone()),
+        };
         let inner = self.inner.call(call);
         Box::pin(async move {
             let result = inner.await;
-            match &result {
-                Err(e) if e.is_node_fault() => recorder.call_failed(e),
-                _ => recorder.call_succeeded(),
+            if let Some(recorder) = pending.recorder.take() {
+                match Verdict::of(&result) {
+                    Verdict::Answered => recorder.call_succeeded(),
+                    Verdict::Failed => {
+                        if let Err(e) = &result {
+                            recorder.call_failed(e);
+                        }
+                    }
+                    Verdict::Inconclusive => recorder.call_inconclusive(),
+                    Verdict::Ignored => {}
+                }
             }
             result
         })
+    }
+}
+
+/// Reports a call dropped before its outcome (its caller went away) as
+/// inconclusive.
+struct PendingVerdict {
+    recorder: Option<Arc<dyn HealthRecorder>>,
+}
+
+impl Drop for PendingVerdict {
+    fn drop(&mut self) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.call_inconclusive();
+        }
     }
 }
 

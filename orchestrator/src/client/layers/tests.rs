@@ -107,6 +107,7 @@ async fn shed_refuses_beyond_the_limit_at_once_and_recovers() {
 struct Counts {
     ok: AtomicU32,
     failed: AtomicU32,
+    inconclusive: AtomicU32,
 }
 
 impl HealthRecorder for Counts {
@@ -115,6 +116,9 @@ impl HealthRecorder for Counts {
     }
     fn call_failed(&self, _: &CallError) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    fn call_inconclusive(self: Arc<Self>) {
+        self.inconclusive.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -149,7 +153,49 @@ async fn health_counts_only_failures_that_blame_the_node() {
         3,
         "timeout, not sent, internal"
     );
-    assert_eq!(counts.ok.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        counts.ok.load(Ordering::Relaxed),
+        2,
+        "an answer, a refusal by the node"
+    );
+    assert_eq!(
+        counts.inconclusive.load(Ordering::Relaxed),
+        1,
+        "the caller's deadline says nothing about the node"
+    );
+
+    // A call dropped before its outcome (the caller went away) is
+    // inconclusive too, never a success.
+    let abandoned = tokio::spawn(service.clone().oneshot(get("b")));
+    let _pending = handle.next_request().await.unwrap();
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert_eq!(counts.inconclusive.load(Ordering::Relaxed), 2);
+    assert_eq!(counts.ok.load(Ordering::Relaxed), 2);
+}
+
+/// A hung node behind callers with short deadlines: every call is cut by
+/// the caller's deadline (below `--node-timeout`). None of them may count
+/// as a success that would wipe out the failures of active checks.
+#[tokio::test(start_paused = true)]
+async fn a_caller_deadline_never_resets_the_failure_count() {
+    let counts = Arc::new(Counts::default());
+    let (inner, mut handle) = mock();
+    let service = HealthLayer::new(counts.clone())
+        .layer(TimeoutLayer::new(Duration::from_secs(1)).layer(inner));
+    handle.allow(100);
+    for i in 0..20 {
+        let mut call = get(&format!("k{i}"));
+        call.deadline = Some(Instant::now() + Duration::from_millis(150));
+        let call = tokio::spawn(service.clone().oneshot(call));
+        // The node never answers.
+        let _held = handle.next_request().await.unwrap();
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, CallError::CallerDeadline), "{err:?}");
+    }
+    assert_eq!(counts.ok.load(Ordering::Relaxed), 0);
+    assert_eq!(counts.failed.load(Ordering::Relaxed), 0);
+    assert_eq!(counts.inconclusive.load(Ordering::Relaxed), 20);
 }
 
 fn call_metrics() -> CallMetrics {
