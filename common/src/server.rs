@@ -441,6 +441,25 @@ where
     result
 }
 
+/// How both binaries end: `Ok` exits 0; an error is printed as one line
+/// on stderr (`<name>: error: <cause: cause: …>`), never as a backtrace —
+/// whatever `RUST_BACKTRACE` says, a wrong flag is not a crash — and exits
+/// 1. (Errors while serving were also logged by [`main`].)
+pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}", error_line(name, &error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The one line [`exit`] prints for `error`: its whole chain of causes.
+pub fn error_line(name: &str, error: &anyhow::Error) -> String {
+    format!("{name}: error: {error:#}")
+}
+
 /// Builds the multi-threaded runtime both binaries run on: `workers`
 /// threads (`--worker-threads`), or by default one per CPU and at least
 /// two, so a one-CPU pod still serves a call while another task (an

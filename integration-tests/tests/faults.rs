@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{NodeProcess, OrchestratorProcess, TestCluster, wait_for_nodes};
+use integration_tests::{
+    NodeProcess, OrchestratorProcess, TestCluster, metric_value, wait_for_nodes,
+};
 use ringcache_proto::v1::{
     DeleteManyRequest, DeleteRequest, GetManyRequest, GetRequest, IncrementRequest, NodeState,
     SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient,
@@ -705,8 +707,29 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
         })
         .await
         .unwrap();
-    // A few health rounds: the stand-in's copy is retired and deleted.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The stand-in's copy is retired and deleted: no node but the owner
+    // holds the key.
+    let others: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
+    integration_tests::eventually(Duration::from_secs(10), || {
+        let others = &others;
+        let cluster = &cluster;
+        async move {
+            for &i in others {
+                let held = cluster
+                    .node_cache(i)
+                    .await
+                    .get(GetRequest { key: "k".into() })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                if held.found {
+                    return Err(format!("node {i} still holds a copy"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
     paused.signal("STOP");
     cluster.wait_node_state(owner, NodeState::Ejected).await;
     let got = cache
@@ -934,8 +957,8 @@ async fn hedged_reads_keep_a_hung_owner_from_failing_calls() {
     let calls = load.finish().await;
     paused.signal("CONT");
     let metrics = cluster.orchestrator.process.scrape().await;
-    let hedged = metric(&metrics, "ringcache_hedged_keys_total");
-    let wins = metric(&metrics, "ringcache_hedge_wins_total");
+    let hedged = metric_value(&metrics, "ringcache_hedged_keys_total", &[]).unwrap_or(0.0);
+    let wins = metric_value(&metrics, "ringcache_hedge_wins_total", &[]).unwrap_or(0.0);
     let (failed, total) = failures_between(&calls, stopped, resumed);
     println!(
         "RELIABILITY | SIGSTOP for 12 s, 150 ms client deadlines, hedged reads | R=2 | {failed} of {total} calls failed ({:.2}%) | {hedged} keys hedged, {wins} won |",
@@ -948,12 +971,4 @@ async fn hedged_reads_keep_a_hung_owner_from_failing_calls() {
         failed * 100 <= total,
         "{failed} of {total} calls failed during the hang"
     );
-}
-
-/// The value of an unlabelled metric in a Prometheus scrape.
-fn metric(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }

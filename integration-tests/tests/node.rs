@@ -537,3 +537,54 @@ async fn overwrites_and_deletes_are_not_counted_as_evictions() {
         assert_eq!(metric_value(&page, name, &[]), Some(want), "{name}");
     }
 }
+
+/// A configuration error at start-up is one line on stderr naming the
+/// flag, and exit status 1 — not a stack trace, even with
+/// `RUST_BACKTRACE=1` (as many shells and CI systems set it).
+#[test]
+fn a_configuration_error_is_one_clear_line() {
+    for (bin, args, says) in [
+        ("orchestrator", &["--nodes", ""][..], "--nodes"),
+        (
+            "orchestrator",
+            &["--nodes", "a:1", "--replicas", "0"][..],
+            "--replicas",
+        ),
+        ("cache-node", &["--capacity", "10"][..], "--capacity"),
+        (
+            "cache-node",
+            &[
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                "/nonexistent/key.pem",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ][..],
+            "--tls-cert",
+        ),
+    ] {
+        let out = std::process::Command::new(integration_tests::binary(bin))
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bin} {args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("{bin}: error: ")) && last.contains(says),
+            "{bin} {args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("backtrace") && !stderr.contains("panicked"),
+            "{bin} {args:?}: {stderr}"
+        );
+        // At most the structured log line of the failure besides it.
+        assert!(lines.len() <= 2, "{bin} {args:?}: {stderr}");
+    }
+}

@@ -541,7 +541,13 @@ async fn an_orchestrator_with_mutual_tls_routes_to_nodes_that_require_it() {
         let mut args = vec!["--nodes", nodes.as_str(), "--health-interval", "200ms"];
         args.extend(extra.iter().copied());
         let process = Process::start(&binary("orchestrator"), &args, &[]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Wait until health checks have failed twice: the node was tried,
+        // and refused, over the secure channel.
+        let api = ringcache_proto::v1::cluster_client::ClusterClient::new(process.channel().await);
+        integration_tests::wait_for_nodes(&api, Duration::from_secs(10), |nodes| {
+            nodes.iter().all(|n| n.consecutive_failures >= 2)
+        })
+        .await;
         let status = integration_tests::health(&process.grpc_url(), "ringcache.v1.Cache").await;
         assert!(
             matches!(

@@ -548,8 +548,24 @@ async fn a_relieved_read_is_marked_on_its_span_and_calls_no_node() {
         .into_inner();
     assert!(got.found);
     jaeger.trace(relieved_trace, 1).await;
-    // Give any node span time to arrive, then read the whole trace.
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // A later traced call that does reach a node (a write): once its node
+    // span is in Jaeger, any node span of the relieved read, exported
+    // before it by the same processes, would be too.
+    let marker_trace = "4bf92f3577b34da6a3ce929d0e0e473a";
+    cache
+        .set(traced(
+            SetRequest {
+                key: "marker".into(),
+                value: b"m".to_vec().into(),
+                ..Default::default()
+            },
+            marker_trace,
+            "00f067aa0ba902bb",
+        ))
+        .await
+        .unwrap();
+    let marker = jaeger.trace(marker_trace, 3).await;
+    assert_eq!(marker.spans("cache-node", "server").len(), 1, "{marker:#?}");
     let trace = jaeger.trace(relieved_trace, 1).await;
     let servers = trace.spans("orchestrator", "server");
     assert_eq!(servers.len(), 1, "{trace:#?}");

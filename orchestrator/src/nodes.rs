@@ -293,7 +293,13 @@ pub struct Topology {
     pub nodes: Vec<Arc<Node>>,
     /// The ring's epoch ([`Ring::epoch`]).
     pub epoch: u64,
+    /// Each node's share of keys as first owner ([`Ring::shares`]), in
+    /// ring index order.
+    pub shares: Vec<f64>,
 }
+
+/// Key hashes [`Ring::shares`] measures each topology's shares on.
+const SHARE_SAMPLES: u32 = 1 << 16;
 
 /// The membership before the last change, kept through the handoff
 /// window: keys that moved may still be held by their previous owners.
@@ -489,8 +495,12 @@ impl Cluster {
             })));
             self.extend_handoff(window);
         }
-        self.topology
-            .store(Arc::new(Topology { ring, nodes, epoch }));
+        self.topology.store(Arc::new(Topology {
+            shares: ring.shares(SHARE_SAMPLES),
+            ring,
+            nodes,
+            epoch,
+        }));
     }
 
     /// Whether this orchestrator can serve: some node on the ring is

@@ -122,7 +122,27 @@ impl Ring {
     /// The first owner of `key`: the node with the highest score. `None`
     /// on an empty ring.
     pub fn primary(&self, key: &str) -> Option<usize> {
-        let hash = key_hash(key);
+        self.primary_of_hash(key_hash(key))
+    }
+
+    /// Each node's share of the key space as first owner, measured on
+    /// `samples` key hashes spread evenly over it (a deterministic
+    /// sequence, so every orchestrator reports the same figures). With
+    /// 65 536 samples a share is within about ±0.5% of its true value.
+    pub fn shares(&self, samples: u32) -> Vec<f64> {
+        let mut won = vec![0u64; self.ids.len()];
+        for i in 0..samples {
+            // fmix64 is a bijection: distinct, well-spread hashes.
+            if let Some(n) = self.primary_of_hash(fmix64(u64::from(i) ^ 0x7368_6172_6573)) {
+                won[n] += 1;
+            }
+        }
+        won.into_iter()
+            .map(|w| w as f64 / f64::from(samples.max(1)))
+            .collect()
+    }
+
+    fn primary_of_hash(&self, hash: u64) -> Option<usize> {
         (0..self.ids.len()).max_by(|&a, &b| {
             self.score(a, hash)
                 .cmp(&self.score(b, hash))

@@ -209,6 +209,15 @@ fn no_nodes_error() -> KeyError {
     }
 }
 
+/// A routed call that came back without the result of its key: a bug, said
+/// as one rather than answered as "not found" or "not stored".
+fn missing_result(method: &str) -> Status {
+    tracing::error!(method, "routing returned no result for the key");
+    Status::internal(format!(
+        "{method}: routing returned no result for the key (a bug in the orchestrator; please report it)"
+    ))
+}
+
 fn status_of(error: KeyError) -> Status {
     Status::new(Code::from_i32(error.code), error.message)
 }
@@ -594,7 +603,14 @@ impl Router {
         let mut fetched = fetched.into_iter();
         let mut out: Vec<GetResult> = results
             .into_iter()
-            .map(|r| r.or_else(|| fetched.next()).unwrap_or_default())
+            .map(|r| {
+                r.or_else(|| fetched.next()).unwrap_or_else(|| {
+                    GetResult::failed(KeyError {
+                        code: Code::Internal as i32,
+                        message: "the nodes' answers were fewer than the keys read (a bug in the orchestrator)".to_owned(),
+                    })
+                })
+            })
             .collect();
         let now = Instant::now();
         for (i, ticket) in fills {
@@ -1237,7 +1253,7 @@ impl Router {
                 State::Ejected { .. } if !node.answered() => NodeState::NeverReached,
                 State::Ejected { .. } => NodeState::Ejected,
             } as i32,
-            key_share: 1.0 / topo.nodes.len() as f64,
+            key_share: topo.shares.get(index).copied().unwrap_or(0.0),
             consecutive_failures: failures,
             warming: node.warmth.warming(),
             node_id: node.reported_id().unwrap_or_default(),
@@ -1252,7 +1268,7 @@ impl Cache for Router {
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
         let mut results = self.read(std::slice::from_ref(&req.key), deadline).await;
-        let r = results.pop().unwrap_or_default();
+        let r = results.pop().ok_or_else(|| missing_result("Get"))?;
         if let Some(error) = r.error {
             return Err(status_of(error));
         }
@@ -1269,7 +1285,7 @@ impl Cache for Router {
         let req = request.into_inner();
         self.limits.check_set("", &req)?;
         let mut results = self.write(std::slice::from_ref(&req), deadline).await;
-        let r = results.pop().unwrap_or_default();
+        let r = results.pop().ok_or_else(|| missing_result("Set"))?;
         if let Some(error) = r.error {
             return Err(status_of(error));
         }

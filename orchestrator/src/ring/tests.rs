@@ -173,3 +173,31 @@ fn epochs_depend_on_the_identities_only() {
         16
     );
 }
+
+#[test]
+fn shares_are_measured_and_match_where_keys_land() {
+    // Two nodes whose identities happen to differ only slightly, and a
+    // larger ring: the measured shares add up to 1 and agree with where
+    // real keys land, to within sampling error.
+    for n in [2, 3, 7] {
+        let r = ring(n);
+        let shares = r.shares(1 << 16);
+        assert_eq!(shares.len(), n);
+        assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        let mut landed = vec![0usize; n];
+        let ks = keys(200_000);
+        for k in &ks {
+            landed[r.primary(k).unwrap()] += 1;
+        }
+        for (i, &share) in shares.iter().enumerate() {
+            let real = landed[i] as f64 / ks.len() as f64;
+            assert!(
+                (share - real).abs() < 0.01,
+                "node {i} of {n}: {share} vs {real}"
+            );
+        }
+        // Not a constant: the figures differ from node to node.
+        assert!(shares.iter().any(|&s| s != shares[0]), "{shares:?}");
+    }
+    assert!(Ring::default().shares(1024).is_empty());
+}
