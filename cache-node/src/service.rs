@@ -14,7 +14,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use ringcache_common::validate::{RequestLimits, to_proto_duration};
+use ringcache_common::{
+    inflight_bytes::CallBytes,
+    validate::{RequestLimits, to_proto_duration},
+};
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, DeleteManyRequest,
     DeleteManyResponse, DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse,
@@ -126,14 +129,43 @@ fn get_response(found: Option<Found>) -> GetResponse {
     }
 }
 
+/// Holds a read's encoded answer of `bytes` on its call's budget, and
+/// prepays the response with it; refused (nothing held, nothing encoded)
+/// when the node has no room for it.
+fn hold_answer(call: Option<&CallBytes>, bytes: usize) -> Result<(), Status> {
+    if let Some(call) = call {
+        call.hold(bytes as u64)?;
+        call.prepay_response(bytes as u64);
+    }
+    Ok(())
+}
+
+/// The bytes a batch's answers take on the wire, about.
+fn results_bytes(results: &[OpResult]) -> usize {
+    results
+        .iter()
+        .map(|r| match &r.result {
+            Some(op_result::Result::Get(g)) => g.value.len() + RESULT_FRAMING,
+            _ => RESULT_FRAMING,
+        })
+        .sum()
+}
+
 #[tonic::async_trait]
 impl Cache for CacheService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits
             .check_key(|| "key".to_owned(), &req.key)
             .map_err(NodeError::from)?;
         let found = self.store.get(&req.key);
+        // The value is shared with the store; what the call adds is its
+        // encoded copy: held (or refused) before it is made.
+        hold_answer(
+            call_bytes.as_ref(),
+            found.as_ref().map_or(0, |f| f.value.len()) + RESULT_FRAMING,
+        )?;
         let span = Span::current();
         if !span.is_none() {
             // What explains a read's latency; never the key or value.
@@ -222,6 +254,7 @@ impl Cache for CacheService {
         &self,
         request: Request<GetManyRequest>,
     ) -> Result<Response<GetManyResponse>, Status> {
+        let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
         let mut size = 0usize;
@@ -245,6 +278,7 @@ impl Cache for CacheService {
                 error: None,
             });
         }
+        hold_answer(call_bytes.as_ref(), size)?;
         let span = Span::current();
         if !span.is_none() {
             span.record("ringcache.keys", results.len() as i64);
@@ -566,8 +600,16 @@ impl Internal for InternalService {
         {
             self.saw_epoch(epoch);
         }
+        let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         let (results, hits) = self.run_batch(&req.ops)?;
+        // Counted, never refused: the batch's writes have been applied, and
+        // a refusal would tell the orchestrator they were not.
+        if let Some(call) = &call_bytes {
+            let bytes = results_bytes(&results) as u64;
+            call.hold_anyway(bytes);
+            call.prepay_response(bytes);
+        }
         let span = Span::current();
         if !span.is_none() {
             // What explains the batch's latency; never a key or a value.

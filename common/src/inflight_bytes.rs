@@ -17,10 +17,23 @@
 //!   limit (the call was admitted and its answer built), and new calls are
 //!   refused until they are sent.
 //!
-//! So the bytes held never exceed the limit by more than the answers of the
-//! calls in flight (each at most `--max-message-bytes`, and at most
-//! `--max-in-flight` of them). Health checks and reflection are not
-//! counted and never refused.
+//! - **What a handler builds is counted before it is built.** The frames
+//!   alone would see an answer only once it is encoded — after the node
+//!   answers were decoded, the answer merged and the message encoded, all
+//!   of which a call holds at once. So each counted call carries a
+//!   [`CallBytes`] in its request extensions: a handler holds the bytes of
+//!   the answer it is about to build ([`CallBytes::hold`], refused with
+//!   `RESOURCE_EXHAUSTED` when that would pass the limit, before any work),
+//!   and marks the part that will be the encoded response as prepaid, so
+//!   the response's frames are counted against it rather than twice.
+//!
+//! So the bytes held stay within the limit, give or take what handlers
+//! under-estimated. Health checks and reflection are not counted and never
+//! refused. Long-lived streams (`Internal/ApplyStream`) are admitted like
+//! any call but their frames are not counted: they would add up for the
+//! stream's whole life; each stream holds one batch and one answer at a
+//! time (each at most `--max-message-bytes`), and there are at most
+//! `--max-in-flight` of them.
 
 use std::{
     future::Future,
@@ -40,12 +53,22 @@ use tower::{Layer, Service};
 
 use crate::limits::is_probe;
 
+/// Calls that stay open for many messages: admitted by the budget, their
+/// frames not counted (see the module doc).
+const LONG_LIVED_STREAMS: &[&str] = &["/ringcache.v1.Internal/ApplyStream"];
+
+fn is_long_lived_stream(path: &str) -> bool {
+    LONG_LIVED_STREAMS.contains(&path)
+}
+
 /// The shared count and its limit.
 #[derive(Debug)]
 struct Budget {
     used: AtomicU64,
     limit: u64,
     message: String,
+    /// The flag that sets `limit`, for messages.
+    flag: String,
 }
 
 impl Budget {
@@ -55,17 +78,94 @@ impl Budget {
 }
 
 /// Bytes counted for one call, given back when the last of its request
-/// body, response future and response body is dropped.
+/// body, response future, response body and [`CallBytes`] is dropped.
 #[derive(Debug)]
 struct Held {
     budget: Arc<Budget>,
     bytes: AtomicU64,
+    /// Bytes held by the handler for the encoded response: its frames use
+    /// them up before adding to the count.
+    prepaid: AtomicU64,
 }
 
 impl Held {
     fn add(&self, n: u64) -> u64 {
         self.bytes.fetch_add(n, Ordering::Relaxed);
         self.budget.used.fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    /// Takes up to `n` from `counter`; returns what it took.
+    fn take(counter: &AtomicU64, n: u64) -> u64 {
+        match counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        }) {
+            Ok(before) | Err(before) => before.min(n),
+        }
+    }
+
+    /// Counts `n` bytes of response frames: what was prepaid first.
+    fn add_response(&self, n: u64) -> u64 {
+        let covered = Self::take(&self.prepaid, n);
+        if covered == n {
+            self.budget.used.load(Ordering::Relaxed)
+        } else {
+            self.add(n - covered)
+        }
+    }
+}
+
+/// One call's share of the byte budget, for its handler: in the request's
+/// extensions (`tonic::Request::extensions()`) of every call the layer
+/// counts. Cheap to clone; the bytes stay held until the call's response
+/// has been sent.
+#[derive(Debug, Clone)]
+pub struct CallBytes(Arc<Held>);
+
+impl CallBytes {
+    /// Holds `n` more bytes for this call — what it is about to build —
+    /// or, if that would take the server past its limit, holds nothing and
+    /// answers the status to refuse the call with.
+    pub fn hold(&self, n: u64) -> Result<(), tonic::Status> {
+        let budget = &self.0.budget;
+        let used = budget.used.load(Ordering::Relaxed);
+        if used.saturating_add(n) > budget.limit {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "this call's answer needs about {n} bytes and calls in flight already hold {used} of the {} allowed ({}); retry with backoff, or ask for fewer keys",
+                budget.limit, budget.flag
+            )));
+        }
+        self.0.add(n);
+        Ok(())
+    }
+
+    /// Holds `n` more bytes whatever the limit: bytes that exist already
+    /// (an answer larger than was held for).
+    pub fn hold_anyway(&self, n: u64) {
+        self.0.add(n);
+    }
+
+    /// Gives back up to `n` of the bytes this call holds.
+    pub fn release(&self, n: u64) {
+        let taken = Held::take(&self.0.bytes, n);
+        self.0.budget.used.fetch_sub(taken, Ordering::Relaxed);
+        // What is no longer held cannot pay for the response.
+        let prepaid = self.0.prepaid.load(Ordering::Relaxed);
+        let held = self.0.bytes.load(Ordering::Relaxed);
+        if prepaid > held {
+            Held::take(&self.0.prepaid, prepaid - held);
+        }
+    }
+
+    /// Marks `n` of the bytes held as the encoded response's: its frames
+    /// are counted against them, not added again.
+    pub fn prepay_response(&self, n: u64) {
+        let held = self.0.bytes.load(Ordering::Relaxed);
+        self.0.prepaid.store(n.min(held), Ordering::Relaxed);
+    }
+
+    /// Bytes this call holds now.
+    pub fn held(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -95,6 +195,7 @@ impl InFlightBytesLayer {
                 message: format!(
                     "server is at its limit of {limit} bytes held by calls in flight ({flag}); retry with backoff"
                 ),
+                flag: flag.to_owned(),
             }),
         }
     }
@@ -154,17 +255,21 @@ where
                 refused: Some(self.budget.refusal().into_http()),
             };
         }
+        if is_long_lived_stream(req.uri().path()) {
+            return BytesFuture {
+                inner: Some(self.inner.call(req.map(Body::new))),
+                held: None,
+                refused: None,
+            };
+        }
         let held = Arc::new(Held {
             budget: self.budget.clone(),
             bytes: AtomicU64::new(0),
+            prepaid: AtomicU64::new(0),
         });
-        let req = req.map(|body| {
-            Body::new(Counted {
-                inner: body,
-                held: held.clone(),
-                refuse_over_limit: true,
-            })
-        });
+        let mut req = req;
+        req.extensions_mut().insert(CallBytes(held.clone()));
+        let req = req.map(|body| Body::new(Counted::new(body, held.clone(), true)));
         BytesFuture {
             inner: Some(self.inner.call(req)),
             held: Some(held),
@@ -205,17 +310,18 @@ where
         Poll::Ready(Ok(match this.held.take() {
             // The response body keeps the call's bytes counted until it is
             // sent, and counts its own.
-            Some(held) => response.map(|body| {
-                Body::new(Counted {
-                    inner: body,
-                    held,
-                    refuse_over_limit: false,
-                })
-            }),
+            Some(held) => response.map(|body| Body::new(Counted::new(body, held, false))),
             None => response.map(Body::new),
         }))
     }
 }
+
+/// The largest data frame a counted response hands on at once. hyper gives
+/// a response's frames to h2 as soon as the stream has any send capacity,
+/// and h2 buffers a whole frame however large; in frames of this size, h2's
+/// flow control holds the rest back in the body — where it is counted —
+/// while a client reads slowly, instead of in h2's buffers, where it is not.
+const RESPONSE_CHUNK: usize = 64 * 1024;
 
 pin_project! {
     /// A body whose data frames are counted against the budget.
@@ -226,6 +332,19 @@ pin_project! {
         // Requests: end with RESOURCE_EXHAUSTED past the limit. Responses:
         // always pass (never cut an answer short).
         refuse_over_limit: bool,
+        // What is left of a large response frame, handed on in chunks.
+        rest: Bytes,
+    }
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, held: Arc<Held>, refuse_over_limit: bool) -> Self {
+        Self {
+            inner,
+            held,
+            refuse_over_limit,
+            rest: Bytes::new(),
+        }
     }
 }
 
@@ -242,14 +361,31 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if !this.rest.is_empty() {
+            let n = this.rest.len().min(RESPONSE_CHUNK);
+            return Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))));
+        }
         match std::task::ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    let total = this.held.add(data.len() as u64);
-                    if *this.refuse_over_limit && total > this.held.budget.limit {
-                        return Poll::Ready(Some(Err(Box::new(this.held.budget.refusal()))));
+                let frame = match frame.into_data() {
+                    Ok(mut data) => {
+                        let n = data.len() as u64;
+                        if *this.refuse_over_limit {
+                            if this.held.add(n) > this.held.budget.limit {
+                                return Poll::Ready(Some(Err(Box::new(
+                                    this.held.budget.refusal(),
+                                ))));
+                            }
+                        } else {
+                            this.held.add_response(n);
+                            if data.len() > RESPONSE_CHUNK {
+                                *this.rest = data.split_off(RESPONSE_CHUNK);
+                            }
+                        }
+                        Frame::data(data)
                     }
-                }
+                    Err(frame) => frame,
+                };
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
@@ -258,11 +394,17 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower().saturating_add(rest));
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -352,5 +494,119 @@ mod tests {
         assert!(status.message().contains("--max-in-flight-bytes"));
         drop(response);
         assert_eq!(layer.used(), 0);
+    }
+
+    /// A handler that holds `hold` bytes for its answer before building it
+    /// and prepays `answer` of them for the encoded response, then answers
+    /// `answer` bytes — or the refusal `hold` gave it.
+    fn handler(
+        hold: u64,
+        answer: usize,
+    ) -> impl Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send,
+    > + Clone {
+        tower::service_fn(move |req: http::Request<Body>| async move {
+            let bytes = req
+                .extensions()
+                .get::<CallBytes>()
+                .cloned()
+                .expect("counted");
+            if let Err(status) = bytes.hold(hold) {
+                return Ok(status.into_http());
+            }
+            bytes.prepay_response(answer as u64);
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(
+                http_body_util::Full::new(Bytes::from(vec![0u8; answer])),
+            )))
+        })
+    }
+
+    #[tokio::test]
+    async fn what_a_handler_holds_is_counted_before_it_builds_and_not_twice() {
+        let layer = InFlightBytesLayer::new(10_000, "--max-in-flight-bytes");
+        // Holds 2 × 3000 (decoded answers + encoded response), answers 3000.
+        let svc = layer.layer(handler(6000, 3000));
+        let first = svc.clone().oneshot(request(10)).await.unwrap();
+        assert!(status_of(&first).is_none());
+        // (The handler never reads its request body, so only what it held
+        // is counted.)
+        assert_eq!(layer.used(), 6000, "held before the answer exists");
+        let mut body = first.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(layer.used(), 6000, "the response's frames were prepaid");
+
+        // A second such call would pass the limit: refused before any work,
+        // naming the limit, and holding nothing.
+        let second = svc.clone().oneshot(request(10)).await.unwrap();
+        let status = status_of(&second).expect("refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("--max-in-flight-bytes")
+                && status.message().contains("6000 bytes"),
+            "{}",
+            status.message()
+        );
+        drop(second);
+        assert_eq!(layer.used(), 6000);
+        drop(body);
+        assert_eq!(layer.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn released_bytes_no_longer_prepay_the_response() {
+        let layer = InFlightBytesLayer::new(100_000, "--max-in-flight-bytes");
+        let svc = tower::service_fn(|req: http::Request<Body>| async move {
+            let bytes = req.extensions().get::<CallBytes>().cloned().unwrap();
+            bytes.hold(5000).unwrap();
+            bytes.prepay_response(5000);
+            // The answer turned out smaller: give back what it does not need.
+            bytes.release(4000);
+            bytes.prepay_response(1000);
+            assert_eq!(bytes.held(), 1000);
+            bytes.hold_anyway(500);
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(
+                http_body_util::Full::new(Bytes::from(vec![0u8; 1200])),
+            )))
+        });
+        let svc = layer.layer(svc);
+        let response = svc.oneshot(request(10)).await.unwrap();
+        assert_eq!(layer.used(), 1500);
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        // 1000 prepaid, 200 beyond it.
+        assert_eq!(layer.used(), 1700);
+        drop(body);
+        assert_eq!(layer.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_long_lived_stream_is_admitted_but_its_frames_do_not_pile_up() {
+        let layer = InFlightBytesLayer::new(1000, "--max-in-flight-bytes");
+        let svc = layer.layer(echo(5000));
+        let stream = http::Request::builder()
+            .uri("/ringcache.v1.Internal/ApplyStream")
+            .body(http_body_util::Full::new(Bytes::from(vec![1u8; 5000])))
+            .unwrap();
+        let response = svc.clone().oneshot(stream).await.unwrap();
+        assert!(status_of(&response).is_none());
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(layer.used(), 0);
+        // Still refused while the server is at its limit.
+        let big = svc.clone().oneshot(request(10)).await.unwrap();
+        let mut big_body = big.into_body();
+        big_body.frame().await.unwrap().unwrap();
+        let stream = http::Request::builder()
+            .uri("/ringcache.v1.Internal/ApplyStream")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let refused = svc.oneshot(stream).await.unwrap();
+        assert_eq!(
+            status_of(&refused).map(|s| s.code()),
+            Some(tonic::Code::ResourceExhausted)
+        );
     }
 }

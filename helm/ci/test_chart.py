@@ -24,9 +24,15 @@ KUBE_VERSION = "1.31.0"
 IMAGE = "registry.example.com/ringcache"
 
 
-def render(*values, sets=(), namespace="cache", image=IMAGE):
+# The prometheus-operator kind a cluster with the operator serves.
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+
+
+def render(*values, sets=(), namespace="cache", image=IMAGE, api_versions=()):
     """The chart's manifests, rendered by real helm, as a list of dicts."""
     cmd = [HELM, "template", "rc", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    for api in api_versions:
+        cmd += ["--api-versions", api]
     if image is not None:
         cmd += ["--set", f"image.repository={image}"]
     for v in values:
@@ -284,8 +290,23 @@ def test_only_orchestrators_autoscale():
     assert not [d for d in render() if d["kind"] == "HorizontalPodAutoscaler"]
 
 
+def test_service_monitors_render_only_where_the_operator_is_installed():
+    # values-ha.yaml turns them on; a cluster without prometheus-operator
+    # must still take the chart as shipped.
+    ha = CHART / "values-ha.yaml"
+    assert not [d for d in render(ha) if d["kind"] == "ServiceMonitor"]
+    assert len([d for d in render(ha, api_versions=[SERVICE_MONITOR_API]) if d["kind"] == "ServiceMonitor"]) == 2
+    # Off stays off, operator or not.
+    assert not [d for d in render(api_versions=[SERVICE_MONITOR_API]) if d["kind"] == "ServiceMonitor"]
+    notes = subprocess.run(
+        [HELM, "install", "rc", str(CHART), "--dry-run=client", "-f", str(ha), "--set", f"image.repository={IMAGE}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "ServiceMonitor" in notes and "monitoring.coreos.com/v1" in notes, notes
+
+
 def test_scrape_annotations_and_service_monitors_point_at_metrics_ports():
-    docs = render(ALL_ON)
+    docs = render(ALL_ON, api_versions=[SERVICE_MONITOR_API])
     for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
         w = one(docs, kind, component)
         ann = w["spec"]["template"]["metadata"]["annotations"]

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //!
+//! - [`answers`]: what a read's answer will take, held against
+//!   `--max-in-flight-bytes` before the nodes are asked.
 //! - [`ring`]: rendezvous hashing — which nodes own a key, in preference
 //!   order. Pure, deterministic, heavily tested and benchmarked.
 //! - [`health`]: the ejection state machine (pure; times passed in).
@@ -34,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod answers;
 pub mod client;
 pub mod config;
 pub mod handoff;

@@ -41,6 +41,7 @@ use std::{
 use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
 use ringcache_common::{
     deadline::deadline,
+    inflight_bytes::CallBytes,
     telemetry,
     validate::{RequestLimits, to_proto_duration},
 };
@@ -56,6 +57,7 @@ use ringcache_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
+    answers::{AnswerEstimate, HeldAnswer},
     client::{CallError, delete_op},
     handoff,
     health::State,
@@ -70,7 +72,7 @@ use crate::{
 pub const DEFAULT_FAILOVER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bytes a `GetResult` costs on the wire beyond its value.
-const RESULT_FRAMING: usize = 48;
+const RESULT_FRAMING: usize = crate::answers::FRAMING as usize;
 
 /// Routes `ringcache.v1.Cache` calls to cache nodes.
 #[derive(Debug, Clone)]
@@ -85,6 +87,9 @@ pub struct Router {
     relief: Option<Relief>,
     /// Hedged reads (`None`: off).
     hedging: Option<Arc<Hedging>>,
+    /// What reads' answers are expected to take, held against
+    /// `--max-in-flight-bytes` before the nodes are asked.
+    answers: Arc<AnswerEstimate>,
 }
 
 /// Hot-key relief: the near cache and what it counts.
@@ -418,6 +423,10 @@ impl Router {
             )),
             relief: None,
             hedging: None,
+            answers: Arc::new(AnswerEstimate::new(
+                limits.max_value_bytes,
+                max_message_bytes,
+            )),
         }
     }
 
@@ -1265,10 +1274,13 @@ impl Router {
 impl Cache for Router {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let deadline = deadline(&request);
+        let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
+        let held = HeldAnswer::reserve(call_bytes.as_ref(), &self.answers, 1)?;
         let mut results = self.read(std::slice::from_ref(&req.key), deadline).await;
         let r = results.pop().ok_or_else(|| missing_result("Get"))?;
+        held.settle(&self.answers, 1, (r.value.len() + RESULT_FRAMING) as u64);
         if let Some(error) = r.error {
             return Err(status_of(error));
         }
@@ -1436,10 +1448,15 @@ impl Cache for Router {
         request: Request<GetManyRequest>,
     ) -> Result<Response<GetManyResponse>, Status> {
         let deadline = deadline(&request);
+        let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits.check_keys(&req.keys)?;
+        // Held before the nodes are asked: refused here, not after the
+        // answers have taken the memory.
+        let held = HeldAnswer::reserve(call_bytes.as_ref(), &self.answers, req.keys.len())?;
         let results = self.read(&req.keys, deadline).await;
         let size: usize = results.iter().map(|r| r.value.len() + RESULT_FRAMING).sum();
+        held.settle(&self.answers, req.keys.len(), size as u64);
         if size > self.max_message_bytes {
             return Err(Status::resource_exhausted(format!(
                 "response would be about {size} bytes, over the {}-byte limit (--max-message-bytes); ask for fewer keys per call",
