@@ -312,6 +312,22 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             }
         }
     };
+    // Every call on one counter: what a hot counter costs (every increment
+    // of the key is applied in turn under its shard's lock).
+    let hot_increment = |clients: Vec<CacheClient<Channel>>| {
+        move |t: usize, _: u64| {
+            let mut c = clients[t % clients.len()].clone();
+            async move {
+                c.increment(IncrementRequest {
+                    key: "hot".into(),
+                    delta: 1,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        }
+    };
     let batch = o.batch as u64;
     let get_many = |clients: Vec<CacheClient<Channel>>| {
         move |t: usize, i: u64| {
@@ -357,6 +373,16 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             &servers,
             1,
             increment(orch_clients.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "ringcache Increment, one hot key (orchestrator)",
+            Some("twemproxy INCR, one hot key"),
+            &servers,
+            1,
+            hot_increment(orch_clients.clone()),
         )
         .await,
         ringcache_case(
@@ -1001,10 +1027,18 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
         "-t".into(),
         "set".into(),
     ]);
+    // `-t` names a redis-benchmark test; otherwise the words are the
+    // command (one key: no __rand_int__ to replace).
     for (case, test, rate, clients) in [
         ("twemproxy SET", "set", 60_000.0, o.concurrency),
         ("twemproxy GET", "get", 60_000.0, o.concurrency),
         ("twemproxy INCR", "incr", 60_000.0, o.concurrency),
+        (
+            "twemproxy INCR, one hot key",
+            "INCR hot",
+            60_000.0,
+            o.concurrency,
+        ),
         ("twemproxy GET, 1 in flight", "get", 8_000.0, 1),
     ] {
         if !o.runs(case) {
@@ -1012,15 +1046,19 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
         }
         let before = cpu_of(&pids);
         let n = requests(rate);
-        let (rps, p50, p99) = parse_csv(&run(vec![
+        let mut args = vec![
             "-n".into(),
             n.to_string(),
-            "-t".into(),
-            test.into(),
             // A later -c wins over the default set above.
             "-c".into(),
             clients.to_string(),
-        ]));
+        ];
+        if test.contains(' ') {
+            args.extend(test.split(' ').map(str::to_owned));
+        } else {
+            args.extend(["-t".to_owned(), test.to_owned()]);
+        }
+        let (rps, p50, p99) = parse_csv(&run(args));
         let cpu = cpu_of(&pids) - before;
         rows.push(Row {
             case: case.into(),
