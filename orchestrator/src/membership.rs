@@ -465,7 +465,12 @@ mod discovery_tests {
         // Scaling up is picked up; an address that does not answer yet is
         // left out until it does; a resolver error keeps the membership.
         let (c, _stop_c) = node("cache-2").await;
-        let silent: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        // A port that was just free: nothing listens there (a fixed port
+        // such as 1 may be in use on a shared machine).
+        let silent: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
         discover(Ok(vec![a, b2, c, silent]), &cluster, &mut known)
             .await
             .unwrap();
