@@ -125,8 +125,12 @@ impl CallBytes {
     /// Holds `n` more bytes for this call — what it is about to build —
     /// or, if that would take the server past its limit, holds nothing and
     /// answers the status to refuse the call with.
+    ///
+    /// At most the whole budget is asked for, so a call larger than the
+    /// budget still runs when it would be alone.
     pub fn hold(&self, n: u64) -> Result<(), tonic::Status> {
         let budget = &self.0.budget;
+        let n = n.min(budget.limit);
         let used = budget.used.load(Ordering::Relaxed);
         if used.saturating_add(n) > budget.limit {
             return Err(tonic::Status::resource_exhausted(format!(
@@ -553,6 +557,20 @@ mod tests {
         assert_eq!(layer.used(), 6000);
         drop(body);
         assert_eq!(layer.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_larger_than_the_budget_runs_when_alone() {
+        let layer = InFlightBytesLayer::new(1000, "--max-in-flight-bytes");
+        let svc = layer.layer(handler(5000, 10));
+        let alone = svc.clone().oneshot(request(10)).await.unwrap();
+        assert!(status_of(&alone).is_none());
+        assert_eq!(layer.used(), 1000, "held up to the whole budget");
+        let second = svc.oneshot(request(10)).await.unwrap();
+        assert_eq!(
+            status_of(&second).map(|s| s.code()),
+            Some(tonic::Code::ResourceExhausted)
+        );
     }
 
     #[tokio::test]

@@ -128,6 +128,30 @@ where
     }
 }
 
+/// Writes `entries` through `cache` by `SetMany`, `chunk` at a time, and
+/// checks that every one was stored.
+pub async fn store_all(
+    cache: &mut CacheClient<Channel>,
+    entries: impl IntoIterator<Item = ringcache_proto::v1::SetRequest>,
+    chunk: usize,
+) {
+    let entries: Vec<_> = entries.into_iter().collect();
+    for part in entries.chunks(chunk.max(1)) {
+        let r = cache
+            .set_many(ringcache_proto::v1::SetManyRequest {
+                entries: part.to_vec(),
+            })
+            .await
+            .expect("SetMany")
+            .into_inner();
+        assert!(
+            r.results.iter().all(|r| r.stored && r.error.is_none()),
+            "{:?}",
+            r.results.iter().find(|r| !r.stored || r.error.is_some())
+        );
+    }
+}
+
 /// Polls `Cluster/ListNodes` until `ok` holds for the listed nodes, and
 /// returns them; panics with the last list after `timeout`.
 pub async fn wait_for_nodes(

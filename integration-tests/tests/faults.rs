@@ -22,7 +22,7 @@ use integration_tests::{
 };
 use ringcache_proto::v1::{
     DeleteManyRequest, DeleteRequest, GetManyRequest, GetRequest, IncrementRequest, NodeState,
-    SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient,
+    SetRequest, TouchRequest, cache_client::CacheClient,
 };
 use tonic::transport::Channel;
 
@@ -413,22 +413,12 @@ fn check_counter(counts: &Counts, value: i64, (acked, unknown): (i64, i64)) {
 
 /// Writes the fixed keys through the orchestrator.
 async fn preload(cache: &mut CacheClient<Channel>) {
-    for chunk in (0..FIXED_KEYS).collect::<Vec<_>>().chunks(500) {
-        let entries = chunk
-            .iter()
-            .map(|&i| SetRequest {
-                key: fixed_key(i),
-                value: fixed_value(i).into_bytes().into(),
-                ..Default::default()
-            })
-            .collect();
-        let r = cache
-            .set_many(SetManyRequest { entries })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.results.iter().all(|r| r.stored && r.error.is_none()));
-    }
+    let entries = (0..FIXED_KEYS).map(|i| SetRequest {
+        key: fixed_key(i),
+        value: fixed_value(i).into_bytes().into(),
+        ..Default::default()
+    });
+    integration_tests::store_all(cache, entries, 500).await;
 }
 
 /// How many fixed keys are gone, read after the faults.

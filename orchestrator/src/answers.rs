@@ -12,9 +12,12 @@
 //! size, half of it prepaid for the response's frames.
 //!
 //! The estimate is per key: it jumps up to any larger answer seen at once
-//! and drifts down slowly, and it starts at the largest value allowed,
-//! so a burst of large reads on a fresh orchestrator is bounded too (at
-//! worst it admits fewer calls until it has seen some answers).
+//! and drifts down slowly. It starts at [`INITIAL_PER_KEY`] (16 KiB, or
+//! `--max-value-bytes` if smaller): high enough that a burst of large
+//! `GetMany`s on a fresh orchestrator is held near its real size (each
+//! answer is at most `--max-message-bytes` anyway), low enough that a
+//! burst of small `Get`s — a new pod taking traffic — is not refused
+//! before any answer has taught it better.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -33,16 +36,19 @@ pub struct AnswerEstimate {
 /// Bytes an answer's framing takes per key, beyond its value.
 pub const FRAMING: u64 = 48;
 
+/// The first estimate of a key's answer, before any was seen.
+pub const INITIAL_PER_KEY: u64 = 16 * 1024;
+
 /// How much of the gap to a smaller answer the estimate closes each time
 /// (1/32: it takes about a hundred smaller answers to come down).
 const DECAY_SHIFT: u32 = 5;
 
 impl AnswerEstimate {
-    /// Starts at `max_value_bytes` per key; no answer exceeds
-    /// `max_answer` bytes.
+    /// Starts at [`INITIAL_PER_KEY`] (at most `max_value_bytes`) per key;
+    /// no answer exceeds `max_answer` bytes.
     pub fn new(max_value_bytes: usize, max_answer: usize) -> Self {
         Self {
-            per_key: AtomicU64::new(max_value_bytes as u64 + FRAMING),
+            per_key: AtomicU64::new(INITIAL_PER_KEY.min(max_value_bytes as u64) + FRAMING),
             max_answer: max_answer as u64,
         }
     }
@@ -123,11 +129,8 @@ mod tests {
     #[test]
     fn the_estimate_rises_at_once_and_falls_slowly_within_the_message_limit() {
         let e = AnswerEstimate::new(1 << 20, 4 << 20);
-        assert_eq!(
-            e.expect(1),
-            (1 << 20) + FRAMING,
-            "starts at the largest value"
-        );
+        assert_eq!(e.expect(1), INITIAL_PER_KEY + FRAMING);
+        assert_eq!(AnswerEstimate::new(100, 4 << 20).expect(1), 100 + FRAMING);
         assert_eq!(e.expect(900), 4 << 20, "never more than one message");
         for _ in 0..400 {
             e.observe(900, 900 * 4_144);
