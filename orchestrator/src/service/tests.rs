@@ -33,6 +33,8 @@ struct FakeNode {
     calls: Mutex<Vec<Vec<Op>>>,
     /// When set, every call fails with this (after being recorded).
     fail: Mutex<Option<CallError>>,
+    /// When set, calls are recorded and never answered (a frozen node).
+    hang: std::sync::atomic::AtomicBool,
     last_version: AtomicU64,
 }
 
@@ -203,7 +205,13 @@ impl Fixture {
             let node = nodes[&*member.id].clone();
             BoxCloneSyncService::new(tower::service_fn(move |call: NodeCall| {
                 let node = node.clone();
-                async move { node.answer(call) }
+                async move {
+                    if node.hang.load(Ordering::Relaxed) {
+                        node.calls.lock().push(call.ops.clone());
+                        std::future::pending::<()>().await;
+                    }
+                    node.answer(call)
+                }
             }))
         });
     }
@@ -866,4 +874,75 @@ async fn hot_keys_lists_the_busiest_key_with_its_owners() {
         .collect();
     assert_eq!(hot.keys[0].owners, owners);
     assert!(hot.keys.len() <= 3);
+}
+
+/// Hedging on a fixed 10 ms delay, a budget of every read.
+fn hedged(router: Router) -> Router {
+    use crate::hedge::{DelayPolicy, Hedging};
+    let hedging = Hedging::new(
+        DelayPolicy::Fixed(Duration::from_millis(10)),
+        100,
+        Duration::from_secs(1),
+        None,
+    )
+    .unwrap();
+    router.with_hedging(Arc::new(hedging))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_whose_owner_hangs_is_answered_by_the_next_owner_after_the_hedge_delay() {
+    let mut f = Fixture::new(3, 2);
+    f.router = hedged(f.router.clone());
+    f.set(set_req("k", "v")).await.unwrap();
+    let owners = f.owners("k");
+    owners[0].hang.store(true, Ordering::Relaxed);
+    let started = tokio::time::Instant::now();
+    let got = f.get("k").await.unwrap();
+    assert!(got.found && got.value == "v", "{got:?}");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(10),
+        "the hedge delay"
+    );
+    assert_eq!(owners[1].keys_called().last().unwrap(), &["get k"]);
+
+    // A batch: keys whose first owner hangs are hedged, the others are not.
+    let keys: Vec<String> = (0..30).map(|i| format!("b{i}")).collect();
+    for k in &keys {
+        f.set(set_req(k, k)).await.unwrap();
+    }
+    let got = f
+        .router
+        .get_many(Request::new(GetManyRequest { keys: keys.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    for (k, r) in keys.iter().zip(&got.results) {
+        assert!(
+            r.error.is_none() && r.found && r.value == k.as_bytes(),
+            "{k}: {r:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_hedging_a_hung_owner_holds_the_read() {
+    let f = Fixture::new(3, 2);
+    f.set(set_req("k", "v")).await.unwrap();
+    f.owners("k")[0].hang.store(true, Ordering::Relaxed);
+    let waited = tokio::time::timeout(Duration::from_secs(5), f.get("k")).await;
+    assert!(waited.is_err(), "answered without hedging: {waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_are_never_hedged() {
+    let mut f = Fixture::new(3, 2);
+    f.router = hedged(f.router.clone());
+    let owners = f.owners("k");
+    owners[0].hang.store(true, Ordering::Relaxed);
+    let waited = tokio::time::timeout(Duration::from_secs(5), f.set(set_req("k", "v"))).await;
+    assert!(waited.is_err(), "the write went elsewhere: {waited:?}");
+    for other in &owners[1..] {
+        assert!(other.keys_called().is_empty(), "{:?}", other.keys_called());
+    }
 }
