@@ -894,6 +894,10 @@ async fn a_read_whose_owner_hangs_is_answered_by_the_next_owner_after_the_hedge_
     let mut f = Fixture::new(3, 2);
     f.router = hedged(f.router.clone());
     f.set(set_req("k", "v")).await.unwrap();
+    let keys: Vec<String> = (0..30).map(|i| format!("b{i}")).collect();
+    for k in &keys {
+        f.set(set_req(k, k)).await.unwrap();
+    }
     let owners = f.owners("k");
     owners[0].hang.store(true, Ordering::Relaxed);
     let started = tokio::time::Instant::now();
@@ -907,10 +911,6 @@ async fn a_read_whose_owner_hangs_is_answered_by_the_next_owner_after_the_hedge_
     assert_eq!(owners[1].keys_called().last().unwrap(), &["get k"]);
 
     // A batch: keys whose first owner hangs are hedged, the others are not.
-    let keys: Vec<String> = (0..30).map(|i| format!("b{i}")).collect();
-    for k in &keys {
-        f.set(set_req(k, k)).await.unwrap();
-    }
     let got = f
         .router
         .get_many(Request::new(GetManyRequest { keys: keys.clone() }))
