@@ -423,6 +423,8 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
         "1MiB",
         "--max-in-flight-bytes",
         "1MiB",
+        "--request-timeout",
+        "60s",
     ])
     .await;
     let tcp = tokio::net::TcpStream::connect(node.process.grpc)
@@ -459,7 +461,10 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
         value: vec![7u8; 300_000].into(),
         ..Default::default()
     };
-    let refused = eventually(Duration::from_secs(10), || {
+    // (Generous waits: on a loaded machine the large body may take a while
+    // to arrive, and it must stay counted meanwhile: --request-timeout
+    // 60s below.)
+    let refused = eventually(Duration::from_secs(30), || {
         let mut cache = cache.clone();
         let big = big.clone();
         async move {
@@ -485,7 +490,7 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
     // The node lost nothing and recovers once the large call is gone.
     drop(body);
     drop(_response);
-    eventually(Duration::from_secs(10), || {
+    eventually(Duration::from_secs(30), || {
         let mut cache = cache.clone();
         let big = big.clone();
         async move { cache.set(big).await.map_err(|s| s.to_string()) }
