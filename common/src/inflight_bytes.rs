@@ -104,12 +104,10 @@ impl Held {
     }
 
     /// Counts `n` bytes of response frames: what was prepaid first.
-    fn add_response(&self, n: u64) -> u64 {
+    fn add_response(&self, n: u64) {
         let covered = Self::take(&self.prepaid, n);
-        if covered == n {
-            self.budget.used.load(Ordering::Relaxed)
-        } else {
-            self.add(n - covered)
+        if covered < n {
+            self.add(n - covered);
         }
     }
 }

@@ -66,13 +66,19 @@ impl AnswerEstimate {
             return;
         }
         let seen = bytes / keys as u64;
-        let _ = self.per_key.fetch_update(Relaxed, Relaxed, |current| {
-            Some(if seen >= current {
-                seen
-            } else {
-                current - ((current - seen) >> DECAY_SHIFT).max(1)
-            })
-        });
+        // One read and, only when the estimate moves, one atomic write:
+        // this runs on every read, and once the estimate has converged it
+        // does not write the shared cache line at all. A rise always lands
+        // (`fetch_max`); a decay that loses a race is simply skipped.
+        let current = self.per_key.load(Relaxed);
+        if seen > current {
+            self.per_key.fetch_max(seen, Relaxed);
+        } else if seen < current {
+            let next = current - ((current - seen) >> DECAY_SHIFT).max(1);
+            let _ = self
+                .per_key
+                .compare_exchange(current, next, Relaxed, Relaxed);
+        }
     }
 }
 
