@@ -452,8 +452,26 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
     // A frame announcing 1 MiB, of which 900 KB arrive, and never the rest.
     let mut frame = vec![0u8, 0, 0x10, 0, 0];
     frame.extend(std::iter::repeat_n(0u8, 900_000));
-    body.reserve_capacity(frame.len());
+    // Ask for room beyond the frame: h2 grants it only as the node opens its
+    // window again, i.e. as it reads (and counts) the frame. Waiting for
+    // half a window of it means the node has read all but the last half
+    // window (h2 batches its window updates), so the Sets below cannot be
+    // counted first and make the *large* call the one refused.
+    const SPARE: usize = 32 * 1024;
+    body.reserve_capacity(frame.len() + SPARE);
     body.send_data(bytes::Bytes::from(frame), false).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while body.capacity() < SPARE {
+            if std::future::poll_fn(|cx| body.poll_capacity(cx))
+                .await
+                .is_none()
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the node reads the large frame");
 
     let mut cache = node.cache().await;
     let big = SetRequest {
