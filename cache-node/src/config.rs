@@ -64,6 +64,15 @@ pub struct Config {
     /// absent at once; this only frees their memory).
     #[arg(long, env = "RINGCACHE_RECLAIM_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reclaim_interval: Duration,
+
+    /// Most bytes of the change log that orchestrators follow
+    /// (Internal/Changes): every write, delete, increment, touch and copy,
+    /// about 80 bytes each (plus keys over 24 bytes). Beyond it the oldest
+    /// changes are dropped, and a follower that had not read them is told
+    /// it missed some (it then forgets what it kept of this node). 0 turns
+    /// the log off: orchestrators then relieve none of this node's keys.
+    #[arg(long, env = "RINGCACHE_CHANGE_LOG_BYTES", default_value = "32MiB")]
+    pub change_log_bytes: ByteSize,
 }
 
 /// A configuration whose values do not fit together.

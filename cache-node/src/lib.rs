@@ -10,6 +10,9 @@
 //!   gRPC, unit-tested and benchmarked on its own.
 //! - [`service`]: the `ringcache.v1.Cache` and `ringcache.v1.Node` gRPC
 //!   services: validate the request, call the store, map the outcome.
+//! - [`changes`]: the change feed — a bounded log of every change the store
+//!   applied, numbered per incarnation, read by orchestrators from a
+//!   position (`Internal/Changes`).
 //! - [`epochs`]: the ring epochs orchestrators call with, so a node shows
 //!   when orchestrators disagree about the membership.
 //! - [`error`]: the node's error type and its one mapping to `tonic::Status`.
@@ -24,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod changes;
 pub mod config;
 pub mod epochs;
 pub mod error;

@@ -213,3 +213,94 @@ impl Collector for EpochsCollector {
         self.gauge.collect()
     }
 }
+
+/// Exposes the change log (`ringcache_changes_*`), read at scrape time.
+#[derive(Debug)]
+pub struct ChangesCollector {
+    log: Arc<crate::changes::ChangeLog>,
+    entries: IntGauge,
+    bytes: IntGauge,
+    capacity: IntGauge,
+    head: IntGauge,
+    followers: IntGauge,
+    lag: IntGauge,
+    gaps: IntCounter,
+}
+
+impl ChangesCollector {
+    /// A collector over `log`.
+    pub fn new(log: Arc<crate::changes::ChangeLog>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            log,
+            entries: IntGauge::new(
+                "ringcache_changes_log_entries",
+                "Changes held in the change log (Internal/Changes).",
+            )?,
+            bytes: IntGauge::new(
+                "ringcache_changes_log_bytes",
+                "Bytes accounted to the changes held in the change log.",
+            )?,
+            capacity: IntGauge::new(
+                "ringcache_changes_log_capacity_bytes",
+                "The most bytes the change log holds (--change-log-bytes).",
+            )?,
+            head: IntGauge::new(
+                "ringcache_changes_head",
+                "The last sequence number given to a change in this incarnation.",
+            )?,
+            followers: IntGauge::new(
+                "ringcache_changes_followers",
+                "Change feeds open (one per orchestrator, normally).",
+            )?,
+            lag: IntGauge::new(
+                "ringcache_changes_follower_lag",
+                "Changes the furthest-behind feed has yet to send.",
+            )?,
+            gaps: IntCounter::new(
+                "ringcache_changes_gaps_total",
+                "Feeds told that the position they asked for was gone (the log dropped it, or it was from another incarnation).",
+            )?,
+        })
+    }
+}
+
+impl Collector for ChangesCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [
+            &self.entries,
+            &self.bytes,
+            &self.capacity,
+            &self.head,
+            &self.followers,
+            &self.lag,
+        ]
+        .into_iter()
+        .flat_map(|g| g.desc())
+        .chain(self.gaps.desc())
+        .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let (entries, bytes) = self.log.len_and_bytes();
+        self.entries.set(int(entries as u64));
+        self.bytes.set(int(bytes as u64));
+        self.capacity.set(int(self.log.max_bytes() as u64));
+        self.head.set(int(self.log.head()));
+        self.followers.set(int(self.log.readers() as u64));
+        self.lag.set(int(self.log.max_lag()));
+        catch_up(&self.gaps, self.log.gaps());
+        [
+            &self.entries,
+            &self.bytes,
+            &self.capacity,
+            &self.head,
+            &self.followers,
+            &self.lag,
+        ]
+        .into_iter()
+        .flat_map(|g| g.collect())
+        .chain(self.gaps.collect())
+        .collect()
+    }
+}

@@ -16,9 +16,10 @@ use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::{
+    changes::ChangeLog,
     config::Config,
-    metrics::{EpochsCollector, StoreCollector},
-    service::{CacheService, InternalService, NodeService},
+    metrics::{ChangesCollector, EpochsCollector, StoreCollector},
+    service::{CacheService, InternalService, NodeService, new_incarnation},
     store::Store,
 };
 
@@ -36,12 +37,23 @@ pub async fn run(
     // TLS files are loaded before anything else: a node asked for TLS
     // must not start without it.
     let tls = config.tls.server_config()?;
-    let store = Arc::new(Store::new(config.store())?);
+    let incarnation = new_incarnation();
+    let mut store = Store::new(config.store())?;
+    let change_log_bytes = usize::try_from(config.change_log_bytes.bytes()).unwrap_or(usize::MAX);
+    let change_log =
+        (change_log_bytes > 0).then(|| Arc::new(ChangeLog::new(incarnation, change_log_bytes)));
+    if let Some(log) = &change_log {
+        store = store.with_change_log(log.clone());
+    }
+    let store = Arc::new(store);
     let grpc_addr = grpc_listener.local_addr()?;
     let node_id = config.node_id(grpc_addr.port());
 
     let registry = registry()?;
     registry.register(Box::new(StoreCollector::new(store.clone())?))?;
+    if let Some(log) = change_log {
+        registry.register(Box::new(ChangesCollector::new(log)?))?;
+    }
 
     // Expired entries already read as absent; this frees their memory.
     let _reclaimer = {
@@ -89,7 +101,9 @@ pub async fn run(
                 .max_encoding_message_size(max_message),
         )
         .add_service(NodeServer::new(
-            NodeService::new(store, node_id.clone()).with_epochs(internal_epochs),
+            NodeService::new(store, node_id.clone())
+                .with_incarnation(incarnation)
+                .with_epochs(internal_epochs),
         ))
         .add_service(health_service);
     add_reflection(

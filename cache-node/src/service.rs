@@ -19,18 +19,20 @@ use ringcache_common::{
     validate::{RequestLimits, to_proto_duration},
 };
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, DeleteManyRequest,
-    DeleteManyResponse, DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse,
-    FlushRequest, FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
-    GetResult, IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, RingEpoch,
-    ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
-    StatsRequest, StatsResponse, TouchRequest, TouchResponse, cache_server::Cache,
-    internal_server::Internal, node_server::Node, op, op_result,
+    ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, ChangesRequest,
+    ChangesResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
+    DeleteResult, ExistsRequest, ExistsResponse, FlushRequest, FlushResponse, GetManyRequest,
+    GetManyResponse, GetRequest, GetResponse, GetResult, IncrementRequest, IncrementResponse,
+    KeyError, KeyInfo, Op, OpResult, RingEpoch, ScanRequest, ScanResponse, SetManyRequest,
+    SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse, TouchRequest,
+    TouchResponse, cache_server::Cache, internal_server::Internal, node_server::Node, op,
+    op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
 
 use crate::{
+    changes::{self, ChangeLog},
     epochs::{self, Epochs},
     error::NodeError,
     store::{self, Found, Store},
@@ -526,10 +528,175 @@ impl tokio_stream::Stream for BatchStream {
     }
 }
 
+/// The most changes in one `ChangesResponse`.
+const CHANGES_PER_MESSAGE: usize = 4096;
+
+/// A change feed is sent a heartbeat after this long without a change.
+pub const FEED_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// What a `Changes` stream is doing between messages.
+struct Feed {
+    log: Arc<ChangeLog>,
+    reader: changes::Reader,
+    /// The last sequence sent.
+    at: u64,
+    /// The first message still to send says the position was gone.
+    gap: bool,
+    /// Nothing sent yet: the first message goes at once.
+    first: bool,
+    max_bytes: usize,
+    draining: tokio::sync::watch::Receiver<bool>,
+    ended: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Feed {
+    /// The next message: changes after `at` as soon as there are some, a
+    /// heartbeat after [`FEED_HEARTBEAT`] without any, or the end when the
+    /// node drains.
+    async fn next(mut self) -> Option<(Result<ChangesResponse, Status>, Self)> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if *self.draining.borrow() {
+                self.ended = true;
+                return Some((
+                    Err(Status::unavailable(
+                        "the node is draining: follow its feed again from the last sequence seen",
+                    )),
+                    self,
+                ));
+            }
+            let incarnation = self.log.incarnation();
+            let (changes, head) =
+                match self
+                    .log
+                    .read_after(incarnation, self.at, CHANGES_PER_MESSAGE, self.max_bytes)
+                {
+                    changes::Read::Changes { changes, head } => (changes, head),
+                    // Fell behind by more than the log holds: say so, and go on
+                    // from the end.
+                    changes::Read::Gap { head } => {
+                        self.gap = true;
+                        self.at = head;
+                        (Vec::new(), head)
+                    }
+                };
+            if !changes.is_empty() || self.first || self.gap {
+                if let Some(last) = changes.last() {
+                    self.at = last.sequence;
+                }
+                self.reader.read_to(self.at);
+                let message = ChangesResponse {
+                    incarnation,
+                    gap: std::mem::take(&mut self.gap),
+                    changes: changes.into_iter().map(change_message).collect(),
+                    head,
+                };
+                self.first = false;
+                return Some((Ok(message), self));
+            }
+            let mut draining = self.draining.clone();
+            tokio::select! {
+                () = self.log.wait_after(self.at, FEED_HEARTBEAT) => {}
+                // A dropped sender (the node is going away) ends it too.
+                _ = draining.wait_for(|d| *d) => {
+                    self.ended = true;
+                    return Some((
+                        Err(Status::unavailable(
+                            "the node is draining: follow its feed again from the last sequence seen",
+                        )),
+                        self,
+                    ));
+                }
+            }
+            if self.log.head() == self.at {
+                self.reader.read_to(self.at);
+                return Some((
+                    Ok(ChangesResponse {
+                        incarnation,
+                        gap: false,
+                        changes: Vec::new(),
+                        head: self.at,
+                    }),
+                    self,
+                ));
+            }
+        }
+    }
+}
+
+fn change_message(c: changes::Change) -> ringcache_proto::v1::Change {
+    use ringcache_proto::v1::ChangeKind as K;
+    ringcache_proto::v1::Change {
+        sequence: c.sequence,
+        kind: match c.kind {
+            changes::ChangeKind::Set => K::Set,
+            changes::ChangeKind::Delete => K::Delete,
+            changes::ChangeKind::Increment => K::Increment,
+            changes::ChangeKind::Touch => K::Touch,
+            changes::ChangeKind::Copy => K::Copy,
+            changes::ChangeKind::Flush => K::Flush,
+        } as i32,
+        key: c.key.into_string(),
+        version: c.version,
+    }
+}
+
 #[tonic::async_trait]
 impl Internal for InternalService {
     type ApplyStreamStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<ApplyStreamResponse, Status>> + Send>>;
+    type ChangesStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<ChangesResponse, Status>> + Send>>;
+
+    async fn changes(
+        &self,
+        request: Request<ChangesRequest>,
+    ) -> Result<Response<Self::ChangesStream>, Status> {
+        let Some(log) = self.cache.store.change_log().cloned() else {
+            return Err(Status::failed_precondition(
+                "this node keeps no change log (--change-log-bytes 0)",
+            ));
+        };
+        if *self.draining.borrow() {
+            return Err(Status::unavailable(
+                "the node is draining: follow its feed on its successor",
+            ));
+        }
+        // Feeds share the permits of ApplyStreams: both are long-lived
+        // streams of orchestrators.
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many streams open on this node (--max-in-flight)",
+            ));
+        };
+        let req = request.into_inner();
+        let (at, gap) = if req.incarnation == 0 {
+            (log.head(), false)
+        } else {
+            match log.read_after(req.incarnation, req.after, 0, 0) {
+                changes::Read::Changes { .. } => (req.after, false),
+                changes::Read::Gap { head } => (head, true),
+            }
+        };
+        let feed = Feed {
+            reader: log.reader(at),
+            log,
+            at,
+            gap,
+            first: true,
+            max_bytes: (self.cache.max_message_bytes / 2).clamp(1, 1 << 20),
+            draining: self.draining.clone(),
+            ended: false,
+            _permit: permit,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            feed,
+            Feed::next,
+        ))))
+    }
 
     async fn apply_stream(
         &self,
@@ -683,7 +850,7 @@ pub struct NodeService {
 }
 
 /// A random number, different for every process start.
-fn new_incarnation() -> u64 {
+pub fn new_incarnation() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     // RandomState is seeded from the OS's randomness once per process.
     RandomState::new().hash_one(std::process::id()).max(1)
@@ -699,6 +866,13 @@ impl NodeService {
             incarnation: new_incarnation(),
             epochs: None,
         }
+    }
+
+    /// Reports `incarnation` (the change log's) instead of a number of its
+    /// own.
+    pub fn with_incarnation(mut self, incarnation: u64) -> Self {
+        self.incarnation = incarnation;
+        self
     }
 
     /// Also reports the ring epochs orchestrators called with.
@@ -1061,5 +1235,192 @@ mod tests {
                 .enumerate()
                 .all(|(i, s)| s.shard as usize == i)
         );
+    }
+}
+
+#[cfg(test)]
+mod feed_tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use ringcache_proto::v1::{ChangeKind, CopyRequest};
+
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn logged(max_bytes: usize) -> (InternalService, Arc<ChangeLog>) {
+        let log = Arc::new(ChangeLog::new(42, max_bytes));
+        let store = Store::new(StoreConfig {
+            capacity: 64 << 20,
+            shards: 4,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_change_log(log.clone());
+        let cache = CacheService::new(Arc::new(store), RequestLimits::default(), 4 << 20);
+        (InternalService::new(cache), log)
+    }
+
+    fn op(op: op::Op) -> Op {
+        Op { op: Some(op) }
+    }
+
+    async fn next(stream: &mut <InternalService as Internal>::ChangesStream) -> ChangesResponse {
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no message within 10 s"))
+            .unwrap_or_else(|| panic!("the feed ended"))
+            .unwrap_or_else(|s| panic!("{s}"))
+    }
+
+    async fn follow(
+        svc: &InternalService,
+        incarnation: u64,
+        after: u64,
+    ) -> <InternalService as Internal>::ChangesStream {
+        svc.changes(Request::new(ChangesRequest { incarnation, after }))
+            .await
+            .unwrap_or_else(|s| panic!("{s}"))
+            .into_inner()
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_change_is_published_in_order_and_followed_live() {
+        let (svc, _log) = logged(1 << 20);
+        let mut feed = follow(&svc, 0, 0).await;
+        let first = next(&mut feed).await;
+        assert_eq!((first.incarnation, first.gap, first.head), (42, false, 0));
+        assert!(first.changes.is_empty(), "the first message comes at once");
+        let ops = vec![
+            op(op::Op::Set(SetRequest {
+                key: "a".into(),
+                value: Bytes::from_static(b"1"),
+                ..Default::default()
+            })),
+            op(op::Op::Increment(IncrementRequest {
+                key: "n".into(),
+                delta: 2,
+                ..Default::default()
+            })),
+            op(op::Op::Touch(TouchRequest {
+                key: "a".into(),
+                ..Default::default()
+            })),
+            op(op::Op::Copy(CopyRequest {
+                key: "c".into(),
+                value: Bytes::from_static(b"x"),
+                ttl: None,
+                version: 7,
+            })),
+            op(op::Op::Delete(DeleteRequest {
+                key: "gone".into(),
+                if_version: 0,
+            })),
+            // Not applied: no change.
+            op(op::Op::Set(SetRequest {
+                key: "a".into(),
+                value: Bytes::from_static(b"2"),
+                condition: Some(ringcache_proto::v1::set_request::Condition::IfAbsent(true)),
+                ..Default::default()
+            })),
+            op(op::Op::Get(GetRequest { key: "a".into() })),
+        ];
+        let (results, _) = svc.run_batch(&ops).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(results.len(), ops.len());
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            seen.extend(next(&mut feed).await.changes);
+        }
+        let kinds: Vec<(u64, i32, &str)> = seen
+            .iter()
+            .map(|c| (c.sequence, c.kind, c.key.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, ChangeKind::Set as i32, "a"),
+                (2, ChangeKind::Increment as i32, "n"),
+                (3, ChangeKind::Touch as i32, "a"),
+                (4, ChangeKind::Copy as i32, "c"),
+                (5, ChangeKind::Delete as i32, "gone"),
+            ]
+        );
+        assert_eq!(seen[3].version, 7, "a copy keeps its version");
+        svc.flush(Request::new(FlushRequest {}))
+            .await
+            .unwrap_or_else(|s| panic!("{s}"));
+        let flush = next(&mut feed).await;
+        assert_eq!(flush.changes[0].kind, ChangeKind::Flush as i32);
+        assert_eq!(flush.head, 6);
+    }
+
+    #[tokio::test]
+    async fn a_follower_resumes_after_its_position_or_is_told_of_a_gap() {
+        // Room for three short-key changes.
+        let (svc, log) = logged(3 * crate::changes::ENTRY_OVERHEAD);
+        for k in ["a", "b", "c", "d"] {
+            svc.cache.store.delete(k);
+        }
+        assert_eq!(log.head(), 4);
+        // After 1: changes 2..4 are held.
+        let mut feed = follow(&svc, 42, 1).await;
+        let m = next(&mut feed).await;
+        assert!(!m.gap);
+        assert_eq!(
+            m.changes.iter().map(|c| c.sequence).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        // After 0: change 1 was dropped.
+        let mut feed = follow(&svc, 42, 0).await;
+        let m = next(&mut feed).await;
+        assert!(m.gap && m.changes.is_empty());
+        assert_eq!(m.head, 4);
+        // Another incarnation: a gap too, then live from the end.
+        let mut feed = follow(&svc, 41, 4).await;
+        assert!(next(&mut feed).await.gap);
+        svc.cache.store.delete("e");
+        let m = next(&mut feed).await;
+        assert!(!m.gap);
+        assert_eq!(m.changes[0].sequence, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_feed_sends_heartbeats_and_ends_when_the_node_drains() {
+        let (svc, _log) = logged(1 << 20);
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        let svc = svc.with_streams(draining, 8);
+        let mut feed = follow(&svc, 0, 0).await;
+        next(&mut feed).await;
+        let beat = next(&mut feed).await;
+        assert!(beat.changes.is_empty() && !beat.gap);
+        drain.send_replace(true);
+        let end = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("the feed did not end"));
+        assert!(matches!(end, Some(Err(s)) if s.code() == tonic::Code::Unavailable));
+        assert!(feed.next().await.is_none());
+        let refused = svc
+            .changes(Request::new(ChangesRequest::default()))
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(refused, Some(tonic::Code::Unavailable));
+    }
+
+    #[tokio::test]
+    async fn without_a_log_the_feed_is_refused_with_the_flag_to_change() {
+        let store = Store::new(StoreConfig {
+            capacity: 64 << 20,
+            shards: 4,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let cache = CacheService::new(Arc::new(store), RequestLimits::default(), 4 << 20);
+        let svc = InternalService::new(cache);
+        let status = svc
+            .changes(Request::new(ChangesRequest::default()))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a feed without a log"));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("--change-log-bytes"));
     }
 }

@@ -52,6 +52,8 @@ use compact_str::CompactString;
 use parking_lot::RwLock;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, unsync};
 
+use crate::changes::{ChangeKind, ChangeLog};
+
 /// Bytes accounted to every entry beyond its key and value: the cache's
 /// slot and bookkeeping (with the key inline when it is short), the
 /// `Entry` itself, and the value allocation's header and rounding.
@@ -379,6 +381,8 @@ struct Write<'a> {
     condition: Condition,
     /// The clock, read under the lock.
     now: u64,
+    /// What the change is published as.
+    kind: ChangeKind,
 }
 
 /// A TTL in whole milliseconds, at least 1 (callers validate that TTLs are
@@ -439,6 +443,8 @@ pub struct Store {
     shard_hasher: foldhash::fast::FixedState,
     shard_capacity: u64,
     clock: Clock,
+    /// Where every change is published ([`crate::changes`]); `None`: off.
+    changes: Option<Arc<ChangeLog>>,
 }
 
 impl Store {
@@ -486,7 +492,21 @@ impl Store {
             shard_hasher: foldhash::fast::FixedState::with_seed(0x7269_6e67_6361_6368),
             shard_capacity,
             clock,
+            changes: None,
         })
+    }
+
+    /// Publishes every change to `log`: each write, delete, increment,
+    /// touch, copy and flush is appended under the key's shard lock, so
+    /// the log has each key's changes in the order they were applied.
+    pub fn with_change_log(mut self, log: Arc<ChangeLog>) -> Self {
+        self.changes = Some(log);
+        self
+    }
+
+    /// The change log, if changes are published.
+    pub fn change_log(&self) -> Option<&Arc<ChangeLog>> {
+        self.changes.as_ref()
     }
 
     /// The number of shards.
@@ -595,6 +615,10 @@ impl Store {
                     ttl_ms,
                     condition,
                     now,
+                    kind: match condition {
+                        Condition::Replica(_) => ChangeKind::Copy,
+                        _ => ChangeKind::Set,
+                    },
                 },
                 &mut evicted,
             )
@@ -621,6 +645,7 @@ impl Store {
             ttl_ms,
             condition,
             now,
+            kind,
         } = write;
         let current = inner
             .cache
@@ -715,6 +740,10 @@ impl Store {
         if expirations > 0 {
             shard.expirations.fetch_add(expirations, Relaxed);
         }
+        if let Some(log) = &self.changes {
+            // Inline for keys up to 24 bytes: no allocation.
+            log.append(kind, Key::from(key), version);
+        }
         Ok(SetOutcome {
             stored: true,
             version,
@@ -732,7 +761,7 @@ impl Store {
         initial: i64,
         ttl: Option<Duration>,
     ) -> Result<Incremented, StoreError> {
-        let updated = self.update(key, |current| {
+        let updated = self.update(key, ChangeKind::Increment, |current| {
             let (base, ttl) = match current {
                 Some(found) => {
                     let value = std::str::from_utf8(&found.value)
@@ -767,7 +796,7 @@ impl Store {
     /// value, giving it a new version; returns it as it now is. Atomic per
     /// key ([`Store::update`]).
     pub fn touch(&self, key: &str, ttl: Option<Duration>) -> Result<Option<Found>, StoreError> {
-        let updated = self.update(key, |current| {
+        let updated = self.update(key, ChangeKind::Touch, |current| {
             Ok(current.map(|found| (found.value.clone(), ttl, found.value.clone())))
         })?;
         Ok(updated.map(|(value, version)| Found {
@@ -788,6 +817,7 @@ impl Store {
     fn update<T>(
         &self,
         key: &str,
+        kind: ChangeKind,
         change: impl FnOnce(Option<&Found>) -> Result<Option<(Bytes, Option<Duration>, T)>, StoreError>,
     ) -> Result<Option<(T, u64)>, StoreError> {
         let shard = self.shard(key);
@@ -824,6 +854,7 @@ impl Store {
                 ttl_ms: ttl_millis(ttl),
                 condition: Condition::Always,
                 now,
+                kind,
             },
             &mut evicted,
         )?;
@@ -859,6 +890,11 @@ impl Store {
             let removed = inner.cache.remove(key);
             if let Some((_, entry)) = &removed {
                 inner.unindex(entry);
+            }
+            // Published even when nothing was there: whoever keeps an
+            // answer for the key must forget it either way.
+            if let Some(log) = &self.changes {
+                log.append(ChangeKind::Delete, Key::from(key), 0);
             }
             removed
         };
@@ -933,6 +969,9 @@ impl Store {
             };
             // Values are freed here, outside the lock.
             drop(old);
+        }
+        if let Some(log) = &self.changes {
+            log.append(ChangeKind::Flush, Key::default(), 0);
         }
         removed
     }
