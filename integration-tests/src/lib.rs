@@ -18,6 +18,8 @@
 //! - [`bench`]: a closed-loop load generator and `/proc` CPU readings for
 //!   the benchmarks.
 //! - [`jaeger`]: a real Jaeger v2 and a reader for its query API.
+//! - [`proxy`]: a TCP fault proxy that can cut the connections it carries
+//!   (a partition between two processes).
 //! - [`eventually`]: retries an async check until it passes or times out,
 //!   instead of fixed sleeps.
 
@@ -45,6 +47,7 @@ use tonic_health::pb::{
 
 pub mod bench;
 pub mod jaeger;
+pub mod proxy;
 pub mod tools;
 pub mod zipf;
 

@@ -179,6 +179,16 @@ pub struct Config {
     #[arg(long, env = "RINGCACHE_HOT_KEY_TTL", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub hot_key_ttl: Duration,
 
+    /// Follow every node's change feed (Internal/Changes): a write or
+    /// delete through any orchestrator, or straight to a node, voids this
+    /// orchestrator's relieved answer of the key within milliseconds, and
+    /// a key is relieved only while the feeds of the nodes that could take
+    /// its writes are followed and caught up. Off: relief is bounded by
+    /// --hot-key-ttl alone (a write through another orchestrator may be
+    /// seen that much later).
+    #[arg(long, env = "RINGCACHE_CHANGE_FEEDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub change_feeds: bool,
+
     /// How often every node's health is checked.
     #[arg(long, env = "RINGCACHE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,

@@ -17,6 +17,9 @@
 //! - [`hotkeys`]: a bounded sketch of the busiest keys (`Cluster/HotKeys`).
 //! - [`hedge`]: hedged reads — the delay (observed p99 of answered node
 //!   calls, or `--hedge-delay`) and the budget that bounds them.
+//! - [`feeds`]: following the nodes' change feeds (`Internal/Changes`):
+//!   every change on any node reaches this orchestrator's relief, and each
+//!   node's feed says whether it is in sync.
 //! - [`nearcache`]: hot-key relief — a byte-bounded cache of hot keys'
 //!   answers, fresh for a short TTL and voided by every write through this
 //!   orchestrator.
@@ -39,6 +42,7 @@
 pub mod answers;
 pub mod client;
 pub mod config;
+pub mod feeds;
 pub mod handoff;
 pub mod health;
 pub mod hedge;

@@ -61,6 +61,24 @@ pub struct ClusterMetrics {
     pub hot_key_cache_bytes: IntGauge,
     /// Hedged reads.
     pub hedge: HedgeMetrics,
+    /// The nodes' change feeds as this orchestrator follows them.
+    pub feeds: FeedMetrics,
+}
+
+/// How this orchestrator follows the nodes' change feeds, by node.
+#[derive(Debug, Clone)]
+pub struct FeedMetrics {
+    /// 1 while the feed is connected and caught up.
+    pub in_sync: IntGaugeVec,
+    /// Changes received.
+    pub changes: IntCounterVec,
+    /// Times the node said changes were missed (a gap).
+    pub gaps: IntCounterVec,
+    /// Times the feed was lost (ended, broke, or went silent).
+    pub lost: IntCounterVec,
+    /// Changes the node had assigned that this orchestrator had not seen,
+    /// at the last message.
+    pub lag: IntGaugeVec,
 }
 
 impl ClusterMetrics {
@@ -185,6 +203,43 @@ impl ClusterMetrics {
                 "ringcache_hot_key_cache_bytes",
                 "Bytes held by the near cache of hot keys (at most --hot-key-cache-bytes).",
             )?,
+            feeds: FeedMetrics {
+                in_sync: IntGaugeVec::new(
+                    Opts::new(
+                        "ringcache_feed_in_sync",
+                        "1 while this orchestrator follows the node's change feed and has seen every change; 0 while it does not (its keys are not relieved).",
+                    ),
+                    &["node"],
+                )?,
+                changes: IntCounterVec::new(
+                    Opts::new(
+                        "ringcache_feed_changes_total",
+                        "Changes received from the node's change feed.",
+                    ),
+                    &["node"],
+                )?,
+                gaps: IntCounterVec::new(
+                    Opts::new(
+                        "ringcache_feed_gaps_total",
+                        "Times the node's feed said changes were missed (its log dropped them, or it restarted): everything kept of its keys was forgotten.",
+                    ),
+                    &["node"],
+                )?,
+                lost: IntCounterVec::new(
+                    Opts::new(
+                        "ringcache_feed_lost_total",
+                        "Times the node's change feed ended, broke or went silent (it is then followed again from the last change seen).",
+                    ),
+                    &["node"],
+                )?,
+                lag: IntGaugeVec::new(
+                    Opts::new(
+                        "ringcache_feed_lag",
+                        "Changes the node had made that this orchestrator had not yet seen, at its last feed message.",
+                    ),
+                    &["node"],
+                )?,
+            },
             hedge: HedgeMetrics {
                 hedged: IntCounter::new(
                     "ringcache_hedged_keys_total",
@@ -204,6 +259,11 @@ impl ClusterMetrics {
                 )?,
             },
         };
+        registry.register(Box::new(m.feeds.in_sync.clone()))?;
+        registry.register(Box::new(m.feeds.changes.clone()))?;
+        registry.register(Box::new(m.feeds.gaps.clone()))?;
+        registry.register(Box::new(m.feeds.lost.clone()))?;
+        registry.register(Box::new(m.feeds.lag.clone()))?;
         registry.register(Box::new(m.hedge.hedged.clone()))?;
         registry.register(Box::new(m.hedge.wins.clone()))?;
         registry.register(Box::new(m.hedge.refused.clone()))?;
@@ -277,5 +337,11 @@ impl ClusterMetrics {
         let _ = self.invalidations_replayed.remove_label_values(&[node]);
         let _ = self.flushes.remove_label_values(&[node]);
         let _ = self.handoff_copies.remove_label_values(&[node]);
+        let f = &self.feeds;
+        let _ = f.in_sync.remove_label_values(&[node]);
+        let _ = f.changes.remove_label_values(&[node]);
+        let _ = f.gaps.remove_label_values(&[node]);
+        let _ = f.lost.remove_label_values(&[node]);
+        let _ = f.lag.remove_label_values(&[node]);
     }
 }

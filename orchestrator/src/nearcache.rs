@@ -62,6 +62,8 @@ struct Entry {
     answer: Answer,
     /// Until when this answer may be served.
     fresh_until: Instant,
+    /// The routing generation its read was routed under.
+    routing: u64,
 }
 
 /// Bytes an entry of `key_len` and `value_len` bytes costs in the cache.
@@ -102,6 +104,8 @@ fn entries(capacity: u64) -> Cache<Box<str>, Entry, EntryWeighter> {
 pub struct Ticket {
     stripe: usize,
     seen: u64,
+    /// The routing generation when it was taken.
+    routing: u64,
 }
 
 /// The near cache; see the module documentation.
@@ -115,6 +119,11 @@ pub struct NearCache {
     capacity: u64,
     /// Kept at the bytes held (`ringcache_hot_key_cache_bytes`).
     gauge: Option<prometheus::IntGauge>,
+    /// Moves whenever routing changes (a node ejected or readmitted, the
+    /// membership changed): an answer read under another routing is not
+    /// served, as the node it came from may no longer be the one that
+    /// gets the key's writes.
+    routing: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for NearCache {
@@ -138,7 +147,19 @@ impl NearCache {
             ttl,
             capacity,
             gauge: None,
+            routing: Default::default(),
         }
+    }
+
+    /// Serves only answers read under the current value of `routing`
+    /// (the cluster's routing generation).
+    pub fn with_routing(mut self, routing: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    fn routing(&self) -> u64 {
+        self.routing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Keeps `gauge` at the bytes held.
@@ -162,7 +183,7 @@ impl NearCache {
     pub fn get(&self, key: &str, now: Instant) -> Option<Answer> {
         let entry = self.entries.get(key)?;
         let expired = entry.answer.expires.is_some_and(|e| e <= now);
-        if entry.fresh_until <= now || expired {
+        if entry.fresh_until <= now || expired || entry.routing != self.routing() {
             if self.entries.remove(key).is_some() {
                 self.changed();
             }
@@ -178,6 +199,7 @@ impl NearCache {
         Ticket {
             stripe,
             seen: *self.stripes[stripe].lock(),
+            routing: self.routing(),
         }
     }
 
@@ -194,6 +216,7 @@ impl NearCache {
                 Entry {
                     answer,
                     fresh_until: now + self.ttl,
+                    routing: ticket.routing,
                 },
             );
         }
@@ -211,6 +234,20 @@ impl NearCache {
         if removed {
             self.changed();
         }
+    }
+
+    /// Every cached answer, and every fill that read before now, are void
+    /// (a node's feed had a gap, or a node was flushed).
+    pub fn invalidate_all(&self) {
+        // Each stripe's count moves under its lock, as in `invalidate`:
+        // a fill that checked its stripe before stored an answer that
+        // `clear` removes; one that checks after is refused.
+        for stripe in &*self.stripes {
+            let mut count = stripe.lock();
+            *count = count.wrapping_add(1);
+        }
+        self.entries.clear();
+        self.changed();
     }
 
     /// Whether `key` has an answer cached (fresh or not yet evicted).
@@ -244,9 +281,55 @@ impl NearCache {
     }
 }
 
+/// The nodes' change feeds void answers of keys that changed anywhere.
+impl crate::feeds::ChangeSink for NearCache {
+    fn changed(&self, key: &str) {
+        self.invalidate(key);
+    }
+
+    fn all_changed(&self) {
+        self.invalidate_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gap_voids_everything_and_fills_that_read_before_it() {
+        let c = NearCache::new(1 << 20, Duration::from_secs(60));
+        let now = Instant::now();
+        c.fill("a", c.ticket("a"), answer(b"1", 1), now);
+        c.fill("b", c.ticket("b"), answer(b"2", 2), now);
+        let before = c.ticket("c");
+        crate::feeds::ChangeSink::all_changed(&c);
+        assert!(c.get("a", now).is_none() && c.get("b", now).is_none());
+        c.fill("c", before, answer(b"3", 3), now);
+        assert!(c.get("c", now).is_none(), "a fill that read before the gap");
+        c.fill("c", c.ticket("c"), answer(b"3", 3), now);
+        assert!(c.get("c", now).is_some());
+    }
+
+    #[test]
+    fn answers_read_under_another_routing_are_not_served() {
+        let routing = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(5));
+        let c = NearCache::new(1 << 20, Duration::from_secs(60)).with_routing(routing.clone());
+        let now = Instant::now();
+        c.fill("k", c.ticket("k"), answer(b"v", 1), now);
+        assert!(c.get("k", now).is_some());
+        let t = c.ticket("k");
+        // A node was readmitted: the answer came from the node standing in.
+        routing.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        assert!(c.get("k", now).is_none());
+        c.fill("k", t, answer(b"v", 1), now);
+        assert!(
+            c.get("k", now).is_none(),
+            "read before the change, filled after"
+        );
+        c.fill("k", c.ticket("k"), answer(b"v", 1), now);
+        assert!(c.get("k", now).is_some());
+    }
 
     fn answer(value: &'static [u8], version: u64) -> Answer {
         Answer {

@@ -29,6 +29,7 @@ use crate::{
         stack,
         transport::{Transport, TransportSettings},
     },
+    feeds::FeedState,
     handoff::{HandoffSettings, Mutations, Warmth},
     health::{Health, HealthPolicy, State},
     invalidation::{Pending, Replay, StandIns},
@@ -78,6 +79,9 @@ pub struct NodeHealth {
     metrics: Arc<ClusterMetrics>,
     /// How the node is checked when calls cannot tell whether it answers.
     probe: Probe,
+    /// The cluster's routing generation, moved when this node is ejected
+    /// or readmitted.
+    routing: Arc<AtomicU64>,
 }
 
 /// An active check run on demand, when a call ends without saying whether
@@ -108,6 +112,7 @@ impl NodeHealth {
             ejected
         };
         if ejected {
+            self.routing.fetch_add(1, Ordering::AcqRel);
             tracing::warn!(node = %self.id, address = %self.address, reason, "node ejected");
             self.metrics.ejections.with_label_values(&[&*self.id]).inc();
             self.metrics.set_routable(&self.id, false);
@@ -122,6 +127,7 @@ impl NodeHealth {
             readmitted
         };
         if readmitted {
+            self.routing.fetch_add(1, Ordering::AcqRel);
             tracing::info!(node = %self.id, address = %self.address, "node readmitted");
         }
         self.metrics.set_reached(&self.id);
@@ -195,6 +201,8 @@ pub struct Node {
     pub stand_ins: StandIns,
     /// Whether it is being warmed (joined or restarted empty).
     pub warmth: Warmth,
+    /// Whether this orchestrator is in step with its change feed.
+    feed: FeedState,
     /// Its own `--node-id`, as it last reported it.
     reported_id: Mutex<Option<String>>,
     health: Arc<NodeHealth>,
@@ -206,6 +214,7 @@ impl Node {
         settings: &CallSettings,
         metrics: &Arc<ClusterMetrics>,
         epoch: &Arc<AtomicU64>,
+        routing: &Arc<AtomicU64>,
         make_stack: impl Fn(&Member, Transport, Arc<dyn HealthRecorder>, CallMetrics) -> NodeStack,
     ) -> Result<Self, http::Error> {
         let transport =
@@ -222,6 +231,7 @@ impl Node {
                 timeout: settings.probe_timeout,
                 running: AtomicBool::new(false),
             },
+            routing: routing.clone(),
         });
         let stack = make_stack(
             member,
@@ -236,9 +246,15 @@ impl Node {
             pending: Pending::new(settings.pending_invalidation_bytes),
             stand_ins: StandIns::new(settings.pending_invalidation_bytes),
             warmth: Warmth::default(),
+            feed: FeedState::default(),
             reported_id: Mutex::new(None),
             health,
         })
+    }
+
+    /// Where this orchestrator is with the node's change feed.
+    pub fn feed(&self) -> &FeedState {
+        &self.feed
     }
 
     /// Whether calls may go to this node now.
@@ -327,6 +343,10 @@ pub struct Cluster {
     /// The current ring's epoch, shared with every node's transport, which
     /// sends it with each call.
     epoch: Arc<AtomicU64>,
+    /// Moves whenever routing changes: a node ejected or readmitted, the
+    /// membership replaced. What was read under an older routing
+    /// (relief's answers) is not served.
+    routing: Arc<AtomicU64>,
     settings: CallSettings,
     metrics: Arc<ClusterMetrics>,
 }
@@ -342,9 +362,15 @@ impl Cluster {
             created: Instant::now(),
             copy_slots: Arc::new(tokio::sync::Semaphore::new(crate::handoff::COPY_SLOTS)),
             epoch: Arc::new(AtomicU64::new(Ring::default().epoch())),
+            routing: Arc::new(AtomicU64::new(0)),
             settings,
             metrics,
         }
+    }
+
+    /// The routing generation (see the field), shared.
+    pub fn routing_generation(&self) -> Arc<AtomicU64> {
+        self.routing.clone()
     }
 
     /// The call settings.
@@ -449,6 +475,7 @@ impl Cluster {
                 &self.settings,
                 &self.metrics,
                 &self.epoch,
+                &self.routing,
                 &make_stack,
             ) {
                 Ok(node) => {
@@ -501,6 +528,7 @@ impl Cluster {
             nodes,
             epoch,
         }));
+        self.routing.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether this orchestrator can serve: some node on the ring is

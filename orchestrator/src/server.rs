@@ -109,6 +109,7 @@ pub async fn run(
         }))
     };
 
+    let feed_cluster = cluster.clone();
     let mut router = Router::new(
         cluster,
         config.limits.limits(),
@@ -137,11 +138,27 @@ pub async fn run(
         None => None,
     };
     // Hot-key relief, unless --hot-key-cache-bytes is 0.
-    if config.hot_key_cache_bytes.bytes() > 0 {
-        let near = NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)
-            .with_gauge(near_bytes);
-        router = router.with_relief(Arc::new(near), Some(relieved));
-    }
+    // Its answers are voided by every node's change feed, unless
+    // --change-feeds false.
+    let _feeds = if config.hot_key_cache_bytes.bytes() > 0 {
+        let near = Arc::new(
+            NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)
+                .with_gauge(near_bytes)
+                .with_routing(feed_cluster.routing_generation()),
+        );
+        router = router.with_relief(near.clone(), Some(relieved));
+        if config.change_feeds {
+            router = router.with_fed_relief();
+            Some(AbortOnDrop(tokio::spawn(crate::feeds::supervise(
+                feed_cluster.clone(),
+                near,
+            ))))
+        } else {
+            None
+        }
+    } else {
+        None
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     // The same health state, for the plaintext probe port.
     let health_probe = health_service.clone();

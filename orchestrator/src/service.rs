@@ -98,6 +98,9 @@ struct Relief {
     near: Arc<NearCache>,
     /// Reads answered from `near`.
     relieved: Option<prometheus::IntCounter>,
+    /// `near` is kept fresh by the nodes' change feeds: a key is relieved
+    /// only while the feeds that could carry its changes are in sync.
+    fed: bool,
 }
 
 /// A write or delete of one key in progress: counted by the hot-key
@@ -443,8 +446,35 @@ impl Router {
         near: Arc<NearCache>,
         relieved: Option<prometheus::IntCounter>,
     ) -> Self {
-        self.relief = Some(Relief { near, relieved });
+        self.relief = Some(Relief {
+            near,
+            relieved,
+            fed: false,
+        });
         self
+    }
+
+    /// Relief is kept fresh by the nodes' change feeds
+    /// ([`crate::feeds`]): a key is relieved only while
+    /// [`Router::relievable`] says its changes would be seen.
+    pub fn with_fed_relief(mut self) -> Self {
+        if let Some(r) = &mut self.relief {
+            r.fed = true;
+        }
+        self
+    }
+
+    /// Whether every change of `key` would reach this orchestrator through
+    /// the change feeds now: the feeds of its owners and of the next node
+    /// (which takes its writes while an owner is away) are in sync.
+    fn relievable(&self, topo: &Topology, key: &str) -> bool {
+        let watched = (self.replicas + 1).min(topo.nodes.len());
+        watched > 0
+            && topo
+                .ring
+                .owners(key, watched)
+                .iter()
+                .all(|&i| topo.nodes[i].feed().in_sync())
     }
 
     /// Starts a write or delete of `key` (see [`Writing`]).
@@ -575,9 +605,17 @@ impl Router {
     ) -> Vec<GetResult> {
         let near = &*relief.near;
         let now = Instant::now();
+        let topology = relief.fed.then(|| self.cluster.topology());
+        // With feeds, a key whose changes this orchestrator might not see
+        // is neither answered from nor kept in the near cache.
+        let allowed = |k: &str| topology.as_ref().is_none_or(|t| self.relievable(t, k));
         let mut results: Vec<Option<GetResult>> = Vec::with_capacity(keys.len());
         let mut fills = Vec::new();
         for (i, k) in keys.iter().enumerate() {
+            if !allowed(k) {
+                results.push(None);
+                continue;
+            }
             let cached = near.get(k, now);
             if cached.is_none() && self.hot.is_hot_now(k) {
                 // Taken before the nodes are asked: see `NearCache::fill`.

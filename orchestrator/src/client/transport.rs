@@ -45,8 +45,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
 use prost::Message;
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, FlushRequest, FlushResponse, ScanRequest, ScanResponse,
-    StatsRequest, StatsResponse,
+    ApplyRequest, ApplyResponse, ChangesRequest, ChangesResponse, FlushRequest, FlushResponse,
+    ScanRequest, ScanResponse, StatsRequest, StatsResponse,
 };
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
@@ -132,6 +132,7 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const FLUSH: &str = "/ringcache.v1.Internal/Flush";
 const STATS: &str = "/ringcache.v1.Node/Stats";
 const SCAN: &str = "/ringcache.v1.Internal/Scan";
+const CHANGES: &str = "/ringcache.v1.Internal/Changes";
 
 /// One connection slot.
 #[derive(Debug, Default)]
@@ -343,6 +344,45 @@ impl Transport {
         }
     }
 
+    /// Follows the node's change feed (`Internal/Changes`) from position
+    /// `(incarnation, after)` (0, 0: from its current end), on one of the
+    /// pool's connections.
+    pub async fn changes(&self, incarnation: u64, after: u64) -> Result<ChangeFeed, CallError> {
+        let (_, _, sender) = self.sender().await?;
+        let (mut sender, request) = grpc_request(sender, &self.pool.authority, CHANGES).await?;
+        let message = ChangesRequest { incarnation, after };
+        let mut body = BytesMut::with_capacity(5 + message.encoded_len());
+        body.put_u8(0);
+        body.put_u32(u32::try_from(message.encoded_len()).unwrap_or(u32::MAX));
+        message
+            .encode(&mut body)
+            .map_err(|e| CallError::NotSent(e.to_string()))?;
+        let (response, mut send) = sender
+            .send_request(request, false)
+            .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
+        send.send_data(body.freeze(), true)
+            .map_err(|e| CallError::Lost(e.to_string()))?;
+        let response = response.await.map_err(stream_failure)?;
+        let (parts, body) = response.into_parts();
+        if parts.status != http::StatusCode::OK {
+            return Err(CallError::Refused(tonic::Status::unknown(format!(
+                "the node answered HTTP {}",
+                parts.status
+            ))));
+        }
+        // A trailers-only answer: refused (no log, draining, too many).
+        if let Some(status) = tonic::Status::from_header_map(&parts.headers)
+            && status.code() != tonic::Code::Ok
+        {
+            return Err(CallError::Refused(status));
+        }
+        Ok(ChangeFeed {
+            body,
+            buf: BytesMut::new(),
+            max_message: self.pool.settings.max_message_bytes,
+        })
+    }
+
     /// The `ApplyStream` to send the next batch on, opened if needed, with
     /// its slot; `None` when batches go by unary `Apply` (streams are off,
     /// or the node refused a stream on this connection).
@@ -491,6 +531,60 @@ async fn connect(address: &str, tls: Option<&NodeTls>) -> Result<SendRequest<Byt
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
             http2(stream, address).await
+        }
+    }
+}
+
+/// A node's change feed being read ([`Transport::changes`]).
+#[derive(Debug)]
+pub struct ChangeFeed {
+    body: h2::RecvStream,
+    buf: BytesMut,
+    max_message: usize,
+}
+
+impl ChangeFeed {
+    /// The next message; `None` when the node ended the feed without an
+    /// error status.
+    pub async fn next(&mut self) -> Result<Option<ChangesResponse>, CallError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let (compressed, len) = (
+                    self.buf[0],
+                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]),
+                );
+                let len = len as usize;
+                if compressed != 0 || len > self.max_message {
+                    return Err(CallError::Lost(format!(
+                        "the node's feed is malformed (compressed flag {compressed}, length {len}, limit {})",
+                        self.max_message
+                    )));
+                }
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let message = self.buf.split_to(len).freeze();
+                    return ChangesResponse::decode(message).map(Some).map_err(|e| {
+                        CallError::Lost(format!("cannot decode the node's feed: {e}"))
+                    });
+                }
+            }
+            match self.body.data().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(stream_failure)?;
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                None => {
+                    let trailers = self.body.trailers().await.map_err(stream_failure)?;
+                    return match trailers.as_ref().and_then(tonic::Status::from_header_map) {
+                        Some(s) if s.code() == tonic::Code::Ok => Ok(None),
+                        Some(s) => Err(CallError::Refused(s)),
+                        None => Err(CallError::Lost(
+                            "the feed ended without a grpc-status".to_owned(),
+                        )),
+                    };
+                }
+            }
         }
     }
 }
