@@ -58,6 +58,9 @@ pub enum ChangeKind {
     Copy,
     /// Every entry removed.
     Flush,
+    /// A debt recorded: another node (the change's owner) may hold a stale
+    /// value of the key. The key's value here did not change.
+    Owed,
 }
 
 /// One change, as readers get it.
@@ -69,8 +72,11 @@ pub struct Change {
     pub kind: ChangeKind,
     /// The key (empty for [`ChangeKind::Flush`]).
     pub key: CompactString,
-    /// The key's version after the change (0 after a delete or a flush).
+    /// The key's version after the change (0 after a delete or a flush);
+    /// for [`ChangeKind::Owed`], the debt record's sequence.
     pub version: u64,
+    /// For [`ChangeKind::Owed`]: the node that owes the key.
+    pub owner: Option<Box<str>>,
 }
 
 /// What a reader gets from [`ChangeLog::read_after`].
@@ -93,16 +99,19 @@ pub enum Read {
 }
 
 /// Bytes a logged change is accounted with beyond a key too long to be
-/// stored inline: its 40-byte slot in the ring buffer (key, version, kind)
-/// and the slack of a buffer that grows by doubling (up to twice that).
-pub const ENTRY_OVERHEAD: usize = 80;
+/// stored inline: its 48-byte slot in the ring buffer (key, version, kind,
+/// owner) and the slack of a buffer that grows by doubling (up to twice
+/// that).
+pub const ENTRY_OVERHEAD: usize = 96;
 
 /// A `CompactString` keeps keys up to this long inline.
 const INLINE_KEY: usize = 24;
 
 /// Bytes one change is accounted with.
-fn weight(key: &str) -> usize {
-    ENTRY_OVERHEAD + if key.len() > INLINE_KEY { key.len() } else { 0 }
+fn weight(key: &str, owner: Option<&str>) -> usize {
+    ENTRY_OVERHEAD
+        + if key.len() > INLINE_KEY { key.len() } else { 0 }
+        + owner.map_or(0, |o| o.len() + 16)
 }
 
 #[derive(Debug)]
@@ -110,6 +119,7 @@ struct Logged {
     kind: ChangeKind,
     key: CompactString,
     version: u64,
+    owner: Option<Box<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -172,15 +182,35 @@ impl ChangeLog {
     /// Appends a change of `key` (which the caller cloned before taking its
     /// shard lock) and wakes waiting readers. Returns its sequence.
     pub fn append(&self, kind: ChangeKind, key: CompactString, version: u64) -> u64 {
+        self.push(Logged {
+            kind,
+            key,
+            version,
+            owner: None,
+        })
+    }
+
+    /// Appends a debt record: `owner` may hold a stale value of `key`
+    /// (record `sequence` of the node's debts).
+    pub fn append_owed(&self, owner: &str, key: &str, sequence: u64) -> u64 {
+        self.push(Logged {
+            kind: ChangeKind::Owed,
+            key: CompactString::from(key),
+            version: sequence,
+            owner: Some(owner.into()),
+        })
+    }
+
+    fn push(&self, logged: Logged) -> u64 {
         let sequence = {
             let mut inner = self.inner.lock();
-            inner.bytes += weight(&key);
-            inner.entries.push_back(Logged { kind, key, version });
+            inner.bytes += weight(&logged.key, logged.owner.as_deref());
+            inner.entries.push_back(logged);
             while inner.bytes > self.max_bytes {
                 let Some(old) = inner.entries.pop_front() else {
                     break;
                 };
-                inner.bytes -= weight(&old.key);
+                inner.bytes -= weight(&old.key, old.owner.as_deref());
                 inner.first += 1;
             }
             inner.first + inner.entries.len() as u64 - 1
@@ -238,6 +268,7 @@ impl ChangeLog {
                 kind: e.kind,
                 key: e.key.clone(),
                 version: e.version,
+                owner: e.owner.clone(),
             })
             .collect();
         Read::Changes { changes, head }

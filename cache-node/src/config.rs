@@ -73,6 +73,13 @@ pub struct Config {
     /// the log off: orchestrators then relieve none of this node's keys.
     #[arg(long, env = "RINGCACHE_CHANGE_LOG_BYTES", default_value = "32MiB")]
     pub change_log_bytes: ByteSize,
+
+    /// Most bytes of debt records: keys other nodes missed a write or
+    /// delete of (recorded here by orchestrators, about 64 bytes plus the
+    /// key each), deleted there before they serve again. Beyond it, the
+    /// node with the most is marked to be flushed instead.
+    #[arg(long, env = "RINGCACHE_DEBT_BYTES", default_value = "16MiB")]
+    pub debt_bytes: ByteSize,
 }
 
 /// A configuration whose values do not fit together.

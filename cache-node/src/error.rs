@@ -14,8 +14,16 @@ pub enum NodeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A batch op with no operation set.
-    #[error("op: no operation set (expected get, set, delete or copy)")]
+    #[error("op: no operation set (expected get, set, delete, copy, increment, touch or owe)")]
     EmptyOp,
+    /// An `Owe` op names an owner that is empty or too long.
+    #[error("owe: an owner identity must be 1 to {max} bytes, got {len}")]
+    InvalidOwner {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A batch's answer would be larger than a message may be.
     #[error(
         "response would be over {limit} bytes (--max-message-bytes) after {answered} of {requested} keys; ask for fewer keys per call"
@@ -47,7 +55,9 @@ impl From<NodeError> for tonic::Status {
             NodeError::Store(e @ StoreError::Overflow { .. }) => {
                 tonic::Status::out_of_range(e.to_string())
             }
-            e @ NodeError::EmptyOp => tonic::Status::invalid_argument(e.to_string()),
+            e @ (NodeError::EmptyOp | NodeError::InvalidOwner { .. }) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
             e @ NodeError::ResponseTooLarge { .. } => {
                 tonic::Status::resource_exhausted(e.to_string())
             }

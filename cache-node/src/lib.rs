@@ -13,6 +13,9 @@
 //! - [`changes`]: the change feed — a bounded log of every change the store
 //!   applied, numbered per incarnation, read by orchestrators from a
 //!   position (`Internal/Changes`).
+//! - [`debts`]: keys other nodes missed changes of, recorded here by
+//!   orchestrators (`Owe`) and read back before those nodes serve again
+//!   (`Internal/Debts`, `Internal/Settle`).
 //! - [`epochs`]: the ring epochs orchestrators call with, so a node shows
 //!   when orchestrators disagree about the membership.
 //! - [`error`]: the node's error type and its one mapping to `tonic::Status`.
@@ -29,6 +32,7 @@
 
 pub mod changes;
 pub mod config;
+pub mod debts;
 pub mod epochs;
 pub mod error;
 pub mod metrics;

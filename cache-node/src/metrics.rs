@@ -304,3 +304,53 @@ impl Collector for ChangesCollector {
         .collect()
     }
 }
+
+/// Exposes the debt records (`ringcache_debts_*`), read at scrape time.
+#[derive(Debug)]
+pub struct DebtsCollector {
+    debts: Arc<crate::debts::Debts>,
+    owners: IntGauge,
+    keys: IntGauge,
+    bytes: IntGauge,
+}
+
+impl DebtsCollector {
+    /// A collector over `debts`.
+    pub fn new(debts: Arc<crate::debts::Debts>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            debts,
+            owners: IntGauge::new(
+                "ringcache_debts_owners",
+                "Nodes this node holds records of missed changes for (they are brought up to date before they serve again).",
+            )?,
+            keys: IntGauge::new(
+                "ringcache_debts_keys",
+                "Keys recorded here that other nodes missed a write or delete of.",
+            )?,
+            bytes: IntGauge::new(
+                "ringcache_debts_bytes",
+                "Bytes accounted to those records (at most --debt-bytes).",
+            )?,
+        })
+    }
+}
+
+impl Collector for DebtsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [&self.owners, &self.keys, &self.bytes]
+            .into_iter()
+            .flat_map(|g| g.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (owners, keys, bytes) = self.debts.totals();
+        gauge(&self.owners, owners as u64);
+        gauge(&self.keys, keys as u64);
+        gauge(&self.bytes, bytes as u64);
+        [&self.owners, &self.keys, &self.bytes]
+            .into_iter()
+            .flat_map(|g| g.collect())
+            .collect()
+    }
+}

@@ -18,7 +18,8 @@ use tonic::service::RoutesBuilder;
 use crate::{
     changes::ChangeLog,
     config::Config,
-    metrics::{ChangesCollector, EpochsCollector, StoreCollector},
+    debts::Debts,
+    metrics::{ChangesCollector, DebtsCollector, EpochsCollector, StoreCollector},
     service::{CacheService, InternalService, NodeService, new_incarnation},
     store::Store,
 };
@@ -84,8 +85,13 @@ pub async fn run(
         shutdown.await;
         draining_tx.send_replace(true);
     };
-    let internal =
-        InternalService::new(cache.clone()).with_streams(draining, config.limits.max_in_flight);
+    let debts = Arc::new(Debts::new(
+        usize::try_from(config.debt_bytes.bytes()).unwrap_or(usize::MAX),
+    ));
+    registry.register(Box::new(DebtsCollector::new(debts.clone())?))?;
+    let internal = InternalService::new(cache.clone())
+        .with_streams(draining, config.limits.max_in_flight)
+        .with_debts(debts);
     let internal_epochs = internal.epochs();
     registry.register(Box::new(EpochsCollector::new(internal.epochs())?))?;
     let mut routes = RoutesBuilder::default();

@@ -20,19 +20,20 @@ use ringcache_common::{
 };
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, ChangesRequest,
-    ChangesResponse, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse,
-    DeleteResult, ExistsRequest, ExistsResponse, FlushRequest, FlushResponse, GetManyRequest,
-    GetManyResponse, GetRequest, GetResponse, GetResult, IncrementRequest, IncrementResponse,
-    KeyError, KeyInfo, Op, OpResult, RingEpoch, ScanRequest, ScanResponse, SetManyRequest,
-    SetManyResponse, SetRequest, SetResponse, SetResult, StatsRequest, StatsResponse, TouchRequest,
-    TouchResponse, cache_server::Cache, internal_server::Internal, node_server::Node, op,
-    op_result,
+    ChangesResponse, DebtsRequest, DebtsResponse, DeleteManyRequest, DeleteManyResponse,
+    DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest,
+    FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
+    IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse, RingEpoch,
+    ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
+    SettleRequest, SettleResponse, StatsRequest, StatsResponse, TouchRequest, TouchResponse,
+    cache_server::Cache, internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
 
 use crate::{
     changes::{self, ChangeLog},
+    debts::Debts,
     epochs::{self, Epochs},
     error::NodeError,
     store::{self, Found, Store},
@@ -349,7 +350,15 @@ pub struct InternalService {
     draining: tokio::sync::watch::Receiver<bool>,
     /// Permits for open `ApplyStream`s (`--max-in-flight` of them).
     streams: Arc<tokio::sync::Semaphore>,
+    /// Keys other nodes missed changes of (`Owe`, `Debts`, `Settle`).
+    debts: Arc<Debts>,
 }
+
+/// Bytes of debt records a node keeps by default (`--debt-bytes`).
+pub const DEFAULT_DEBT_BYTES: usize = 16 << 20;
+
+/// The longest owner identity an `Owe` may name.
+const MAX_OWNER_BYTES: usize = 1024;
 
 /// Open `ApplyStream`s a node allows by default (see
 /// [`InternalService::with_streams`]).
@@ -369,7 +378,45 @@ impl InternalService {
             epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
             draining,
             streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
+            debts: Arc::new(Debts::new(DEFAULT_DEBT_BYTES)),
         }
+    }
+
+    /// Keeps debt records in `debts`.
+    pub fn with_debts(mut self, debts: Arc<Debts>) -> Self {
+        self.debts = debts;
+        self
+    }
+
+    /// Records an `Owe` op's debts, and publishes each on the change feed
+    /// (so every orchestrator learns of it within milliseconds).
+    fn owe(&self, req: &ringcache_proto::v1::OweRequest) -> Result<OweResponse, NodeError> {
+        self.cache.limits.check_key(|| "key".to_owned(), &req.key)?;
+        self.cache.limits.check_batch("owners", req.owners.len())?;
+        if let Some(o) = req
+            .owners
+            .iter()
+            .find(|o| o.is_empty() || o.len() > MAX_OWNER_BYTES)
+        {
+            return Err(NodeError::InvalidOwner {
+                len: o.len(),
+                max: MAX_OWNER_BYTES,
+            });
+        }
+        let mut first = 0;
+        for owner in &req.owners {
+            let (sequence, overflowed) = self.debts.record(owner, &req.key);
+            if first == 0 {
+                first = sequence;
+            }
+            if let Some(log) = self.cache.store.change_log() {
+                // An overflow is published with an empty key: everything
+                // the owner holds may be stale.
+                let key = if overflowed { "" } else { req.key.as_str() };
+                log.append_owed(owner, key, sequence);
+            }
+        }
+        Ok(OweResponse { sequence: first })
     }
 
     /// Ends `ApplyStream`s once `draining` turns true, and allows at most
@@ -483,6 +530,7 @@ impl InternalService {
                     version: out.version,
                 })
             }
+            Some(op::Op::Owe(req)) => op_result::Result::Owe(self.owe(req)?),
             None => return Err(NodeError::EmptyOp),
         })
     }
@@ -638,9 +686,11 @@ fn change_message(c: changes::Change) -> ringcache_proto::v1::Change {
             changes::ChangeKind::Touch => K::Touch,
             changes::ChangeKind::Copy => K::Copy,
             changes::ChangeKind::Flush => K::Flush,
+            changes::ChangeKind::Owed => K::Owed,
         } as i32,
         key: c.key.into_string(),
         version: c.version,
+        owner: c.owner.map(String::from).unwrap_or_default(),
     }
 }
 
@@ -726,6 +776,37 @@ impl Internal for InternalService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn debts(
+        &self,
+        request: Request<DebtsRequest>,
+    ) -> Result<Response<DebtsResponse>, Status> {
+        let req = request.into_inner();
+        let max_batch = self.cache.limits.max_batch;
+        let by_size = self.cache.max_message_bytes / (self.cache.limits.max_key_bytes + 8);
+        let limit = match req.limit {
+            0 => max_batch,
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(max_batch),
+        }
+        .min(by_size)
+        .max(1);
+        let listed = self.debts.list(&req.owner, limit);
+        Ok(Response::new(DebtsResponse {
+            keys: listed.keys,
+            overflowed: listed.overflowed,
+            through: listed.through,
+            more: listed.more,
+        }))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<SettleRequest>,
+    ) -> Result<Response<SettleResponse>, Status> {
+        let req = request.into_inner();
+        let settled = self.debts.settle(&req.owner, req.through);
+        Ok(Response::new(SettleResponse { settled }))
+    }
+
     async fn flush(&self, _: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
         let removed = self.cache.store.clear();
         tracing::info!(removed, "flushed at an orchestrator's request");
@@ -800,6 +881,7 @@ impl Internal for InternalService {
 /// The key an op names.
 fn op_key(op: &Op) -> Option<&str> {
     match op.op.as_ref()? {
+        op::Op::Owe(r) => Some(&r.key),
         op::Op::Get(r) => Some(&r.key),
         op::Op::Set(r) => Some(&r.key),
         op::Op::Delete(r) => Some(&r.key),

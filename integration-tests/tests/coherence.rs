@@ -320,3 +320,75 @@ async fn a_cut_feed_stops_relief_of_the_keys_it_would_carry() {
         "relief did not resume once the feed was followed again"
     );
 }
+
+/// B relieves a key of a node whose change log is small. B's connections
+/// to the node are cut for a moment (shorter than an ejection), during
+/// which A overwrites the key and makes enough other changes to wrap the
+/// log past B's position. When B follows the feed again, the node says the
+/// position is gone (a gap): B forgets everything it kept, so it never
+/// answers the overwritten value — although its answers are kept 60 s
+/// and its routing did not change.
+#[tokio::test]
+async fn a_feed_gap_forgets_what_was_kept() {
+    let node = NodeProcess::start(&["--change-log-bytes", "64KiB"]).await;
+    let proxy = FaultProxy::start(node.process.grpc).await;
+    let direct = format!("n0={}", node.addr());
+    let proxied = format!("n0={}", proxy.addr);
+    let a = OrchestratorProcess::start(&["--nodes", &direct]).await;
+    // Default health checks (every second, ejected after three failures):
+    // the cut below does not eject the node.
+    let mut b_args = vec!["--nodes", proxied.as_str()];
+    b_args.extend_from_slice(RELIEF);
+    let b = OrchestratorProcess::start(&b_args).await;
+    let mut through_a = a.cache().await;
+    let mut through_b = b.cache().await;
+    through_a.set(set("flag", b"old")).await.unwrap();
+    heat(&b, "flag").await;
+    assert_eq!(
+        value(&mut through_b, "flag").await.as_deref(),
+        Some(&b"old"[..])
+    );
+
+    proxy.cut();
+    through_a.set(set("flag", b"new")).await.unwrap();
+    // About 700 changes fit in 64 KiB: 2000 more wrap the log.
+    let entries: Vec<SetRequest> = (0..2000)
+        .map(|i| set(&format!("filler-{i}"), b"x"))
+        .collect();
+    for chunk in entries.chunks(500) {
+        through_a
+            .set_many(ringcache_proto::v1::SetManyRequest {
+                entries: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+    proxy.restore();
+    eventually(Duration::from_secs(20), || async {
+        let page = b.process.scrape().await;
+        let in_sync = metric_value(&page, "ringcache_feed_in_sync", &["n0"]);
+        let gaps = metric_value(&page, "ringcache_feed_gaps_total", &["n0"]);
+        match (in_sync, gaps) {
+            (Some(1.0), Some(g)) if g >= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    for _ in 0..50 {
+        // B may miss (the key's answer was forgotten and read again) but
+        // never answers the value overwritten through A.
+        match through_b.get(GetRequest { key: "flag".into() }).await {
+            Ok(r) => assert_ne!(
+                r.into_inner().value.as_ref(),
+                b"old",
+                "stale after a feed gap"
+            ),
+            Err(s) => panic!("read through B failed after the feed came back: {s}"),
+        }
+    }
+    assert_eq!(
+        metric(&b, "ringcache_node_ejections_total", &["n0"]).await,
+        0.0,
+        "the cut ejected the node: routing changed, so this test would not show the gap's effect"
+    );
+}

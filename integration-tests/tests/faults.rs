@@ -123,23 +123,29 @@ impl Report {
     }
 }
 
-/// Load on the orchestrator: half reads of the fixed keys, half reads,
+/// Load on the orchestrators: half reads of the fixed keys, half reads,
 /// writes and deletes of each task's own keys, each read checked against
-/// the task's record of what it last wrote or deleted.
+/// the task's record of what it last wrote or deleted. With several
+/// orchestrators, each call goes to one picked at random, so a key is
+/// written through one and read through another.
 struct Workload {
     stop: Arc<AtomicBool>,
     counts: Arc<Counts>,
     tasks: Vec<tokio::task::JoinHandle<HashMap<String, Last>>>,
-    cache: CacheClient<Channel>,
+    caches: Vec<CacheClient<Channel>>,
 }
 
 impl Workload {
     fn start(cache: CacheClient<Channel>, fixed: usize) -> Self {
+        Self::spread(vec![cache], fixed)
+    }
+
+    fn spread(caches: Vec<CacheClient<Channel>>, fixed: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
         let tasks = (0..WORKERS)
             .map(|w| {
-                let (stop, counts, mut cache) = (stop.clone(), counts.clone(), cache.clone());
+                let (stop, counts, caches) = (stop.clone(), counts.clone(), caches.clone());
                 tokio::spawn(async move {
                     let mut model: HashMap<String, Last> = (0..KEYS_PER_WORKER)
                         .map(|k| (format!("w{w}:{k}"), Last::Absent))
@@ -155,6 +161,7 @@ impl Workload {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
+                        let mut cache = caches[(x >> 56) as usize % caches.len()].clone();
                         counts.calls.fetch_add(1, Ordering::Relaxed);
                         if fixed > 0 && x.is_multiple_of(2) {
                             let i = ((x >> 8) % fixed as u64) as usize;
@@ -318,7 +325,7 @@ impl Workload {
             stop,
             counts,
             tasks,
-            cache,
+            caches,
         }
     }
 
@@ -334,21 +341,23 @@ impl Workload {
         let c = &self.counts;
         for model in models {
             for (key, last) in model {
-                let r = self
-                    .cache
-                    .get(with_timeout(GetRequest { key: key.clone() }))
-                    .await
-                    .expect("the final check's reads succeed")
-                    .into_inner();
-                match (last, r.found) {
-                    (_, false) | (Last::Unknown, _) => {}
-                    (Last::Absent, true) => {
-                        c.resurrected.fetch_add(1, Ordering::Relaxed);
+                // Through every orchestrator.
+                for cache in &mut self.caches {
+                    let r = cache
+                        .get(with_timeout(GetRequest { key: key.clone() }))
+                        .await
+                        .expect("the final check's reads succeed")
+                        .into_inner();
+                    match (&last, r.found) {
+                        (_, false) | (Last::Unknown, _) => {}
+                        (Last::Absent, true) => {
+                            c.resurrected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (Last::Value(v), true) if r.value != v.as_bytes() => {
+                            c.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (Last::Value(_), true) => {}
                     }
-                    (Last::Value(v), true) if r.value != v.as_bytes() => {
-                        c.stale.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (Last::Value(_), true) => {}
                 }
             }
         }
@@ -961,4 +970,212 @@ async fn hedged_reads_keep_a_hung_owner_from_failing_calls() {
         failed * 100 <= total,
         "{failed} of {total} calls failed during the hang"
     );
+}
+
+/// `n` more orchestrators over `cluster`'s nodes, with `args`.
+async fn more_orchestrators(
+    cluster: &TestCluster,
+    n: usize,
+    args: &[&str],
+) -> Vec<OrchestratorProcess> {
+    let mut others = Vec::new();
+    for _ in 0..n {
+        others.push(TestCluster::orchestrator_for(&cluster.node_addrs, args).await);
+    }
+    others
+}
+
+/// Waits until `o` reports the node at `address` in a state `ok` accepts.
+async fn wait_node_on(
+    o: &OrchestratorProcess,
+    address: &str,
+    ok: impl Fn(&ringcache_proto::v1::NodeInfo) -> bool,
+) {
+    let cluster = o.cluster().await;
+    wait_for_nodes(&cluster, Duration::from_secs(30), |nodes| {
+        nodes.iter().find(|n| n.address == address).is_some_and(&ok)
+    })
+    .await;
+}
+
+/// A rolling restart of every node (R=2) under load spread over
+/// `orchestrators` orchestrators, each call to one picked at random; each
+/// node is restarted once every orchestrator has warmed the previous one.
+async fn rolling_restart_spread(orchestrators: usize) {
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
+    let others = more_orchestrators(&cluster, orchestrators - 1, &["--replicas", "2"]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let mut caches = vec![cluster.orchestrator.cache().await];
+    for o in &others {
+        caches.push(o.cache().await);
+    }
+    let load = Workload::spread(caches, FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        cluster.stop_node(i);
+        cluster.restart_node(i).await;
+        cluster.wait_node_warm(i).await;
+        for o in &others {
+            wait_node_on(o, &cluster.node_addrs[i], |n| {
+                n.state() == NodeState::Healthy && !n.warming
+            })
+            .await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish().await;
+    let lost = fixed_keys_lost(&mut cache).await;
+    print_row(
+        &format!("rolling restart, {orchestrators} orchestrators, calls spread"),
+        2,
+        &report,
+        Some(lost),
+    );
+    assert!(report.calls > 100, "{report:?}");
+    assert_eq!(report.avoidable_failures(), 0, "{report:?}");
+    assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
+    assert_eq!(lost, 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_two_orchestrators_fails_loses_and_serves_stale_nothing() {
+    rolling_restart_spread(2).await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_three_orchestrators_fails_loses_and_serves_stale_nothing() {
+    rolling_restart_spread(3).await;
+}
+
+/// SIGSTOP past ejection with one replica, under load spread over two
+/// orchestrators: a key written or deleted through one while its owner
+/// was away is read through the other, during the outage and after the
+/// owner returns. Nothing stale, nothing deleted comes back.
+#[tokio::test]
+async fn a_paused_owner_under_two_orchestrators_serves_nothing_stale_when_it_returns() {
+    let cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "1"]).await;
+    let others = more_orchestrators(&cluster, 1, &["--replicas", "1"]).await;
+    let b = &others[0];
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let load = Workload::spread(
+        vec![cluster.orchestrator.cache().await, b.cache().await],
+        FIXED_KEYS,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused = &cluster.nodes[0].as_ref().unwrap().process;
+    paused.signal("STOP");
+    cluster.wait_node_state(0, NodeState::Ejected).await;
+    wait_node_on(b, &cluster.node_addrs[0], |n| {
+        n.state() == NodeState::Ejected
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    paused.signal("CONT");
+    cluster.wait_node_state(0, NodeState::Healthy).await;
+    wait_node_on(b, &cluster.node_addrs[0], |n| {
+        n.state() == NodeState::Healthy
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    print_row(
+        "SIGSTOP past ejection, then SIGCONT; 2 orchestrators, calls spread",
+        1,
+        &report,
+        None,
+    );
+    assert!(report.calls > 100, "{report:?}");
+    assert_eq!(report.stale, 0, "stale reads: {report:?}");
+    assert_eq!(report.resurrected, 0, "deleted keys read back: {report:?}");
+}
+
+/// The reproduction: R=1, two nodes, orchestrators A and B. Keys
+/// are set; the owner of some freezes and is ejected; every key is
+/// deleted through A; A is killed (a pod replaced by a deploy) before the
+/// owner comes back. Through B — and through an orchestrator started
+/// only afterwards — none of the deleted keys is served: what the owner
+/// missed was recorded on the node that took the deletes, not only in
+/// A's memory.
+#[tokio::test]
+async fn deletes_outlive_the_orchestrator_that_made_them() {
+    let mut cluster = TestCluster::start_with(2, NODE_ARGS, &["--replicas", "1"]).await;
+    let b = more_orchestrators(&cluster, 1, &["--replicas", "1"])
+        .await
+        .remove(0);
+    let mut through_a = cluster.orchestrator.cache().await;
+    let keys: Vec<String> = (0..64).map(|i| format!("doomed-{i}")).collect();
+    let mut frozen_keys = 0;
+    for k in &keys {
+        through_a
+            .set(SetRequest {
+                key: k.clone(),
+                value: b"alive".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        frozen_keys += usize::from(first_owner(&cluster, k).await == 0);
+    }
+    assert!(frozen_keys > 0);
+    let frozen = &cluster.nodes[0].as_ref().unwrap().process;
+    frozen.signal("STOP");
+    cluster.wait_node_state(0, NodeState::Ejected).await;
+    for k in &keys {
+        through_a
+            .delete(with_timeout(DeleteRequest {
+                key: k.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    // The record is on the node that took the deletes.
+    let holder = cluster.nodes[1].as_ref().unwrap();
+    let recorded = metric_value(&holder.process.scrape().await, "ringcache_debts_keys", &[]);
+    assert_eq!(recorded, Some(frozen_keys as f64), "debts on the holder");
+    // A goes away with everything it knew.
+    let a = std::mem::replace(
+        &mut cluster.orchestrator,
+        TestCluster::orchestrator_for(&cluster.node_addrs, &["--replicas", "1"]).await,
+    );
+    drop(a);
+    let late = &cluster.orchestrator;
+    frozen.signal("CONT");
+    wait_node_on(&b, &cluster.node_addrs[0], |n| {
+        n.state() == NodeState::Healthy
+    })
+    .await;
+    cluster.wait_node_state(0, NodeState::Healthy).await;
+    let mut resurrected = Vec::new();
+    for o in [&b, late] {
+        let mut cache = o.cache().await;
+        for k in &keys {
+            let r = cache
+                .get(with_timeout(GetRequest { key: k.clone() }))
+                .await
+                .unwrap()
+                .into_inner();
+            if r.found {
+                resurrected.push(k.clone());
+            }
+        }
+    }
+    println!(
+        "RELIABILITY | orchestrator A killed before the owner returns (64 keys deleted through A, {frozen_keys} of them owned by the frozen node) | R=1 | read through B and a new orchestrator: {} resurrected |",
+        resurrected.len()
+    );
+    assert!(
+        resurrected.is_empty(),
+        "deleted keys served again: {resurrected:?}"
+    );
+    // Settled: the holder keeps no record once the owner is up to date.
+    integration_tests::eventually(Duration::from_secs(10), || async {
+        match metric_value(&holder.process.scrape().await, "ringcache_debts_keys", &[]) {
+            Some(0.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
 }

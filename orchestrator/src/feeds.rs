@@ -63,6 +63,42 @@ pub trait ChangeSink: Send + Sync + 'static {
     fn changed(&self, key: &str);
     /// Any key may have changed (a gap, a flush).
     fn all_changed(&self);
+    /// Node `holder` recorded (as record `sequence`) that node `owner` may
+    /// hold a stale value of `key` (`None`: of any key).
+    fn owed(&self, owner: &str, key: Option<&str>, holder: &str, sequence: u64) {
+        let _ = (owner, key, holder, sequence);
+    }
+}
+
+/// What an orchestrator does with the feeds: relief forgets changed keys
+/// (if relief is on), and the cluster records debts (routing skips the
+/// key on its owner until it is deleted there) and, after a gap, reads
+/// every node's debts again.
+#[derive(Debug)]
+pub struct OrchestratorSink {
+    /// The cluster the feeds' nodes belong to.
+    pub cluster: Arc<Cluster>,
+    /// Hot-key relief's near cache, if relief is on.
+    pub near: Option<Arc<crate::nearcache::NearCache>>,
+}
+
+impl ChangeSink for OrchestratorSink {
+    fn changed(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.invalidate(key);
+        }
+    }
+
+    fn all_changed(&self) {
+        if let Some(near) = &self.near {
+            near.invalidate_all();
+        }
+        self.cluster.feed_gap();
+    }
+
+    fn owed(&self, owner: &str, key: Option<&str>, holder: &str, sequence: u64) {
+        self.cluster.owed(owner, key, holder, sequence);
+    }
 }
 
 /// Whether this orchestrator is in step with one node's feed.
@@ -97,7 +133,13 @@ impl Position {
     /// Applies one feed message: hands its changes to `sink` and moves on.
     /// Returns whether the follower has now seen every change the node had
     /// made when it sent the message.
-    pub fn apply(&mut self, message: &ChangesResponse, sink: &dyn ChangeSink) -> bool {
+    /// `holder` is the node the feed comes from.
+    pub fn apply(
+        &mut self,
+        message: &ChangesResponse,
+        holder: &str,
+        sink: &dyn ChangeSink,
+    ) -> bool {
         let fresh = self.incarnation == 0;
         // A gap, or another incarnation than the one followed: changes were
         // missed.
@@ -112,6 +154,9 @@ impl Position {
         for change in &message.changes {
             if change.kind == ChangeKind::Flush as i32 {
                 sink.all_changed();
+            } else if change.kind == ChangeKind::Owed as i32 {
+                let key = (!change.key.is_empty()).then_some(change.key.as_str());
+                sink.owed(&change.owner, key, holder, change.version);
             } else {
                 sink.changed(&change.key);
             }
@@ -148,7 +193,7 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
                             tracing::info!(node = %id, "the node's feed has a gap: forgetting what was kept of its keys");
                         }
                         changes.inc_by(message.changes.len() as u64);
-                        let caught_up = position.apply(&message, &*sink);
+                        let caught_up = position.apply(&message, &id, &*sink);
                         lag.set(
                             i64::try_from(message.head.saturating_sub(position.sequence))
                                 .unwrap_or(i64::MAX),
@@ -233,6 +278,7 @@ mod tests {
                     kind: ChangeKind::Set as i32,
                     key: key.to_owned(),
                     version: 1,
+                    owner: String::new(),
                 })
                 .collect(),
             head,
@@ -244,7 +290,7 @@ mod tests {
         let seen = Seen::default();
         let mut p = Position::default();
         // The first message, from the node's end.
-        assert!(p.apply(&message(9, false, &[], 40), &seen));
+        assert!(p.apply(&message(9, false, &[], 40), "n", &seen));
         assert_eq!(
             p,
             Position {
@@ -253,11 +299,11 @@ mod tests {
             }
         );
         // A backlog in two messages: not caught up after the first.
-        assert!(!p.apply(&message(9, false, &[(41, "a"), (42, "b")], 44), &seen));
-        assert!(p.apply(&message(9, false, &[(43, "c"), (44, "a")], 44), &seen));
+        assert!(!p.apply(&message(9, false, &[(41, "a"), (42, "b")], 44), "n", &seen));
+        assert!(p.apply(&message(9, false, &[(43, "c"), (44, "a")], 44), "n", &seen));
         assert_eq!(*seen.keys.lock(), ["a", "b", "c", "a"]);
         // A heartbeat at the same head.
-        assert!(p.apply(&message(9, false, &[], 44), &seen));
+        assert!(p.apply(&message(9, false, &[], 44), "n", &seen));
         assert_eq!(*seen.all.lock(), 0);
     }
 
@@ -268,11 +314,11 @@ mod tests {
             incarnation: 9,
             sequence: 10,
         };
-        assert!(p.apply(&message(9, true, &[], 500), &seen));
+        assert!(p.apply(&message(9, true, &[], 500), "n", &seen));
         assert_eq!(*seen.all.lock(), 1);
         assert_eq!(p.sequence, 500);
         // The node restarted: its answer is from another incarnation.
-        assert!(p.apply(&message(11, true, &[], 3), &seen));
+        assert!(p.apply(&message(11, true, &[], 3), "n", &seen));
         assert_eq!(*seen.all.lock(), 2);
         assert_eq!(
             p,
@@ -284,7 +330,7 @@ mod tests {
         // A flush forgets everything too.
         let mut flush = message(11, false, &[(4, "")], 4);
         flush.changes[0].kind = ChangeKind::Flush as i32;
-        assert!(p.apply(&flush, &seen));
+        assert!(p.apply(&flush, "n", &seen));
         assert_eq!(*seen.all.lock(), 3);
         assert!(seen.keys.lock().is_empty());
     }

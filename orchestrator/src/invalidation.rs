@@ -47,6 +47,9 @@ struct Inner {
     next_generation: u64,
     /// The record overflowed: every key may be stale; flush the node.
     overflowed: bool,
+    /// Debt records on other nodes this record holds (by holder: the last
+    /// sequence seen), settled there once everything is replayed.
+    marks: HashMap<String, u64>,
 }
 
 /// Keys to invalidate, as taken for a replay.
@@ -92,6 +95,35 @@ impl Pending {
             inner.bytes = 0;
             inner.overflowed = true;
         }
+    }
+
+    /// Records a debt read from node `holder`'s records (record
+    /// `sequence`): the node may hold a stale value of `key`, or of any
+    /// key (`None`: the holder's record of it overflowed).
+    pub fn record_owed(&self, key: Option<&str>, holder: &str, sequence: u64) {
+        match key {
+            Some(key) => self.record(key),
+            None => {
+                let mut inner = self.inner.lock();
+                self.any.store(true, Ordering::Release);
+                inner.keys = HashMap::new();
+                inner.bytes = 0;
+                inner.overflowed = true;
+            }
+        }
+        let mut inner = self.inner.lock();
+        let mark = inner.marks.entry(holder.to_owned()).or_insert(0);
+        *mark = (*mark).max(sequence);
+    }
+
+    /// Once nothing is left to replay: the debt records to settle on their
+    /// holders (holder, last sequence), taken. Empty while keys are left.
+    pub fn take_marks(&self) -> Vec<(String, u64)> {
+        let mut inner = self.inner.lock();
+        if inner.overflowed || !inner.keys.is_empty() {
+            return Vec::new();
+        }
+        inner.marks.drain().collect()
     }
 
     /// Whether the node may hold a stale value of `key`.
@@ -298,6 +330,29 @@ mod tests {
         assert_eq!(p.take(10), Replay::Flush);
         p.flushed();
         assert!(p.is_empty() && !p.contains("key-1"));
+    }
+
+    #[test]
+    fn debts_read_from_holders_are_settled_only_once_replayed() {
+        let p = Pending::new(1 << 20);
+        p.record_owed(Some("a"), "n2", 5);
+        p.record_owed(Some("b"), "n2", 7);
+        p.record_owed(Some("c"), "n3", 2);
+        assert!(p.contains("a") && p.take_marks().is_empty());
+        let Replay::Keys(taken) = p.take(10) else {
+            panic!("keys expected")
+        };
+        p.replayed(&taken);
+        let mut marks = p.take_marks();
+        marks.sort();
+        assert_eq!(marks, [("n2".to_owned(), 7), ("n3".to_owned(), 2)]);
+        assert!(p.take_marks().is_empty(), "taken once");
+        // An overflowed holder record flushes the whole node first.
+        p.record_owed(None, "n2", 9);
+        assert!(p.contains("anything") && p.take_marks().is_empty());
+        assert_eq!(p.take(10), Replay::Flush);
+        p.flushed();
+        assert_eq!(p.take_marks(), [("n2".to_owned(), 9)]);
     }
 
     #[test]

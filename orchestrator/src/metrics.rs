@@ -43,6 +43,8 @@ pub struct ClusterMetrics {
     pub invalidations_replayed: IntCounterVec,
     /// Flushes of nodes whose record overflowed, by node.
     pub flushes: IntCounterVec,
+    /// Debts (`Owe` ops) a node could not be given, by node.
+    pub debts_unrecorded: IntCounterVec,
     /// Read-through lookups of warm handoff, by result (hit, miss).
     pub handoff_reads: IntCounterVec,
     /// Entries copied to warming nodes, by node.
@@ -203,6 +205,13 @@ impl ClusterMetrics {
                 "ringcache_hot_key_cache_bytes",
                 "Bytes held by the near cache of hot keys (at most --hot-key-cache-bytes).",
             )?,
+            debts_unrecorded: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_debts_unrecorded_total",
+                    "Records that owners missed a change which could not be stored on the node that took it (the call failed): only this orchestrator knows of them, by holder.",
+                ),
+                &["node"],
+            )?,
             feeds: FeedMetrics {
                 in_sync: IntGaugeVec::new(
                     Opts::new(
@@ -259,6 +268,7 @@ impl ClusterMetrics {
                 )?,
             },
         };
+        registry.register(Box::new(m.debts_unrecorded.clone()))?;
         registry.register(Box::new(m.feeds.in_sync.clone()))?;
         registry.register(Box::new(m.feeds.changes.clone()))?;
         registry.register(Box::new(m.feeds.gaps.clone()))?;
@@ -336,6 +346,7 @@ impl ClusterMetrics {
         let _ = self.pending_invalidations.remove_label_values(&[node]);
         let _ = self.invalidations_replayed.remove_label_values(&[node]);
         let _ = self.flushes.remove_label_values(&[node]);
+        let _ = self.debts_unrecorded.remove_label_values(&[node]);
         let _ = self.handoff_copies.remove_label_values(&[node]);
         let f = &self.feeds;
         let _ = f.in_sync.remove_label_values(&[node]);

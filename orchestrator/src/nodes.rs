@@ -203,6 +203,9 @@ pub struct Node {
     pub warmth: Warmth,
     /// Whether this orchestrator is in step with its change feed.
     feed: FeedState,
+    /// Its debts must be read from every other node at the next health
+    /// round (a holder was unreachable, or a feed had a gap).
+    collect_debts: AtomicBool,
     /// Its own `--node-id`, as it last reported it.
     reported_id: Mutex<Option<String>>,
     health: Arc<NodeHealth>,
@@ -247,6 +250,7 @@ impl Node {
             stand_ins: StandIns::new(settings.pending_invalidation_bytes),
             warmth: Warmth::default(),
             feed: FeedState::default(),
+            collect_debts: AtomicBool::new(false),
             reported_id: Mutex::new(None),
             health,
         })
@@ -564,6 +568,7 @@ impl Cluster {
             // The window is over: let the old nodes' connections go.
             self.previous.store(None);
         }
+        let topo = &*topology;
         let checks = topology.nodes.iter().map(|node| async move {
             match node.client.transport().health_check(CACHE, timeout).await {
                 Ok(()) => {
@@ -581,9 +586,15 @@ impl Cluster {
                             tracing::debug!(node = %node.id, %reason, "cannot learn the node's incarnation");
                         }
                     }
-                    // Bring it up to date first: keys it missed updates of
-                    // are skipped by routing until then anyway.
-                    self.replay_invalidations(node).await;
+                    // Before routing to a node this orchestrator has not
+                    // seen serve — at its start, or after an ejection — read
+                    // what it missed from every other node's debt records
+                    // (another orchestrator, maybe gone since, may have
+                    // recorded them). Then bring it up to date: keys it
+                    // missed updates of are skipped by routing until then.
+                    let returning = !matches!(node.health().0, State::Healthy);
+                    let collect = returning || node.collect_debts.swap(false, Ordering::AcqRel);
+                    self.catch_up(node, topo, collect).await;
                     node.health.check_succeeded();
                     if node.warmth.take_refill() {
                         tokio::spawn(crate::handoff::refill(self.clone(), node.clone()));
@@ -626,7 +637,72 @@ impl Cluster {
     }
 }
 
+/// The most rounds of reading debts and settling them in one catch-up
+/// (each reads up to `--max-batch` keys per holder).
+const MAX_CATCH_UP_ROUNDS: usize = 64;
+
 impl Cluster {
+    /// Brings `node` up to date: with `collect`, first reads its debts
+    /// from every other node of `topology`; then deletes on it what it
+    /// missed ([`Cluster::replay_invalidations`]) and settles the debt
+    /// records that covered it on their holders. Repeats while a holder
+    /// has more records than one answer lists.
+    async fn catch_up(&self, node: &Node, topology: &Topology, mut collect: bool) {
+        let timeout = self.settings.stack.node_timeout;
+        let limit = u32::try_from(self.settings.batch.max_ops).unwrap_or(u32::MAX);
+        for _ in 0..MAX_CATCH_UP_ROUNDS {
+            let mut more = false;
+            if collect {
+                for holder in topology.nodes.iter().filter(|n| n.id != node.id) {
+                    match holder
+                        .client
+                        .transport()
+                        .debts(&node.id, limit, timeout)
+                        .await
+                    {
+                        Ok(listed) => {
+                            more |= listed.more;
+                            if listed.overflowed {
+                                node.pending.record_owed(None, &holder.id, listed.through);
+                            }
+                            for key in &listed.keys {
+                                node.pending
+                                    .record_owed(Some(key), &holder.id, listed.through);
+                            }
+                            if !listed.keys.is_empty() || listed.overflowed {
+                                tracing::info!(node = %node.id, holder = %holder.id, keys = listed.keys.len(), overflowed = listed.overflowed, "read what the node missed from another node's records");
+                            }
+                        }
+                        Err(error) => {
+                            // Read again at the next round (the holder may
+                            // answer by then).
+                            tracing::debug!(node = %node.id, holder = %holder.id, %error, "cannot read the node's debts on a holder");
+                            node.collect_debts.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
+            self.replay_invalidations(node).await;
+            for (holder, through) in node.pending.take_marks() {
+                let Some(h) = topology.nodes.iter().find(|n| *n.id == *holder) else {
+                    continue;
+                };
+                if let Err(error) = h
+                    .client
+                    .transport()
+                    .settle(&node.id, through, timeout)
+                    .await
+                {
+                    tracing::debug!(node = %node.id, %holder, %error, "cannot settle debts on their holder yet");
+                }
+            }
+            if !more {
+                break;
+            }
+            collect = true;
+        }
+    }
+
     /// Deletes, on `node`, the keys it may hold stale values of (a batch
     /// per call, until none are left or a call fails), or flushes it if
     /// there were too many to track.
@@ -709,6 +785,37 @@ impl Cluster {
             if !deleted {
                 self.invalidate_later(node, key);
             }
+        }
+    }
+
+    /// A node's feed says `holder` recorded that `owner` may hold a stale
+    /// value of `key` (`None`: of any key), as record `sequence`: routing
+    /// skips the key on `owner` from now on, and the next health round
+    /// deletes it there and settles the record.
+    pub fn owed(&self, owner: &str, key: Option<&str>, holder: &str, sequence: u64) {
+        let topology = self.topology();
+        if let Some(node) = topology.nodes.iter().find(|n| *n.id == *owner) {
+            node.pending.record_owed(key, holder, sequence);
+            self.metrics
+                .pending_invalidations
+                .with_label_values(&[&*node.id])
+                .set(node.pending.len() as i64);
+        }
+    }
+
+    /// Counts a debt this orchestrator could not record on a node.
+    pub fn debt_not_recorded(&self, holder: &Node) {
+        self.metrics
+            .debts_unrecorded
+            .with_label_values(&[&*holder.id])
+            .inc();
+    }
+
+    /// A node's feed had a gap: debt records it published may have been
+    /// missed, so every node's debts are read again at the next round.
+    pub fn feed_gap(&self) {
+        for node in &self.topology().nodes {
+            node.collect_debts.store(true, Ordering::Release);
         }
     }
 

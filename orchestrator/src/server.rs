@@ -89,6 +89,10 @@ pub async fn run(
     // Readiness: SERVING while some node answers (see `Cluster::ready`),
     // re-evaluated after every health round.
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    // One round before the first call is accepted: a node is routed to
+    // only once this orchestrator has read what it missed (its debts on
+    // the other nodes), even when the orchestrator starts after a failure.
+    cluster.check_all(config.health_timeout).await;
     let _health_checks = {
         let cluster = cluster.clone();
         let (every, timeout) = (config.health_interval, config.health_timeout);
@@ -138,24 +142,29 @@ pub async fn run(
         None => None,
     };
     // Hot-key relief, unless --hot-key-cache-bytes is 0.
-    // Its answers are voided by every node's change feed, unless
-    // --change-feeds false.
-    let _feeds = if config.hot_key_cache_bytes.bytes() > 0 {
-        let near = Arc::new(
+    let near = (config.hot_key_cache_bytes.bytes() > 0).then(|| {
+        Arc::new(
             NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)
                 .with_gauge(near_bytes)
                 .with_routing(feed_cluster.routing_generation()),
-        );
+        )
+    });
+    if let Some(near) = &near {
         router = router.with_relief(near.clone(), Some(relieved));
-        if config.change_feeds {
-            router = router.with_fed_relief();
-            Some(AbortOnDrop(tokio::spawn(crate::feeds::supervise(
-                feed_cluster.clone(),
-                near,
-            ))))
-        } else {
-            None
-        }
+    }
+    // Every node's change feed, unless --change-feeds false: relief's
+    // answers are voided by changes made anywhere, and debts recorded on
+    // any node are seen by this orchestrator within milliseconds.
+    let _feeds = if config.change_feeds {
+        router = router.with_fed_relief();
+        let sink = crate::feeds::OrchestratorSink {
+            cluster: feed_cluster.clone(),
+            near,
+        };
+        Some(AbortOnDrop(tokio::spawn(crate::feeds::supervise(
+            feed_cluster.clone(),
+            Arc::new(sink),
+        ))))
     } else {
         None
     };

@@ -50,8 +50,8 @@ use ringcache_proto::v1::{
     DeleteResult, ExistsRequest, ExistsResponse, GetManyRequest, GetManyResponse, GetRequest,
     GetResponse, GetResult, HotKey, HotKeysRequest, HotKeysResponse, IncrementRequest,
     IncrementResponse, KeyError, KeyInfo, ListNodesRequest, ListNodesResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeState, Op, OpResult, SetManyRequest, SetManyResponse, SetRequest,
-    SetResponse, SetResult, TouchRequest, TouchResponse, cache_server::Cache,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, SetManyRequest, SetManyResponse,
+    SetRequest, SetResponse, SetResult, TouchRequest, TouchResponse, cache_server::Cache,
     cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
@@ -356,6 +356,24 @@ impl KeyResult for SetResult {
         SetResult {
             error: Some(error),
             ..Default::default()
+        }
+    }
+}
+
+/// Debts to record (`Owe` ops), by the node that holds them: each key
+/// with the owners that missed its change.
+#[derive(Default)]
+struct Debts {
+    by_holder: BTreeMap<usize, Vec<(String, Vec<String>)>>,
+}
+
+impl Debts {
+    /// `owner` missed the change of `key` that node `holder` took.
+    fn add(&mut self, holder: usize, key: &str, owner: &Node) {
+        let owes = self.by_holder.entry(holder).or_default();
+        match owes.iter_mut().find(|(k, _)| k == key) {
+            Some((_, owners)) => owners.push(owner.id.to_string()),
+            None => owes.push((key.to_owned(), vec![owner.id.to_string()])),
         }
     }
 }
@@ -1039,9 +1057,12 @@ impl Router {
         }
 
         // Owners that did not get a write may hold an older value: record
-        // the key against them, so they do not serve it until it has been
-        // deleted there. Nodes that took it for its owners (stand-ins) are
-        // recorded too: once the owners are back, they must drop it.
+        // the key against them — here, and on the primary that took the
+        // write (a debt, which outlives this orchestrator) — so they do
+        // not serve it until it has been deleted there. Nodes that took
+        // it for its owners (stand-ins) are recorded too: once the owners
+        // are back, they must drop it.
+        let mut debts = Debts::default();
         for (i, entry) in entries.iter().enumerate() {
             let (Some(p), true) = (routed.served_by[i], routed.results[i].stored) else {
                 continue;
@@ -1055,9 +1076,11 @@ impl Router {
             for &o in &owners[i] {
                 if o != p && !got.is_some_and(|g| g.contains(&o)) {
                     self.cluster.invalidate_later(&topo.nodes[o], &entry.key);
+                    debts.add(p, &entry.key, &topo.nodes[o]);
                 }
             }
         }
+        self.record_debts(topo, debts, deadline).await;
         if self.cluster.previous().is_some() {
             let written = entries
                 .iter()
@@ -1176,6 +1199,7 @@ impl Router {
         let mut first_error = None;
         let mut any_ok = false;
         let mut reached: Preference = Preference::new();
+        let mut missed_stand_ins = Vec::new();
         for (t, (&n, result)) in targets.iter().zip(join_all(calls).await).enumerate() {
             let node = &topo.nodes[n];
             if t >= owner_targets {
@@ -1183,6 +1207,7 @@ impl Router {
                 // delete, it must not serve the key until deleted there.
                 if result.is_err() {
                     self.cluster.invalidate_later(node, key);
+                    missed_stand_ins.push(n);
                 }
                 continue;
             }
@@ -1206,12 +1231,23 @@ impl Router {
             }
         }
         // Owners the delete did not reach may still hold the key: record it
-        // against them, so they do not serve it until it is deleted there.
+        // against them — here, and as a debt on a node the delete reached —
+        // so they do not serve it until it is deleted there.
+        let mut debts = Debts::default();
         for &o in &owners {
             if !reached.contains(&o) {
                 self.cluster.invalidate_later(&topo.nodes[o], key);
+                if let Some(&holder) = reached.first() {
+                    debts.add(holder, key, &topo.nodes[o]);
+                }
             }
         }
+        for &n in &missed_stand_ins {
+            if let Some(&holder) = reached.first() {
+                debts.add(holder, key, &topo.nodes[n]);
+            }
+        }
+        self.record_debts(&topo, debts, deadline).await;
         self.delete_on_shadows(&topo, std::iter::once(key), deadline)
             .await;
         match (any_ok, first_error) {
@@ -1274,6 +1310,30 @@ impl Router {
             }
         }
         Err(last)
+    }
+
+    /// Records `debts` on the nodes holding them (`Owe` ops), before the
+    /// client is answered: whichever orchestrator later brings the owners
+    /// back reads them there. A holder that cannot be reached leaves the
+    /// debt in this orchestrator's record alone (counted).
+    async fn record_debts(&self, topo: &Topology, debts: Debts, deadline: Option<Instant>) {
+        if debts.by_holder.is_empty() {
+            return;
+        }
+        let calls = debts.by_holder.into_iter().map(|(holder, owes)| async move {
+            let node = &topo.nodes[holder];
+            let ops = owes
+                .into_iter()
+                .map(|(key, owners)| Op {
+                    op: Some(op::Op::Owe(OweRequest { key, owners })),
+                })
+                .collect();
+            if let Err(error) = node.client.call(ops, deadline, None).await {
+                tracing::warn!(holder = %node.id, %error, "cannot record on a node that others missed a change; only this orchestrator knows");
+                self.cluster.debt_not_recorded(node);
+            }
+        });
+        join_all(calls).await;
     }
 
     /// The TTL of a stand-in copy: the write's own, capped at

@@ -45,8 +45,9 @@ use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use parking_lot::Mutex;
 use prost::Message;
 use ringcache_proto::v1::{
-    ApplyRequest, ApplyResponse, ChangesRequest, ChangesResponse, FlushRequest, FlushResponse,
-    ScanRequest, ScanResponse, StatsRequest, StatsResponse,
+    ApplyRequest, ApplyResponse, ChangesRequest, ChangesResponse, DebtsRequest, DebtsResponse,
+    FlushRequest, FlushResponse, ScanRequest, ScanResponse, SettleRequest, SettleResponse,
+    StatsRequest, StatsResponse,
 };
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
@@ -133,6 +134,8 @@ const FLUSH: &str = "/ringcache.v1.Internal/Flush";
 const STATS: &str = "/ringcache.v1.Node/Stats";
 const SCAN: &str = "/ringcache.v1.Internal/Scan";
 const CHANGES: &str = "/ringcache.v1.Internal/Changes";
+const DEBTS: &str = "/ringcache.v1.Internal/Debts";
+const SETTLE: &str = "/ringcache.v1.Internal/Settle";
 
 /// One connection slot.
 #[derive(Debug, Default)]
@@ -340,6 +343,44 @@ impl Transport {
         let scan = self.unary::<_, ScanResponse>(SCAN, &request, Some(timeout), None, true);
         match tokio::time::timeout(timeout, scan).await {
             Ok(result) => result,
+            Err(_) => Err(CallError::NodeTimeout(timeout)),
+        }
+    }
+
+    /// The keys this node recorded that `owner` missed changes of
+    /// (`Internal/Debts`), oldest first, at most `limit`.
+    pub async fn debts(
+        &self,
+        owner: &str,
+        limit: u32,
+        timeout: Duration,
+    ) -> Result<DebtsResponse, CallError> {
+        let request = DebtsRequest {
+            owner: owner.to_owned(),
+            limit,
+        };
+        let ask = self.unary::<_, DebtsResponse>(DEBTS, &request, Some(timeout), None, true);
+        match tokio::time::timeout(timeout, ask).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::NodeTimeout(timeout)),
+        }
+    }
+
+    /// Drops this node's records of `owner`'s debts up to `through`
+    /// (`Internal/Settle`); returns how many it dropped.
+    pub async fn settle(
+        &self,
+        owner: &str,
+        through: u64,
+        timeout: Duration,
+    ) -> Result<u64, CallError> {
+        let request = SettleRequest {
+            owner: owner.to_owned(),
+            through,
+        };
+        let ask = self.unary::<_, SettleResponse>(SETTLE, &request, Some(timeout), None, true);
+        match tokio::time::timeout(timeout, ask).await {
+            Ok(result) => result.map(|r| r.settled),
             Err(_) => Err(CallError::NodeTimeout(timeout)),
         }
     }

@@ -36,6 +36,8 @@ struct FakeNode {
     /// When set, calls are recorded and never answered (a frozen node).
     hang: std::sync::atomic::AtomicBool,
     last_version: AtomicU64,
+    /// Debts recorded on it (`Owe` ops): key and owners.
+    owed: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 impl FakeNode {
@@ -122,6 +124,10 @@ impl FakeNode {
                     version: 0,
                 })
             }
+            Some(op::Op::Owe(o)) => {
+                self.owed.lock().push((o.key.clone(), o.owners.clone()));
+                op_result::Result::Owe(ringcache_proto::v1::OweResponse { sequence: 1 })
+            }
             None => op_result::Result::Error(KeyError::default()),
         }
     }
@@ -153,6 +159,7 @@ impl FakeNode {
                         Some(op::Op::Delete(r)) => format!("delete {}", r.key),
                         Some(op::Op::Increment(r)) => format!("increment {}", r.key),
                         Some(op::Op::Touch(r)) => format!("touch {}", r.key),
+                        Some(op::Op::Owe(r)) => format!("owe {} by {}", r.key, r.owners.join("+")),
                         None => "none".to_owned(),
                     })
                     .collect()
@@ -313,11 +320,16 @@ async fn a_conditional_write_moves_on_only_when_it_never_left() {
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert!(owners[1].calls.lock().is_empty());
 
-    // Never sent: safe to apply on the next node.
+    // Never sent: safe to apply on the next node, which also records
+    // that the owner missed it (a debt that outlives this orchestrator).
     *owners[0].fail.lock() = Some(CallError::NotSent("connection refused".into()));
     let stored = f.set(req).await.unwrap();
     assert!(stored.stored);
-    assert_eq!(owners[1].keys_called(), [["set k"]]);
+    let owner = f.node_of(&owners[0]).id.to_string();
+    assert_eq!(
+        owners[1].keys_called(),
+        [vec!["set k".to_owned()], vec![format!("owe k by {owner}")]]
+    );
 }
 
 #[tokio::test]
@@ -326,7 +338,10 @@ async fn an_unconditional_write_moves_on_after_any_node_fault() {
     let owners = f.owners("k");
     *owners[0].fail.lock() = Some(CallError::Lost("connection reset".into()));
     assert!(f.set(set_req("k", "v")).await.unwrap().stored);
-    assert_eq!(owners[1].keys_called(), [["set k"]]);
+    assert_eq!(owners[1].keys_called()[0], ["set k"]);
+    // The owner may hold the old value: recorded on the node that took it.
+    let owner = f.node_of(&owners[0]).id.to_string();
+    assert_eq!(*owners[1].owed.lock(), [("k".to_owned(), vec![owner])]);
 }
 
 #[tokio::test]
@@ -513,10 +528,15 @@ async fn a_write_that_lands_on_a_stand_in_lives_at_most_the_failover_ttl() {
     let f = Fixture::new(3, 1);
     let owners = f.owners("k");
     let last_ttl = |node: &FakeNode| {
-        node.calls.lock().last().and_then(|ops| match &ops[0].op {
-            Some(op::Op::Set(s)) => s.ttl.map(|t| t.seconds),
-            _ => None,
-        })
+        node.calls
+            .lock()
+            .iter()
+            .rev()
+            .find_map(|ops| match &ops[0].op {
+                Some(op::Op::Set(s)) => Some(s.ttl.map(|t| t.seconds)),
+                _ => None,
+            })
+            .flatten()
     };
     // To the owner: as the client wrote it.
     f.set(set_req("k", "v")).await.unwrap();
