@@ -101,8 +101,9 @@ pub enum Read {
 /// Bytes a logged change is accounted with beyond a key too long to be
 /// stored inline: its 48-byte slot in the ring buffer (key, version, kind,
 /// owner) and the slack of a buffer that grows by doubling (up to twice
-/// that).
-pub const ENTRY_OVERHEAD: usize = 96;
+/// that), and its slot in the index of each key's last change (16 bytes,
+/// up to twice that with the table's growth).
+pub const ENTRY_OVERHEAD: usize = 128;
 
 /// A `CompactString` keeps keys up to this long inline.
 const INLINE_KEY: usize = 24;
@@ -131,12 +132,17 @@ struct Inner {
     first: u64,
     /// Bytes accounted to `entries`.
     bytes: usize,
+    /// The last change held of each key, by the key's hash (two keys may
+    /// share one: [`ChangeLog::changed_after`] then answers "changed",
+    /// which only refuses a copy).
+    last: HashMap<u64, u64>,
 }
 
 /// The change log of one node process.
 #[derive(Debug)]
 pub struct ChangeLog {
     incarnation: u64,
+    hasher: foldhash::fast::FixedState,
     max_bytes: usize,
     inner: Mutex<Inner>,
     /// Readers waiting for a change; appends wake them only when there are
@@ -156,6 +162,7 @@ impl ChangeLog {
     pub fn new(incarnation: u64, max_bytes: usize) -> Self {
         Self {
             incarnation,
+            hasher: foldhash::fast::FixedState::with_seed(0x6368_616e_6765),
             max_bytes,
             inner: Mutex::new(Inner {
                 first: 1,
@@ -202,23 +209,54 @@ impl ChangeLog {
     }
 
     fn push(&self, logged: Logged) -> u64 {
+        // A debt changes nothing here: it is not indexed.
+        let hash = (logged.kind != ChangeKind::Owed)
+            .then(|| std::hash::BuildHasher::hash_one(&self.hasher, logged.key.as_str()));
         let sequence = {
             let mut inner = self.inner.lock();
+            let sequence = inner.first + inner.entries.len() as u64;
             inner.bytes += weight(&logged.key, logged.owner.as_deref());
             inner.entries.push_back(logged);
+            if let Some(hash) = hash {
+                inner.last.insert(hash, sequence);
+            }
             while inner.bytes > self.max_bytes {
                 let Some(old) = inner.entries.pop_front() else {
                     break;
                 };
                 inner.bytes -= weight(&old.key, old.owner.as_deref());
+                let dropped = inner.first;
                 inner.first += 1;
+                if old.kind != ChangeKind::Owed {
+                    let h = std::hash::BuildHasher::hash_one(&self.hasher, old.key.as_str());
+                    if inner.last.get(&h) == Some(&dropped) {
+                        inner.last.remove(&h);
+                    }
+                }
             }
-            inner.first + inner.entries.len() as u64 - 1
+            sequence
         };
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.wake.notify_waiters();
         }
         sequence
+    }
+
+    /// Whether `key` may have changed after change `after` of incarnation
+    /// `incarnation`: true if it did, and also whenever the log cannot
+    /// tell (another incarnation, or a position older than it holds). A
+    /// flush counts as a change of every key.
+    pub fn changed_after(&self, key: &str, incarnation: u64, after: u64) -> bool {
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, key);
+        let flush = std::hash::BuildHasher::hash_one(&self.hasher, "");
+        let inner = self.inner.lock();
+        let head = inner.first + inner.entries.len() as u64 - 1;
+        if incarnation != self.incarnation || after > head || after.saturating_add(1) < inner.first
+        {
+            return true;
+        }
+        let changed = |h| inner.last.get(&h).is_some_and(|&s| s > after);
+        changed(hash) || changed(flush)
     }
 
     /// The last sequence assigned (0: none yet).
@@ -439,6 +477,29 @@ mod tests {
             panic!("gap")
         };
         assert_eq!(changes.len(), 1, "one change even if it alone is over");
+    }
+
+    #[test]
+    fn a_key_changed_after_a_position_is_known_and_unknown_positions_count_as_changed() {
+        let log = ChangeLog::new(3, 3 * ENTRY_OVERHEAD);
+        log.append(ChangeKind::Set, key("a"), 1);
+        log.append(ChangeKind::Delete, key("b"), 0);
+        assert!(log.changed_after("a", 3, 0));
+        assert!(!log.changed_after("a", 3, 1), "not since its own change");
+        assert!(log.changed_after("b", 3, 1));
+        assert!(!log.changed_after("never", 3, 0));
+        assert!(log.changed_after("never", 4, 2), "another incarnation");
+        // A debt is not a change of the key.
+        log.append_owed("n9", "c", 1);
+        assert!(!log.changed_after("c", 3, 2));
+        // Wrapped: "a" (1) and "b" (2) dropped; position 0 is gone.
+        log.append(ChangeKind::Set, key("d"), 1);
+        log.append(ChangeKind::Set, key("e"), 1);
+        assert!(log.changed_after("never", 3, 0), "older than the log holds");
+        assert!(!log.changed_after("a", 3, 3));
+        // A flush changes every key.
+        log.append(ChangeKind::Flush, CompactString::default(), 0);
+        assert!(log.changed_after("never", 3, 5));
     }
 
     #[tokio::test]

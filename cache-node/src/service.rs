@@ -1223,6 +1223,7 @@ mod tests {
                 value: value.to_vec().into(),
                 ttl: None,
                 version,
+                ..Default::default()
             }))
         };
         let results = apply(
@@ -1392,6 +1393,7 @@ mod feed_tests {
                 value: Bytes::from_static(b"x"),
                 ttl: None,
                 version: 7,
+                ..Default::default()
             })),
             op(op::Op::Delete(DeleteRequest {
                 key: "gone".into(),

@@ -616,7 +616,9 @@ impl Store {
                     condition,
                     now,
                     kind: match condition {
-                        Condition::Replica(_) => ChangeKind::Copy,
+                        Condition::Replica(_) | Condition::ReplicaUnchanged { .. } => {
+                            ChangeKind::Copy
+                        }
                         _ => ChangeKind::Set,
                     },
                 },
@@ -661,6 +663,19 @@ impl Store {
             Condition::IfVersion(expected) => live_version == expected,
             Condition::IfPresent => live_version != 0,
             Condition::Replica(version) => live_version < version,
+            Condition::ReplicaUnchanged {
+                version,
+                incarnation,
+                after,
+            } => {
+                // Checked under the shard lock, as every change of the key
+                // is logged: no change can slip in between.
+                live_version < version
+                    && self
+                        .changes
+                        .as_ref()
+                        .is_some_and(|log| !log.changed_after(key, incarnation, after))
+            }
         };
         if !allowed {
             return Ok(SetOutcome {
@@ -680,7 +695,7 @@ impl Store {
             }
         }
         let version = match condition {
-            Condition::Replica(version) => {
+            Condition::Replica(version) | Condition::ReplicaUnchanged { version, .. } => {
                 // Later local writes must still get larger versions.
                 inner.last_version = inner.last_version.max(version);
                 version

@@ -118,6 +118,17 @@ pub enum WriteCondition {
     /// is greater than the current version. Never from a client's request:
     /// only `ringcache.v1.Internal`'s `CopyRequest` makes it.
     Replica(u64),
+    /// As `Replica`, and only if the key has not changed on the node since
+    /// change `after` of its change log's incarnation `incarnation` (warm
+    /// handoff: a delete between the read and the copy wins).
+    ReplicaUnchanged {
+        /// The version to write with.
+        version: u64,
+        /// The change log incarnation `after` belongs to.
+        incarnation: u64,
+        /// The last change the copier had seen.
+        after: u64,
+    },
 }
 
 /// A checked `SetRequest`'s TTL and condition.
@@ -198,10 +209,16 @@ impl RequestLimits {
                 version: req.version,
             });
         }
-        Ok(CheckedSet {
-            ttl,
-            condition: WriteCondition::Replica(req.version),
-        })
+        let condition = if req.incarnation == 0 {
+            WriteCondition::Replica(req.version)
+        } else {
+            WriteCondition::ReplicaUnchanged {
+                version: req.version,
+                incarnation: req.incarnation,
+                after: req.unchanged_after,
+            }
+        };
+        Ok(CheckedSet { ttl, condition })
     }
 
     /// Checks a key and an optional TTL (`Increment`, `Touch`); returns

@@ -105,6 +105,8 @@ impl ChangeSink for OrchestratorSink {
 #[derive(Debug, Default)]
 pub struct FeedState {
     in_sync: AtomicBool,
+    /// The last change seen, while in sync.
+    position: parking_lot::Mutex<Position>,
 }
 
 impl FeedState {
@@ -115,7 +117,19 @@ impl FeedState {
         self.in_sync.load(Ordering::Acquire)
     }
 
-    fn set(&self, in_sync: bool) {
+    /// Where this orchestrator is in the node's feed, if in sync: every
+    /// change the node makes from now on has a later position. (Warm
+    /// handoff takes it before reading a value to copy to the node: the
+    /// node refuses the copy if the key changed there after it.)
+    pub fn position(&self) -> Option<Position> {
+        let position = *self.position.lock();
+        self.in_sync().then_some(position)
+    }
+
+    fn set(&self, in_sync: bool, position: Option<Position>) {
+        if let Some(p) = position {
+            *self.position.lock() = p;
+        }
         self.in_sync.store(in_sync, Ordering::Release);
     }
 }
@@ -198,7 +212,7 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
                             i64::try_from(message.head.saturating_sub(position.sequence))
                                 .unwrap_or(i64::MAX),
                         );
-                        state.set(caught_up);
+                        state.set(caught_up, Some(position));
                         in_sync.set(i64::from(caught_up));
                     }
                     Ok(Ok(None)) => break "the node ended it".to_owned(),
@@ -212,7 +226,7 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
             lost.inc();
             tracing::debug!(node = %id, %why, "lost the node's change feed; following it again");
         }
-        state.set(false);
+        state.set(false, None);
         in_sync.set(0);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -223,6 +237,7 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
 /// for each node that joins (or whose address changed), stops those of
 /// nodes that left.
 pub async fn supervise(cluster: Arc<Cluster>, sink: Arc<dyn ChangeSink>) {
+    cluster.feeds_followed();
     let metrics = cluster.metrics().feeds.clone();
     let mut followers: HashMap<usize, (Arc<Node>, AbortOnDrop)> = HashMap::new();
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);

@@ -346,19 +346,40 @@ pub fn holders(
     found
 }
 
-/// Stores `entries` (read from their holders after `copying` started) on
-/// `target` with their versions, then deletes there again every key that
-/// was written or deleted since `copying` started. Returns how many
-/// copies were stored.
+/// What a copy to a node must not outlive: changes of its key on the
+/// node after the value was read elsewhere (a delete through any
+/// orchestrator). Taken before the read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopySince {
+    /// The node's change feed position then: the node stores the copy
+    /// only if the key has not changed there since.
+    After(crate::feeds::Position),
+    /// Feeds are followed but the node's was not in sync: no copy (it
+    /// could not be vouched for).
+    Unknown,
+    /// Feeds are not followed (`--change-feeds false`): copies are
+    /// conditioned only on this orchestrator's own writes.
+    Unconditional,
+}
+
+/// Stores `entries` (read from their holders after `copying` started and
+/// `since` was taken) on `target` with their versions, then deletes there
+/// again every key that was written or deleted through this orchestrator
+/// since `copying` started. Returns how many copies were stored.
 pub async fn copy_to(
     cluster: &Cluster,
     target: &Node,
     entries: Vec<Entry>,
     copying: &Copying,
+    since: CopySince,
 ) -> Result<usize, CallError> {
-    if entries.is_empty() {
+    if entries.is_empty() || since == CopySince::Unknown {
         return Ok(0);
     }
+    let (incarnation, unchanged_after) = match since {
+        CopySince::After(p) => (p.incarnation, p.sequence),
+        _ => (0, 0),
+    };
     let timeout = cluster.settings().stack.node_timeout;
     let ops = entries
         .iter()
@@ -368,6 +389,8 @@ pub async fn copy_to(
                 value: g.value.clone(),
                 ttl: g.ttl,
                 version: g.version,
+                unchanged_after,
+                incarnation,
             })),
         })
         .collect();
@@ -420,6 +443,8 @@ pub async fn read_through(
     let previous = cluster.previous();
     // (item, node that missed, holders to try)
     let mut wanted: Vec<(usize, usize, Vec<Arc<Node>>)> = Vec::new();
+    // Each target's feed position before the holders are read.
+    let mut since: HashMap<usize, CopySince> = HashMap::new();
     for (i, r) in results.iter().enumerate() {
         let (false, None, Some(n)) = (r.found, &r.error, served_by[i]) else {
             continue;
@@ -433,6 +458,9 @@ pub async fn read_through(
             2,
         );
         if !h.is_empty() {
+            since
+                .entry(n)
+                .or_insert_with(|| cluster.copy_since(&topo.nodes[n]));
             wanted.push((i, n, h));
         }
     }
@@ -509,13 +537,16 @@ pub async fn read_through(
         return;
     };
     let cluster = cluster.clone();
-    let targets: Vec<(Arc<Node>, Vec<Entry>)> = copies
+    let targets: Vec<(Arc<Node>, Vec<Entry>, CopySince)> = copies
         .into_iter()
-        .map(|(n, entries)| (topo.nodes[n].clone(), entries))
+        .map(|(n, entries)| {
+            let since = since.get(&n).copied().unwrap_or(CopySince::Unknown);
+            (topo.nodes[n].clone(), entries, since)
+        })
         .collect();
     tokio::spawn(async move {
-        for (target, entries) in targets {
-            if let Err(error) = copy_to(&cluster, &target, entries, &copying).await {
+        for (target, entries, since) in targets {
+            if let Err(error) = copy_to(&cluster, &target, entries, &copying, since).await {
                 tracing::debug!(node = %target.id, %error, "read-through copy failed");
             }
         }
@@ -626,6 +657,7 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
             done.wanted += wanted.len() as u64;
             if !wanted.is_empty() {
                 let copying = cluster.mutations.copying();
+                let since = cluster.copy_since(target);
                 let ops = wanted
                     .iter()
                     .map(|k| Op {
@@ -646,7 +678,7 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
                                 _ => None,
                             })
                             .collect();
-                        match copy_to(cluster, target, entries, &copying).await {
+                        match copy_to(cluster, target, entries, &copying, since).await {
                             Ok(n) => done.copied += n as u64,
                             Err(error) => {
                                 return Err(format!("copying to the node failed: {error}"));

@@ -351,6 +351,8 @@ pub struct Cluster {
     /// membership replaced. What was read under an older routing
     /// (relief's answers) is not served.
     routing: Arc<AtomicU64>,
+    /// The nodes' change feeds are followed ([`crate::feeds::supervise`]).
+    feeds: AtomicBool,
     settings: CallSettings,
     metrics: Arc<ClusterMetrics>,
 }
@@ -367,8 +369,27 @@ impl Cluster {
             copy_slots: Arc::new(tokio::sync::Semaphore::new(crate::handoff::COPY_SLOTS)),
             epoch: Arc::new(AtomicU64::new(Ring::default().epoch())),
             routing: Arc::new(AtomicU64::new(0)),
+            feeds: AtomicBool::new(false),
             settings,
             metrics,
+        }
+    }
+
+    /// Records that the nodes' change feeds are followed.
+    pub fn feeds_followed(&self) {
+        self.feeds.store(true, Ordering::Release);
+    }
+
+    /// How a copy to `target` read from now on must be conditioned (see
+    /// [`crate::handoff::CopySince`]).
+    pub fn copy_since(&self, target: &Node) -> crate::handoff::CopySince {
+        use crate::handoff::CopySince;
+        if !self.feeds.load(Ordering::Acquire) {
+            return CopySince::Unconditional;
+        }
+        match target.feed().position() {
+            Some(p) => CopySince::After(p),
+            None => CopySince::Unknown,
         }
     }
 

@@ -1024,6 +1024,7 @@ impl Router {
                             value: entry.value.clone(),
                             ttl,
                             version: *version,
+                            ..Default::default()
                         })),
                     });
                 }

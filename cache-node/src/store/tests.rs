@@ -702,3 +702,53 @@ fn touch_changes_the_ttl_and_the_version_but_not_the_value() {
     clock.store(10_000, Relaxed);
     assert!(s.get("k").is_some(), "no expiry any more");
 }
+
+#[test]
+fn a_conditional_copy_loses_to_a_change_made_after_its_position() {
+    let log = Arc::new(ChangeLog::new(9, MIB as usize));
+    let s = store(64 * MIB, 4).with_change_log(log.clone());
+    let written = set(&s, "k", b"v1");
+    // A copier saw the log up to here, then read "k" elsewhere...
+    let seen = log.head();
+    // ...and a delete through another orchestrator landed here meanwhile.
+    assert!(s.delete("k"));
+    let copy = |after: u64, incarnation: u64| {
+        s.set(
+            "k",
+            b"v1",
+            None,
+            Condition::ReplicaUnchanged {
+                version: written.version,
+                incarnation,
+                after,
+            },
+        )
+        .unwrap()
+    };
+    assert!(!copy(seen, 9).stored, "the delete wins over the copy");
+    assert!(s.get("k").is_none());
+    assert!(
+        !copy(log.head(), 8).stored,
+        "a position of another incarnation"
+    );
+    assert!(
+        copy(log.head(), 9).stored,
+        "nothing changed since the position"
+    );
+    assert_eq!(s.get("k").map(|f| f.version), Some(written.version));
+    // Without a change log a conditional copy cannot be vouched for.
+    let plain = store(64 * MIB, 4);
+    let out = plain
+        .set(
+            "k",
+            b"v",
+            None,
+            Condition::ReplicaUnchanged {
+                version: 5,
+                incarnation: 9,
+                after: 0,
+            },
+        )
+        .unwrap();
+    assert!(!out.stored);
+}

@@ -621,9 +621,15 @@ async fn a_copy_that_raced_a_delete_is_deleted_again() {
             },
         ),
     ];
-    let stored = handoff::copy_to(&f.cluster, &node, entries, &copying)
-        .await
-        .unwrap();
+    let stored = handoff::copy_to(
+        &f.cluster,
+        &node,
+        entries,
+        &copying,
+        handoff::CopySince::Unconditional,
+    )
+    .await
+    .unwrap();
     assert_eq!(stored, 2);
     let data = target.data.lock();
     assert!(!data.contains_key("k"), "the raced copy was deleted again");
