@@ -101,9 +101,11 @@ pub enum Read {
 /// Bytes a logged change is accounted with beyond a key too long to be
 /// stored inline: its 48-byte slot in the ring buffer (key, version, kind,
 /// owner) and the slack of a buffer that grows by doubling (up to twice
-/// that), and its slot in the index of each key's last change (16 bytes,
-/// up to twice that with the table's growth).
-pub const ENTRY_OVERHEAD: usize = 128;
+/// that).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+/// [`ChangeLog::changed_after`] looks back at most this many changes.
+pub const MAX_SCAN: u64 = 65_536;
 
 /// A `CompactString` keeps keys up to this long inline.
 const INLINE_KEY: usize = 24;
@@ -132,17 +134,12 @@ struct Inner {
     first: u64,
     /// Bytes accounted to `entries`.
     bytes: usize,
-    /// The last change held of each key, by the key's hash (two keys may
-    /// share one: [`ChangeLog::changed_after`] then answers "changed",
-    /// which only refuses a copy).
-    last: HashMap<u64, u64>,
 }
 
 /// The change log of one node process.
 #[derive(Debug)]
 pub struct ChangeLog {
     incarnation: u64,
-    hasher: foldhash::fast::FixedState,
     max_bytes: usize,
     inner: Mutex<Inner>,
     /// Readers waiting for a change; appends wake them only when there are
@@ -162,7 +159,6 @@ impl ChangeLog {
     pub fn new(incarnation: u64, max_bytes: usize) -> Self {
         Self {
             incarnation,
-            hasher: foldhash::fast::FixedState::with_seed(0x6368_616e_6765),
             max_bytes,
             inner: Mutex::new(Inner {
                 first: 1,
@@ -209,30 +205,17 @@ impl ChangeLog {
     }
 
     fn push(&self, logged: Logged) -> u64 {
-        // A debt changes nothing here: it is not indexed.
-        let hash = (logged.kind != ChangeKind::Owed)
-            .then(|| std::hash::BuildHasher::hash_one(&self.hasher, logged.key.as_str()));
         let sequence = {
             let mut inner = self.inner.lock();
             let sequence = inner.first + inner.entries.len() as u64;
             inner.bytes += weight(&logged.key, logged.owner.as_deref());
             inner.entries.push_back(logged);
-            if let Some(hash) = hash {
-                inner.last.insert(hash, sequence);
-            }
             while inner.bytes > self.max_bytes {
                 let Some(old) = inner.entries.pop_front() else {
                     break;
                 };
                 inner.bytes -= weight(&old.key, old.owner.as_deref());
-                let dropped = inner.first;
                 inner.first += 1;
-                if old.kind != ChangeKind::Owed {
-                    let h = std::hash::BuildHasher::hash_one(&self.hasher, old.key.as_str());
-                    if inner.last.get(&h) == Some(&dropped) {
-                        inner.last.remove(&h);
-                    }
-                }
             }
             sequence
         };
@@ -244,19 +227,28 @@ impl ChangeLog {
 
     /// Whether `key` may have changed after change `after` of incarnation
     /// `incarnation`: true if it did, and also whenever the log cannot
-    /// tell (another incarnation, or a position older than it holds). A
-    /// flush counts as a change of every key.
+    /// tell (another incarnation, a position older than it holds, or more
+    /// than [`MAX_SCAN`] changes ago). A flush counts as a change of every
+    /// key. Scans the changes after `after` (warm handoff asks with a
+    /// position taken milliseconds before, so they are few); writers wait
+    /// for the log's lock meanwhile, hence the bound.
     pub fn changed_after(&self, key: &str, incarnation: u64, after: u64) -> bool {
-        let hash = std::hash::BuildHasher::hash_one(&self.hasher, key);
-        let flush = std::hash::BuildHasher::hash_one(&self.hasher, "");
         let inner = self.inner.lock();
         let head = inner.first + inner.entries.len() as u64 - 1;
-        if incarnation != self.incarnation || after > head || after.saturating_add(1) < inner.first
+        if incarnation != self.incarnation
+            || after > head
+            || after.saturating_add(1) < inner.first
+            || head - after > MAX_SCAN
         {
             return true;
         }
-        let changed = |h| inner.last.get(&h).is_some_and(|&s| s > after);
-        changed(hash) || changed(flush)
+        // `first <= after + 1 <= head + 1`: within the buffer.
+        let skip = usize::try_from(after + 1 - inner.first).unwrap_or(usize::MAX);
+        inner.entries.iter().skip(skip).any(|e| match e.kind {
+            ChangeKind::Owed => false,
+            ChangeKind::Flush => true,
+            _ => e.key == key,
+        })
     }
 
     /// The last sequence assigned (0: none yet).

@@ -67,7 +67,7 @@ pub struct Config {
 
     /// Most bytes of the change log that orchestrators follow
     /// (Internal/Changes): every write, delete, increment, touch and copy,
-    /// about 80 bytes each (plus keys over 24 bytes). Beyond it the oldest
+    /// about 96 bytes each (plus keys over 24 bytes). Beyond it the oldest
     /// changes are dropped, and a follower that had not read them is told
     /// it missed some (it then forgets what it kept of this node). 0 turns
     /// the log off: orchestrators then relieve none of this node's keys.

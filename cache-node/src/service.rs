@@ -582,6 +582,13 @@ const CHANGES_PER_MESSAGE: usize = 4096;
 /// A change feed is sent a heartbeat after this long without a change.
 pub const FEED_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// Under load (a message went out less than [`FEED_BUSY`] ago), a feed
+/// waits this long after a change before it reads the log, so one message
+/// carries what accumulated instead of a message — a wake-up, a frame and
+/// a write — per change. At rest a change goes out at once.
+const FEED_LINGER: Duration = Duration::from_millis(1);
+const FEED_BUSY: Duration = Duration::from_millis(5);
+
 /// What a `Changes` stream is doing between messages.
 struct Feed {
     log: Arc<ChangeLog>,
@@ -592,6 +599,8 @@ struct Feed {
     gap: bool,
     /// Nothing sent yet: the first message goes at once.
     first: bool,
+    /// When the last message with changes went out.
+    last_sent: Option<tokio::time::Instant>,
     max_bytes: usize,
     draining: tokio::sync::watch::Receiver<bool>,
     ended: bool,
@@ -636,6 +645,9 @@ impl Feed {
                     self.at = last.sequence;
                 }
                 self.reader.read_to(self.at);
+                if !changes.is_empty() {
+                    self.last_sent = Some(tokio::time::Instant::now());
+                }
                 let message = ChangesResponse {
                     incarnation,
                     gap: std::mem::take(&mut self.gap),
@@ -658,6 +670,10 @@ impl Feed {
                         self,
                     ));
                 }
+            }
+            let busy = self.last_sent.is_some_and(|t| t.elapsed() < FEED_BUSY);
+            if busy && self.log.head() > self.at {
+                tokio::time::sleep(FEED_LINGER).await;
             }
             if self.log.head() == self.at {
                 self.reader.read_to(self.at);
@@ -737,6 +753,7 @@ impl Internal for InternalService {
             at,
             gap,
             first: true,
+            last_sent: None,
             max_bytes: (self.cache.max_message_bytes / 2).clamp(1, 1 << 20),
             draining: self.draining.clone(),
             ended: false,

@@ -45,6 +45,14 @@
 //! `--only A,B` runs only the cases whose name contains `A` or `B` (for
 //! example `--only "Get (orchestrator)","twemproxy GET"`).
 //!
+//! `--feeds` runs the change feeds' cost table instead: two clusters side
+//! by side (3 nodes, 2 orchestrators each, as the chart deploys), one with
+//! feeds on (the default) and one with them off (`--change-log-bytes 0`
+//! on the nodes, `--change-feeds false` on the orchestrators); routed
+//! `Get` and `Set` through the first orchestrator of each, alternating
+//! between the clusters, `--rounds` times (2). Server CPU counts both orchestrators (the
+//! second only follows the feeds) and the nodes.
+//!
 //! `--baseline DIR` also routes the same load through the `orchestrator`
 //! binary in `DIR` (say, a build of the previous commit), in front of the
 //! same nodes, so a change to the orchestrator is measured side by side
@@ -91,6 +99,10 @@ struct Options {
     orchestrator_args: Vec<String>,
     /// `--only A,B`: run only the cases whose name contains one of these.
     only: Vec<String>,
+    /// `--feeds`: the change feeds' cost table only.
+    feeds: bool,
+    /// `--rounds N`: how many times the feeds table alternates (2).
+    rounds: usize,
 }
 
 impl Options {
@@ -130,6 +142,8 @@ fn options() -> Options {
         batch: 100,
         node_args: words(args.value::<String>("--node-args")),
         orchestrator_args: words(args.value::<String>("--orchestrator-args")),
+        feeds: args.flag("--feeds"),
+        rounds: value("--rounds").unwrap_or(2),
         only: args
             .value::<String>("--only")
             .map(|o| o.split(',').map(str::to_owned).collect())
@@ -480,6 +494,106 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             )
             .await,
         );
+    }
+    rows
+}
+
+/// `--feeds`: routed `Get` and `Set` with the change feeds on and off, two
+/// clusters side by side (see the module documentation).
+async fn feeds_rows(o: &Options) -> Vec<Row> {
+    struct Side {
+        label: &'static str,
+        _cluster: TestCluster,
+        _follower: integration_tests::OrchestratorProcess,
+        servers: Vec<u32>,
+        clients: Vec<CacheClient<Channel>>,
+    }
+    let value = bytes::Bytes::from(vec![0x5au8; o.value]);
+    let mut sides = Vec::new();
+    for (label, node_args, orchestrator_args) in [
+        ("on", &[][..], &[][..]),
+        (
+            "off",
+            &["--change-log-bytes", "0"][..],
+            &["--change-feeds", "false"][..],
+        ),
+    ] {
+        let cluster = TestCluster::start_with(3, node_args, orchestrator_args).await;
+        let follower = TestCluster::orchestrator_for(&cluster.node_addrs, orchestrator_args).await;
+        let mut via = cluster.orchestrator.cache().await;
+        for chunk in (0..o.keys).collect::<Vec<_>>().chunks(500) {
+            let entries: Vec<SetRequest> = chunk
+                .iter()
+                .map(|i| SetRequest {
+                    key: format!("key:{i}"),
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            via.set_many(SetManyRequest { entries }).await.unwrap();
+        }
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(cluster.orchestrator.cache().await);
+        }
+        let servers = [cluster.orchestrator.process.pid(), follower.process.pid()]
+            .into_iter()
+            .chain(cluster.nodes.iter().flatten().map(|n| n.process.pid()))
+            .collect();
+        sides.push(Side {
+            label,
+            _cluster: cluster,
+            _follower: follower,
+            servers,
+            clients,
+        });
+    }
+    let keys = o.keys as u64;
+    let mut rows = Vec::new();
+    for round in 1..=o.rounds {
+        for op in ["Get", "Set"] {
+            for side in &sides {
+                let clients = side.clients.clone();
+                let value = value.clone();
+                let case = format!("routed {op}, feeds {} (round {round})", side.label);
+                let row = if op == "Get" {
+                    ringcache_case(
+                        o,
+                        o.concurrency,
+                        &case,
+                        None,
+                        &side.servers,
+                        1,
+                        move |t, i| uniform_get(clients[t % clients.len()].clone(), t, i, keys),
+                    )
+                    .await
+                } else {
+                    ringcache_case(
+                        o,
+                        o.concurrency,
+                        &case,
+                        None,
+                        &side.servers,
+                        1,
+                        move |t, i| {
+                            let mut c = clients[t % clients.len()].clone();
+                            let value = value.clone();
+                            async move {
+                                c.set(SetRequest {
+                                    key: format!("key:{}", uniform_rank(t, i, keys)),
+                                    value,
+                                    ..Default::default()
+                                })
+                                .await
+                                .is_ok()
+                            }
+                        },
+                    )
+                    .await
+                };
+                rows.extend(row);
+            }
+        }
     }
     rows
 }
@@ -1100,6 +1214,15 @@ async fn peer_rows(o: &Options) -> Option<Vec<Row>> {
 #[tokio::main]
 async fn main() {
     let o = options();
+    if o.feeds {
+        eprintln!(
+            "change feeds on vs off: {}s per case, {} in flight",
+            o.seconds, o.concurrency
+        );
+        let rows = feeds_rows(&o).await;
+        print_table(&rows, &[]);
+        return;
+    }
     if let Some(s) = o.zipf.filter(|_| o.full) {
         eprintln!(
             "skewed load: Zipf s={s} over {} keys, {}s per case, {} in flight",
@@ -1130,12 +1253,17 @@ async fn main() {
     }
     let peers = peer_rows(&o).await.unwrap_or_default();
     rows.extend(peers.iter().cloned());
+    print_table(&rows, &peers);
+    write_json(&o, &rows);
+}
 
+/// Prints `rows` as a Markdown table, with ratios to their `peers` rows.
+fn print_table(rows: &[Row], peers: &[Row]) {
     println!(
         "| case | ops/s | p50 | p99 | server CPU/op | of which orchestrator | client CPU/op | ops/s vs peer | server CPU/op vs peer |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for r in &rows {
+    for r in rows {
         let peer = r
             .peer
             .as_ref()
@@ -1162,6 +1290,10 @@ async fn main() {
             ratio_cpu
         );
     }
+}
+
+/// Writes `rows` to `bench-results/` as JSON.
+fn write_json(o: &Options, rows: &[Row]) {
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
