@@ -264,8 +264,8 @@ impl ChangesCollector {
     }
 }
 
-impl Collector for ChangesCollector {
-    fn desc(&self) -> Vec<&Desc> {
+impl ChangesCollector {
+    fn gauges(&self) -> [&IntGauge; 6] {
         [
             &self.entries,
             &self.bytes,
@@ -274,10 +274,16 @@ impl Collector for ChangesCollector {
             &self.followers,
             &self.lag,
         ]
-        .into_iter()
-        .flat_map(|g| g.desc())
-        .chain(self.gaps.desc())
-        .collect()
+    }
+}
+
+impl Collector for ChangesCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges()
+            .into_iter()
+            .flat_map(|g| g.desc())
+            .chain(self.gaps.desc())
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -290,18 +296,11 @@ impl Collector for ChangesCollector {
         self.followers.set(int(self.log.readers() as u64));
         self.lag.set(int(self.log.max_lag()));
         catch_up(&self.gaps, self.log.gaps());
-        [
-            &self.entries,
-            &self.bytes,
-            &self.capacity,
-            &self.head,
-            &self.followers,
-            &self.lag,
-        ]
-        .into_iter()
-        .flat_map(|g| g.collect())
-        .chain(self.gaps.collect())
-        .collect()
+        self.gauges()
+            .into_iter()
+            .flat_map(|g| g.collect())
+            .chain(self.gaps.collect())
+            .collect()
     }
 }
 

@@ -431,6 +431,36 @@ impl InternalService {
         self
     }
 
+    /// How many keys one answer lists (`Scan`, `Debts`) when `asked`
+    /// for (0: as many as allowed): at most --max-batch, and never more
+    /// than fit in a message (keys are at most --max-key-bytes each).
+    fn key_page(&self, asked: u32) -> usize {
+        let max_batch = self.cache.limits.max_batch;
+        let by_size = self.cache.max_message_bytes / (self.cache.limits.max_key_bytes + 8);
+        match asked {
+            0 => max_batch,
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(max_batch),
+        }
+        .min(by_size)
+        .max(1)
+    }
+
+    /// A permit for a long-lived stream (`ApplyStream`, `Changes`): none
+    /// once the node drains, nor beyond `--max-in-flight` open streams.
+    /// `instead` says what the caller should do then.
+    fn stream_permit(&self, instead: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        if *self.draining.borrow() {
+            return Err(Status::unavailable(format!(
+                "the node is draining: {instead}"
+            )));
+        }
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many streams open on this node (--max-in-flight); {instead}"
+            ))
+        })
+    }
+
     /// Records a caller's ring epoch.
     fn saw_epoch(&self, epoch: u64) {
         self.epochs.record(epoch, Instant::now());
@@ -726,18 +756,9 @@ impl Internal for InternalService {
                 "this node keeps no change log (--change-log-bytes 0)",
             ));
         };
-        if *self.draining.borrow() {
-            return Err(Status::unavailable(
-                "the node is draining: follow its feed on its successor",
-            ));
-        }
         // Feeds share the permits of ApplyStreams: both are long-lived
         // streams of orchestrators.
-        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-            return Err(Status::resource_exhausted(
-                "too many streams open on this node (--max-in-flight)",
-            ));
-        };
+        let permit = self.stream_permit("follow its feed again from the last sequence seen")?;
         let req = request.into_inner();
         let (at, gap) = if req.incarnation == 0 {
             (log.head(), false)
@@ -769,16 +790,7 @@ impl Internal for InternalService {
         &self,
         request: Request<tonic::Streaming<ApplyStreamRequest>>,
     ) -> Result<Response<Self::ApplyStreamStream>, Status> {
-        if *self.draining.borrow() {
-            return Err(Status::unavailable(
-                "the node is draining: send batches with Apply",
-            ));
-        }
-        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-            return Err(Status::resource_exhausted(
-                "too many ApplyStreams open on this node (--max-in-flight); send batches with Apply",
-            ));
-        };
+        let permit = self.stream_permit("send batches with Apply")?;
         let mut draining = self.draining.clone();
         let stream = BatchStream {
             service: self.clone(),
@@ -798,15 +810,7 @@ impl Internal for InternalService {
         request: Request<DebtsRequest>,
     ) -> Result<Response<DebtsResponse>, Status> {
         let req = request.into_inner();
-        let max_batch = self.cache.limits.max_batch;
-        let by_size = self.cache.max_message_bytes / (self.cache.limits.max_key_bytes + 8);
-        let limit = match req.limit {
-            0 => max_batch,
-            n => usize::try_from(n).unwrap_or(usize::MAX).min(max_batch),
-        }
-        .min(by_size)
-        .max(1);
-        let listed = self.debts.list(&req.owner, limit);
+        let listed = self.debts.list(&req.owner, self.key_page(req.limit));
         Ok(Response::new(DebtsResponse {
             keys: listed.keys,
             overflowed: listed.overflowed,
@@ -832,16 +836,7 @@ impl Internal for InternalService {
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let req = request.into_inner();
-        // A page is at most --max-batch keys, and never more than fits in a
-        // message: keys are at most --max-key-bytes each.
-        let max_batch = self.cache.limits.max_batch;
-        let by_size = self.cache.max_message_bytes / (self.cache.limits.max_key_bytes + 8);
-        let limit = match req.limit {
-            0 => max_batch,
-            n => usize::try_from(n).unwrap_or(usize::MAX).min(max_batch),
-        }
-        .min(by_size)
-        .max(1);
+        let limit = self.key_page(req.limit);
         let shard = usize::try_from(req.shard).unwrap_or(usize::MAX);
         let page = self.cache.store.scan(shard, req.position, limit);
         let (next_shard, next_position) = page.next.unwrap_or_default();

@@ -520,18 +520,7 @@ async fn feeds_rows(o: &Options) -> Vec<Row> {
     ] {
         let cluster = TestCluster::start_with(3, node_args, orchestrator_args).await;
         let follower = TestCluster::orchestrator_for(&cluster.node_addrs, orchestrator_args).await;
-        let mut via = cluster.orchestrator.cache().await;
-        for chunk in (0..o.keys).collect::<Vec<_>>().chunks(500) {
-            let entries: Vec<SetRequest> = chunk
-                .iter()
-                .map(|i| SetRequest {
-                    key: format!("key:{i}"),
-                    value: value.clone(),
-                    ..Default::default()
-                })
-                .collect();
-            via.set_many(SetManyRequest { entries }).await.unwrap();
-        }
+        preload(&mut cluster.orchestrator.cache().await, o.keys, &value).await;
         let mut clients = Vec::new();
         for _ in 0..8 {
             clients.push(cluster.orchestrator.cache().await);

@@ -105,6 +105,8 @@ impl ChangeSink for OrchestratorSink {
 #[derive(Debug, Default)]
 pub struct FeedState {
     in_sync: AtomicBool,
+    /// The node said it keeps no change log (`--change-log-bytes 0`).
+    refused: AtomicBool,
     /// The last change seen, while in sync.
     position: parking_lot::Mutex<Position>,
 }
@@ -124,6 +126,12 @@ impl FeedState {
     pub fn position(&self) -> Option<Position> {
         let position = *self.position.lock();
         self.in_sync().then_some(position)
+    }
+
+    /// Whether the node refused to be followed because it keeps no change
+    /// log (`--change-log-bytes 0`): its changes will not be seen.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
     }
 
     fn set(&self, in_sync: bool, position: Option<Position>) {
@@ -202,6 +210,7 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
                 match tokio::time::timeout(SILENCE, feed.next()).await {
                     Ok(Ok(Some(message))) => {
                         backoff = MIN_BACKOFF;
+                        state.refused.store(false, Ordering::Release);
                         if message.gap {
                             gaps.inc();
                             tracing::info!(node = %id, "the node's feed has a gap: forgetting what was kept of its keys");
@@ -220,7 +229,14 @@ pub async fn follow(node: Arc<Node>, sink: Arc<dyn ChangeSink>, metrics: FeedMet
                     Err(_) => break format!("no message within {SILENCE:?}"),
                 }
             },
-            Err(e) => e.to_string(),
+            Err(e) => {
+                if let crate::client::CallError::Refused(s) = &e
+                    && s.code() == tonic::Code::FailedPrecondition
+                {
+                    state.refused.store(true, Ordering::Release);
+                }
+                e.to_string()
+            }
         };
         if state.in_sync() {
             lost.inc();

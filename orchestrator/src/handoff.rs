@@ -563,6 +563,26 @@ struct Refilled {
     copied: u64,
 }
 
+/// How long a refill waits for the target's change feed to be in sync
+/// (just after a restart it is followed again within milliseconds).
+const FEED_WAIT: Duration = Duration::from_secs(10);
+
+/// The target's feed position to condition copies on (see [`CopySince`]),
+/// waiting up to [`FEED_WAIT`] for its feed to be in sync; `None` if it is
+/// not by then.
+async fn copy_position(cluster: &Cluster, target: &Node) -> Option<CopySince> {
+    let until = Instant::now() + FEED_WAIT;
+    loop {
+        match cluster.copy_since(target) {
+            CopySince::Unknown if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            CopySince::Unknown => return None,
+            since => return Some(since),
+        }
+    }
+}
+
 /// Fills `target` (which joined or restarted) with the keys it owns, from
 /// every other node; see the module documentation.
 pub async fn refill(cluster: Arc<Cluster>, target: Arc<Node>) {
@@ -657,7 +677,13 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
             done.wanted += wanted.len() as u64;
             if !wanted.is_empty() {
                 let copying = cluster.mutations.copying();
-                let since = cluster.copy_since(target);
+                let Some(since) = copy_position(cluster, target).await else {
+                    // Refilled at a later round, once its feed is followed.
+                    cluster.start_warming(target);
+                    return Err(format!(
+                        "the node's change feed has not been in sync for {FEED_WAIT:?}: its copies cannot be vouched for"
+                    ));
+                };
                 let ops = wanted
                     .iter()
                     .map(|k| Op {

@@ -389,6 +389,10 @@ impl Cluster {
         }
         match target.feed().position() {
             Some(p) => CopySince::After(p),
+            // A node without a change log cannot vouch for copies (and
+            // would refuse conditional ones): only this orchestrator's own
+            // writes guard them, as with --change-feeds false.
+            None if target.feed().refused() => CopySince::Unconditional,
             None => CopySince::Unknown,
         }
     }

@@ -300,10 +300,23 @@ impl Transport {
     /// Empties the node (`Internal/Flush`); returns how many entries it
     /// removed.
     pub async fn flush(&self, timeout: Duration) -> Result<u64, CallError> {
-        let flush =
-            self.unary::<_, FlushResponse>(FLUSH, &FlushRequest {}, Some(timeout), None, true);
-        match tokio::time::timeout(timeout, flush).await {
-            Ok(result) => result.map(|r| r.removed),
+        self.unary_within::<_, FlushResponse>(FLUSH, &FlushRequest {}, timeout)
+            .await
+            .map(|r| r.removed)
+    }
+
+    /// A unary call of the internal API that must answer within
+    /// `timeout` (sent as its deadline too): [`CallError::NodeTimeout`]
+    /// when it does not.
+    async fn unary_within<M: Message, R: Message + Default>(
+        &self,
+        path: &'static str,
+        message: &M,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let call = self.unary::<_, R>(path, message, Some(timeout), None, true);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
             Err(_) => Err(CallError::NodeTimeout(timeout)),
         }
     }
@@ -340,11 +353,7 @@ impl Transport {
             position: cursor.1,
             limit,
         };
-        let scan = self.unary::<_, ScanResponse>(SCAN, &request, Some(timeout), None, true);
-        match tokio::time::timeout(timeout, scan).await {
-            Ok(result) => result,
-            Err(_) => Err(CallError::NodeTimeout(timeout)),
-        }
+        self.unary_within(SCAN, &request, timeout).await
     }
 
     /// The keys this node recorded that `owner` missed changes of
@@ -359,11 +368,7 @@ impl Transport {
             owner: owner.to_owned(),
             limit,
         };
-        let ask = self.unary::<_, DebtsResponse>(DEBTS, &request, Some(timeout), None, true);
-        match tokio::time::timeout(timeout, ask).await {
-            Ok(result) => result,
-            Err(_) => Err(CallError::NodeTimeout(timeout)),
-        }
+        self.unary_within(DEBTS, &request, timeout).await
     }
 
     /// Drops this node's records of `owner`'s debts up to `through`
@@ -378,11 +383,9 @@ impl Transport {
             owner: owner.to_owned(),
             through,
         };
-        let ask = self.unary::<_, SettleResponse>(SETTLE, &request, Some(timeout), None, true);
-        match tokio::time::timeout(timeout, ask).await {
-            Ok(result) => result.map(|r| r.settled),
-            Err(_) => Err(CallError::NodeTimeout(timeout)),
-        }
+        self.unary_within::<_, SettleResponse>(SETTLE, &request, timeout)
+            .await
+            .map(|r| r.settled)
     }
 
     /// Follows the node's change feed (`Internal/Changes`) from position
@@ -390,33 +393,11 @@ impl Transport {
     /// pool's connections.
     pub async fn changes(&self, incarnation: u64, after: u64) -> Result<ChangeFeed, CallError> {
         let (_, _, sender) = self.sender().await?;
-        let (mut sender, request) = grpc_request(sender, &self.pool.authority, CHANGES).await?;
+        let (sender, request) = grpc_request(sender, &self.pool.authority, CHANGES).await?;
         let message = ChangesRequest { incarnation, after };
-        let mut body = BytesMut::with_capacity(5 + message.encoded_len());
-        body.put_u8(0);
-        body.put_u32(u32::try_from(message.encoded_len()).unwrap_or(u32::MAX));
-        message
-            .encode(&mut body)
-            .map_err(|e| CallError::NotSent(e.to_string()))?;
-        let (response, mut send) = sender
-            .send_request(request, false)
-            .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
-        send.send_data(body.freeze(), true)
-            .map_err(|e| CallError::Lost(e.to_string()))?;
-        let response = response.await.map_err(stream_failure)?;
-        let (parts, body) = response.into_parts();
-        if parts.status != http::StatusCode::OK {
-            return Err(CallError::Refused(tonic::Status::unknown(format!(
-                "the node answered HTTP {}",
-                parts.status
-            ))));
-        }
-        // A trailers-only answer: refused (no log, draining, too many).
-        if let Some(status) = tonic::Status::from_header_map(&parts.headers)
-            && status.code() != tonic::Code::Ok
-        {
-            return Err(CallError::Refused(status));
-        }
+        let max = self.pool.settings.max_message_bytes;
+        // A trailers-only answer is a refusal (no log, draining, too many).
+        let (_, body) = send_message(sender, request, &message, max).await?;
         Ok(ChangeFeed {
             body,
             buf: BytesMut::new(),
@@ -703,29 +684,16 @@ pub(super) async fn grpc_request(
     Ok((sender, request))
 }
 
-/// The gRPC unary exchange on one HTTP/2 stream: returns the answer's
-/// message bytes.
-async fn unary<M: Message>(
-    sender: SendRequest<Bytes>,
-    authority: &http::uri::Authority,
-    path: &'static str,
+/// Sends `request` with `message` as its only (and last) message, and
+/// waits for the answer's headers: an HTTP status other than 200, or a
+/// trailers-only answer with an error status, is [`CallError::Refused`].
+/// Returns the headers and the body to read the answer's messages from.
+async fn send_message<M: Message>(
+    mut sender: SendRequest<Bytes>,
+    request: Request<()>,
     message: &M,
-    timeout: Option<Duration>,
-    headers: Option<HeaderMap>,
     max_message: usize,
-) -> Result<Bytes, CallError> {
-    let (mut sender, mut request) = grpc_request(sender, authority, path).await?;
-    {
-        let h = request.headers_mut();
-        if let Some(extra) = headers {
-            h.extend(extra);
-        }
-        if let Some(t) = timeout
-            && let Ok(v) = HeaderValue::try_from(grpc_timeout(t))
-        {
-            h.insert("grpc-timeout", v);
-        }
-    }
+) -> Result<(http::response::Parts, h2::RecvStream), CallError> {
     let len = message.encoded_len();
     if len > max_message {
         return Err(CallError::Refused(tonic::Status::resource_exhausted(
@@ -740,7 +708,6 @@ async fn unary<M: Message>(
     message
         .encode(&mut body)
         .map_err(|e| CallError::NotSent(e.to_string()))?;
-
     let (response, mut stream) = sender
         .send_request(request, false)
         .map_err(|e| CallError::NotSent(format!("the connection is closed ({e})")))?;
@@ -748,7 +715,7 @@ async fn unary<M: Message>(
         .send_data(body.freeze(), true)
         .map_err(|e| CallError::Lost(e.to_string()))?;
     let response = response.await.map_err(stream_failure)?;
-    let (parts, mut recv) = response.into_parts();
+    let (parts, recv) = response.into_parts();
     if parts.status != http::StatusCode::OK {
         return Err(CallError::Refused(tonic::Status::unknown(format!(
             "the node answered HTTP {}",
@@ -761,6 +728,33 @@ async fn unary<M: Message>(
     {
         return Err(CallError::Refused(status));
     }
+    Ok((parts, recv))
+}
+
+/// The gRPC unary exchange on one HTTP/2 stream: returns the answer's
+/// message bytes.
+async fn unary<M: Message>(
+    sender: SendRequest<Bytes>,
+    authority: &http::uri::Authority,
+    path: &'static str,
+    message: &M,
+    timeout: Option<Duration>,
+    headers: Option<HeaderMap>,
+    max_message: usize,
+) -> Result<Bytes, CallError> {
+    let (sender, mut request) = grpc_request(sender, authority, path).await?;
+    {
+        let h = request.headers_mut();
+        if let Some(extra) = headers {
+            h.extend(extra);
+        }
+        if let Some(t) = timeout
+            && let Ok(v) = HeaderValue::try_from(grpc_timeout(t))
+        {
+            h.insert("grpc-timeout", v);
+        }
+    }
+    let (parts, mut recv) = send_message(sender, request, message, max_message).await?;
     let mut data = BytesMut::new();
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(stream_failure)?;
