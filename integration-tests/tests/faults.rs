@@ -1179,3 +1179,80 @@ async fn deletes_outlive_the_orchestrator_that_made_them() {
     })
     .await;
 }
+
+/// The stand-in case across orchestrators: the owner of a key freezes, A
+/// writes the key (it lands on the next node, a stand-in) and is killed.
+/// The owner returns; B brings it up to date from the stand-in's debt
+/// records — and deletes the stand-in's copy, which only A knew it had
+/// written. A newer value is written through B, the owner freezes again:
+/// a read through B must not find the stand-in's old copy.
+#[tokio::test]
+async fn a_stand_in_copy_written_by_a_dead_orchestrator_does_not_come_back() {
+    let args = ["--failover-ttl", "10m"];
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &args).await;
+    let b = more_orchestrators(&cluster, 1, &args).await.remove(0);
+    let owner = first_owner(&cluster, "k").await;
+    let set = |value: &str| SetRequest {
+        key: "k".into(),
+        value: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let mut through_a = cluster.orchestrator.cache().await;
+    through_a.set(set("before")).await.unwrap();
+    let paused = &cluster.nodes[owner].as_ref().unwrap().process;
+    paused.signal("STOP");
+    cluster.wait_node_state(owner, NodeState::Ejected).await;
+    through_a
+        .set(with_timeout(set("while away")))
+        .await
+        .unwrap();
+    // A goes away; a fresh orchestrator takes its place in the harness.
+    drop(std::mem::replace(
+        &mut cluster.orchestrator,
+        TestCluster::orchestrator_for(&cluster.node_addrs, &args).await,
+    ));
+    paused.signal("CONT");
+    wait_node_on(&b, &cluster.node_addrs[owner], |n| {
+        n.state() == NodeState::Healthy
+    })
+    .await;
+    let mut through_b = b.cache().await;
+    through_b.set(with_timeout(set("after"))).await.unwrap();
+    // No node but the owner holds the key's old copy.
+    let others: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
+    integration_tests::eventually(Duration::from_secs(10), || {
+        let others = &others;
+        let cluster = &cluster;
+        async move {
+            for &i in others {
+                let held = cluster
+                    .node_cache(i)
+                    .await
+                    .get(GetRequest { key: "k".into() })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                if held.found && held.value.as_ref() == b"while away" {
+                    return Err(format!("node {i} still holds the stand-in copy"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    paused.signal("STOP");
+    wait_node_on(&b, &cluster.node_addrs[owner], |n| {
+        n.state() == NodeState::Ejected
+    })
+    .await;
+    let got = through_b
+        .get(with_timeout(GetRequest { key: "k".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    paused.signal("CONT");
+    assert!(
+        !(got.found && got.value.as_ref() == b"while away"),
+        "the stand-in's copy, written by an orchestrator that died, came back"
+    );
+}

@@ -675,10 +675,18 @@ impl Cluster {
     async fn catch_up(&self, node: &Node, topology: &Topology, mut collect: bool) {
         let timeout = self.settings.stack.node_timeout;
         let limit = u32::try_from(self.settings.batch.max_ops).unwrap_or(u32::MAX);
+        let replicas = self.settings.handoff.replicas;
         for _ in 0..MAX_CATCH_UP_ROUNDS {
             let mut more = false;
+            // Copies holders keep only because the node was away (they
+            // do not own the key): retired once the node is up to date,
+            // whichever orchestrator wrote them.
+            let mut retired: Vec<(&Arc<Node>, Vec<String>)> = Vec::new();
             if collect {
-                for holder in topology.nodes.iter().filter(|n| n.id != node.id) {
+                for (h, holder) in topology.nodes.iter().enumerate() {
+                    if holder.id == node.id {
+                        continue;
+                    }
                     match holder
                         .client
                         .transport()
@@ -694,6 +702,15 @@ impl Cluster {
                                 node.pending
                                     .record_owed(Some(key), &holder.id, listed.through);
                             }
+                            let stand_ins: Vec<String> = listed
+                                .keys
+                                .iter()
+                                .filter(|k| !topology.ring.owners(k, replicas).contains(&h))
+                                .cloned()
+                                .collect();
+                            if !stand_ins.is_empty() {
+                                retired.push((holder, stand_ins));
+                            }
                             if !listed.keys.is_empty() || listed.overflowed {
                                 tracing::info!(node = %node.id, holder = %holder.id, keys = listed.keys.len(), overflowed = listed.overflowed, "read what the node missed from another node's records");
                             }
@@ -708,6 +725,11 @@ impl Cluster {
                 }
             }
             self.replay_invalidations(node).await;
+            for (holder, keys) in retired {
+                tracing::info!(node = %node.id, holder = %holder.id, keys = keys.len(), "the node is back: deleting the copies another node kept for it");
+                self.delete_or_record(holder, keys, Some(Instant::now() + timeout))
+                    .await;
+            }
             for (holder, through) in node.pending.take_marks() {
                 let Some(h) = topology.nodes.iter().find(|n| *n.id == *holder) else {
                     continue;
