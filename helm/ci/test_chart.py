@@ -165,9 +165,18 @@ def test_in_flight_bytes_fit_beside_the_data_in_the_memory_limit(docs):
     limit = quantity(nodes["resources"]["limits"]["memory"])
     capacity = int(arg(nodes, "--capacity"))
     budget = int(arg(nodes, "--max-in-flight-bytes"))
+    records = int(arg(nodes, "--change-log-bytes")) + int(arg(nodes, "--debt-bytes"))
     # Overload is refused before it can take the pod past its limit, and one
-    # maximal message (4 MiB with the default limits) still fits.
-    assert 4 << 20 <= budget and capacity + budget < limit, (capacity, budget, limit)
+    # maximal message (4 MiB with the default limits) still fits beside the
+    # data, the change log and the debt records.
+    assert 4 << 20 <= budget and capacity + records + budget < limit, (
+        capacity,
+        records,
+        budget,
+        limit,
+    )
+    # The binary's defaults at the chart's default memory; less when small.
+    assert records == (32 << 20) + (16 << 20), records
     orch = container(one(docs, "Deployment", "orchestrator"))
     o_limit = quantity(orch["resources"]["limits"]["memory"])
     o_budget = int(arg(orch, "--max-in-flight-bytes"))

@@ -120,7 +120,23 @@ Measured (RELIABILITY.md, integration-tests/tests/memory.rs): 400 calls with
 {{- define "ringcache.nodeInFlightBytes" -}}
 {{- $memory := include "ringcache.bytes" .Values.cacheNode.memory | atoi -}}
 {{- $capacity := include "ringcache.capacityBytes" . | atoi -}}
-{{- max (div (sub $memory $capacity) 2) (include "ringcache.messageBytes" . | atoi) -}}
+{{- $records := add (include "ringcache.changeLogBytes" . | atoi) (include "ringcache.debtBytes" . | atoi) -}}
+{{- max (div (sub (sub $memory $capacity) $records) 2) (include "ringcache.messageBytes" . | atoi) -}}
+{{- end -}}
+
+{{/*
+A node's --change-log-bytes and --debt-bytes: the binary's defaults (32 MiB
+and 16 MiB, measured at their bound in BENCHMARKS.md), or 1/32 and 1/64 of
+the memory limit when that is less, so that with a small limit they do not
+take the room left beside the cache. The in-flight budget above is what
+remains after them.
+*/}}
+{{- define "ringcache.changeLogBytes" -}}
+{{- min 33554432 (div (include "ringcache.bytes" .Values.cacheNode.memory | atoi) 32) -}}
+{{- end -}}
+
+{{- define "ringcache.debtBytes" -}}
+{{- min 16777216 (div (include "ringcache.bytes" .Values.cacheNode.memory | atoi) 64) -}}
 {{- end -}}
 
 {{/*
