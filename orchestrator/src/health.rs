@@ -81,6 +81,12 @@ impl Health {
         self.consecutive_failures
     }
 
+    /// Whether the node is ejected but answered its last check: it waits
+    /// out its backoff (another orchestrator may already route to it).
+    pub fn answering_while_ejected(&self) -> bool {
+        matches!(self.state, State::Ejected { .. }) && self.consecutive_failures == 0
+    }
+
     /// Whether calls may go to the node.
     pub fn routable(&self) -> bool {
         !matches!(self.state, State::Ejected { .. })

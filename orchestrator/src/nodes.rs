@@ -266,6 +266,17 @@ impl Node {
         self.health.routable.load(Ordering::Relaxed)
     }
 
+    /// Whether writes and deletes of `key` should also reach this node
+    /// although it is not routable: it is ejected but answered its last
+    /// health check (it waits out its backoff), and holds no value of
+    /// `key` it may have missed an update of. Another orchestrator may
+    /// already read from it, so what this one changes must land there too.
+    pub fn writable_while_ejected(&self, key: &str) -> bool {
+        !self.routable()
+            && self.health.health.lock().answering_while_ejected()
+            && !self.pending.contains(key)
+    }
+
     /// Whether calls for `key` may go to this node now: it is routable and
     /// holds no value of `key` it may have missed an update of.
     #[inline]

@@ -988,7 +988,7 @@ impl Router {
         // Phase 2: replicas, with the primary's version. `holders`: the
         // replicas that stored each key's copy.
         let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
-        if self.replicas > 1 {
+        {
             let mut copies: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
             for (i, entry) in entries.iter().enumerate() {
                 let (
@@ -1002,7 +1002,7 @@ impl Router {
                 else {
                     continue;
                 };
-                for n in usable_owners(
+                let mut targets: Vec<usize> = usable_owners(
                     topo,
                     &entry.key,
                     &routed.prefs[i],
@@ -1012,7 +1012,22 @@ impl Router {
                 .into_iter()
                 .filter(|&n| n != p)
                 .take(self.replicas - 1)
-                {
+                .collect();
+                // Owners this orchestrator still holds ejected that answer
+                // their checks: another orchestrator may read from them
+                // already, so they get the copy too.
+                let answering: Vec<usize> = owners[i]
+                    .iter()
+                    .copied()
+                    .filter(|&o| {
+                        o != p
+                            && !targets.contains(&o)
+                            && !routed.failed[o]
+                            && topo.nodes[o].writable_while_ejected(&entry.key)
+                    })
+                    .collect();
+                targets.extend(answering);
+                for n in targets {
                     let ttl = if owners[i].contains(&n) {
                         entry.ttl
                     } else {
@@ -1181,6 +1196,13 @@ impl Router {
         }
         if targets.is_empty() {
             return Err(no_nodes_error());
+        }
+        // Owners this orchestrator still holds ejected that answer their
+        // checks: another orchestrator may read from them already.
+        for &o in &owners {
+            if !targets.contains(&o) && topo.nodes[o].writable_while_ejected(key) {
+                targets.push(o);
+            }
         }
         // Nodes holding a stand-in copy (written while the owners were
         // away) get the delete too: they serve the key if the owners fail.
