@@ -708,27 +708,7 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
         .unwrap();
     // The stand-in's copy is retired and deleted: no node but the owner
     // holds the key.
-    let others: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
-    integration_tests::eventually(Duration::from_secs(10), || {
-        let others = &others;
-        let cluster = &cluster;
-        async move {
-            for &i in others {
-                let held = cluster
-                    .node_cache(i)
-                    .await
-                    .get(GetRequest { key: "k".into() })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                if held.found {
-                    return Err(format!("node {i} still holds a copy"));
-                }
-            }
-            Ok(())
-        }
-    })
-    .await;
+    wait_until_only_the_owner_holds(&cluster, owner, "k", |_| true).await;
     paused.signal("STOP");
     cluster.wait_node_state(owner, NodeState::Ejected).await;
     let got = cache
@@ -742,6 +722,36 @@ async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
         "a deleted key came back from the stand-in: {:?}",
         String::from_utf8_lossy(&got.value)
     );
+}
+
+/// Waits until no node of `cluster` but `owner` holds a copy of `key`
+/// whose value `copy` matches (a stand-in's copy retired there).
+async fn wait_until_only_the_owner_holds(
+    cluster: &TestCluster,
+    owner: usize,
+    key: &str,
+    copy: impl Fn(&[u8]) -> bool,
+) {
+    let others: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != owner).collect();
+    integration_tests::eventually(Duration::from_secs(10), || {
+        let (others, copy) = (&others, &copy);
+        async move {
+            for &i in others {
+                let held = cluster
+                    .node_cache(i)
+                    .await
+                    .get(GetRequest { key: key.into() })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                if held.found && copy(&held.value) {
+                    return Err(format!("node {i} still holds a copy of {key}"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
 }
 
 /// A counter's owner is killed while it is being incremented (R=2): every
@@ -1219,27 +1229,7 @@ async fn a_stand_in_copy_written_by_a_dead_orchestrator_does_not_come_back() {
     let mut through_b = b.cache().await;
     through_b.set(with_timeout(set("after"))).await.unwrap();
     // No node but the owner holds the key's old copy.
-    let others: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
-    integration_tests::eventually(Duration::from_secs(10), || {
-        let others = &others;
-        let cluster = &cluster;
-        async move {
-            for &i in others {
-                let held = cluster
-                    .node_cache(i)
-                    .await
-                    .get(GetRequest { key: "k".into() })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                if held.found && held.value.as_ref() == b"while away" {
-                    return Err(format!("node {i} still holds the stand-in copy"));
-                }
-            }
-            Ok(())
-        }
-    })
-    .await;
+    wait_until_only_the_owner_holds(&cluster, owner, "k", |v| v == b"while away").await;
     paused.signal("STOP");
     wait_node_on(&b, &cluster.node_addrs[owner], |n| {
         n.state() == NodeState::Ejected
