@@ -288,6 +288,38 @@ impl Process {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -{name} failed");
+        if name == "STOP" {
+            self.wait_stopped();
+        }
+    }
+
+    /// Waits until every thread of the process is stopped. `kill` returns
+    /// once SIGSTOP is queued; the group stop itself happens when one thread
+    /// takes the signal and stops the others, which on a loaded machine can
+    /// be milliseconds later — long enough for a worker thread to answer a
+    /// request the test meant to send to a frozen process.
+    fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stopped = std::fs::read_dir(&tasks).is_ok_and(|dir| {
+                dir.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the command name's closing parenthesis.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                    })
+                })
+            });
+            if stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits up to `timeout` for the process to exit by itself.
