@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "ringcache/v1/cluster.proto",
     "ringcache/v1/internal.proto",
     "ringcache/v1/node.proto",
+    "google/rpc/status.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

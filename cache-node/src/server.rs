@@ -77,7 +77,12 @@ pub async fn run(
     // The same health state, for the plaintext probe port.
     let health_probe = health_service.clone();
     let max_message = config.limits.max_message_bytes();
-    let cache = CacheService::new(store.clone(), config.limits(), max_message);
+    // Pipeline streams: ops run on the store through the unary handlers,
+    // end cleanly when the listener closes.
+    let pipelines = ringcache_common::pipeline::Pipelines::new(&config.limits)
+        .with_metrics(ringcache_common::pipeline::PipelineMetrics::new(&registry)?);
+    let cache = CacheService::new(store.clone(), config.limits(), max_message)
+        .with_pipelines(pipelines.clone());
     // ApplyStreams end when the node starts draining (callers move to
     // unary Apply, which the drain bounds).
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
@@ -132,7 +137,8 @@ pub async fn run(
             &config.process,
         )
         .with_tls(tls)
-        .with_probe_listen(config.tls.probe_listen),
+        .with_probe_listen(config.tls.probe_listen)
+        .with_pipelines(pipelines),
         routes.routes(),
         health,
         health_probe,

@@ -16,6 +16,7 @@ use std::{
 use bytes::Bytes;
 use ringcache_common::{
     inflight_bytes::CallBytes,
+    pipeline::{PipelineStream, Pipelines},
     validate::{RequestLimits, to_proto_duration},
 };
 use ringcache_proto::v1::{
@@ -23,7 +24,8 @@ use ringcache_proto::v1::{
     ChangesResponse, DebtsRequest, DebtsResponse, DeleteManyRequest, DeleteManyResponse,
     DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest,
     FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
-    IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse, RingEpoch,
+    IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse,
+    PipelineRequest, RingEpoch,
     ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
     SettleRequest, SettleResponse, StatsRequest, StatsResponse, TouchRequest, TouchResponse,
     cache_server::Cache, internal_server::Internal, node_server::Node, op, op_result,
@@ -53,6 +55,8 @@ pub struct CacheService {
     store: Arc<Store>,
     limits: RequestLimits,
     max_message_bytes: usize,
+    /// Serves `Pipeline` streams, each op on this service's own handlers.
+    pipelines: Pipelines,
 }
 
 impl CacheService {
@@ -63,7 +67,15 @@ impl CacheService {
             store,
             limits,
             max_message_bytes,
+            pipelines: Pipelines::default(),
         }
+    }
+
+    /// Serves `Pipeline` streams with `pipelines` (depth, deadlines,
+    /// metrics, drain).
+    pub fn with_pipelines(mut self, pipelines: Pipelines) -> Self {
+        self.pipelines = pipelines;
+        self
     }
 
     fn increment_one(&self, req: &IncrementRequest) -> Result<IncrementResponse, NodeError> {
@@ -156,6 +168,17 @@ fn results_bytes(results: &[OpResult]) -> usize {
 
 #[tonic::async_trait]
 impl Cache for CacheService {
+    type PipelineStream = PipelineStream;
+
+    /// Runs each op on the store through the unary handler below: the same
+    /// limits, answers and refusals (see `ringcache_common::pipeline`).
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<PipelineStream>, Status> {
+        self.pipelines.serve(self.clone(), request)
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();

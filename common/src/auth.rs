@@ -53,6 +53,33 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// The path of `ringcache.v1.Cache/Pipeline`.
+pub const PIPELINE_PATH: &str = "/ringcache.v1.Cache/Pipeline";
+
+/// The role of an authenticated caller, in the request extensions of every
+/// call [`AuthLayer`] admitted with a token: a handler that runs several
+/// operations in one call (`Pipeline`) checks each against it. Absent when
+/// authentication is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The role of the caller's token.
+    pub role: Role,
+}
+
+impl Caller {
+    /// The refusal for this caller calling `path` (as its own call would
+    /// be refused), if any.
+    pub fn refusal(&self, path: &str) -> Option<tonic::Status> {
+        let need = ringcache_policy(path)?;
+        (self.role < need).then(|| {
+            tonic::Status::permission_denied(format!(
+                "a {} token may not call {path}: it needs the {need} role",
+                self.role
+            ))
+        })
+    }
+}
+
 /// The role a gRPC method (`/package.Service/Method`) needs; `None`: no
 /// token at all (probes). Unknown methods need `admin`.
 pub type Policy = fn(&str) -> Option<Role>;
@@ -68,6 +95,9 @@ pub fn ringcache_policy(path: &str) -> Option<Role> {
         "/ringcache.v1.Cache/Get"
         | "/ringcache.v1.Cache/GetMany"
         | "/ringcache.v1.Cache/Exists" => Role::Read,
+        // Opened with any data token; each op is checked against the role
+        // of its unary call (see `crate::pipeline`).
+        PIPELINE_PATH => Role::Read,
         p if p.starts_with("/ringcache.v1.Cache/") => Role::Write,
         _ => Role::Admin,
     })
@@ -213,20 +243,23 @@ fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
 }
 
 impl<S> Auth<S> {
-    /// The refusal for a call to `path` carrying `headers`, if any.
-    fn check(&self, path: &str, headers: &http::HeaderMap) -> Option<tonic::Status> {
-        let need = (self.policy)(path)?;
+    /// The refusal for a call to `path` carrying `headers`, if any, or the
+    /// caller's role (`None`: a call that needs no token).
+    fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, tonic::Status> {
+        let Some(need) = (self.policy)(path) else {
+            return Ok(None);
+        };
         let Some(token) = bearer(headers) else {
-            return Some(tonic::Status::unauthenticated(
+            return Err(tonic::Status::unauthenticated(
                 "missing credentials: send `authorization: Bearer <token>` metadata",
             ));
         };
         match self.tokens.with(|t| t.role_of(token)) {
-            None => Some(tonic::Status::unauthenticated("unknown bearer token")),
-            Some(role) if role < need => Some(tonic::Status::permission_denied(format!(
+            None => Err(tonic::Status::unauthenticated("unknown bearer token")),
+            Some(role) if role < need => Err(tonic::Status::permission_denied(format!(
                 "a {role} token may not call {path}: it needs the {need} role"
             ))),
-            Some(_) => None,
+            Some(role) => Ok(Some(Caller { role })),
         }
     }
 }
@@ -244,10 +277,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         match self.check(req.uri().path(), req.headers()) {
-            None => Either::Left(self.inner.call(req)),
-            Some(status) => Either::Right(ready(Ok(status.into_http()))),
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    req.extensions_mut().insert(caller);
+                }
+                Either::Left(self.inner.call(req))
+            }
+            Err(status) => Either::Right(ready(Ok(status.into_http()))),
         }
     }
 }
@@ -296,7 +334,7 @@ mod tests {
         let a = auth(tokens);
         let code = |path: &str, token: Option<&str>| {
             let h = token.map_or_else(http::HeaderMap::new, |t| headers(&format!("Bearer {t}")));
-            a.check(path, &h).map(|s| s.code())
+            a.check(path, &h).err().map(|s| s.code())
         };
         use tonic::Code::{PermissionDenied, Unauthenticated};
         let get = "/ringcache.v1.Cache/Get";
@@ -333,12 +371,21 @@ mod tests {
             Some(PermissionDenied)
         );
         // The scheme is case-insensitive; a token never shows in a message.
-        assert!(
-            a.check(get, &headers(&format!("bearer {READER}")))
-                .is_none()
+        assert_eq!(
+            a.check(get, &headers(&format!("bearer {READER}"))).ok(),
+            Some(Some(Caller { role: Role::Read }))
         );
         let refused = a.check(set, &headers(&format!("Bearer {READER}")));
-        assert!(!refused.is_some_and(|s| s.message().contains(READER)));
+        assert!(!refused.is_err_and(|s| s.message().contains(READER)));
+        // A pipeline opens with a read token; its ops are checked one by one.
+        assert_eq!(code(PIPELINE_PATH, Some(READER)), None);
+        let reader = Caller { role: Role::Read };
+        assert!(reader.refusal(get).is_none());
+        assert_eq!(
+            reader.refusal(set).map(|s| s.code()),
+            Some(PermissionDenied)
+        );
+        assert!(Caller { role: Role::Write }.refusal(set).is_none());
         let _ = std::fs::remove_file(path);
     }
 

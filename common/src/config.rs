@@ -46,6 +46,12 @@ pub struct LimitArgs {
     #[arg(long, env = "RINGCACHE_MAX_IN_FLIGHT_BYTES", default_value = "256MiB")]
     pub max_in_flight_bytes: ByteSize,
 
+    /// Most ops in flight on one Pipeline stream. Beyond it the server stops
+    /// reading the stream until an op is answered, and HTTP/2 flow control
+    /// holds the client back: a fast writer never grows server memory.
+    #[arg(long, env = "RINGCACHE_PIPELINE_DEPTH", default_value_t = crate::pipeline::DEFAULT_DEPTH)]
+    pub pipeline_depth: usize,
+
     /// Longest time a request may run; a shorter client deadline
     /// (grpc-timeout) wins.
     #[arg(long, env = "RINGCACHE_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -96,6 +102,14 @@ pub enum LimitError {
         /// What one maximal Set needs.
         needed: u64,
     },
+    /// `--pipeline-depth` is past what a stream may hold.
+    #[error("--pipeline-depth {depth} is more than {max} ops in flight per stream")]
+    PipelineTooDeep {
+        /// The configured depth.
+        depth: usize,
+        /// The most allowed.
+        max: usize,
+    },
     /// The in-flight byte budget cannot hold one maximal message.
     #[error(
         "--max-in-flight-bytes {budget} is smaller than --max-message-bytes ({message}): one maximal call could never run"
@@ -140,11 +154,18 @@ impl LimitArgs {
             ("--max-batch", self.max_batch as u64),
             ("--max-in-flight", self.max_in_flight as u64),
             ("--max-in-flight-bytes", self.max_in_flight_bytes.bytes()),
+            ("--pipeline-depth", self.pipeline_depth as u64),
             ("--request-timeout", self.request_timeout.as_millis() as u64),
         ] {
             if value == 0 {
                 return Err(LimitError::Zero { flag });
             }
+        }
+        if self.pipeline_depth > crate::pipeline::MAX_DEPTH {
+            return Err(LimitError::PipelineTooDeep {
+                depth: self.pipeline_depth,
+                max: crate::pipeline::MAX_DEPTH,
+            });
         }
         if let Some(message) = self.max_message_bytes
             && message.bytes() < self.max_single_set()

@@ -44,11 +44,20 @@ pub fn client_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     parse_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 
-/// When a request must be answered by, if its client set a deadline.
+/// When a request must be answered by, if its client set a deadline: an
+/// [`OpDeadline`] (one op of a `Pipeline`), else its `grpc-timeout`.
 pub fn deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    if let Some(OpDeadline(at)) = request.extensions().get::<OpDeadline>() {
+        return Some(*at);
+    }
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     parse_timeout(value).map(|d| Instant::now() + d)
 }
+
+/// The deadline of one op of a `Pipeline` stream, in its request's
+/// extensions: what `grpc-timeout` is to a unary call.
+#[derive(Debug, Clone, Copy)]
+pub struct OpDeadline(pub Instant);
 
 /// The status of a call dropped before it finished: `DEADLINE_EXCEEDED` if
 /// its `deadline` had passed (a timer outside the layer that records it

@@ -29,11 +29,13 @@
 //!
 //! So the bytes held stay within the limit, give or take what handlers
 //! under-estimated. Health checks and reflection are not counted and never
-//! refused. Long-lived streams (`Internal/ApplyStream`) are admitted like
-//! any call but their frames are not counted: they would add up for the
-//! stream's whole life; each stream holds one batch and one answer at a
-//! time (each at most `--max-message-bytes`), and there are at most
-//! `--max-in-flight` of them.
+//! refused. Long-lived streams (`Internal/ApplyStream`, `Cache/Pipeline`)
+//! are admitted like any call but their frames are not counted: they would
+//! add up for the stream's whole life. An `ApplyStream` holds one batch and
+//! one answer at a time (each at most `--max-message-bytes`); a `Pipeline`
+//! counts each op as a call of its own ([`CallBytes::another`], held from
+//! when the op is read until its answer is handed on); and there are at
+//! most `--max-in-flight` streams.
 
 use std::{
     future::Future,
@@ -55,7 +57,10 @@ use crate::limits::is_probe;
 
 /// Calls that stay open for many messages: admitted by the budget, their
 /// frames not counted (see the module doc).
-const LONG_LIVED_STREAMS: &[&str] = &["/ringcache.v1.Internal/ApplyStream"];
+const LONG_LIVED_STREAMS: &[&str] = &[
+    "/ringcache.v1.Internal/ApplyStream",
+    crate::auth::PIPELINE_PATH,
+];
 
 fn is_long_lived_stream(path: &str) -> bool {
     LONG_LIVED_STREAMS.contains(&path)
@@ -169,6 +174,17 @@ impl CallBytes {
     pub fn held(&self) -> u64 {
         self.0.bytes.load(Ordering::Relaxed)
     }
+
+    /// A share of the same budget for another call holding nothing yet
+    /// (one op of a `Pipeline` stream), given back when its last clone is
+    /// dropped.
+    pub fn another(&self) -> CallBytes {
+        CallBytes(Arc::new(Held {
+            budget: self.0.budget.clone(),
+            bytes: AtomicU64::new(0),
+            prepaid: AtomicU64::new(0),
+        }))
+    }
 }
 
 impl Drop for Held {
@@ -257,19 +273,22 @@ where
                 refused: Some(self.budget.refusal().into_http()),
             };
         }
-        if is_long_lived_stream(req.uri().path()) {
-            return BytesFuture {
-                inner: Some(self.inner.call(req.map(Body::new))),
-                held: None,
-                refused: None,
-            };
-        }
         let held = Arc::new(Held {
             budget: self.budget.clone(),
             bytes: AtomicU64::new(0),
             prepaid: AtomicU64::new(0),
         });
         let mut req = req;
+        if is_long_lived_stream(req.uri().path()) {
+            // The handler counts what it holds per message (see the module
+            // doc); the frames are not counted.
+            req.extensions_mut().insert(CallBytes(held));
+            return BytesFuture {
+                inner: Some(self.inner.call(req.map(Body::new))),
+                held: None,
+                refused: None,
+            };
+        }
         req.extensions_mut().insert(CallBytes(held.clone()));
         let req = req.map(|body| Body::new(Counted::new(body, held.clone(), true)));
         BytesFuture {

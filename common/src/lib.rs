@@ -15,6 +15,8 @@
 //! - [`shutdown`]: the SIGTERM/SIGINT future that starts a graceful drain.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint and a tower layer
 //!   that counts and times every gRPC call by service, method and status.
+//! - [`pipeline`]: `Cache/Pipeline`, many single-key calls on one stream,
+//!   each run by the service's unary handler.
 //! - [`limits`]: a tower layer that caps in-flight requests and sheds the
 //!   excess with `RESOURCE_EXHAUSTED` instead of queueing it.
 //! - [`grpc`]: reflection (v1 and v1alpha) and health wiring.
@@ -35,6 +37,7 @@ pub mod inflight_bytes;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod refusals;
 pub mod reload;
 pub mod rpc_trace;

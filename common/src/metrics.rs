@@ -28,7 +28,7 @@ use tower::{Layer, Service};
 
 /// Latency buckets, in seconds: 50 µs to 5 s. Cache calls are fast, so the
 /// low end is finer than Prometheus' defaults.
-const LATENCY_BUCKETS: &[f64] = &[
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0,
 ];

@@ -103,8 +103,9 @@ where
     }
 }
 
-/// The clearer status for a refusal tonic made, if it is one of those.
-fn clarify(status: &Status, max_message_bytes: &str) -> Option<Status> {
+/// The clearer status for a refusal tonic made, if it is one of those
+/// (also for a message on a stream that fails to decode).
+pub fn clarify(status: &Status, max_message_bytes: &str) -> Option<Status> {
     let message = status.message();
     match status.code() {
         Code::OutOfRange if message.contains("decoded message length too large") => {

@@ -196,6 +196,84 @@ pub fn record_client_status(span: &Span, status: Option<&tonic::Status>) {
     }
 }
 
+/// A SERVER span for a call to `path` (`/service/method`) whose caller's
+/// context is `parent`.
+fn new_server_span(path: &str, service: &str, method: &str, parent: OtelContext) -> Span {
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = &path[1..],
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_message = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        ringcache.hit = Empty,
+        ringcache.shard = Empty,
+        ringcache.value_bytes = Empty,
+        ringcache.keys = Empty,
+        ringcache.hits = Empty,
+    );
+    // Fails only if the span is disabled (not sampled by the subscriber),
+    // in which case there is nothing to parent.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Reads W3C trace context from one op's own fields.
+struct OpExtractor<'a> {
+    traceparent: &'a str,
+    tracestate: &'a str,
+}
+
+impl Extractor for OpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => Some(self.traceparent).filter(|v| !v.is_empty()),
+            "tracestate" => Some(self.tracestate).filter(|v| !v.is_empty()),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// The SERVER span of one op of a stream (`Pipeline`), as
+/// [`ServerTraceLayer`] makes one for a unary call to `path`
+/// (`/service/method`): continuing the op's own `traceparent` and
+/// `tracestate`, sampled by the same rule. Returns the span (`Span::none()`
+/// when not recorded) and, when not recorded, the context to make current
+/// while the op runs, so the calls it makes pass the decision on.
+pub fn op_span(path: &str, traceparent: &str, tracestate: &str) -> (Span, Option<OtelContext>) {
+    let parent = global::get_text_map_propagator(|p| {
+        p.extract(&OpExtractor {
+            traceparent,
+            tracestate,
+        })
+    });
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return (Span::none(), None);
+    };
+    match decide(parent) {
+        Ok(parent) => (new_server_span(path, service, method, parent), None),
+        Err(propagate) => (Span::none(), Some(propagate)),
+    }
+}
+
+/// Records the outcome of a call served on `span`: `None` for OK.
+pub fn record_server_status(span: &Span, status: Option<&tonic::Status>) {
+    if span.is_none() {
+        return;
+    }
+    match status {
+        None => record_status(span, tonic::Code::Ok, None, false),
+        Some(s) => record_status(span, s.code(), Some(s.message()), server_error(s.code())),
+    }
+}
+
 /// A layer that opens a SERVER span around every call to one of the given
 /// services, continuing the caller's trace from the request headers. Calls
 /// to other services (health checks, reflection) are not traced: a load
@@ -244,10 +322,13 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
+        // A pipeline is not one call but many: each op gets its own SERVER
+        // span, in its own trace (`crate::pipeline`).
         let traced = path
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
-            .filter(|(service, _)| self.services.contains(service));
+            .filter(|(service, _)| self.services.contains(service))
+            .filter(|_| path != crate::auth::PIPELINE_PATH);
         let parent = match traced {
             Some((service, _)) => {
                 let parent =
@@ -264,28 +345,7 @@ where
             None => Err(OtelContext::new()),
         };
         let (span, propagate) = match (traced, parent) {
-            (Some((service, method)), Ok(parent)) => {
-                let span = tracing::info_span!(
-                    "grpc.server",
-                    otel.name = &path[1..],
-                    otel.kind = "server",
-                    otel.status_code = Empty,
-                    otel.status_message = Empty,
-                    rpc.system = "grpc",
-                    rpc.service = service,
-                    rpc.method = method,
-                    rpc.grpc.status_code = Empty,
-                    ringcache.hit = Empty,
-                    ringcache.shard = Empty,
-                    ringcache.value_bytes = Empty,
-                    ringcache.keys = Empty,
-                    ringcache.hits = Empty,
-                );
-                // Fails only if the span is disabled (not sampled by the
-                // subscriber), in which case there is nothing to parent.
-                let _ = span.set_parent(parent);
-                (span, None)
-            }
+            (Some((service, method)), Ok(parent)) => (new_server_span(path, service, method, parent), None),
             // Not recorded: no span at all, only the context to pass on.
             (_, Err(propagate)) => (Span::none(), Some(propagate)),
             (None, Ok(_)) => (Span::none(), None),

@@ -59,6 +59,10 @@ pub struct ServeOptions {
     /// Close client connections gracefully after about this long
     /// (`--max-connection-age`); `None`: never.
     pub max_connection_age: Option<Duration>,
+    /// The `Pipeline` streams to end when the listener closes (they would
+    /// otherwise hold the drain open for as long as their clients keep
+    /// them).
+    pub pipelines: Option<crate::pipeline::Pipelines>,
 }
 
 impl ServeOptions {
@@ -83,7 +87,14 @@ impl ServeOptions {
             probe_listen: None,
             auth: None,
             max_connection_age: None,
+            pipelines: None,
         }
+    }
+
+    /// Ends `pipelines`' streams cleanly when the listener closes.
+    pub fn with_pipelines(mut self, pipelines: crate::pipeline::Pipelines) -> Self {
+        self.pipelines = Some(pipelines);
+        self
     }
 
     /// Closes client connections gracefully after about `age` (zero:
@@ -207,6 +218,7 @@ pub async fn serve(
         probe_listen,
         auth,
         max_connection_age,
+        pipelines,
     } = options;
     let set_all = |status| {
         let health = health.clone();
@@ -376,6 +388,11 @@ pub async fn serve(
     }
     set_all(ServingStatus::NotServing).await;
     tokio::time::sleep(drain_delay).await;
+    // Streams of many calls answer what they read and end: the graceful
+    // stop below waits for every open stream.
+    if let Some(p) = &pipelines {
+        p.close();
+    }
     let _ = stop_grpc.send(());
     match tokio::time::timeout(shutdown_grace, &mut server).await {
         Ok(Ok(Ok(()))) => tracing::info!("in-flight calls finished"),

@@ -113,6 +113,12 @@ pub async fn run(
         }))
     };
 
+    // Pipeline streams: each op enters the router as a unary call would;
+    // streams end cleanly at --max-connection-age and when the listener
+    // closes.
+    let pipelines = ringcache_common::pipeline::Pipelines::new(&config.limits)
+        .with_max_age(config.max_connection_age)
+        .with_metrics(ringcache_common::pipeline::PipelineMetrics::new(&registry)?);
     let feed_cluster = cluster.clone();
     let mut router = Router::new(
         cluster,
@@ -121,6 +127,7 @@ pub async fn run(
         max_message,
     )
     .with_failover_ttl(config.failover_ttl)
+    .with_pipelines(pipelines.clone())
     .with_hot_keys(Arc::new(HotKeys::new(
         config.hot_key_window,
         config.hot_key_threshold,
@@ -194,7 +201,8 @@ pub async fn run(
         .with_tls(tls)
         .with_probe_listen(config.tls.probe_listen)
         .with_auth(auth)
-        .with_max_connection_age(config.max_connection_age),
+        .with_max_connection_age(config.max_connection_age)
+        .with_pipelines(pipelines),
         routes.routes(),
         health,
         health_probe,

@@ -42,6 +42,7 @@ use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
 use ringcache_common::{
     deadline::deadline,
     inflight_bytes::CallBytes,
+    pipeline::{PipelineStream, Pipelines},
     telemetry,
     validate::{RequestLimits, to_proto_duration},
 };
@@ -50,7 +51,8 @@ use ringcache_proto::v1::{
     DeleteResult, ExistsRequest, ExistsResponse, GetManyRequest, GetManyResponse, GetRequest,
     GetResponse, GetResult, HotKey, HotKeysRequest, HotKeysResponse, IncrementRequest,
     IncrementResponse, KeyError, KeyInfo, ListNodesRequest, ListNodesResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, SetManyRequest, SetManyResponse,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, PipelineRequest,
+    SetManyRequest, SetManyResponse,
     SetRequest, SetResponse, SetResult, TouchRequest, TouchResponse, cache_server::Cache,
     cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
@@ -90,6 +92,9 @@ pub struct Router {
     /// What reads' answers are expected to take, held against
     /// `--max-in-flight-bytes` before the nodes are asked.
     answers: Arc<AnswerEstimate>,
+    /// Serves `Pipeline` streams: each op enters this router as its unary
+    /// call would (same routing, coalescing, limits).
+    pipelines: Pipelines,
 }
 
 /// Hot-key relief: the near cache and what it counts.
@@ -448,7 +453,15 @@ impl Router {
                 limits.max_value_bytes,
                 max_message_bytes,
             )),
+            pipelines: Pipelines::default(),
         }
+    }
+
+    /// Serves `Pipeline` streams with `pipelines` (depth, deadlines,
+    /// metrics, drain).
+    pub fn with_pipelines(mut self, pipelines: Pipelines) -> Self {
+        self.pipelines = pipelines;
+        self
     }
 
     /// Hedges reads (with two or more replicas): see [`crate::hedge`].
@@ -1393,6 +1406,17 @@ impl Router {
 
 #[tonic::async_trait]
 impl Cache for Router {
+    type PipelineStream = PipelineStream;
+
+    /// Each op runs through the unary handler below, so it takes the same
+    /// route as its unary call (see `ringcache_common::pipeline`).
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<PipelineStream>, Status> {
+        self.pipelines.serve(self.clone(), request)
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let deadline = deadline(&request);
         let call_bytes = request.extensions().get::<CallBytes>().cloned();

@@ -12,11 +12,28 @@
 //! The `.proto` files are the reference: every service, method and field is
 //! documented there, and `grpcurl describe` shows those comments.
 
-/// Messages, clients and servers of the `ringcache.v1` package.
+/// The generated packages, nested as prost expects (`ringcache.v1` refers
+/// to `google.rpc` as `super::super::google::rpc`).
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations)]
 #[allow(clippy::all, clippy::pedantic)]
-pub mod v1 {
-    tonic::include_proto!("ringcache.v1");
+mod ringcache {
+    pub mod v1 {
+        tonic::include_proto!("ringcache.v1");
+    }
+}
+
+/// Messages, clients and servers of the `ringcache.v1` package.
+pub use ringcache::v1;
+
+/// `google.rpc.Status`, the error of a failed `Pipeline` op (vendored from
+/// googleapis).
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+#[allow(clippy::all, clippy::pedantic)]
+pub mod google {
+    /// The `google.rpc` package.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
 }
 
 /// The encoded `FileDescriptorSet` of `ringcache.v1` (and its imports), with
