@@ -25,10 +25,10 @@ use ringcache_proto::v1::{
     DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest,
     FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
     IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse,
-    PipelineRequest, RingEpoch,
-    ScanRequest, ScanResponse, SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult,
-    SettleRequest, SettleResponse, StatsRequest, StatsResponse, TouchRequest, TouchResponse,
-    cache_server::Cache, internal_server::Internal, node_server::Node, op, op_result,
+    PipelineRequest, RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse,
+    SetRequest, SetResponse, SetResult, SettleRequest, SettleResponse, StatsRequest, StatsResponse,
+    TouchRequest, TouchResponse, cache_server::Cache, internal_server::Internal, node_server::Node,
+    op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;

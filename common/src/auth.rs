@@ -245,7 +245,11 @@ fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
 impl<S> Auth<S> {
     /// The refusal for a call to `path` carrying `headers`, if any, or the
     /// caller's role (`None`: a call that needs no token).
-    fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, tonic::Status> {
+    fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Caller>, tonic::Status> {
         let Some(need) = (self.policy)(path) else {
             return Ok(None);
         };

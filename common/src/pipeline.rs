@@ -154,10 +154,7 @@ impl PipelineMetrics {
             .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
             &["grpc_method"],
         )?;
-        let streams = IntGauge::new(
-            "ringcache_pipeline_streams",
-            "Pipeline streams open now.",
-        )?;
+        let streams = IntGauge::new("ringcache_pipeline_streams", "Pipeline streams open now.")?;
         registry.register(Box::new(ops.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(streams.clone()))?;
@@ -328,8 +325,125 @@ struct StreamContext {
 /// An op answered, waiting to be sent.
 struct Done {
     id: u64,
+    /// What the op held back while it ran (see [`Sequence`]).
+    order: Sequence,
     response: PipelineResponse,
     held: Option<CallBytes>,
+}
+
+/// What an op waits for, so that ops run in the order they were sent
+/// where that order can matter: a write and then a read of the same key
+/// on one stream read the write, as on one connection to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sequence {
+    /// A single-key op: runs after the stream's earlier ops on its key.
+    Key(String),
+    /// An op on several keys (`Exists`): runs once every earlier op has
+    /// finished, and holds the stream's later ops back until it has.
+    Barrier,
+    /// An op that runs nothing (it has no body).
+    Free,
+}
+
+impl Sequence {
+    fn of(op: &PipelineRequest) -> Self {
+        match &op.op {
+            Some(Op::Get(m)) => Sequence::Key(m.key.clone()),
+            Some(Op::Set(m)) => Sequence::Key(m.key.clone()),
+            Some(Op::Delete(m)) => Sequence::Key(m.key.clone()),
+            Some(Op::Increment(m)) => Sequence::Key(m.key.clone()),
+            Some(Op::Touch(m)) => Sequence::Key(m.key.clone()),
+            Some(Op::Exists(m)) => match m.keys.as_slice() {
+                [key] => Sequence::Key(key.clone()),
+                _ => Sequence::Barrier,
+            },
+            None => Sequence::Free,
+        }
+    }
+}
+
+/// The ops of a stream read but not yet started, each behind an earlier
+/// op on its key (or behind a barrier).
+#[derive(Default)]
+struct Waiting {
+    /// Keys with an op running, and the ops waiting behind it, in order.
+    keys: std::collections::HashMap<String, VecDeque<PipelineRequest>>,
+    /// Ops in `keys`' queues.
+    queued: usize,
+    /// A barrier op read: waiting for the ops before it (`Some(Some)`), or
+    /// running (`Some(None)`). No op is read meanwhile.
+    barrier: Option<Option<PipelineRequest>>,
+}
+
+impl Waiting {
+    /// Takes `op` (read just now, in `order`): answers it if it may run
+    /// now, else keeps it until [`Waiting::finished`] releases it.
+    fn admit(
+        &mut self,
+        op: PipelineRequest,
+        order: &Sequence,
+        running: usize,
+    ) -> Option<PipelineRequest> {
+        match order {
+            Sequence::Free => Some(op),
+            Sequence::Key(key) => match self.keys.get_mut(key) {
+                Some(queue) => {
+                    queue.push_back(op);
+                    self.queued += 1;
+                    None
+                }
+                None => {
+                    self.keys.insert(key.clone(), VecDeque::new());
+                    Some(op)
+                }
+            },
+            Sequence::Barrier => {
+                if running == 0 && self.queued == 0 {
+                    self.barrier = Some(None);
+                    Some(op)
+                } else {
+                    self.barrier = Some(Some(op));
+                    None
+                }
+            }
+        }
+    }
+
+    /// An op in `order` finished; `running` ops still run. Answers the ops
+    /// that may run now.
+    fn finished(&mut self, order: &Sequence, running: usize) -> Vec<PipelineRequest> {
+        let mut start = Vec::new();
+        match order {
+            Sequence::Key(key) => {
+                if let Some(queue) = self.keys.get_mut(key) {
+                    match queue.pop_front() {
+                        Some(next) => {
+                            self.queued -= 1;
+                            start.push(next);
+                        }
+                        None => {
+                            self.keys.remove(key);
+                        }
+                    }
+                }
+            }
+            Sequence::Barrier => self.barrier = None,
+            Sequence::Free => {}
+        }
+        if running + start.len() == 0
+            && self.queued == 0
+            && let Some(waiting) = self.barrier.as_mut()
+            && let Some(op) = waiting.take()
+        {
+            start.push(op);
+        }
+        start
+    }
+
+    /// Whether the stream may read another op (none waits on a barrier).
+    fn reading(&self) -> bool {
+        self.barrier.is_none()
+    }
 }
 
 fn draining() -> Status {
@@ -348,6 +462,7 @@ async fn drive<S: Cache>(
     tx: tokio::sync::mpsc::Sender<Item>,
 ) {
     let mut running = FuturesUnordered::new();
+    let mut waiting = Waiting::default();
     let mut ready: VecDeque<Done> = VecDeque::new();
     let mut ids: HashSet<u64> = HashSet::new();
     let mut closing = inner.closing.subscribe();
@@ -361,7 +476,9 @@ async fn drive<S: Cache>(
     let mut reading = true;
     let mut end: Option<Status> = None;
     loop {
-        let room = running.len() + ready.len() < inner.depth;
+        // Ops read and not yet handed on count against the depth, whatever
+        // they are doing.
+        let room = running.len() + waiting.queued + ready.len() < inner.depth && waiting.reading();
         tokio::select! {
             biased;
             permit = tx.reserve(), if !ready.is_empty() => {
@@ -372,7 +489,14 @@ async fn drive<S: Cache>(
                     permit.send(Ok((done.response, done.held)));
                 }
             }
-            Some(done) = running.next(), if !running.is_empty() => ready.push_back(done),
+            Some(done) = running.next(), if !running.is_empty() => {
+                let done: Done = done;
+                for op in waiting.finished(&done.order, running.len()) {
+                    let order = Sequence::of(&op);
+                    running.push(run(service, inner, stream, op, order));
+                }
+                ready.push_back(done);
+            }
             _ = closing.wait_for(|c| *c), if reading => {
                 reading = false;
                 end = Some(draining());
@@ -386,7 +510,10 @@ async fn drive<S: Cache>(
             message = input.message(), if reading && room => match message {
                 Ok(Some(op)) => {
                     if ids.insert(op.id) {
-                        running.push(run(service, inner, stream, op));
+                        let order = Sequence::of(&op);
+                        if let Some(op) = waiting.admit(op, &order, running.len()) {
+                            running.push(run(service, inner, stream, op, order));
+                        }
                     } else {
                         reading = false;
                         end = Some(Status::invalid_argument(format!(
@@ -424,6 +551,7 @@ async fn run<S: Cache>(
     inner: &Inner,
     stream: &StreamContext,
     op: PipelineRequest,
+    order: Sequence,
 ) -> Done {
     let started = Instant::now();
     let id = op.id;
@@ -438,27 +566,43 @@ async fn run<S: Cache>(
     let Some(op) = op else {
         return failed(
             id,
+            order,
             Status::invalid_argument(format!(
                 "op {id} has no operation: set one of get, set, delete, increment, touch, exists"
             )),
         );
     };
     let kind = Kind::of(&op);
-    let (result, held) = checked(service, inner, stream, kind, op, size, timeout, started, &traceparent, &tracestate).await;
+    let (result, held) = checked(
+        service,
+        inner,
+        stream,
+        kind,
+        op,
+        size,
+        timeout,
+        started,
+        &traceparent,
+        &tracestate,
+    )
+    .await;
     if let Some(m) = &inner.metrics {
-        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
         m.record(kind, code, started.elapsed());
     }
     match result {
         Ok(answer) => Done {
             id,
+            order,
             response: PipelineResponse {
                 id,
                 result: Some(answer),
             },
             held,
         },
-        Err(status) => failed(id, status),
+        Err(status) => failed(id, order, status),
     }
 }
 
@@ -540,27 +684,37 @@ async fn dispatch<S: Cache>(
     Ok(match op {
         Op::Get(m) => Answer::Get(service.get(request(m, deadline, held)).await?.into_inner()),
         Op::Set(m) => Answer::Set(service.set(request(m, deadline, held)).await?.into_inner()),
-        Op::Delete(m) => {
-            Answer::Delete(service.delete(request(m, deadline, held)).await?.into_inner())
-        }
+        Op::Delete(m) => Answer::Delete(
+            service
+                .delete(request(m, deadline, held))
+                .await?
+                .into_inner(),
+        ),
         Op::Increment(m) => Answer::Increment(
             service
                 .increment(request(m, deadline, held))
                 .await?
                 .into_inner(),
         ),
-        Op::Touch(m) => {
-            Answer::Touch(service.touch(request(m, deadline, held)).await?.into_inner())
-        }
-        Op::Exists(m) => {
-            Answer::Exists(service.exists(request(m, deadline, held)).await?.into_inner())
-        }
+        Op::Touch(m) => Answer::Touch(
+            service
+                .touch(request(m, deadline, held))
+                .await?
+                .into_inner(),
+        ),
+        Op::Exists(m) => Answer::Exists(
+            service
+                .exists(request(m, deadline, held))
+                .await?
+                .into_inner(),
+        ),
     })
 }
 
-fn failed(id: u64, status: Status) -> Done {
+fn failed(id: u64, order: Sequence, status: Status) -> Done {
     Done {
         id,
+        order,
         response: PipelineResponse {
             id,
             result: Some(Answer::Error(RpcStatus {
@@ -593,5 +747,438 @@ impl<F: Future> Future for InSpan<F> {
         let _entered = (!this.span.is_none()).then(|| this.span.enter());
         let _attached = this.propagate.as_ref().map(|c| c.clone().attach());
         this.inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+    use ringcache_proto::v1::{
+        DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse, ExistsRequest,
+        ExistsResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, IncrementRequest,
+        IncrementResponse, KeyInfo, SetManyRequest, SetManyResponse, SetRequest, SetResponse,
+        TouchRequest, TouchResponse, cache_client::CacheClient, cache_server::CacheServer,
+    };
+    use tokio::sync::{Semaphore, mpsc};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+
+    /// A service whose ops on keys starting with `slow` wait for a permit
+    /// of `gate`; every op is logged as it starts.
+    #[derive(Clone)]
+    struct Fake {
+        values: Arc<Mutex<HashMap<String, Bytes>>>,
+        log: Arc<Mutex<Vec<String>>>,
+        gate: Arc<Semaphore>,
+        started: Arc<AtomicUsize>,
+        pipelines: Pipelines,
+    }
+
+    impl Fake {
+        fn new(pipelines: Pipelines) -> Self {
+            Self {
+                values: Arc::default(),
+                log: Arc::default(),
+                gate: Arc::new(Semaphore::new(0)),
+                started: Arc::default(),
+                pipelines,
+            }
+        }
+
+        async fn enter(&self, what: String) {
+            let slow = what
+                .split(' ')
+                .nth(1)
+                .is_some_and(|k| k.starts_with("slow"));
+            self.log.lock().push(what);
+            self.started.fetch_add(1, Ordering::SeqCst);
+            if slow {
+                if let Ok(p) = self.gate.acquire().await {
+                    p.forget();
+                }
+            }
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.log.lock().clone()
+        }
+    }
+
+    fn unimplemented<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    #[tonic::async_trait]
+    impl Cache for Fake {
+        type PipelineStream = PipelineStream;
+
+        async fn pipeline(
+            &self,
+            request: Request<Streaming<PipelineRequest>>,
+        ) -> Result<Response<PipelineStream>, Status> {
+            self.pipelines.serve(self.clone(), request)
+        }
+
+        async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+            let key = r.into_inner().key;
+            self.enter(format!("get {key}")).await;
+            let value = self.values.lock().get(&key).cloned();
+            Ok(Response::new(GetResponse {
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+                ..Default::default()
+            }))
+        }
+
+        async fn set(&self, r: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+            let r = r.into_inner();
+            self.enter(format!("set {}", r.key)).await;
+            self.values.lock().insert(r.key, r.value);
+            Ok(Response::new(SetResponse {
+                stored: true,
+                version: 1,
+            }))
+        }
+
+        async fn exists(
+            &self,
+            r: Request<ExistsRequest>,
+        ) -> Result<Response<ExistsResponse>, Status> {
+            let keys = r.into_inner().keys;
+            self.enter(format!("exists {}", keys.join(","))).await;
+            let values = self.values.lock();
+            Ok(Response::new(ExistsResponse {
+                results: keys
+                    .iter()
+                    .map(|k| KeyInfo {
+                        found: values.contains_key(k),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }))
+        }
+
+        async fn delete(
+            &self,
+            _: Request<DeleteRequest>,
+        ) -> Result<Response<DeleteResponse>, Status> {
+            unimplemented()
+        }
+
+        async fn get_many(
+            &self,
+            _: Request<GetManyRequest>,
+        ) -> Result<Response<GetManyResponse>, Status> {
+            unimplemented()
+        }
+
+        async fn set_many(
+            &self,
+            _: Request<SetManyRequest>,
+        ) -> Result<Response<SetManyResponse>, Status> {
+            unimplemented()
+        }
+
+        async fn delete_many(
+            &self,
+            _: Request<DeleteManyRequest>,
+        ) -> Result<Response<DeleteManyResponse>, Status> {
+            unimplemented()
+        }
+
+        async fn increment(
+            &self,
+            _: Request<IncrementRequest>,
+        ) -> Result<Response<IncrementResponse>, Status> {
+            unimplemented()
+        }
+
+        async fn touch(&self, _: Request<TouchRequest>) -> Result<Response<TouchResponse>, Status> {
+            unimplemented()
+        }
+    }
+
+    /// Serves `fake` on a local port; answers a client.
+    async fn client(fake: Fake) -> CacheClient<tonic::transport::Channel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CacheServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        CacheClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An open stream: send ops with `.0`, read answers from `.1`.
+    async fn open(
+        client: &mut CacheClient<tonic::transport::Channel>,
+    ) -> (mpsc::Sender<PipelineRequest>, Streaming<PipelineResponse>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let answers = client
+            .pipeline(ReceiverStream::new(rx))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner();
+        (tx, answers)
+    }
+
+    fn get(id: u64, key: &str) -> PipelineRequest {
+        PipelineRequest {
+            id,
+            op: Some(Op::Get(GetRequest { key: key.into() })),
+            ..Default::default()
+        }
+    }
+
+    fn set(id: u64, key: &str, value: &'static str) -> PipelineRequest {
+        PipelineRequest {
+            id,
+            op: Some(Op::Set(SetRequest {
+                key: key.into(),
+                value: Bytes::from_static(value.as_bytes()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    async fn send(tx: &mpsc::Sender<PipelineRequest>, op: PipelineRequest) {
+        tx.send(op).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    async fn next(answers: &mut Streaming<PipelineResponse>) -> PipelineResponse {
+        tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 10 s"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("the stream ended"))
+    }
+
+    /// Waits until `fake` has started `n` ops.
+    async fn started(fake: &Fake, n: usize) {
+        for _ in 0..1000 {
+            if fake.started.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!(
+            "{} ops started, not {n}: {:?}",
+            fake.started.load(Ordering::SeqCst),
+            fake.log()
+        );
+    }
+
+    fn depth(n: usize) -> Pipelines {
+        Pipelines::with_limits(n, Duration::from_secs(5), 4 << 20)
+    }
+
+    #[tokio::test]
+    async fn ops_on_one_key_run_in_order_and_others_overtake_them() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(&tx, set(1, "slow-k", "v")).await;
+        send(&tx, get(2, "slow-k")).await;
+        send(&tx, get(3, "x")).await;
+        // The other key is answered while the write of slow-k waits.
+        let first = next(&mut answers).await;
+        assert_eq!(first.id, 3, "{first:?}");
+        assert_eq!(
+            fake.log(),
+            ["set slow-k", "get x"],
+            "the read of slow-k waits for its write"
+        );
+        fake.gate.add_permits(2);
+        let (a, b) = (next(&mut answers).await, next(&mut answers).await);
+        assert_eq!((a.id, b.id), (1, 2));
+        match b.result {
+            Some(Answer::Get(g)) => assert!(g.found && g.value == "v", "{g:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_op_on_several_keys_waits_for_the_ops_before_it_and_holds_back_the_ones_after() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(&tx, set(1, "slow-a", "v")).await;
+        send(
+            &tx,
+            PipelineRequest {
+                id: 2,
+                op: Some(Op::Exists(ExistsRequest {
+                    keys: vec!["slow-a".into(), "b".into()],
+                })),
+                ..Default::default()
+            },
+        )
+        .await;
+        send(&tx, get(3, "c")).await;
+        started(&fake, 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fake.log(), ["set slow-a"]);
+        fake.gate.add_permits(1);
+        let ids: Vec<u64> = vec![
+            next(&mut answers).await.id,
+            next(&mut answers).await.id,
+            next(&mut answers).await.id,
+        ];
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(fake.log(), ["set slow-a", "exists slow-a,b", "get c"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_stream_is_not_read_until_an_op_is_answered() {
+        let fake = Fake::new(depth(2));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        for i in 0..5 {
+            send(&tx, get(i, &format!("slow-{i}"))).await;
+        }
+        started(&fake, 2).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(fake.started.load(Ordering::SeqCst), 2, "{:?}", fake.log());
+        fake.gate.add_permits(5);
+        let mut ids: Vec<u64> = Vec::new();
+        for _ in 0..5 {
+            ids.push(next(&mut answers).await.id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, [0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_id_ends_the_stream_once_the_ops_in_flight_are_answered() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(&tx, get(1, "slow-a")).await;
+        send(&tx, get(1, "b")).await;
+        send(&tx, get(2, "c")).await;
+        started(&fake, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fake.gate.add_permits(1);
+        assert_eq!(next(&mut answers).await.id, 1);
+        let end = answers.message().await.err();
+        assert_eq!(
+            end.as_ref().map(Status::code),
+            Some(tonic::Code::InvalidArgument),
+            "{end:?}"
+        );
+        assert!(end.is_some_and(|s| s.message().contains("already in flight")));
+        assert_eq!(
+            fake.log(),
+            ["get slow-a"],
+            "nothing after the duplicate runs"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_op_without_a_body_or_with_a_bad_timeout_is_answered_with_an_error() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(
+            &tx,
+            PipelineRequest {
+                id: 7,
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut bad = get(8, "k");
+        bad.timeout = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        send(&tx, bad).await;
+        for id in [7, 8] {
+            let a = next(&mut answers).await;
+            assert_eq!(a.id, id);
+            match a.result {
+                Some(Answer::Error(e)) => {
+                    assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The stream goes on.
+        send(&tx, get(9, "k")).await;
+        assert!(matches!(
+            next(&mut answers).await.result,
+            Some(Answer::Get(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_op_past_its_deadline_answers_deadline_exceeded() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        let mut op = get(1, "slow-a");
+        op.timeout = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 50_000_000,
+        });
+        send(&tx, op).await;
+        match next(&mut answers).await.result {
+            Some(Answer::Error(e)) => {
+                assert_eq!(e.code, tonic::Code::DeadlineExceeded as i32, "{e:?}");
+                assert!(e.message.contains("50ms"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_answers_the_ops_read_then_ends_with_unavailable_and_refuses_new_streams() {
+        let pipelines = depth(16);
+        let fake = Fake::new(pipelines.clone());
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(&tx, get(1, "slow-a")).await;
+        started(&fake, 1).await;
+        pipelines.close();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send(&tx, get(2, "b")).await;
+        fake.gate.add_permits(1);
+        assert_eq!(next(&mut answers).await.id, 1);
+        let end = answers.message().await.err();
+        assert_eq!(end.map(|s| s.code()), Some(tonic::Code::Unavailable));
+        assert_eq!(
+            fake.log(),
+            ["get slow-a"],
+            "the op sent after closing never ran"
+        );
+        let (_tx, rx) = mpsc::channel::<PipelineRequest>(1);
+        let refused = c.pipeline(ReceiverStream::new(rx)).await.err();
+        assert_eq!(refused.map(|s| s.code()), Some(tonic::Code::Unavailable));
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_with_ok_once_the_client_is_done_and_everything_is_answered() {
+        let fake = Fake::new(depth(16));
+        let mut c = client(fake.clone()).await;
+        let (tx, mut answers) = open(&mut c).await;
+        send(&tx, get(1, "slow-a")).await;
+        drop(tx);
+        started(&fake, 1).await;
+        fake.gate.add_permits(1);
+        assert_eq!(next(&mut answers).await.id, 1);
+        assert!(matches!(answers.message().await, Ok(None)));
     }
 }

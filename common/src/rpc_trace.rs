@@ -345,7 +345,9 @@ where
             None => Err(OtelContext::new()),
         };
         let (span, propagate) = match (traced, parent) {
-            (Some((service, method)), Ok(parent)) => (new_server_span(path, service, method, parent), None),
+            (Some((service, method)), Ok(parent)) => {
+                (new_server_span(path, service, method, parent), None)
+            }
             // Not recorded: no span at all, only the context to pass on.
             (_, Err(propagate)) => (Span::none(), Some(propagate)),
             (None, Ok(_)) => (Span::none(), None),

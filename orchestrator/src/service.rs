@@ -51,10 +51,9 @@ use ringcache_proto::v1::{
     DeleteResult, ExistsRequest, ExistsResponse, GetManyRequest, GetManyResponse, GetRequest,
     GetResponse, GetResult, HotKey, HotKeysRequest, HotKeysResponse, IncrementRequest,
     IncrementResponse, KeyError, KeyInfo, ListNodesRequest, ListNodesResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, PipelineRequest,
-    SetManyRequest, SetManyResponse,
-    SetRequest, SetResponse, SetResult, TouchRequest, TouchResponse, cache_server::Cache,
-    cluster_server::Cluster as ClusterApi, op, op_result, set_request,
+    LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, PipelineRequest, SetManyRequest,
+    SetManyResponse, SetRequest, SetResponse, SetResult, TouchRequest, TouchResponse,
+    cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
