@@ -580,3 +580,57 @@ async fn a_relieved_read_is_marked_on_its_span_and_calls_no_node() {
     );
     assert!(trace.spans("cache-node", "server").is_empty(), "{trace:#?}");
 }
+
+/// A pipelined op carrying its own `traceparent` is one trace, as its
+/// unary call would be: orchestrator SERVER span for the op → CLIENT →
+/// node SERVER. The stream itself starts no trace.
+#[tokio::test]
+async fn a_pipelined_op_is_one_trace_across_both_services() {
+    use ringcache_proto::v1::{PipelineRequest, pipeline_request::Op};
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger, 2, &[]).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut answers = cache
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4750";
+    let op = |id: u64, op: Op, parent: &str| PipelineRequest {
+        id,
+        op: Some(op),
+        traceparent: format!("00-{trace_id}-{parent}-01"),
+        ..Default::default()
+    };
+    tx.send(op(
+        1,
+        Op::Set(SetRequest {
+            key: "piped".into(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        }),
+        "00f067aa0ba902c1",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().id, 1);
+    let get_trace = "4bf92f3577b34da6a3ce929d0e0e4751";
+    tx.send(PipelineRequest {
+        id: 2,
+        op: Some(Op::Get(GetRequest {
+            key: "piped".into(),
+        })),
+        traceparent: format!("00-{get_trace}-00f067aa0ba902c2-01"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().id, 2);
+
+    let trace = jaeger.trace(trace_id, 3).await;
+    assert_chain(&trace, "00f067aa0ba902c1", "Set");
+    let trace = jaeger.trace(get_trace, 3).await;
+    let node = assert_chain(&trace, "00f067aa0ba902c2", "Get");
+    assert_eq!(node[0].tag("ringcache.hit").as_deref(), Some("true"));
+}
