@@ -74,8 +74,8 @@ use integration_tests::{
     zipf::Zipf,
 };
 use ringcache_proto::v1::{
-    GetManyRequest, GetRequest, IncrementRequest, SetManyRequest, SetRequest,
-    cache_client::CacheClient,
+    GetManyRequest, GetRequest, IncrementRequest, PipelineRequest, PipelineResponse,
+    SetManyRequest, SetRequest, cache_client::CacheClient, pipeline_request, pipeline_response,
 };
 use tonic::transport::Channel;
 
@@ -194,6 +194,83 @@ async fn uniform_get(mut client: CacheClient<Channel>, t: usize, i: u64, keys: u
         })
         .await
         .is_ok()
+}
+
+/// Calls multiplexed on a few `Pipeline` streams, as a pipelining client
+/// does: each call takes the next id on its stream and waits for the
+/// answer with that id.
+#[derive(Clone)]
+struct Pipelines {
+    streams: Arc<Vec<PipeStream>>,
+}
+
+type Waiting = Arc<
+    std::sync::Mutex<
+        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<PipelineResponse>>,
+    >,
+>;
+
+struct PipeStream {
+    tx: tokio::sync::mpsc::Sender<PipelineRequest>,
+    waiting: Waiting,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Pipelines {
+    /// One stream on each of `clients`.
+    async fn open(clients: &[CacheClient<Channel>]) -> Self {
+        let mut streams = Vec::new();
+        for c in clients {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let mut answers = c
+                .clone()
+                .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let waiting: Waiting = Arc::default();
+            let w = waiting.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(a)) = answers.message().await {
+                    let waiter = w.lock().unwrap().remove(&a.id);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(a);
+                    }
+                }
+            });
+            streams.push(PipeStream {
+                tx,
+                waiting,
+                next: std::sync::atomic::AtomicU64::new(0),
+            });
+        }
+        Self {
+            streams: Arc::new(streams),
+        }
+    }
+
+    /// Runs `op` on stream `t` (modulo the streams); true if it succeeded.
+    async fn call(&self, t: usize, op: pipeline_request::Op) -> bool {
+        let s = &self.streams[t % self.streams.len()];
+        let id = s.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.waiting.lock().unwrap().insert(id, tx);
+        let op = PipelineRequest {
+            id,
+            op: Some(op),
+            ..Default::default()
+        };
+        if s.tx.send(op).await.is_err() {
+            return false;
+        }
+        matches!(
+            rx.await,
+            Ok(PipelineResponse {
+                result: Some(r),
+                ..
+            }) if !matches!(r, pipeline_response::Result::Error(_))
+        )
+    }
 }
 
 /// Writes `key:0` … `key:<keys-1>` with `value` through `client`, 500 a
@@ -358,7 +435,97 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
     let node_pid = [direct.process.pid()];
     let node_pids: Vec<u32> = servers[1..].to_vec();
     let c = o.concurrency;
+    // Pipelines: 5 streams (one per connection), the calls in flight
+    // spread over them (50 in flight: 10 per stream).
+    let orch_pipes = Pipelines::open(&orch_clients[..5]).await;
+    let node_pipes = Pipelines::open(&node_clients[..5]).await;
+    let piped_get = |pipes: Pipelines| {
+        move |t: usize, i: u64| {
+            let pipes = pipes.clone();
+            async move {
+                let k = uniform_rank(t, i, keys);
+                pipes
+                    .call(
+                        t,
+                        pipeline_request::Op::Get(GetRequest {
+                            key: format!("key:{k}"),
+                        }),
+                    )
+                    .await
+            }
+        }
+    };
+    let piped_set = |pipes: Pipelines, value: Vec<u8>| {
+        let value = bytes::Bytes::from(value);
+        move |t: usize, i: u64| {
+            let pipes = pipes.clone();
+            let value = value.clone();
+            async move {
+                let k = uniform_rank(t, i, keys);
+                pipes
+                    .call(
+                        t,
+                        pipeline_request::Op::Set(SetRequest {
+                            key: format!("key:{k}"),
+                            value,
+                            ..Default::default()
+                        }),
+                    )
+                    .await
+            }
+        }
+    };
     let rows = vec![
+        ringcache_case(
+            o,
+            c,
+            "ringcache Get (orchestrator, pipelined)",
+            Some("twemproxy GET"),
+            &servers,
+            1,
+            piped_get(orch_pipes.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "ringcache Set (orchestrator, pipelined)",
+            Some("twemproxy SET"),
+            &servers,
+            1,
+            piped_set(orch_pipes.clone(), value.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            1,
+            "ringcache Get (orchestrator, pipelined, 1 in flight)",
+            Some("twemproxy GET, 1 in flight"),
+            &servers,
+            1,
+            piped_get(orch_pipes),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "ringcache Get (one node, direct, pipelined)",
+            Some("twemproxy GET"),
+            &node_pid,
+            1,
+            piped_get(node_pipes.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "ringcache Set (one node, direct, pipelined)",
+            Some("twemproxy SET"),
+            &node_pid,
+            1,
+            piped_set(node_pipes, value.clone()),
+        )
+        .await,
         ringcache_case(
             o,
             c,

@@ -11,6 +11,7 @@
 package ringcachev1
 
 import (
+	status "google.golang.org/genproto/googleapis/rpc/status"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
@@ -26,6 +27,372 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// PipelineRequest is one op on a Pipeline stream.
+type PipelineRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the client, echoed in the answer. Must be unique among the
+	// stream's unanswered ops; it may be reused once answered.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The op: exactly one must be set.
+	//
+	// Types that are valid to be assigned to Op:
+	//
+	//	*PipelineRequest_Get
+	//	*PipelineRequest_Set
+	//	*PipelineRequest_Delete
+	//	*PipelineRequest_Increment
+	//	*PipelineRequest_Touch
+	//	*PipelineRequest_Exists
+	Op isPipelineRequest_Op `protobuf_oneof:"op"`
+	// The op's deadline, counted from when the server reads it (the
+	// grpc-timeout of a unary call). Unset: the server's --request-timeout,
+	// which also caps it. An op that runs out of time answers
+	// DEADLINE_EXCEEDED.
+	Timeout *durationpb.Duration `protobuf:"bytes,8,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// W3C trace context of the op (the traceparent and tracestate headers a
+	// unary call would carry): a sampled op is one trace, the server's span
+	// for the op a child of the caller's. Empty: the op starts its own trace
+	// (or none, by the server's sampling).
+	Traceparent   string `protobuf:"bytes,9,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	Tracestate    string `protobuf:"bytes,10,opt,name=tracestate,proto3" json:"tracestate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PipelineRequest) Reset() {
+	*x = PipelineRequest{}
+	mi := &file_ringcache_v1_cache_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PipelineRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PipelineRequest) ProtoMessage() {}
+
+func (x *PipelineRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_cache_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PipelineRequest.ProtoReflect.Descriptor instead.
+func (*PipelineRequest) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *PipelineRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *PipelineRequest) GetOp() isPipelineRequest_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetGet() *GetRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetSet() *SetRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Set); ok {
+			return x.Set
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetDelete() *DeleteRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetIncrement() *IncrementRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Increment); ok {
+			return x.Increment
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetTouch() *TouchRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Touch); ok {
+			return x.Touch
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetExists() *ExistsRequest {
+	if x != nil {
+		if x, ok := x.Op.(*PipelineRequest_Exists); ok {
+			return x.Exists
+		}
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *PipelineRequest) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
+}
+
+func (x *PipelineRequest) GetTracestate() string {
+	if x != nil {
+		return x.Tracestate
+	}
+	return ""
+}
+
+type isPipelineRequest_Op interface {
+	isPipelineRequest_Op()
+}
+
+type PipelineRequest_Get struct {
+	Get *GetRequest `protobuf:"bytes,2,opt,name=get,proto3,oneof"`
+}
+
+type PipelineRequest_Set struct {
+	Set *SetRequest `protobuf:"bytes,3,opt,name=set,proto3,oneof"`
+}
+
+type PipelineRequest_Delete struct {
+	Delete *DeleteRequest `protobuf:"bytes,4,opt,name=delete,proto3,oneof"`
+}
+
+type PipelineRequest_Increment struct {
+	Increment *IncrementRequest `protobuf:"bytes,5,opt,name=increment,proto3,oneof"`
+}
+
+type PipelineRequest_Touch struct {
+	Touch *TouchRequest `protobuf:"bytes,6,opt,name=touch,proto3,oneof"`
+}
+
+type PipelineRequest_Exists struct {
+	Exists *ExistsRequest `protobuf:"bytes,7,opt,name=exists,proto3,oneof"`
+}
+
+func (*PipelineRequest_Get) isPipelineRequest_Op() {}
+
+func (*PipelineRequest_Set) isPipelineRequest_Op() {}
+
+func (*PipelineRequest_Delete) isPipelineRequest_Op() {}
+
+func (*PipelineRequest_Increment) isPipelineRequest_Op() {}
+
+func (*PipelineRequest_Touch) isPipelineRequest_Op() {}
+
+func (*PipelineRequest_Exists) isPipelineRequest_Op() {}
+
+// PipelineResponse answers the op with the same id.
+type PipelineResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id of the op answered.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// What the unary call would have answered: its response, or its error
+	// status as `error`.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*PipelineResponse_Get
+	//	*PipelineResponse_Set
+	//	*PipelineResponse_Delete
+	//	*PipelineResponse_Increment
+	//	*PipelineResponse_Touch
+	//	*PipelineResponse_Exists
+	//	*PipelineResponse_Error
+	Result        isPipelineResponse_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PipelineResponse) Reset() {
+	*x = PipelineResponse{}
+	mi := &file_ringcache_v1_cache_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PipelineResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PipelineResponse) ProtoMessage() {}
+
+func (x *PipelineResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_cache_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PipelineResponse.ProtoReflect.Descriptor instead.
+func (*PipelineResponse) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *PipelineResponse) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *PipelineResponse) GetResult() isPipelineResponse_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetGet() *GetResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetSet() *SetResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Set); ok {
+			return x.Set
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetDelete() *DeleteResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetIncrement() *IncrementResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Increment); ok {
+			return x.Increment
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetTouch() *TouchResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Touch); ok {
+			return x.Touch
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetExists() *ExistsResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Exists); ok {
+			return x.Exists
+		}
+	}
+	return nil
+}
+
+func (x *PipelineResponse) GetError() *status.Status {
+	if x != nil {
+		if x, ok := x.Result.(*PipelineResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isPipelineResponse_Result interface {
+	isPipelineResponse_Result()
+}
+
+type PipelineResponse_Get struct {
+	Get *GetResponse `protobuf:"bytes,2,opt,name=get,proto3,oneof"`
+}
+
+type PipelineResponse_Set struct {
+	Set *SetResponse `protobuf:"bytes,3,opt,name=set,proto3,oneof"`
+}
+
+type PipelineResponse_Delete struct {
+	Delete *DeleteResponse `protobuf:"bytes,4,opt,name=delete,proto3,oneof"`
+}
+
+type PipelineResponse_Increment struct {
+	Increment *IncrementResponse `protobuf:"bytes,5,opt,name=increment,proto3,oneof"`
+}
+
+type PipelineResponse_Touch struct {
+	Touch *TouchResponse `protobuf:"bytes,6,opt,name=touch,proto3,oneof"`
+}
+
+type PipelineResponse_Exists struct {
+	Exists *ExistsResponse `protobuf:"bytes,7,opt,name=exists,proto3,oneof"`
+}
+
+type PipelineResponse_Error struct {
+	Error *status.Status `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
+}
+
+func (*PipelineResponse_Get) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Set) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Delete) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Increment) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Touch) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Exists) isPipelineResponse_Result() {}
+
+func (*PipelineResponse_Error) isPipelineResponse_Result() {}
+
 // GetRequest names the key to read.
 type GetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -38,7 +405,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[0]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +417,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[0]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +430,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{0}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GetRequest) GetKey() string {
@@ -93,7 +460,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[1]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +472,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[1]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +485,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{1}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetResponse) GetFound() bool {
@@ -177,7 +544,7 @@ type SetRequest struct {
 
 func (x *SetRequest) Reset() {
 	*x = SetRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[2]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -189,7 +556,7 @@ func (x *SetRequest) String() string {
 func (*SetRequest) ProtoMessage() {}
 
 func (x *SetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[2]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -202,7 +569,7 @@ func (x *SetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRequest.ProtoReflect.Descriptor instead.
 func (*SetRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{2}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SetRequest) GetKey() string {
@@ -304,7 +671,7 @@ type SetResponse struct {
 
 func (x *SetResponse) Reset() {
 	*x = SetResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[3]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -316,7 +683,7 @@ func (x *SetResponse) String() string {
 func (*SetResponse) ProtoMessage() {}
 
 func (x *SetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[3]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -329,7 +696,7 @@ func (x *SetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetResponse.ProtoReflect.Descriptor instead.
 func (*SetResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{3}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SetResponse) GetStored() bool {
@@ -362,7 +729,7 @@ type DeleteRequest struct {
 
 func (x *DeleteRequest) Reset() {
 	*x = DeleteRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[4]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -374,7 +741,7 @@ func (x *DeleteRequest) String() string {
 func (*DeleteRequest) ProtoMessage() {}
 
 func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[4]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -387,7 +754,7 @@ func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{4}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DeleteRequest) GetKey() string {
@@ -419,7 +786,7 @@ type DeleteResponse struct {
 
 func (x *DeleteResponse) Reset() {
 	*x = DeleteResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[5]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -431,7 +798,7 @@ func (x *DeleteResponse) String() string {
 func (*DeleteResponse) ProtoMessage() {}
 
 func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[5]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -444,7 +811,7 @@ func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteResponse.ProtoReflect.Descriptor instead.
 func (*DeleteResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{5}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteResponse) GetDeleted() bool {
@@ -473,7 +840,7 @@ type GetManyRequest struct {
 
 func (x *GetManyRequest) Reset() {
 	*x = GetManyRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[6]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +852,7 @@ func (x *GetManyRequest) String() string {
 func (*GetManyRequest) ProtoMessage() {}
 
 func (x *GetManyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[6]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +865,7 @@ func (x *GetManyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManyRequest.ProtoReflect.Descriptor instead.
 func (*GetManyRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{6}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetManyRequest) GetKeys() []string {
@@ -520,7 +887,7 @@ type GetManyResponse struct {
 
 func (x *GetManyResponse) Reset() {
 	*x = GetManyResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[7]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -532,7 +899,7 @@ func (x *GetManyResponse) String() string {
 func (*GetManyResponse) ProtoMessage() {}
 
 func (x *GetManyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[7]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -545,7 +912,7 @@ func (x *GetManyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManyResponse.ProtoReflect.Descriptor instead.
 func (*GetManyResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{7}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetManyResponse) GetResults() []*GetResult {
@@ -576,7 +943,7 @@ type GetResult struct {
 
 func (x *GetResult) Reset() {
 	*x = GetResult{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[8]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +955,7 @@ func (x *GetResult) String() string {
 func (*GetResult) ProtoMessage() {}
 
 func (x *GetResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[8]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +968,7 @@ func (x *GetResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResult.ProtoReflect.Descriptor instead.
 func (*GetResult) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{8}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetResult) GetFound() bool {
@@ -651,7 +1018,7 @@ type SetManyRequest struct {
 
 func (x *SetManyRequest) Reset() {
 	*x = SetManyRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[9]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -663,7 +1030,7 @@ func (x *SetManyRequest) String() string {
 func (*SetManyRequest) ProtoMessage() {}
 
 func (x *SetManyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[9]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -676,7 +1043,7 @@ func (x *SetManyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetManyRequest.ProtoReflect.Descriptor instead.
 func (*SetManyRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{9}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetManyRequest) GetEntries() []*SetRequest {
@@ -697,7 +1064,7 @@ type SetManyResponse struct {
 
 func (x *SetManyResponse) Reset() {
 	*x = SetManyResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[10]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -709,7 +1076,7 @@ func (x *SetManyResponse) String() string {
 func (*SetManyResponse) ProtoMessage() {}
 
 func (x *SetManyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[10]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -722,7 +1089,7 @@ func (x *SetManyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetManyResponse.ProtoReflect.Descriptor instead.
 func (*SetManyResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{10}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetManyResponse) GetResults() []*SetResult {
@@ -750,7 +1117,7 @@ type SetResult struct {
 
 func (x *SetResult) Reset() {
 	*x = SetResult{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[11]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -762,7 +1129,7 @@ func (x *SetResult) String() string {
 func (*SetResult) ProtoMessage() {}
 
 func (x *SetResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[11]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -775,7 +1142,7 @@ func (x *SetResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetResult.ProtoReflect.Descriptor instead.
 func (*SetResult) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{11}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetResult) GetStored() bool {
@@ -819,7 +1186,7 @@ type IncrementRequest struct {
 
 func (x *IncrementRequest) Reset() {
 	*x = IncrementRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[12]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +1198,7 @@ func (x *IncrementRequest) String() string {
 func (*IncrementRequest) ProtoMessage() {}
 
 func (x *IncrementRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[12]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +1211,7 @@ func (x *IncrementRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementRequest.ProtoReflect.Descriptor instead.
 func (*IncrementRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{12}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *IncrementRequest) GetKey() string {
@@ -890,7 +1257,7 @@ type IncrementResponse struct {
 
 func (x *IncrementResponse) Reset() {
 	*x = IncrementResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[13]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -902,7 +1269,7 @@ func (x *IncrementResponse) String() string {
 func (*IncrementResponse) ProtoMessage() {}
 
 func (x *IncrementResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[13]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -915,7 +1282,7 @@ func (x *IncrementResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementResponse.ProtoReflect.Descriptor instead.
 func (*IncrementResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{13}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *IncrementResponse) GetValue() int64 {
@@ -955,7 +1322,7 @@ type TouchRequest struct {
 
 func (x *TouchRequest) Reset() {
 	*x = TouchRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[14]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1334,7 @@ func (x *TouchRequest) String() string {
 func (*TouchRequest) ProtoMessage() {}
 
 func (x *TouchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[14]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1347,7 @@ func (x *TouchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TouchRequest.ProtoReflect.Descriptor instead.
 func (*TouchRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{14}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TouchRequest) GetKey() string {
@@ -1021,7 +1388,7 @@ type TouchResponse struct {
 
 func (x *TouchResponse) Reset() {
 	*x = TouchResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[15]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1033,7 +1400,7 @@ func (x *TouchResponse) String() string {
 func (*TouchResponse) ProtoMessage() {}
 
 func (x *TouchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[15]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1046,7 +1413,7 @@ func (x *TouchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TouchResponse.ProtoReflect.Descriptor instead.
 func (*TouchResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{15}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TouchResponse) GetFound() bool {
@@ -1089,7 +1456,7 @@ type ExistsRequest struct {
 
 func (x *ExistsRequest) Reset() {
 	*x = ExistsRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[16]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1468,7 @@ func (x *ExistsRequest) String() string {
 func (*ExistsRequest) ProtoMessage() {}
 
 func (x *ExistsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[16]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1481,7 @@ func (x *ExistsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExistsRequest.ProtoReflect.Descriptor instead.
 func (*ExistsRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{16}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ExistsRequest) GetKeys() []string {
@@ -1135,7 +1502,7 @@ type ExistsResponse struct {
 
 func (x *ExistsResponse) Reset() {
 	*x = ExistsResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[17]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1147,7 +1514,7 @@ func (x *ExistsResponse) String() string {
 func (*ExistsResponse) ProtoMessage() {}
 
 func (x *ExistsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[17]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1160,7 +1527,7 @@ func (x *ExistsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExistsResponse.ProtoReflect.Descriptor instead.
 func (*ExistsResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{17}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ExistsResponse) GetResults() []*KeyInfo {
@@ -1191,7 +1558,7 @@ type KeyInfo struct {
 
 func (x *KeyInfo) Reset() {
 	*x = KeyInfo{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[18]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1203,7 +1570,7 @@ func (x *KeyInfo) String() string {
 func (*KeyInfo) ProtoMessage() {}
 
 func (x *KeyInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[18]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1216,7 +1583,7 @@ func (x *KeyInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyInfo.ProtoReflect.Descriptor instead.
 func (*KeyInfo) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{18}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *KeyInfo) GetFound() bool {
@@ -1266,7 +1633,7 @@ type DeleteManyRequest struct {
 
 func (x *DeleteManyRequest) Reset() {
 	*x = DeleteManyRequest{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[19]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1278,7 +1645,7 @@ func (x *DeleteManyRequest) String() string {
 func (*DeleteManyRequest) ProtoMessage() {}
 
 func (x *DeleteManyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[19]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1291,7 +1658,7 @@ func (x *DeleteManyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteManyRequest.ProtoReflect.Descriptor instead.
 func (*DeleteManyRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{19}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteManyRequest) GetKeys() []string {
@@ -1312,7 +1679,7 @@ type DeleteManyResponse struct {
 
 func (x *DeleteManyResponse) Reset() {
 	*x = DeleteManyResponse{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[20]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1324,7 +1691,7 @@ func (x *DeleteManyResponse) String() string {
 func (*DeleteManyResponse) ProtoMessage() {}
 
 func (x *DeleteManyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[20]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1337,7 +1704,7 @@ func (x *DeleteManyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteManyResponse.ProtoReflect.Descriptor instead.
 func (*DeleteManyResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{20}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DeleteManyResponse) GetResults() []*DeleteResult {
@@ -1361,7 +1728,7 @@ type DeleteResult struct {
 
 func (x *DeleteResult) Reset() {
 	*x = DeleteResult{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[21]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1740,7 @@ func (x *DeleteResult) String() string {
 func (*DeleteResult) ProtoMessage() {}
 
 func (x *DeleteResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[21]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1753,7 @@ func (x *DeleteResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteResult.ProtoReflect.Descriptor instead.
 func (*DeleteResult) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{21}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeleteResult) GetDeleted() bool {
@@ -1417,7 +1784,7 @@ type KeyError struct {
 
 func (x *KeyError) Reset() {
 	*x = KeyError{}
-	mi := &file_ringcache_v1_cache_proto_msgTypes[22]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1429,7 +1796,7 @@ func (x *KeyError) String() string {
 func (*KeyError) ProtoMessage() {}
 
 func (x *KeyError) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cache_proto_msgTypes[22]
+	mi := &file_ringcache_v1_cache_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1442,7 +1809,7 @@ func (x *KeyError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyError.ProtoReflect.Descriptor instead.
 func (*KeyError) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{22}
+	return file_ringcache_v1_cache_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *KeyError) GetCode() int32 {
@@ -1463,7 +1830,32 @@ var File_ringcache_v1_cache_proto protoreflect.FileDescriptor
 
 const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"\n" +
-	"\x18ringcache/v1/cache.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\"\x1e\n" +
+	"\x18ringcache/v1/cache.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"\xdc\x03\n" +
+	"\x0fPipelineRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
+	"\x03get\x18\x02 \x01(\v2\x18.ringcache.v1.GetRequestH\x00R\x03get\x12,\n" +
+	"\x03set\x18\x03 \x01(\v2\x18.ringcache.v1.SetRequestH\x00R\x03set\x125\n" +
+	"\x06delete\x18\x04 \x01(\v2\x1b.ringcache.v1.DeleteRequestH\x00R\x06delete\x12>\n" +
+	"\tincrement\x18\x05 \x01(\v2\x1e.ringcache.v1.IncrementRequestH\x00R\tincrement\x122\n" +
+	"\x05touch\x18\x06 \x01(\v2\x1a.ringcache.v1.TouchRequestH\x00R\x05touch\x125\n" +
+	"\x06exists\x18\a \x01(\v2\x1b.ringcache.v1.ExistsRequestH\x00R\x06exists\x123\n" +
+	"\atimeout\x18\b \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12 \n" +
+	"\vtraceparent\x18\t \x01(\tR\vtraceparent\x12\x1e\n" +
+	"\n" +
+	"tracestate\x18\n" +
+	" \x01(\tR\n" +
+	"tracestateB\x04\n" +
+	"\x02op\"\x9c\x03\n" +
+	"\x10PipelineResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12-\n" +
+	"\x03get\x18\x02 \x01(\v2\x19.ringcache.v1.GetResponseH\x00R\x03get\x12-\n" +
+	"\x03set\x18\x03 \x01(\v2\x19.ringcache.v1.SetResponseH\x00R\x03set\x126\n" +
+	"\x06delete\x18\x04 \x01(\v2\x1c.ringcache.v1.DeleteResponseH\x00R\x06delete\x12?\n" +
+	"\tincrement\x18\x05 \x01(\v2\x1f.ringcache.v1.IncrementResponseH\x00R\tincrement\x123\n" +
+	"\x05touch\x18\x06 \x01(\v2\x1b.ringcache.v1.TouchResponseH\x00R\x05touch\x126\n" +
+	"\x06exists\x18\a \x01(\v2\x1c.ringcache.v1.ExistsResponseH\x00R\x06exists\x12*\n" +
+	"\x05error\x18\x0f \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
+	"\x06result\"\x1e\n" +
 	"\n" +
 	"GetRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\"\x80\x01\n" +
@@ -1549,7 +1941,7 @@ const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"\x05error\x18\x02 \x01(\v2\x16.ringcache.v1.KeyErrorR\x05error\"8\n" +
 	"\bKeyError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage2\xfa\x04\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage2\xc9\x05\n" +
 	"\x05Cache\x12:\n" +
 	"\x03Get\x12\x18.ringcache.v1.GetRequest\x1a\x19.ringcache.v1.GetResponse\x12:\n" +
 	"\x03Set\x12\x18.ringcache.v1.SetRequest\x1a\x19.ringcache.v1.SetResponse\x12C\n" +
@@ -1560,7 +1952,8 @@ const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"DeleteMany\x12\x1f.ringcache.v1.DeleteManyRequest\x1a .ringcache.v1.DeleteManyResponse\x12L\n" +
 	"\tIncrement\x12\x1e.ringcache.v1.IncrementRequest\x1a\x1f.ringcache.v1.IncrementResponse\x12@\n" +
 	"\x05Touch\x12\x1a.ringcache.v1.TouchRequest\x1a\x1b.ringcache.v1.TouchResponse\x12C\n" +
-	"\x06Exists\x12\x1b.ringcache.v1.ExistsRequest\x1a\x1c.ringcache.v1.ExistsResponseB\xb7\x01\n" +
+	"\x06Exists\x12\x1b.ringcache.v1.ExistsRequest\x1a\x1c.ringcache.v1.ExistsResponse\x12M\n" +
+	"\bPipeline\x12\x1d.ringcache.v1.PipelineRequest\x1a\x1e.ringcache.v1.PipelineResponse(\x010\x01B\xb7\x01\n" +
 	"\x10com.ringcache.v1B\n" +
 	"CacheProtoP\x01ZFgithub.com/ringcache/ringcache/clients/go/gen/ringcache/v1;ringcachev1\xa2\x02\x03RXX\xaa\x02\fRingcache.V1\xca\x02\fRingcache\\V1\xe2\x02\x18Ringcache\\V1\\GPBMetadata\xea\x02\rRingcache::V1b\x06proto3"
 
@@ -1576,74 +1969,93 @@ func file_ringcache_v1_cache_proto_rawDescGZIP() []byte {
 	return file_ringcache_v1_cache_proto_rawDescData
 }
 
-var file_ringcache_v1_cache_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_ringcache_v1_cache_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_ringcache_v1_cache_proto_goTypes = []any{
-	(*GetRequest)(nil),          // 0: ringcache.v1.GetRequest
-	(*GetResponse)(nil),         // 1: ringcache.v1.GetResponse
-	(*SetRequest)(nil),          // 2: ringcache.v1.SetRequest
-	(*SetResponse)(nil),         // 3: ringcache.v1.SetResponse
-	(*DeleteRequest)(nil),       // 4: ringcache.v1.DeleteRequest
-	(*DeleteResponse)(nil),      // 5: ringcache.v1.DeleteResponse
-	(*GetManyRequest)(nil),      // 6: ringcache.v1.GetManyRequest
-	(*GetManyResponse)(nil),     // 7: ringcache.v1.GetManyResponse
-	(*GetResult)(nil),           // 8: ringcache.v1.GetResult
-	(*SetManyRequest)(nil),      // 9: ringcache.v1.SetManyRequest
-	(*SetManyResponse)(nil),     // 10: ringcache.v1.SetManyResponse
-	(*SetResult)(nil),           // 11: ringcache.v1.SetResult
-	(*IncrementRequest)(nil),    // 12: ringcache.v1.IncrementRequest
-	(*IncrementResponse)(nil),   // 13: ringcache.v1.IncrementResponse
-	(*TouchRequest)(nil),        // 14: ringcache.v1.TouchRequest
-	(*TouchResponse)(nil),       // 15: ringcache.v1.TouchResponse
-	(*ExistsRequest)(nil),       // 16: ringcache.v1.ExistsRequest
-	(*ExistsResponse)(nil),      // 17: ringcache.v1.ExistsResponse
-	(*KeyInfo)(nil),             // 18: ringcache.v1.KeyInfo
-	(*DeleteManyRequest)(nil),   // 19: ringcache.v1.DeleteManyRequest
-	(*DeleteManyResponse)(nil),  // 20: ringcache.v1.DeleteManyResponse
-	(*DeleteResult)(nil),        // 21: ringcache.v1.DeleteResult
-	(*KeyError)(nil),            // 22: ringcache.v1.KeyError
-	(*durationpb.Duration)(nil), // 23: google.protobuf.Duration
+	(*PipelineRequest)(nil),     // 0: ringcache.v1.PipelineRequest
+	(*PipelineResponse)(nil),    // 1: ringcache.v1.PipelineResponse
+	(*GetRequest)(nil),          // 2: ringcache.v1.GetRequest
+	(*GetResponse)(nil),         // 3: ringcache.v1.GetResponse
+	(*SetRequest)(nil),          // 4: ringcache.v1.SetRequest
+	(*SetResponse)(nil),         // 5: ringcache.v1.SetResponse
+	(*DeleteRequest)(nil),       // 6: ringcache.v1.DeleteRequest
+	(*DeleteResponse)(nil),      // 7: ringcache.v1.DeleteResponse
+	(*GetManyRequest)(nil),      // 8: ringcache.v1.GetManyRequest
+	(*GetManyResponse)(nil),     // 9: ringcache.v1.GetManyResponse
+	(*GetResult)(nil),           // 10: ringcache.v1.GetResult
+	(*SetManyRequest)(nil),      // 11: ringcache.v1.SetManyRequest
+	(*SetManyResponse)(nil),     // 12: ringcache.v1.SetManyResponse
+	(*SetResult)(nil),           // 13: ringcache.v1.SetResult
+	(*IncrementRequest)(nil),    // 14: ringcache.v1.IncrementRequest
+	(*IncrementResponse)(nil),   // 15: ringcache.v1.IncrementResponse
+	(*TouchRequest)(nil),        // 16: ringcache.v1.TouchRequest
+	(*TouchResponse)(nil),       // 17: ringcache.v1.TouchResponse
+	(*ExistsRequest)(nil),       // 18: ringcache.v1.ExistsRequest
+	(*ExistsResponse)(nil),      // 19: ringcache.v1.ExistsResponse
+	(*KeyInfo)(nil),             // 20: ringcache.v1.KeyInfo
+	(*DeleteManyRequest)(nil),   // 21: ringcache.v1.DeleteManyRequest
+	(*DeleteManyResponse)(nil),  // 22: ringcache.v1.DeleteManyResponse
+	(*DeleteResult)(nil),        // 23: ringcache.v1.DeleteResult
+	(*KeyError)(nil),            // 24: ringcache.v1.KeyError
+	(*durationpb.Duration)(nil), // 25: google.protobuf.Duration
+	(*status.Status)(nil),       // 26: google.rpc.Status
 }
 var file_ringcache_v1_cache_proto_depIdxs = []int32{
-	23, // 0: ringcache.v1.GetResponse.ttl:type_name -> google.protobuf.Duration
-	23, // 1: ringcache.v1.SetRequest.ttl:type_name -> google.protobuf.Duration
-	8,  // 2: ringcache.v1.GetManyResponse.results:type_name -> ringcache.v1.GetResult
-	23, // 3: ringcache.v1.GetResult.ttl:type_name -> google.protobuf.Duration
-	22, // 4: ringcache.v1.GetResult.error:type_name -> ringcache.v1.KeyError
-	2,  // 5: ringcache.v1.SetManyRequest.entries:type_name -> ringcache.v1.SetRequest
-	11, // 6: ringcache.v1.SetManyResponse.results:type_name -> ringcache.v1.SetResult
-	22, // 7: ringcache.v1.SetResult.error:type_name -> ringcache.v1.KeyError
-	23, // 8: ringcache.v1.IncrementRequest.ttl:type_name -> google.protobuf.Duration
-	23, // 9: ringcache.v1.IncrementResponse.ttl:type_name -> google.protobuf.Duration
-	23, // 10: ringcache.v1.TouchRequest.ttl:type_name -> google.protobuf.Duration
-	23, // 11: ringcache.v1.TouchResponse.ttl:type_name -> google.protobuf.Duration
-	18, // 12: ringcache.v1.ExistsResponse.results:type_name -> ringcache.v1.KeyInfo
-	23, // 13: ringcache.v1.KeyInfo.ttl:type_name -> google.protobuf.Duration
-	22, // 14: ringcache.v1.KeyInfo.error:type_name -> ringcache.v1.KeyError
-	21, // 15: ringcache.v1.DeleteManyResponse.results:type_name -> ringcache.v1.DeleteResult
-	22, // 16: ringcache.v1.DeleteResult.error:type_name -> ringcache.v1.KeyError
-	0,  // 17: ringcache.v1.Cache.Get:input_type -> ringcache.v1.GetRequest
-	2,  // 18: ringcache.v1.Cache.Set:input_type -> ringcache.v1.SetRequest
-	4,  // 19: ringcache.v1.Cache.Delete:input_type -> ringcache.v1.DeleteRequest
-	6,  // 20: ringcache.v1.Cache.GetMany:input_type -> ringcache.v1.GetManyRequest
-	9,  // 21: ringcache.v1.Cache.SetMany:input_type -> ringcache.v1.SetManyRequest
-	19, // 22: ringcache.v1.Cache.DeleteMany:input_type -> ringcache.v1.DeleteManyRequest
-	12, // 23: ringcache.v1.Cache.Increment:input_type -> ringcache.v1.IncrementRequest
-	14, // 24: ringcache.v1.Cache.Touch:input_type -> ringcache.v1.TouchRequest
-	16, // 25: ringcache.v1.Cache.Exists:input_type -> ringcache.v1.ExistsRequest
-	1,  // 26: ringcache.v1.Cache.Get:output_type -> ringcache.v1.GetResponse
-	3,  // 27: ringcache.v1.Cache.Set:output_type -> ringcache.v1.SetResponse
-	5,  // 28: ringcache.v1.Cache.Delete:output_type -> ringcache.v1.DeleteResponse
-	7,  // 29: ringcache.v1.Cache.GetMany:output_type -> ringcache.v1.GetManyResponse
-	10, // 30: ringcache.v1.Cache.SetMany:output_type -> ringcache.v1.SetManyResponse
-	20, // 31: ringcache.v1.Cache.DeleteMany:output_type -> ringcache.v1.DeleteManyResponse
-	13, // 32: ringcache.v1.Cache.Increment:output_type -> ringcache.v1.IncrementResponse
-	15, // 33: ringcache.v1.Cache.Touch:output_type -> ringcache.v1.TouchResponse
-	17, // 34: ringcache.v1.Cache.Exists:output_type -> ringcache.v1.ExistsResponse
-	26, // [26:35] is the sub-list for method output_type
-	17, // [17:26] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	2,  // 0: ringcache.v1.PipelineRequest.get:type_name -> ringcache.v1.GetRequest
+	4,  // 1: ringcache.v1.PipelineRequest.set:type_name -> ringcache.v1.SetRequest
+	6,  // 2: ringcache.v1.PipelineRequest.delete:type_name -> ringcache.v1.DeleteRequest
+	14, // 3: ringcache.v1.PipelineRequest.increment:type_name -> ringcache.v1.IncrementRequest
+	16, // 4: ringcache.v1.PipelineRequest.touch:type_name -> ringcache.v1.TouchRequest
+	18, // 5: ringcache.v1.PipelineRequest.exists:type_name -> ringcache.v1.ExistsRequest
+	25, // 6: ringcache.v1.PipelineRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 7: ringcache.v1.PipelineResponse.get:type_name -> ringcache.v1.GetResponse
+	5,  // 8: ringcache.v1.PipelineResponse.set:type_name -> ringcache.v1.SetResponse
+	7,  // 9: ringcache.v1.PipelineResponse.delete:type_name -> ringcache.v1.DeleteResponse
+	15, // 10: ringcache.v1.PipelineResponse.increment:type_name -> ringcache.v1.IncrementResponse
+	17, // 11: ringcache.v1.PipelineResponse.touch:type_name -> ringcache.v1.TouchResponse
+	19, // 12: ringcache.v1.PipelineResponse.exists:type_name -> ringcache.v1.ExistsResponse
+	26, // 13: ringcache.v1.PipelineResponse.error:type_name -> google.rpc.Status
+	25, // 14: ringcache.v1.GetResponse.ttl:type_name -> google.protobuf.Duration
+	25, // 15: ringcache.v1.SetRequest.ttl:type_name -> google.protobuf.Duration
+	10, // 16: ringcache.v1.GetManyResponse.results:type_name -> ringcache.v1.GetResult
+	25, // 17: ringcache.v1.GetResult.ttl:type_name -> google.protobuf.Duration
+	24, // 18: ringcache.v1.GetResult.error:type_name -> ringcache.v1.KeyError
+	4,  // 19: ringcache.v1.SetManyRequest.entries:type_name -> ringcache.v1.SetRequest
+	13, // 20: ringcache.v1.SetManyResponse.results:type_name -> ringcache.v1.SetResult
+	24, // 21: ringcache.v1.SetResult.error:type_name -> ringcache.v1.KeyError
+	25, // 22: ringcache.v1.IncrementRequest.ttl:type_name -> google.protobuf.Duration
+	25, // 23: ringcache.v1.IncrementResponse.ttl:type_name -> google.protobuf.Duration
+	25, // 24: ringcache.v1.TouchRequest.ttl:type_name -> google.protobuf.Duration
+	25, // 25: ringcache.v1.TouchResponse.ttl:type_name -> google.protobuf.Duration
+	20, // 26: ringcache.v1.ExistsResponse.results:type_name -> ringcache.v1.KeyInfo
+	25, // 27: ringcache.v1.KeyInfo.ttl:type_name -> google.protobuf.Duration
+	24, // 28: ringcache.v1.KeyInfo.error:type_name -> ringcache.v1.KeyError
+	23, // 29: ringcache.v1.DeleteManyResponse.results:type_name -> ringcache.v1.DeleteResult
+	24, // 30: ringcache.v1.DeleteResult.error:type_name -> ringcache.v1.KeyError
+	2,  // 31: ringcache.v1.Cache.Get:input_type -> ringcache.v1.GetRequest
+	4,  // 32: ringcache.v1.Cache.Set:input_type -> ringcache.v1.SetRequest
+	6,  // 33: ringcache.v1.Cache.Delete:input_type -> ringcache.v1.DeleteRequest
+	8,  // 34: ringcache.v1.Cache.GetMany:input_type -> ringcache.v1.GetManyRequest
+	11, // 35: ringcache.v1.Cache.SetMany:input_type -> ringcache.v1.SetManyRequest
+	21, // 36: ringcache.v1.Cache.DeleteMany:input_type -> ringcache.v1.DeleteManyRequest
+	14, // 37: ringcache.v1.Cache.Increment:input_type -> ringcache.v1.IncrementRequest
+	16, // 38: ringcache.v1.Cache.Touch:input_type -> ringcache.v1.TouchRequest
+	18, // 39: ringcache.v1.Cache.Exists:input_type -> ringcache.v1.ExistsRequest
+	0,  // 40: ringcache.v1.Cache.Pipeline:input_type -> ringcache.v1.PipelineRequest
+	3,  // 41: ringcache.v1.Cache.Get:output_type -> ringcache.v1.GetResponse
+	5,  // 42: ringcache.v1.Cache.Set:output_type -> ringcache.v1.SetResponse
+	7,  // 43: ringcache.v1.Cache.Delete:output_type -> ringcache.v1.DeleteResponse
+	9,  // 44: ringcache.v1.Cache.GetMany:output_type -> ringcache.v1.GetManyResponse
+	12, // 45: ringcache.v1.Cache.SetMany:output_type -> ringcache.v1.SetManyResponse
+	22, // 46: ringcache.v1.Cache.DeleteMany:output_type -> ringcache.v1.DeleteManyResponse
+	15, // 47: ringcache.v1.Cache.Increment:output_type -> ringcache.v1.IncrementResponse
+	17, // 48: ringcache.v1.Cache.Touch:output_type -> ringcache.v1.TouchResponse
+	19, // 49: ringcache.v1.Cache.Exists:output_type -> ringcache.v1.ExistsResponse
+	1,  // 50: ringcache.v1.Cache.Pipeline:output_type -> ringcache.v1.PipelineResponse
+	41, // [41:51] is the sub-list for method output_type
+	31, // [31:41] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_ringcache_v1_cache_proto_init() }
@@ -1651,7 +2063,24 @@ func file_ringcache_v1_cache_proto_init() {
 	if File_ringcache_v1_cache_proto != nil {
 		return
 	}
-	file_ringcache_v1_cache_proto_msgTypes[2].OneofWrappers = []any{
+	file_ringcache_v1_cache_proto_msgTypes[0].OneofWrappers = []any{
+		(*PipelineRequest_Get)(nil),
+		(*PipelineRequest_Set)(nil),
+		(*PipelineRequest_Delete)(nil),
+		(*PipelineRequest_Increment)(nil),
+		(*PipelineRequest_Touch)(nil),
+		(*PipelineRequest_Exists)(nil),
+	}
+	file_ringcache_v1_cache_proto_msgTypes[1].OneofWrappers = []any{
+		(*PipelineResponse_Get)(nil),
+		(*PipelineResponse_Set)(nil),
+		(*PipelineResponse_Delete)(nil),
+		(*PipelineResponse_Increment)(nil),
+		(*PipelineResponse_Touch)(nil),
+		(*PipelineResponse_Exists)(nil),
+		(*PipelineResponse_Error)(nil),
+	}
+	file_ringcache_v1_cache_proto_msgTypes[4].OneofWrappers = []any{
 		(*SetRequest_IfAbsent)(nil),
 		(*SetRequest_IfVersion)(nil),
 		(*SetRequest_IfPresent)(nil),
@@ -1662,7 +2091,7 @@ func file_ringcache_v1_cache_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ringcache_v1_cache_proto_rawDesc), len(file_ringcache_v1_cache_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

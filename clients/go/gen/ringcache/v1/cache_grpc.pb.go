@@ -32,6 +32,7 @@ const (
 	Cache_Increment_FullMethodName  = "/ringcache.v1.Cache/Increment"
 	Cache_Touch_FullMethodName      = "/ringcache.v1.Cache/Touch"
 	Cache_Exists_FullMethodName     = "/ringcache.v1.Cache/Exists"
+	Cache_Pipeline_FullMethodName   = "/ringcache.v1.Cache/Pipeline"
 )
 
 // CacheClient is the client API for Cache service.
@@ -82,6 +83,31 @@ type CacheClient interface {
 	// Exists says, for several keys at once, whether each holds a live value,
 	// with its version and remaining TTL but without the value.
 	Exists(ctx context.Context, in *ExistsRequest, opts ...grpc.CallOption) (*ExistsResponse, error)
+	// Pipeline carries many single-key calls on one long-lived stream: each
+	// PipelineRequest is one op, each PipelineResponse answers the op with the
+	// same id, in any order. An op has the same semantics, limits, token roles
+	// and refusals as the unary call of the same name, and costs a fraction of
+	// one (no HTTP/2 stream, headers or trailers per op).
+	//
+	//   - Ops run concurrently, except that ops on the same key run in the order
+	//     they were sent (a set then a get of the key reads the write), and an
+	//     Exists of several keys waits for the ops before it and holds back the
+	//     ops after it.
+	//   - The stream needs a token with the read role (with --auth-tokens); each
+	//     op is then checked against the role its unary call needs, and a refused
+	//     op answers PERMISSION_DENIED without ending the stream.
+	//   - At most --pipeline-depth ops are in flight per stream: beyond it the
+	//     server stops reading the stream, and HTTP/2 flow control holds the
+	//     client back. Each op also draws on --max-in-flight-bytes; an op that
+	//     would pass it answers RESOURCE_EXHAUSTED.
+	//   - Every op the server has read is answered. When the stream ends with an
+	//     error (the server drains, or its connection reached
+	//     --max-connection-age: UNAVAILABLE), the ops left without an answer
+	//     were never run: send them again on a new stream.
+	//   - An op without a body answers INVALID_ARGUMENT. An id already in flight
+	//     on the stream, or a message that is not a PipelineRequest, ends the
+	//     stream with INVALID_ARGUMENT once the ops in flight are answered.
+	Pipeline(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PipelineRequest, PipelineResponse], error)
 }
 
 type cacheClient struct {
@@ -182,6 +208,19 @@ func (c *cacheClient) Exists(ctx context.Context, in *ExistsRequest, opts ...grp
 	return out, nil
 }
 
+func (c *cacheClient) Pipeline(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PipelineRequest, PipelineResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Cache_ServiceDesc.Streams[0], Cache_Pipeline_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PipelineRequest, PipelineResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Cache_PipelineClient = grpc.BidiStreamingClient[PipelineRequest, PipelineResponse]
+
 // CacheServer is the server API for Cache service.
 // All implementations must embed UnimplementedCacheServer
 // for forward compatibility.
@@ -230,6 +269,31 @@ type CacheServer interface {
 	// Exists says, for several keys at once, whether each holds a live value,
 	// with its version and remaining TTL but without the value.
 	Exists(context.Context, *ExistsRequest) (*ExistsResponse, error)
+	// Pipeline carries many single-key calls on one long-lived stream: each
+	// PipelineRequest is one op, each PipelineResponse answers the op with the
+	// same id, in any order. An op has the same semantics, limits, token roles
+	// and refusals as the unary call of the same name, and costs a fraction of
+	// one (no HTTP/2 stream, headers or trailers per op).
+	//
+	//   - Ops run concurrently, except that ops on the same key run in the order
+	//     they were sent (a set then a get of the key reads the write), and an
+	//     Exists of several keys waits for the ops before it and holds back the
+	//     ops after it.
+	//   - The stream needs a token with the read role (with --auth-tokens); each
+	//     op is then checked against the role its unary call needs, and a refused
+	//     op answers PERMISSION_DENIED without ending the stream.
+	//   - At most --pipeline-depth ops are in flight per stream: beyond it the
+	//     server stops reading the stream, and HTTP/2 flow control holds the
+	//     client back. Each op also draws on --max-in-flight-bytes; an op that
+	//     would pass it answers RESOURCE_EXHAUSTED.
+	//   - Every op the server has read is answered. When the stream ends with an
+	//     error (the server drains, or its connection reached
+	//     --max-connection-age: UNAVAILABLE), the ops left without an answer
+	//     were never run: send them again on a new stream.
+	//   - An op without a body answers INVALID_ARGUMENT. An id already in flight
+	//     on the stream, or a message that is not a PipelineRequest, ends the
+	//     stream with INVALID_ARGUMENT once the ops in flight are answered.
+	Pipeline(grpc.BidiStreamingServer[PipelineRequest, PipelineResponse]) error
 	mustEmbedUnimplementedCacheServer()
 }
 
@@ -266,6 +330,9 @@ func (UnimplementedCacheServer) Touch(context.Context, *TouchRequest) (*TouchRes
 }
 func (UnimplementedCacheServer) Exists(context.Context, *ExistsRequest) (*ExistsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Exists not implemented")
+}
+func (UnimplementedCacheServer) Pipeline(grpc.BidiStreamingServer[PipelineRequest, PipelineResponse]) error {
+	return status.Error(codes.Unimplemented, "method Pipeline not implemented")
 }
 func (UnimplementedCacheServer) mustEmbedUnimplementedCacheServer() {}
 func (UnimplementedCacheServer) testEmbeddedByValue()               {}
@@ -450,6 +517,13 @@ func _Cache_Exists_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cache_Pipeline_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(CacheServer).Pipeline(&grpc.GenericServerStream[PipelineRequest, PipelineResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Cache_PipelineServer = grpc.BidiStreamingServer[PipelineRequest, PipelineResponse]
+
 // Cache_ServiceDesc is the grpc.ServiceDesc for Cache service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -494,6 +568,13 @@ var Cache_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Cache_Exists_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Pipeline",
+			Handler:       _Cache_Pipeline_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "ringcache/v1/cache.proto",
 }
