@@ -446,6 +446,22 @@ impl Waiting {
     }
 }
 
+/// The trailer that marks a stream's end as clean: every op the server read
+/// was answered, so the ops without an answer never ran and may be sent
+/// again whatever they are. A stream that ends without it (a connection
+/// lost) leaves them unknown.
+pub const NOT_RUN_TRAILER: &str = "ringcache-unanswered-not-run";
+
+/// `status`, marked with [`NOT_RUN_TRAILER`].
+fn clean_end(status: Status) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        NOT_RUN_TRAILER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Status::with_metadata(status.code(), status.message(), metadata)
+}
+
 fn draining() -> Status {
     Status::unavailable(
         "the server is shutting down: ops without an answer were not run; send them again on a new stream (another server)",
@@ -541,7 +557,7 @@ async fn drive<S: Cache>(
         }
     }
     if let Some(status) = end {
-        let _ = tx.send(Err(status)).await;
+        let _ = tx.send(Err(clean_end(status))).await;
     }
 }
 
@@ -799,10 +815,8 @@ mod tests {
                 .is_some_and(|k| k.starts_with("slow"));
             self.log.lock().push(what);
             self.started.fetch_add(1, Ordering::SeqCst);
-            if slow {
-                if let Ok(p) = self.gate.acquire().await {
-                    p.forget();
-                }
+            if slow && let Ok(p) = self.gate.acquire().await {
+                p.forget();
             }
         }
 
@@ -1158,7 +1172,14 @@ mod tests {
         fake.gate.add_permits(1);
         assert_eq!(next(&mut answers).await.id, 1);
         let end = answers.message().await.err();
-        assert_eq!(end.map(|s| s.code()), Some(tonic::Code::Unavailable));
+        assert_eq!(
+            end.as_ref().map(Status::code),
+            Some(tonic::Code::Unavailable)
+        );
+        assert!(
+            end.is_some_and(|s| s.metadata().get(NOT_RUN_TRAILER).is_some()),
+            "a clean end is marked"
+        );
         assert_eq!(
             fake.log(),
             ["get slow-a"],

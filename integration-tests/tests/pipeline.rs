@@ -400,7 +400,7 @@ async fn a_stream_ends_cleanly_at_the_max_connection_age() {
         id += 1;
         if tx.send(get(id, "k")).await.is_err() {
             // The stream ended: its status follows.
-            break answers.message().await.err().expect("an error status");
+            break answers.message().await.expect_err("an error status");
         }
         match tokio::time::timeout(Duration::from_secs(10), answers.message())
             .await

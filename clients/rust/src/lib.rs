@@ -1,0 +1,657 @@
+//! The Rust client of ringcache.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ringcache_client::Error> {
+//! use ringcache_client::Client;
+//!
+//! let client = Client::builder("http://127.0.0.1:50051").connect().await?;
+//! client.set("greeting", "hello").await?;
+//! if let Some(entry) = client.get("greeting").await? {
+//!     assert_eq!(entry.value, "hello");
+//! }
+//! client.delete("greeting").await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How calls travel
+//!
+//! Single-key calls (`get`, `set`, `delete`, `increment`, `touch`,
+//! `exists`, compare-and-swap, compare-and-delete) are **pipelined**: the
+//! client keeps a few long-lived `ringcache.v1.Cache/Pipeline` streams
+//! ([`Builder::pipelines`], one HTTP/2 connection each) and sends every
+//! call as one message on one of them, so concurrent calls share reads and
+//! writes instead of paying an HTTP/2 stream, headers and trailers each.
+//! Callers never see the streams: a call is a future that resolves to its
+//! answer. Batches (`get_many`, `set_many`) are unary calls.
+//!
+//! # Deadlines and retries
+//!
+//! Every call has a deadline ([`Builder::timeout`], 1 s by default), sent
+//! with the op and enforced here. A call is sent again, with a growing
+//! backoff and within its deadline, only when running it twice cannot do
+//! harm:
+//!
+//! - it provably never ran — its stream could not be opened (the
+//!   connection is coming back), or ended cleanly without answering it (the
+//!   server drains: it answers every op it read, and marks the end so):
+//!   sent again until the deadline;
+//! - the server shed it before it ran (`RESOURCE_EXHAUSTED`, "retry with
+//!   backoff"), or it is a read (`get`, `exists`) whose connection was lost:
+//!   sent again up to [`Builder::retries`] times.
+//!
+//! A write whose connection was lost before its answer is not sent again:
+//! it may have run, and running it twice could overwrite a newer write by
+//! another client, or turn `deleted = true` into `false`. It fails with
+//! `UNAVAILABLE`, and the caller decides.
+//!
+//! # Tracing
+//!
+//! Each call is a `tracing` span (`ringcache.client`, with the OpenTelemetry
+//! RPC attributes). When the application exports spans with
+//! `tracing-opentelemetry`, the span's trace context rides with the op, so
+//! the orchestrator's and the nodes' spans join the caller's trace.
+
+mod lane;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use ringcache_proto::v1::{
+    DeleteRequest, ExistsRequest, GetManyRequest, GetRequest, IncrementRequest, SetManyRequest,
+    SetRequest, TouchRequest, cache_client::CacheClient, pipeline_request::Op,
+    pipeline_response::Result as Answer, set_request,
+};
+use tokio::time::Instant;
+use tonic::{
+    Code, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::lane::{Lane, Outcome};
+
+/// What went wrong with a call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered the call with an error status (a refused
+    /// argument, a missing permission, no reachable node, ...).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(Status),
+    /// The call did not finish within its deadline.
+    #[error("the call did not finish within its deadline of {0:?}")]
+    Timeout(Duration),
+    /// The client could not connect to the server.
+    #[error("cannot connect to {uri}: {source}")]
+    Connect {
+        /// The server's URI.
+        uri: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The builder was given something unusable.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The gRPC code this error amounts to (`DEADLINE_EXCEEDED` for a
+    /// timeout, `UNAVAILABLE` for a failed connection, `INVALID_ARGUMENT`
+    /// for a bad configuration).
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Status(s) => s.code(),
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Connect { .. } => Code::Unavailable,
+            Error::Config(_) => Code::InvalidArgument,
+        }
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        Error::Status(status)
+    }
+}
+
+/// A stored value and what the server knows about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Bytes,
+    /// The key's version: changes on every write, for compare-and-swap.
+    pub version: u64,
+    /// Time left to live; `None`: no expiry.
+    pub ttl: Option<Duration>,
+}
+
+impl AsRef<[u8]> for Entry {
+    fn as_ref(&self) -> &[u8] {
+        &self.value
+    }
+}
+
+/// What `exists` knows of a live key, without its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key's version.
+    pub version: u64,
+    /// Time left to live; `None`: no expiry.
+    pub ttl: Option<Duration>,
+    /// The value's size in bytes.
+    pub value_bytes: u64,
+}
+
+/// The outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Written; the key's new version.
+    Stored(u64),
+    /// Not written: the condition did not hold. The key's current version
+    /// (0: absent).
+    Refused(u64),
+}
+
+/// Builds a [`Client`]; see [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    uri: String,
+    token: Option<String>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    pipelines: usize,
+    retries: u32,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Builder {
+    /// Sends `token` as `authorization: Bearer <token>` (servers started
+    /// with `--auth-tokens`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Each call's deadline (1 s by default), retries included.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long [`Builder::connect`] waits for each connection (5 s by
+    /// default).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How many pipelines (streams, each on its own HTTP/2 connection)
+    /// calls are spread over (4 by default, at least 1).
+    pub fn pipelines(mut self, n: usize) -> Self {
+        self.pipelines = n.max(1);
+        self
+    }
+
+    /// How many times a call that may run twice is sent again (2 by
+    /// default); see the crate documentation.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// TLS with the server certificate checked against `ca_pem` (use an
+    /// `https://` URI).
+    pub fn tls_ca(mut self, ca_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.ca_certificate(Certificate::from_pem(ca_pem)));
+        self
+    }
+
+    /// A client certificate and key (mTLS).
+    pub fn tls_identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.identity(Identity::from_pem(cert_pem, key_pem)));
+        self
+    }
+
+    /// The name the server's certificate must carry, when it is not the
+    /// URI's host.
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.domain_name(name));
+        self
+    }
+
+    /// Connects every pipeline's connection, failing if the server cannot
+    /// be reached.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let token = self
+            .token
+            .as_deref()
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse::<AsciiMetadataValue>()
+                    .map_err(|_| Error::Config("the token is not printable ASCII".into()))
+            })
+            .transpose()?;
+        let mut endpoint = Endpoint::from_shared(self.uri.clone())
+            .map_err(|e| Error::Config(format!("{}: {e}", self.uri)))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(tls) = self.tls.clone() {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        }
+        let mut lanes = Vec::with_capacity(self.pipelines);
+        let mut first = None;
+        for _ in 0..self.pipelines {
+            let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+                uri: self.uri.clone(),
+                source,
+            })?;
+            if first.is_none() {
+                first = Some(channel.clone());
+            }
+            lanes.push(Lane::spawn(channel, token.clone()));
+        }
+        let unary = first.ok_or_else(|| Error::Config("no pipelines".into()))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                lanes,
+                next: AtomicUsize::new(0),
+                unary,
+                token,
+                timeout: self.timeout,
+                retries: self.retries,
+            }),
+        })
+    }
+}
+
+/// A ringcache client: cheap to clone (a handle), safe to share between
+/// tasks. See the crate documentation.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lanes: Vec<Lane>,
+    next: AtomicUsize,
+    /// For the unary calls (batches).
+    unary: Channel,
+    token: Option<AsciiMetadataValue>,
+    timeout: Duration,
+    retries: u32,
+}
+
+/// Whether a call may be sent again when its connection was lost before
+/// its answer: reads only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeatable {
+    Read,
+    Write,
+}
+
+impl Client {
+    /// A builder for a client of the server at `uri` (an orchestrator, or a
+    /// node): `http://host:port`, or `https://` with TLS.
+    pub fn builder(uri: impl Into<String>) -> Builder {
+        Builder {
+            uri: uri.into(),
+            token: None,
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            pipelines: 4,
+            retries: 2,
+            tls: None,
+        }
+    }
+
+    /// Reads `key`: `None` if it is absent or expired.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
+        let op = Op::Get(GetRequest { key: key.into() });
+        match self.call("Get", op, Repeatable::Read).await? {
+            Answer::Get(g) if g.found => Ok(Some(Entry {
+                value: g.value,
+                version: g.version,
+                ttl: g.ttl.and_then(duration),
+            })),
+            Answer::Get(_) => Ok(None),
+            other => Err(unexpected("Get", &other)),
+        }
+    }
+
+    /// Writes `value` under `key` with no expiry; answers the new version.
+    pub async fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<u64, Error> {
+        match self.set_with(key, value, None, None).await? {
+            Written::Stored(version) => Ok(version),
+            Written::Refused(_) => Err(Error::Status(Status::internal(
+                "an unconditional Set was not stored (a bug in the server)",
+            ))),
+        }
+    }
+
+    /// Writes `value` under `key`, living `ttl` (`None`: no expiry).
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<u64, Error> {
+        match self.set_with(key, value, ttl, None).await? {
+            Written::Stored(version) => Ok(version),
+            Written::Refused(_) => Err(Error::Status(Status::internal(
+                "an unconditional Set was not stored (a bug in the server)",
+            ))),
+        }
+    }
+
+    /// Writes `value` under `key` only if the key's version is still
+    /// `version` (compare-and-swap; 0 is never a key's version, use
+    /// [`Client::add`] for "only if absent").
+    pub async fn compare_and_swap(
+        &self,
+        key: &str,
+        version: u64,
+        value: impl Into<Bytes>,
+    ) -> Result<Written, Error> {
+        self.set_with(
+            key,
+            value,
+            None,
+            Some(set_request::Condition::IfVersion(version)),
+        )
+        .await
+    }
+
+    /// Writes `value` under `key` only if the key is absent (memcached
+    /// `add`, Redis `SET NX`).
+    pub async fn add(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, Error> {
+        self.set_with(
+            key,
+            value,
+            None,
+            Some(set_request::Condition::IfAbsent(true)),
+        )
+        .await
+    }
+
+    async fn set_with(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+        condition: Option<set_request::Condition>,
+    ) -> Result<Written, Error> {
+        let op = Op::Set(SetRequest {
+            key: key.into(),
+            value: value.into(),
+            ttl: ttl.map(proto_duration).transpose()?,
+            condition,
+        });
+        match self.call("Set", op, Repeatable::Write).await? {
+            Answer::Set(s) if s.stored => Ok(Written::Stored(s.version)),
+            Answer::Set(s) => Ok(Written::Refused(s.version)),
+            other => Err(unexpected("Set", &other)),
+        }
+    }
+
+    /// Deletes `key`; true if a live value was removed.
+    pub async fn delete(&self, key: &str) -> Result<bool, Error> {
+        let op = Op::Delete(DeleteRequest {
+            key: key.into(),
+            if_version: 0,
+        });
+        match self.call("Delete", op, Repeatable::Write).await? {
+            Answer::Delete(d) => Ok(d.deleted),
+            other => Err(unexpected("Delete", &other)),
+        }
+    }
+
+    /// Deletes `key` only if its version is still `version`
+    /// (compare-and-delete). `Refused` carries the current version.
+    pub async fn compare_and_delete(&self, key: &str, version: u64) -> Result<Written, Error> {
+        if version == 0 {
+            return Err(Error::Config(
+                "compare_and_delete needs the version read (0 is no version)".into(),
+            ));
+        }
+        let op = Op::Delete(DeleteRequest {
+            key: key.into(),
+            if_version: version,
+        });
+        match self.call("Delete", op, Repeatable::Write).await? {
+            Answer::Delete(d) if d.deleted => Ok(Written::Stored(version)),
+            Answer::Delete(d) => Ok(Written::Refused(d.version)),
+            other => Err(unexpected("Delete", &other)),
+        }
+    }
+
+    /// Adds `delta` to the counter under `key` (created as 0 if absent);
+    /// answers the new value.
+    pub async fn increment(&self, key: &str, delta: i64) -> Result<i64, Error> {
+        let op = Op::Increment(IncrementRequest {
+            key: key.into(),
+            delta,
+            ..Default::default()
+        });
+        match self.call("Increment", op, Repeatable::Write).await? {
+            Answer::Increment(i) => Ok(i.value),
+            other => Err(unexpected("Increment", &other)),
+        }
+    }
+
+    /// Sets `key`'s time to live (`None`: never expire) without sending its
+    /// value; true if the key exists.
+    pub async fn touch(&self, key: &str, ttl: Option<Duration>) -> Result<bool, Error> {
+        let op = Op::Touch(TouchRequest {
+            key: key.into(),
+            ttl: ttl.map(proto_duration).transpose()?,
+            return_value: false,
+        });
+        match self.call("Touch", op, Repeatable::Write).await? {
+            Answer::Touch(t) => Ok(t.found),
+            other => Err(unexpected("Touch", &other)),
+        }
+    }
+
+    /// Whether `key` holds a live value, with its version, TTL and size.
+    pub async fn exists(&self, key: &str) -> Result<Option<KeyInfo>, Error> {
+        let op = Op::Exists(ExistsRequest {
+            keys: vec![key.into()],
+        });
+        match self.call("Exists", op, Repeatable::Read).await? {
+            Answer::Exists(e) => {
+                Ok(e.results
+                    .into_iter()
+                    .next()
+                    .filter(|k| k.found)
+                    .map(|k| KeyInfo {
+                        version: k.version,
+                        ttl: k.ttl.and_then(duration),
+                        value_bytes: k.value_bytes,
+                    }))
+            }
+            other => Err(unexpected("Exists", &other)),
+        }
+    }
+
+    /// Reads several keys in one call; the answers are in the order of
+    /// `keys`. A key that failed alone (its nodes unreachable) fails the
+    /// call.
+    pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Entry>>, Error> {
+        let request = GetManyRequest {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        let mut client = CacheClient::new(self.inner.unary.clone());
+        let response = client
+            .get_many(self.unary_request(request))
+            .await?
+            .into_inner();
+        response
+            .results
+            .into_iter()
+            .map(|r| match r.error {
+                Some(e) => Err(Error::Status(Status::new(
+                    Code::from_i32(e.code),
+                    e.message,
+                ))),
+                None => Ok(r.found.then(|| Entry {
+                    value: r.value,
+                    version: r.version,
+                    ttl: r.ttl.and_then(duration),
+                })),
+            })
+            .collect()
+    }
+
+    /// Writes several entries in one call (no expiry); answers each one's
+    /// new version, in order. Entries are applied independently.
+    pub async fn set_many(&self, entries: &[(&str, Bytes)]) -> Result<Vec<u64>, Error> {
+        let request = SetManyRequest {
+            entries: entries
+                .iter()
+                .map(|(k, v)| SetRequest {
+                    key: (*k).to_owned(),
+                    value: v.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut client = CacheClient::new(self.inner.unary.clone());
+        let response = client
+            .set_many(self.unary_request(request))
+            .await?
+            .into_inner();
+        response
+            .results
+            .into_iter()
+            .map(|r| match r.error {
+                Some(e) => Err(Error::Status(Status::new(
+                    Code::from_i32(e.code),
+                    e.message,
+                ))),
+                None => Ok(r.version),
+            })
+            .collect()
+    }
+
+    fn unary_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.inner.timeout);
+        if let Some(t) = &self.inner.token {
+            request.metadata_mut().insert("authorization", t.clone());
+        }
+        let span = tracing::Span::current();
+        let (traceparent, tracestate) = lane::trace_context(&span);
+        if let Ok(v) = MetadataValue::try_from(traceparent.as_str())
+            && !traceparent.is_empty()
+        {
+            request.metadata_mut().insert("traceparent", v);
+        }
+        if let Ok(v) = MetadataValue::try_from(tracestate.as_str())
+            && !tracestate.is_empty()
+        {
+            request.metadata_mut().insert("tracestate", v);
+        }
+        request
+    }
+
+    /// Runs `op` on a pipeline, sending it again where that is safe (see
+    /// the crate documentation), within the deadline.
+    async fn call(
+        &self,
+        method: &'static str,
+        op: Op,
+        repeatable: Repeatable,
+    ) -> Result<Answer, Error> {
+        let inner = &*self.inner;
+        let span = tracing::info_span!(
+            "ringcache.client",
+            otel.name = format!("ringcache.v1.Cache/{method}"),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = "ringcache.v1.Cache",
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let (traceparent, tracestate) = lane::trace_context(&span);
+        let deadline = Instant::now() + inner.timeout;
+        let mut attempt = 0;
+        let result = loop {
+            let lane = &inner.lanes[inner.next.fetch_add(1, Ordering::Relaxed) % inner.lanes.len()];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                lane.call(op.clone(), left, traceparent.clone(), tracestate.clone()),
+            )
+            .await;
+            let outcome = match outcome {
+                Err(_) => break Err(Error::Timeout(inner.timeout)),
+                Ok(o) => o,
+            };
+            let retry = match &outcome {
+                Outcome::Answer(Answer::Error(e)) => {
+                    // Shed before it ran: the servers say "retry with backoff".
+                    e.code == Code::ResourceExhausted as i32
+                        && e.message.contains("retry with backoff")
+                        && attempt < inner.retries
+                }
+                Outcome::Answer(_) => false,
+                // Never ran (the stream could not be opened, or ended
+                // cleanly first): sent again until the deadline, while the
+                // connection comes back.
+                Outcome::NotRun(_) => true,
+                Outcome::Lost(_) => repeatable == Repeatable::Read && attempt < inner.retries,
+            };
+            if retry {
+                attempt += 1;
+                let backoff = Duration::from_millis(5 << attempt.min(6));
+                if Instant::now() + backoff < deadline {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
+            break match outcome {
+                Outcome::Answer(Answer::Error(e)) => Err(Error::Status(Status::new(
+                    Code::from_i32(e.code),
+                    e.message,
+                ))),
+                Outcome::Answer(answer) => Ok(answer),
+                Outcome::NotRun(status) | Outcome::Lost(status) => Err(Error::Status(status)),
+            };
+        };
+        span.record(
+            "rpc.grpc.status_code",
+            result.as_ref().map_or_else(|e| e.code() as i64, |_| 0),
+        );
+        result
+    }
+}
+
+fn unexpected(method: &str, answer: &Answer) -> Error {
+    Error::Status(Status::internal(format!(
+        "the server answered a {method} with another kind of answer: {answer:?}"
+    )))
+}
+
+/// A protobuf duration as a `Duration`; `None` if negative.
+fn duration(d: prost_types::Duration) -> Option<Duration> {
+    Duration::try_from(d).ok()
+}
+
+fn proto_duration(d: Duration) -> Result<prost_types::Duration, Error> {
+    prost_types::Duration::try_from(d).map_err(|_| Error::Config(format!("TTL {d:?} is too long")))
+}
