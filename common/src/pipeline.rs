@@ -367,7 +367,7 @@ impl Sequence {
 #[derive(Default)]
 struct Waiting {
     /// Keys with an op running, and the ops waiting behind it, in order.
-    keys: std::collections::HashMap<String, VecDeque<PipelineRequest>>,
+    keys: std::collections::HashMap<String, VecDeque<PipelineRequest>, foldhash::fast::RandomState>,
     /// Ops in `keys`' queues.
     queued: usize,
     /// A barrier op read: waiting for the ops before it (`Some(Some)`), or
@@ -477,10 +477,11 @@ async fn drive<S: Cache>(
     stream: &StreamContext,
     tx: tokio::sync::mpsc::Sender<Item>,
 ) {
+    use futures::FutureExt as _;
     let mut running = FuturesUnordered::new();
     let mut waiting = Waiting::default();
     let mut ready: VecDeque<Done> = VecDeque::new();
-    let mut ids: HashSet<u64> = HashSet::new();
+    let mut ids: HashSet<u64, foldhash::fast::RandomState> = HashSet::default();
     let mut closing = inner.closing.subscribe();
     let aged = async {
         match inner.max_age {
@@ -491,39 +492,17 @@ async fn drive<S: Cache>(
     tokio::pin!(aged);
     let mut reading = true;
     let mut end: Option<Status> = None;
-    loop {
-        // Ops read and not yet handed on count against the depth, whatever
-        // they are doing.
-        let room = running.len() + waiting.queued + ready.len() < inner.depth && waiting.reading();
-        tokio::select! {
-            biased;
-            permit = tx.reserve(), if !ready.is_empty() => {
-                // The client went away: nothing more can be answered.
-                let Ok(permit) = permit else { return };
-                if let Some(done) = ready.pop_front() {
-                    ids.remove(&done.id);
-                    permit.send(Ok((done.response, done.held)));
-                }
-            }
-            Some(done) = running.next(), if !running.is_empty() => {
-                let done: Done = done;
-                for op in waiting.finished(&done.order, running.len()) {
-                    let order = Sequence::of(&op);
-                    running.push(run(service, inner, stream, op, order));
-                }
-                ready.push_back(done);
-            }
-            _ = closing.wait_for(|c| *c), if reading => {
-                reading = false;
-                end = Some(draining());
-            }
-            () = &mut aged, if reading => {
-                reading = false;
-                end = Some(Status::unavailable(
-                    "the stream reached --max-connection-age: ops without an answer were not run; send them again on a new stream",
-                ));
-            }
-            message = input.message(), if reading && room => match message {
+    // Ops read and not yet handed on count against the depth, whatever they
+    // are doing.
+    macro_rules! room {
+        () => {
+            running.len() + waiting.queued + ready.len() < inner.depth && waiting.reading()
+        };
+    }
+    // A message read from the stream.
+    macro_rules! accept {
+        ($message:expr) => {
+            match $message {
                 Ok(Some(op)) => {
                     if ids.insert(op.id) {
                         let order = Sequence::of(&op);
@@ -552,7 +531,77 @@ async fn drive<S: Cache>(
                         ),
                     ));
                 }
-            },
+            }
+        };
+    }
+    // An op that finished: the ops waiting behind it start.
+    macro_rules! finished {
+        ($done:expr) => {{
+            let done: Done = $done;
+            for op in waiting.finished(&done.order, running.len()) {
+                let order = Sequence::of(&op);
+                running.push(run(service, inner, stream, op, order));
+            }
+            ready.push_back(done);
+        }};
+    }
+    loop {
+        // Before waiting: every op already received is taken (ops read
+        // together reach the nodes in one batch), every op already finished
+        // is collected, and every answer ready is handed on (answers ready
+        // together leave in one write).
+        while reading && room!() {
+            match input.message().now_or_never() {
+                Some(message) => accept!(message),
+                None => break,
+            }
+        }
+        while let Some(Some(done)) = running.next().now_or_never() {
+            finished!(done);
+        }
+        if !ready.is_empty() && ready.len() < running.len() {
+            // More answers are on their way: let the tasks bringing them
+            // run once, so that they leave in the same write.
+            tokio::task::yield_now().await;
+            while let Some(Some(done)) = running.next().now_or_never() {
+                finished!(done);
+            }
+        }
+        while !ready.is_empty() {
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    if let Some(done) = ready.pop_front() {
+                        ids.remove(&done.id);
+                        permit.send(Ok((done.response, done.held)));
+                    }
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => break,
+                // The client went away: nothing more can be answered.
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return,
+            }
+        }
+        let room = room!();
+        tokio::select! {
+            biased;
+            permit = tx.reserve(), if !ready.is_empty() => {
+                let Ok(permit) = permit else { return };
+                if let Some(done) = ready.pop_front() {
+                    ids.remove(&done.id);
+                    permit.send(Ok((done.response, done.held)));
+                }
+            }
+            Some(done) = running.next(), if !running.is_empty() => finished!(done),
+            _ = closing.wait_for(|c| *c), if reading => {
+                reading = false;
+                end = Some(draining());
+            }
+            () = &mut aged, if reading => {
+                reading = false;
+                end = Some(Status::unavailable(
+                    "the stream reached --max-connection-age: ops without an answer were not run; send them again on a new stream",
+                ));
+            }
+            message = input.message(), if reading && room => accept!(message),
             else => break,
         }
     }

@@ -74,8 +74,8 @@ use integration_tests::{
     zipf::Zipf,
 };
 use ringcache_proto::v1::{
-    GetManyRequest, GetRequest, IncrementRequest, PipelineRequest, PipelineResponse,
-    SetManyRequest, SetRequest, cache_client::CacheClient, pipeline_request, pipeline_response,
+    GetManyRequest, GetRequest, IncrementRequest, SetManyRequest, SetRequest,
+    cache_client::CacheClient,
 };
 use tonic::transport::Channel;
 
@@ -194,83 +194,6 @@ async fn uniform_get(mut client: CacheClient<Channel>, t: usize, i: u64, keys: u
         })
         .await
         .is_ok()
-}
-
-/// Calls multiplexed on a few `Pipeline` streams, as a pipelining client
-/// does: each call takes the next id on its stream and waits for the
-/// answer with that id.
-#[derive(Clone)]
-struct Pipelines {
-    streams: Arc<Vec<PipeStream>>,
-}
-
-type Waiting = Arc<
-    std::sync::Mutex<
-        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<PipelineResponse>>,
-    >,
->;
-
-struct PipeStream {
-    tx: tokio::sync::mpsc::Sender<PipelineRequest>,
-    waiting: Waiting,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl Pipelines {
-    /// One stream on each of `clients`.
-    async fn open(clients: &[CacheClient<Channel>]) -> Self {
-        let mut streams = Vec::new();
-        for c in clients {
-            let (tx, rx) = tokio::sync::mpsc::channel(1024);
-            let mut answers = c
-                .clone()
-                .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
-            let waiting: Waiting = Arc::default();
-            let w = waiting.clone();
-            tokio::spawn(async move {
-                while let Ok(Some(a)) = answers.message().await {
-                    let waiter = w.lock().unwrap().remove(&a.id);
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(a);
-                    }
-                }
-            });
-            streams.push(PipeStream {
-                tx,
-                waiting,
-                next: std::sync::atomic::AtomicU64::new(0),
-            });
-        }
-        Self {
-            streams: Arc::new(streams),
-        }
-    }
-
-    /// Runs `op` on stream `t` (modulo the streams); true if it succeeded.
-    async fn call(&self, t: usize, op: pipeline_request::Op) -> bool {
-        let s = &self.streams[t % self.streams.len()];
-        let id = s.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        s.waiting.lock().unwrap().insert(id, tx);
-        let op = PipelineRequest {
-            id,
-            op: Some(op),
-            ..Default::default()
-        };
-        if s.tx.send(op).await.is_err() {
-            return false;
-        }
-        matches!(
-            rx.await,
-            Ok(PipelineResponse {
-                result: Some(r),
-                ..
-            }) if !matches!(r, pipeline_response::Result::Error(_))
-        )
-    }
 }
 
 /// Writes `key:0` … `key:<keys-1>` with `value` through `client`, 500 a
@@ -435,43 +358,35 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
     let node_pid = [direct.process.pid()];
     let node_pids: Vec<u32> = servers[1..].to_vec();
     let c = o.concurrency;
-    // Pipelines: 5 streams (one per connection), the calls in flight
-    // spread over them (50 in flight: 10 per stream).
-    let orch_pipes = Pipelines::open(&orch_clients[..5]).await;
-    let node_pipes = Pipelines::open(&node_clients[..5]).await;
-    let piped_get = |pipes: Pipelines| {
+    // The Rust client: 5 pipelines (one stream on its own connection each),
+    // the calls in flight spread over them (50 in flight: 10 per stream).
+    let piped = |url: String| async move {
+        ringcache_client::Client::builder(url)
+            .pipelines(5)
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap()
+    };
+    let orch_pipes = piped(cluster.orchestrator.process.grpc_url()).await;
+    let node_pipes = piped(direct.process.grpc_url()).await;
+    let piped_get = |client: ringcache_client::Client| {
         move |t: usize, i: u64| {
-            let pipes = pipes.clone();
+            let client = client.clone();
             async move {
                 let k = uniform_rank(t, i, keys);
-                pipes
-                    .call(
-                        t,
-                        pipeline_request::Op::Get(GetRequest {
-                            key: format!("key:{k}"),
-                        }),
-                    )
-                    .await
+                client.get(&format!("key:{k}")).await.is_ok()
             }
         }
     };
-    let piped_set = |pipes: Pipelines, value: Vec<u8>| {
+    let piped_set = |client: ringcache_client::Client, value: Vec<u8>| {
         let value = bytes::Bytes::from(value);
         move |t: usize, i: u64| {
-            let pipes = pipes.clone();
+            let client = client.clone();
             let value = value.clone();
             async move {
                 let k = uniform_rank(t, i, keys);
-                pipes
-                    .call(
-                        t,
-                        pipeline_request::Op::Set(SetRequest {
-                            key: format!("key:{k}"),
-                            value,
-                            ..Default::default()
-                        }),
-                    )
-                    .await
+                client.set(&format!("key:{k}"), value).await.is_ok()
             }
         }
     };
@@ -479,7 +394,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         ringcache_case(
             o,
             c,
-            "ringcache Get (orchestrator, pipelined)",
+            "Rust client Get (orchestrator, pipelined)",
             Some("twemproxy GET"),
             &servers,
             1,
@@ -489,7 +404,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         ringcache_case(
             o,
             c,
-            "ringcache Set (orchestrator, pipelined)",
+            "Rust client Set (orchestrator, pipelined)",
             Some("twemproxy SET"),
             &servers,
             1,
@@ -499,7 +414,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         ringcache_case(
             o,
             1,
-            "ringcache Get (orchestrator, pipelined, 1 in flight)",
+            "Rust client Get (orchestrator, pipelined, 1 in flight)",
             Some("twemproxy GET, 1 in flight"),
             &servers,
             1,
@@ -509,7 +424,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         ringcache_case(
             o,
             c,
-            "ringcache Get (one node, direct, pipelined)",
+            "Rust client Get (one node, direct, pipelined)",
             Some("twemproxy GET"),
             &node_pid,
             1,
@@ -519,7 +434,7 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         ringcache_case(
             o,
             c,
-            "ringcache Set (one node, direct, pipelined)",
+            "Rust client Set (one node, direct, pipelined)",
             Some("twemproxy SET"),
             &node_pid,
             1,
