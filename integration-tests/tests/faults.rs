@@ -51,6 +51,154 @@ fn with_timeout<T>(message: T) -> tonic::Request<T> {
     r
 }
 
+/// How the load reaches an orchestrator: unary calls with the generated
+/// client, or the Rust client's pipelines (which reconnect, and send a call
+/// again only where it cannot run twice).
+#[derive(Clone)]
+enum Api {
+    Unary(CacheClient<Channel>),
+    Piped(ringcache_client::Client),
+}
+
+fn status(e: ringcache_client::Error) -> tonic::Status {
+    tonic::Status::new(e.code(), e.to_string())
+}
+
+impl Api {
+    /// The Rust client of `orchestrator`, with the suite's call deadline.
+    async fn piped(orchestrator: &OrchestratorProcess) -> Self {
+        Api::Piped(
+            ringcache_client::Client::builder(orchestrator.process.grpc_url())
+                .timeout(CALL_TIMEOUT)
+                .pipelines(2)
+                .connect()
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Whether `key` was found, and its value.
+    async fn get(&self, key: &str) -> Result<(bool, bytes::Bytes), tonic::Status> {
+        match self {
+            Api::Unary(c) => {
+                let r = c
+                    .clone()
+                    .get(with_timeout(GetRequest { key: key.into() }))
+                    .await?
+                    .into_inner();
+                Ok((r.found, r.value))
+            }
+            Api::Piped(c) => Ok(c
+                .get(key)
+                .await
+                .map_err(status)?
+                .map_or((false, bytes::Bytes::new()), |e| (true, e.value))),
+        }
+    }
+
+    /// Writes `value`; answers the new version.
+    async fn set(&self, key: &str, value: String) -> Result<u64, tonic::Status> {
+        match self {
+            Api::Unary(c) => {
+                let set = SetRequest {
+                    key: key.into(),
+                    value: value.into_bytes().into(),
+                    ..Default::default()
+                };
+                Ok(c.clone().set(with_timeout(set)).await?.into_inner().version)
+            }
+            Api::Piped(c) => c.set(key, value).await.map_err(status),
+        }
+    }
+
+    /// Touch with the value read: found, value, version.
+    async fn touch(&self, key: &str) -> Result<(bool, bytes::Bytes, u64), tonic::Status> {
+        match self {
+            Api::Unary(c) => {
+                let r = c
+                    .clone()
+                    .touch(with_timeout(TouchRequest {
+                        key: key.into(),
+                        ttl: None,
+                        return_value: true,
+                    }))
+                    .await?
+                    .into_inner();
+                Ok((r.found, r.value, r.version))
+            }
+            Api::Piped(c) => Ok(c
+                .touch_and_get(key, None)
+                .await
+                .map_err(status)?
+                .map_or((false, bytes::Bytes::new(), 0), |e| {
+                    (true, e.value, e.version)
+                })),
+        }
+    }
+
+    /// Deletes `key` (only at `version`, unless 0); whether it was deleted.
+    async fn delete(&self, key: &str, version: u64) -> Result<bool, tonic::Status> {
+        match self {
+            Api::Unary(c) => Ok(c
+                .clone()
+                .delete(with_timeout(DeleteRequest {
+                    key: key.into(),
+                    if_version: version,
+                }))
+                .await?
+                .into_inner()
+                .deleted),
+            Api::Piped(c) if version == 0 => c.delete(key).await.map_err(status),
+            Api::Piped(c) => match c.compare_and_delete(key, version).await.map_err(status)? {
+                ringcache_client::Written::Stored(_) => Ok(true),
+                ringcache_client::Written::Refused(_) => Ok(false),
+            },
+        }
+    }
+
+    async fn increment(&self, key: &str) -> Result<i64, tonic::Status> {
+        match self {
+            Api::Unary(c) => Ok(c
+                .clone()
+                .increment(with_timeout(IncrementRequest {
+                    key: key.into(),
+                    delta: 1,
+                    ..Default::default()
+                }))
+                .await?
+                .into_inner()
+                .value),
+            Api::Piped(c) => c.increment(key, 1).await.map_err(status),
+        }
+    }
+
+    /// Deletes `keys`; for each, whether it failed alone.
+    async fn delete_many(&self, keys: &[String]) -> Result<Vec<bool>, tonic::Status> {
+        match self {
+            Api::Unary(c) => Ok(c
+                .clone()
+                .delete_many(with_timeout(DeleteManyRequest {
+                    keys: keys.to_vec(),
+                }))
+                .await?
+                .into_inner()
+                .results
+                .iter()
+                .map(|r| r.error.is_some())
+                .collect()),
+            Api::Piped(c) => {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                Ok(c.delete_many(&keys)
+                    .await
+                    .map_err(status)?
+                    .iter()
+                    .map(Result::is_err)
+                    .collect())
+            }
+        }
+    }
+}
+
 /// What the client last did to a mutable key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Last {
@@ -132,7 +280,7 @@ struct Workload {
     stop: Arc<AtomicBool>,
     counts: Arc<Counts>,
     tasks: Vec<tokio::task::JoinHandle<HashMap<String, Last>>>,
-    caches: Vec<CacheClient<Channel>>,
+    apis: Vec<Api>,
 }
 
 impl Workload {
@@ -141,11 +289,15 @@ impl Workload {
     }
 
     fn spread(caches: Vec<CacheClient<Channel>>, fixed: usize) -> Self {
+        Self::through(caches.into_iter().map(Api::Unary).collect(), fixed)
+    }
+
+    fn through(apis: Vec<Api>, fixed: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
         let tasks = (0..WORKERS)
             .map(|w| {
-                let (stop, counts, caches) = (stop.clone(), counts.clone(), caches.clone());
+                let (stop, counts, apis) = (stop.clone(), counts.clone(), apis.clone());
                 tokio::spawn(async move {
                     let mut model: HashMap<String, Last> = (0..KEYS_PER_WORKER)
                         .map(|k| (format!("w{w}:{k}"), Last::Absent))
@@ -161,19 +313,15 @@ impl Workload {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
-                        let mut cache = caches[(x >> 56) as usize % caches.len()].clone();
+                        let api = &apis[(x >> 56) as usize % apis.len()];
                         counts.calls.fetch_add(1, Ordering::Relaxed);
                         if fixed > 0 && x.is_multiple_of(2) {
                             let i = ((x >> 8) % fixed as u64) as usize;
-                            match cache
-                                .get(with_timeout(GetRequest { key: fixed_key(i) }))
-                                .await
-                            {
-                                Ok(r) => {
-                                    let r = r.into_inner();
-                                    if !r.found {
+                            match api.get(&fixed_key(i)).await {
+                                Ok((found, value)) => {
+                                    if !found {
                                         counts.fixed_misses.fetch_add(1, Ordering::Relaxed);
-                                    } else if r.value == fixed_value(i).as_bytes() {
+                                    } else if value == fixed_value(i).as_bytes() {
                                         counts.fixed_hits.fetch_add(1, Ordering::Relaxed);
                                     } else {
                                         counts.stale.fetch_add(1, Ordering::Relaxed);
@@ -188,27 +336,18 @@ impl Workload {
                             // 45% reads, 30% writes, and 5% each of
                             // touches, compare-and-deletes, increments,
                             // DeleteMany and deletes.
-                            0..9 => match cache
-                                .get(with_timeout(GetRequest { key: key.clone() }))
-                                .await
-                            {
-                                Ok(r) => {
-                                    let r = r.into_inner();
-                                    check_read(&counts, &model[&key], r.found, &r.value);
+                            0..9 => match api.get(&key).await {
+                                Ok((found, value)) => {
+                                    check_read(&counts, &model[&key], found, &value);
                                 }
                                 Err(s) => counts.failed("get", &s),
                             },
                             9..15 => {
                                 writes += 1;
                                 let value = format!("{key}#{writes}");
-                                let set = SetRequest {
-                                    key: key.clone(),
-                                    value: value.clone().into_bytes().into(),
-                                    ..Default::default()
-                                };
-                                match cache.set(with_timeout(set)).await {
-                                    Ok(r) => {
-                                        versions.insert(key.clone(), r.into_inner().version);
+                                match api.set(&key, value.clone()).await {
+                                    Ok(version) => {
+                                        versions.insert(key.clone(), version);
                                         model.insert(key, Last::Value(value));
                                     }
                                     Err(s) => {
@@ -217,19 +356,11 @@ impl Workload {
                                     }
                                 }
                             }
-                            15 => match cache
-                                .touch(with_timeout(TouchRequest {
-                                    key: key.clone(),
-                                    ttl: None,
-                                    return_value: true,
-                                }))
-                                .await
-                            {
-                                Ok(r) => {
-                                    let r = r.into_inner();
-                                    check_read(&counts, &model[&key], r.found, &r.value);
-                                    if r.found {
-                                        versions.insert(key, r.version);
+                            15 => match api.touch(&key).await {
+                                Ok((found, value, version)) => {
+                                    check_read(&counts, &model[&key], found, &value);
+                                    if found {
+                                        versions.insert(key, version);
                                     }
                                 }
                                 // A touch changes no value.
@@ -237,36 +368,23 @@ impl Workload {
                             },
                             16 => {
                                 let version = versions.get(&key).copied().unwrap_or(1);
-                                match cache
-                                    .delete(with_timeout(DeleteRequest {
-                                        key: key.clone(),
-                                        if_version: version,
-                                    }))
-                                    .await
-                                {
-                                    Ok(r) if r.get_ref().deleted => {
+                                match api.delete(&key, version).await {
+                                    Ok(true) => {
                                         model.insert(key, Last::Absent);
                                     }
                                     // The version moved on (or the key was
                                     // lost): nothing changed.
-                                    Ok(_) => {}
+                                    Ok(false) => {}
                                     Err(s) => {
                                         counts.failed("delete if_version", &s);
                                         model.insert(key, Last::Unknown);
                                     }
                                 }
                             }
-                            17 => match cache
-                                .increment(with_timeout(IncrementRequest {
-                                    key: format!("w{w}:counter"),
-                                    delta: 1,
-                                    ..Default::default()
-                                }))
-                                .await
-                            {
-                                Ok(r) => {
+                            17 => match api.increment(&format!("w{w}:counter")).await {
+                                Ok(value) => {
                                     counter.0 += 1;
-                                    check_counter(&counts, r.into_inner().value, counter);
+                                    check_counter(&counts, value, counter);
                                 }
                                 Err(s) => {
                                     counts.failed("increment", &s);
@@ -276,19 +394,11 @@ impl Workload {
                             18 => {
                                 let other = format!("w{w}:{}", (x >> 40) % KEYS_PER_WORKER);
                                 let keys = vec![key.clone(), other];
-                                match cache
-                                    .delete_many(with_timeout(DeleteManyRequest {
-                                        keys: keys.clone(),
-                                    }))
-                                    .await
-                                {
-                                    Ok(r) => {
-                                        for (k, r) in keys.into_iter().zip(&r.get_ref().results) {
-                                            let last = if r.error.is_some() {
-                                                Last::Unknown
-                                            } else {
-                                                Last::Absent
-                                            };
+                                match api.delete_many(&keys).await {
+                                    Ok(failed) => {
+                                        for (k, failed) in keys.into_iter().zip(failed) {
+                                            let last =
+                                                if failed { Last::Unknown } else { Last::Absent };
                                             model.insert(k, last);
                                         }
                                     }
@@ -300,13 +410,7 @@ impl Workload {
                                     }
                                 }
                             }
-                            _ => match cache
-                                .delete(with_timeout(DeleteRequest {
-                                    key: key.clone(),
-                                    ..Default::default()
-                                }))
-                                .await
-                            {
+                            _ => match api.delete(&key, 0).await {
                                 Ok(_) => {
                                     model.insert(key, Last::Absent);
                                 }
@@ -325,14 +429,14 @@ impl Workload {
             stop,
             counts,
             tasks,
-            caches,
+            apis,
         }
     }
 
     /// Stops the load, then reads every mutable key once more against the
     /// record (a stale value left behind shows here even if no read hit it
     /// during the run).
-    async fn finish(mut self) -> Report {
+    async fn finish(self) -> Report {
         self.stop.store(true, Ordering::Relaxed);
         let mut models = Vec::new();
         for t in self.tasks {
@@ -342,18 +446,17 @@ impl Workload {
         for model in models {
             for (key, last) in model {
                 // Through every orchestrator.
-                for cache in &mut self.caches {
-                    let r = cache
-                        .get(with_timeout(GetRequest { key: key.clone() }))
+                for api in &self.apis {
+                    let (found, value) = api
+                        .get(&key)
                         .await
-                        .expect("the final check's reads succeed")
-                        .into_inner();
-                    match (&last, r.found) {
+                        .expect("the final check's reads succeed");
+                    match (&last, found) {
                         (_, false) | (Last::Unknown, _) => {}
                         (Last::Absent, true) => {
                             c.resurrected.fetch_add(1, Ordering::Relaxed);
                         }
-                        (Last::Value(v), true) if r.value != v.as_bytes() => {
+                        (Last::Value(v), true) if value != v.as_bytes() => {
                             c.stale.fetch_add(1, Ordering::Relaxed);
                         }
                         (Last::Value(_), true) => {}
@@ -531,19 +634,29 @@ async fn a_rolling_restart_with_one_replica_fails_no_call_and_serves_nothing_sta
 }
 
 /// SIGKILL of one node under load: no drain, connections cut.
-async fn kill_one(replicas: usize) -> (Report, usize) {
+async fn kill_one(replicas: usize, piped: bool) -> (Report, usize) {
     let r = replicas.to_string();
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
+    let api = if piped {
+        Api::piped(&cluster.orchestrator).await
+    } else {
+        Api::Unary(cluster.orchestrator.cache().await)
+    };
+    let load = Workload::through(vec![api], FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.kill_node(1);
     cluster.wait_node_state(1, NodeState::Ejected).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
     let lost = fixed_keys_lost(&mut cache).await;
-    print_row("SIGKILL of one node", replicas, &report, Some(lost));
+    let case = if piped {
+        "SIGKILL of one node, Rust client (pipelined)"
+    } else {
+        "SIGKILL of one node"
+    };
+    print_row(case, replicas, &report, Some(lost));
     assert!(report.calls > 100, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
     (report, lost)
@@ -551,7 +664,14 @@ async fn kill_one(replicas: usize) -> (Report, usize) {
 
 #[tokio::test]
 async fn a_killed_node_with_two_replicas_fails_no_call_and_loses_no_key() {
-    let (report, lost) = kill_one(2).await;
+    let (report, lost) = kill_one(2, false).await;
+    assert_eq!(report.avoidable_failures(), 0, "{report:?}");
+    assert_eq!(lost, 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_killed_node_under_pipelined_load_with_two_replicas_fails_no_call_and_loses_no_key() {
+    let (report, lost) = kill_one(2, true).await;
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!(lost, 0, "{report:?}");
 }
@@ -561,7 +681,7 @@ async fn a_killed_node_with_two_replicas_fails_no_call_and_loses_no_key() {
 /// (counted in the row, not asserted).
 #[tokio::test]
 async fn a_killed_node_with_one_replica_serves_nothing_stale() {
-    let (_, lost) = kill_one(1).await;
+    let (_, lost) = kill_one(1, false).await;
     assert!(lost > 0);
 }
 
@@ -1011,16 +1131,20 @@ async fn wait_node_on(
 /// A rolling restart of every node (R=2) under load spread over
 /// `orchestrators` orchestrators, each call to one picked at random; each
 /// node is restarted once every orchestrator has warmed the previous one.
-async fn rolling_restart_spread(orchestrators: usize) {
+async fn rolling_restart_spread(orchestrators: usize, piped: bool) {
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
     let others = more_orchestrators(&cluster, orchestrators - 1, &["--replicas", "2"]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let mut caches = vec![cluster.orchestrator.cache().await];
-    for o in &others {
-        caches.push(o.cache().await);
+    let mut apis = Vec::new();
+    for o in std::iter::once(&cluster.orchestrator).chain(&others) {
+        apis.push(if piped {
+            Api::piped(o).await
+        } else {
+            Api::Unary(o.cache().await)
+        });
     }
-    let load = Workload::spread(caches, FIXED_KEYS);
+    let load = Workload::through(apis, FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..3 {
         cluster.stop_node(i);
@@ -1037,7 +1161,14 @@ async fn rolling_restart_spread(orchestrators: usize) {
     let report = load.finish().await;
     let lost = fixed_keys_lost(&mut cache).await;
     print_row(
-        &format!("rolling restart, {orchestrators} orchestrators, calls spread"),
+        &format!(
+            "rolling restart, {orchestrators} orchestrators, calls spread{}",
+            if piped {
+                ", Rust client (pipelined)"
+            } else {
+                ""
+            }
+        ),
         2,
         &report,
         Some(lost),
@@ -1050,12 +1181,19 @@ async fn rolling_restart_spread(orchestrators: usize) {
 
 #[tokio::test]
 async fn a_rolling_restart_under_two_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2).await;
+    rolling_restart_spread(2, false).await;
+}
+
+/// The same through the Rust client's pipelines: the guarantees hold for
+/// pipelined calls too.
+#[tokio::test]
+async fn a_rolling_restart_under_pipelined_load_fails_loses_and_serves_stale_nothing() {
+    rolling_restart_spread(2, true).await;
 }
 
 #[tokio::test]
 async fn a_rolling_restart_under_three_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(3).await;
+    rolling_restart_spread(3, false).await;
 }
 
 /// SIGSTOP past ejection with one replica, under load spread over two

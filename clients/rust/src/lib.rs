@@ -64,8 +64,8 @@ use std::{
 
 use bytes::Bytes;
 use ringcache_proto::v1::{
-    DeleteRequest, ExistsRequest, GetManyRequest, GetRequest, IncrementRequest, SetManyRequest,
-    SetRequest, TouchRequest, cache_client::CacheClient, pipeline_request::Op,
+    DeleteManyRequest, DeleteRequest, ExistsRequest, GetManyRequest, GetRequest, IncrementRequest,
+    SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient, pipeline_request::Op,
     pipeline_response::Result as Answer, set_request,
 };
 use tokio::time::Instant;
@@ -467,6 +467,29 @@ impl Client {
         }
     }
 
+    /// Sets `key`'s time to live (`None`: never expire) and reads it
+    /// (memcached `gat`): `None` if the key is absent.
+    pub async fn touch_and_get(
+        &self,
+        key: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Option<Entry>, Error> {
+        let op = Op::Touch(TouchRequest {
+            key: key.into(),
+            ttl: ttl.map(proto_duration).transpose()?,
+            return_value: true,
+        });
+        match self.call("Touch", op, Repeatable::Write).await? {
+            Answer::Touch(t) if t.found => Ok(Some(Entry {
+                value: t.value,
+                version: t.version,
+                ttl: t.ttl.and_then(duration),
+            })),
+            Answer::Touch(_) => Ok(None),
+            other => Err(unexpected("Touch", &other)),
+        }
+    }
+
     /// Whether `key` holds a live value, with its version, TTL and size.
     pub async fn exists(&self, key: &str) -> Result<Option<KeyInfo>, Error> {
         let op = Op::Exists(ExistsRequest {
@@ -546,6 +569,31 @@ impl Client {
                 None => Ok(r.version),
             })
             .collect()
+    }
+
+    /// Deletes several keys in one call; for each key in order, whether a
+    /// live value was removed, or why that key failed alone (its nodes
+    /// unreachable: the others are deleted all the same).
+    pub async fn delete_many(&self, keys: &[&str]) -> Result<Vec<Result<bool, Error>>, Error> {
+        let request = DeleteManyRequest {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        let mut client = CacheClient::new(self.inner.unary.clone());
+        let response = client
+            .delete_many(self.unary_request(request))
+            .await?
+            .into_inner();
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| match r.error {
+                Some(e) => Err(Error::Status(Status::new(
+                    Code::from_i32(e.code),
+                    e.message,
+                ))),
+                None => Ok(r.deleted),
+            })
+            .collect())
     }
 
     fn unary_request<T>(&self, message: T) -> tonic::Request<T> {
