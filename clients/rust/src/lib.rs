@@ -65,8 +65,8 @@ use std::{
 use bytes::Bytes;
 use ringcache_proto::v1::{
     DeleteManyRequest, DeleteRequest, ExistsRequest, GetManyRequest, GetRequest, IncrementRequest,
-    SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient, pipeline_request::Op,
-    pipeline_response::Result as Answer, set_request,
+    KeyError, SetManyRequest, SetRequest, TouchRequest, cache_client::CacheClient,
+    pipeline_request::Op, pipeline_response::Result as Answer, set_request,
 };
 use tokio::time::Instant;
 use tonic::{
@@ -527,10 +527,7 @@ impl Client {
             .results
             .into_iter()
             .map(|r| match r.error {
-                Some(e) => Err(Error::Status(Status::new(
-                    Code::from_i32(e.code),
-                    e.message,
-                ))),
+                Some(e) => Err(key_error(e)),
                 None => Ok(r.found.then(|| Entry {
                     value: r.value,
                     version: r.version,
@@ -562,10 +559,7 @@ impl Client {
             .results
             .into_iter()
             .map(|r| match r.error {
-                Some(e) => Err(Error::Status(Status::new(
-                    Code::from_i32(e.code),
-                    e.message,
-                ))),
+                Some(e) => Err(key_error(e)),
                 None => Ok(r.version),
             })
             .collect()
@@ -587,10 +581,7 @@ impl Client {
             .results
             .into_iter()
             .map(|r| match r.error {
-                Some(e) => Err(Error::Status(Status::new(
-                    Code::from_i32(e.code),
-                    e.message,
-                ))),
+                Some(e) => Err(key_error(e)),
                 None => Ok(r.deleted),
             })
             .collect())
@@ -687,6 +678,11 @@ impl Client {
         );
         result
     }
+}
+
+/// The error of one key of a batch.
+fn key_error(e: KeyError) -> Error {
+    Error::Status(Status::new(Code::from_i32(e.code), e.message))
 }
 
 fn unexpected(method: &str, answer: &Answer) -> Error {
