@@ -23,23 +23,43 @@
 // answers ErrCacheMiss. Batch calls answer per key, each result with its
 // own error.
 //
+// # Pipelines
+//
+// Single-key calls (Get, Set, SetIfAbsent, CompareAndSwap, Delete,
+// CompareAndDelete) are pipelined: the client keeps a few
+// ringcache.v1.Cache/Pipeline streams (WithPipelines, 2 by default) and
+// sends each call as one message on one of them, which costs the client
+// and the servers a fraction of a unary call. Callers see no difference.
+// WithUnary sends every call as a unary call instead; a server without
+// Pipeline is detected and called unary.
+//
 // # Retries
 //
-// Calls that may safely run twice — Get, GetMany, and the unconditional
-// Set, SetMany and Delete — are retried when the orchestrator answers
-// UNAVAILABLE (no node reachable, or the connection broke) or
-// RESOURCE_EXHAUSTED (it shed load), with exponential backoff and full
-// jitter, within the context's deadline. Conditional writes (SetIfAbsent,
-// CompareAndSwap, CompareAndDelete) are never retried: a first attempt may
-// have been applied.
+// Batch calls (GetMany, SetMany) and, with WithUnary, the single-key calls
+// that may safely run twice — Get and the unconditional Set and Delete —
+// are retried when the orchestrator answers UNAVAILABLE or
+// RESOURCE_EXHAUSTED, with exponential backoff and full jitter, within the
+// context's deadline. Conditional writes (SetIfAbsent, CompareAndSwap,
+// CompareAndDelete) are never retried on the unary path.
+//
+// Pipelined calls follow a stricter rule, the orchestrator's own: a call
+// is sent again (same policy, within the deadline) only if it provably
+// never ran — its stream could not be opened, or the server ended the
+// stream cleanly without answering it (it marks such an end with the
+// ringcache-unanswered-not-run trailer) — or the server shed it ("retry
+// with backoff"), or it is a Get whose connection was lost. A write whose
+// connection was lost before its answer may have run: it fails with
+// UNAVAILABLE rather than running twice.
 //
 // # Tracing
 //
-// Dial installs otelgrpc's client handler: each call is a CLIENT span
-// under the span in its context, and the trace context travels to the
-// orchestrator, which continues the trace to the cache nodes. Configure
-// the global TracerProvider and propagator (otel.SetTracerProvider,
-// otel.SetTextMapPropagator) as for any instrumented Go service.
+// Dial installs otelgrpc's client handler: each unary call is a CLIENT
+// span under the span in its context, and the trace context travels to the
+// orchestrator, which continues the trace to the cache nodes. A pipelined
+// call is a CLIENT span of its own with the same name and attributes,
+// whose context travels with the op. Configure the global TracerProvider
+// and propagator (otel.SetTracerProvider, otel.SetTextMapPropagator) as
+// for any instrumented Go service.
 package ringcache
 
 import (
@@ -47,12 +67,14 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -119,9 +141,20 @@ var DefaultRetryPolicy = RetryPolicy{Attempts: 3, Backoff: 20 * time.Millisecond
 type Option func(*options)
 
 type options struct {
-	retry    RetryPolicy
-	dialOpts []grpc.DialOption
+	retry     RetryPolicy
+	dialOpts  []grpc.DialOption
+	pipelines int
 }
+
+// WithPipelines sets how many Pipeline streams single-key calls are spread
+// over (2 by default); 0 sends every call as a unary call.
+func WithPipelines(n int) Option {
+	return func(o *options) { o.pipelines = max(n, 0) }
+}
+
+// WithUnary sends every call as a unary call, as before pipelines: each
+// call is its own HTTP/2 stream, traced by otelgrpc.
+func WithUnary() Option { return WithPipelines(0) }
 
 // WithRetryPolicy replaces DefaultRetryPolicy.
 func WithRetryPolicy(p RetryPolicy) Option {
@@ -140,6 +173,11 @@ type Client struct {
 	conn  *grpc.ClientConn
 	cache pb.CacheClient
 	retry RetryPolicy
+	// Single-key calls go on these (none: unary calls).
+	pipes    []*pipe
+	nextPipe atomic.Uint64
+	// The server has no Pipeline: unary calls from then on.
+	noPipeline atomic.Bool
 }
 
 // Dial connects to the orchestrator at target ("host:port", or any gRPC
@@ -147,19 +185,27 @@ type Client struct {
 // made lazily, on the first call. Plaintext unless WithDialOptions gives
 // transport credentials.
 func Dial(target string, opts ...Option) (*Client, error) {
-	o := options{retry: DefaultRetryPolicy}
+	o := options{retry: DefaultRetryPolicy, pipelines: 2}
 	for _, opt := range opts {
 		opt(&o)
 	}
+	// A pipeline is not one call: each op gets its own span instead.
+	notPipeline := otelgrpc.WithFilter(func(info *stats.RPCTagInfo) bool {
+		return info.FullMethodName != pipelineMethod
+	})
 	dial := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStatsHandler(otelgrpc.NewClientHandler()),
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler(notPipeline)),
 	}, o.dialOpts...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("ringcache: dial %s: %w", target, err)
 	}
-	return &Client{conn: conn, cache: pb.NewCacheClient(conn), retry: o.retry}, nil
+	c := &Client{conn: conn, cache: pb.NewCacheClient(conn), retry: o.retry}
+	for range o.pipelines {
+		c.pipes = append(c.pipes, &pipe{cache: c.cache})
+	}
+	return c, nil
 }
 
 // Close closes the connection.
@@ -239,6 +285,19 @@ func keyError(e *pb.KeyError) error {
 
 // Get reads key. A key with no live value answers ErrCacheMiss.
 func (c *Client) Get(ctx context.Context, key string) (Item, error) {
+	if c.pipelining() {
+		resp, ok, err := c.piped(ctx, "Get", &pb.PipelineRequest{Op: &pb.PipelineRequest_Get{Get: &pb.GetRequest{Key: key}}}, true)
+		if ok {
+			if err != nil {
+				return Item{}, err
+			}
+			r := resp.GetGet()
+			if !r.GetFound() {
+				return Item{}, ErrCacheMiss
+			}
+			return Item{Value: r.GetValue(), Version: r.GetVersion(), TTL: ttlOf(r.GetTtl())}, nil
+		}
+	}
 	var r *pb.GetResponse
 	err := c.do(ctx, func(ctx context.Context) (err error) {
 		r, err = c.cache.Get(ctx, &pb.GetRequest{Key: key})
@@ -260,12 +319,34 @@ func (c *Client) Set(ctx context.Context, key string, value []byte, ttl time.Dur
 	if err != nil {
 		return 0, err
 	}
+	if r, ok, err := c.pipedSet(ctx, req); ok {
+		return r.GetVersion(), err
+	}
 	var r *pb.SetResponse
 	err = c.do(ctx, func(ctx context.Context) (err error) {
 		r, err = c.cache.Set(ctx, req)
 		return err
 	})
 	return r.GetVersion(), err
+}
+
+// pipedSet runs a Set on a pipeline; ok is false if pipelines are off.
+func (c *Client) pipedSet(ctx context.Context, req *pb.SetRequest) (*pb.SetResponse, bool, error) {
+	if !c.pipelining() {
+		return nil, false, nil
+	}
+	resp, ok, err := c.piped(ctx, "Set", &pb.PipelineRequest{Op: &pb.PipelineRequest_Set{Set: req}}, false)
+	return resp.GetSet(), ok, err
+}
+
+// pipedDelete runs a Delete on a pipeline; ok is false if pipelines are
+// off.
+func (c *Client) pipedDelete(ctx context.Context, req *pb.DeleteRequest) (*pb.DeleteResponse, bool, error) {
+	if !c.pipelining() {
+		return nil, false, nil
+	}
+	resp, ok, err := c.piped(ctx, "Delete", &pb.PipelineRequest{Op: &pb.PipelineRequest_Delete{Delete: req}}, false)
+	return resp.GetDelete(), ok, err
 }
 
 // SetIfAbsent writes value under key only if the key holds no live value;
@@ -276,6 +357,9 @@ func (c *Client) SetIfAbsent(ctx context.Context, key string, value []byte, ttl 
 		return false, 0, err
 	}
 	req.Condition = &pb.SetRequest_IfAbsent{IfAbsent: true}
+	if r, ok, err := c.pipedSet(ctx, req); ok {
+		return r.GetStored(), r.GetVersion(), err
+	}
 	r, err := c.cache.Set(ctx, req)
 	return r.GetStored(), r.GetVersion(), err
 }
@@ -292,6 +376,9 @@ func (c *Client) CompareAndSwap(ctx context.Context, key string, value []byte, t
 		return false, 0, err
 	}
 	req.Condition = &pb.SetRequest_IfVersion{IfVersion: version}
+	if r, ok, err := c.pipedSet(ctx, req); ok {
+		return r.GetStored(), r.GetVersion(), err
+	}
 	r, err := c.cache.Set(ctx, req)
 	return r.GetStored(), r.GetVersion(), err
 }
@@ -306,6 +393,9 @@ func setRequest(key string, value []byte, ttl time.Duration) (*pb.SetRequest, er
 
 // Delete removes key; deleted is false if it held no live value.
 func (c *Client) Delete(ctx context.Context, key string) (deleted bool, err error) {
+	if r, ok, err := c.pipedDelete(ctx, &pb.DeleteRequest{Key: key}); ok {
+		return r.GetDeleted(), err
+	}
 	var r *pb.DeleteResponse
 	err = c.do(ctx, func(ctx context.Context) (err error) {
 		r, err = c.cache.Delete(ctx, &pb.DeleteRequest{Key: key})
@@ -320,7 +410,11 @@ func (c *Client) CompareAndDelete(ctx context.Context, key string, version uint6
 	if version == 0 {
 		return false, status.Error(codes.InvalidArgument, "ringcache: CompareAndDelete needs a version (0 is no version)")
 	}
-	r, err := c.cache.Delete(ctx, &pb.DeleteRequest{Key: key, IfVersion: version})
+	req := &pb.DeleteRequest{Key: key, IfVersion: version}
+	if r, ok, err := c.pipedDelete(ctx, req); ok {
+		return r.GetDeleted(), err
+	}
+	r, err := c.cache.Delete(ctx, req)
 	return r.GetDeleted(), err
 }
 

@@ -5,14 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 )
 
@@ -268,5 +272,75 @@ func TestRetriesOnlyWhatIsSafeAndWithinTheDeadline(t *testing.T) {
 	})
 	if time.Since(begin) > 5*time.Second {
 		t.Fatalf("retries outlived the deadline: %v", time.Since(begin))
+	}
+}
+
+// methods records the RPCs a client starts.
+type methods struct {
+	mu    sync.Mutex
+	names map[string]int
+}
+
+func (m *methods) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.names[info.FullMethodName]++
+	return ctx
+}
+func (m *methods) HandleRPC(context.Context, stats.RPCStats)                         {}
+func (m *methods) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+func (m *methods) HandleConn(context.Context, stats.ConnStats)                       {}
+
+func (m *methods) count(name string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.names[name]
+}
+
+// Single-key calls share a few Pipeline streams unless WithUnary asks for
+// one call per request.
+func TestCallsArePipelinedUnlessAskedOtherwise(t *testing.T) {
+	node := start(t, "cache-node")
+	orchestrator := start(t, "orchestrator", "--nodes", node)
+	for _, unary := range []bool{false, true} {
+		seen := &methods{names: map[string]int{}}
+		opts := []Option{WithDialOptions(grpc.WithStatsHandler(seen))}
+		if unary {
+			opts = append(opts, WithUnary())
+		}
+		c, err := Dial(orchestrator, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		var wg sync.WaitGroup
+		for w := range 10 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range 10 {
+					key := fmt.Sprintf("k%d-%d", w, i)
+					if _, err := c.Set(ctx, key, []byte(key), 0); err != nil {
+						t.Error(err)
+						return
+					}
+					item, err := c.Get(ctx, key)
+					if err != nil || string(item.Value) != key {
+						t.Errorf("Get %s: %q, %v", key, item.Value, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		cancel()
+		_ = c.Close()
+		streams, gets := seen.count("/ringcache.v1.Cache/Pipeline"), seen.count("/ringcache.v1.Cache/Get")
+		if unary && (gets != 100 || streams != 0) {
+			t.Fatalf("WithUnary: %d Get calls and %d pipelines, want 100 and 0", gets, streams)
+		}
+		if !unary && (gets != 0 || streams == 0 || streams > 2) {
+			t.Fatalf("pipelined: %d Get calls and %d pipelines, want 0 and 1-2", gets, streams)
+		}
 	}
 }

@@ -1,0 +1,272 @@
+package ringcache
+
+import (
+	"context"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/ringcache/ringcache/clients/go/gen/ringcache/v1"
+)
+
+// notRunTrailer marks a pipeline's clean end: the server answered every op
+// it read, so the ops without an answer never ran.
+const notRunTrailer = "ringcache-unanswered-not-run"
+
+// pipelineMethod is the full name of the pipeline RPC; otelgrpc does not
+// trace it (each op gets its own span instead).
+const pipelineMethod = "/ringcache.v1.Cache/Pipeline"
+
+// outcome says what became of a pipelined op.
+type outcome int
+
+const (
+	// answered: the server's answer (possibly an error status) came.
+	answered outcome = iota
+	// notRun: the op provably never ran.
+	notRun
+	// lost: the connection was lost before the answer; the op may have run.
+	lost
+)
+
+type pipeAnswer struct {
+	resp *pb.PipelineResponse
+	how  outcome
+	err  error
+}
+
+// pipe is one Pipeline stream at a time, reopened after it ends.
+type pipe struct {
+	cache pb.CacheClient
+	// sendMu serializes Send (grpc-go streams allow one sender) and
+	// opening the stream.
+	sendMu  sync.Mutex
+	current *pstream
+}
+
+// pstream is one open stream and the calls waiting for its answers.
+type pstream struct {
+	st     pb.Cache_PipelineClient
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	// failed: the stream has ended; nothing more is registered on it.
+	failed  bool
+	pending map[uint64]chan pipeAnswer
+	nextID  uint64
+}
+
+// stream answers the open stream, opening one if there is none (under
+// sendMu).
+func (p *pipe) stream() (*pstream, error) {
+	if ps := p.current; ps != nil {
+		ps.mu.Lock()
+		failed := ps.failed
+		ps.mu.Unlock()
+		if !failed {
+			return ps, nil
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := p.cache.Pipeline(ctx)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	ps := &pstream{st: st, cancel: cancel, pending: make(map[uint64]chan pipeAnswer)}
+	p.current = ps
+	go ps.receive()
+	return ps, nil
+}
+
+// receive hands each answer to the call waiting for it; when the stream
+// ends, it fails the calls still waiting: as never run if the server
+// ended it cleanly, else as lost.
+func (ps *pstream) receive() {
+	for {
+		resp, err := ps.st.Recv()
+		if err != nil {
+			how := lost
+			if len(ps.st.Trailer().Get(notRunTrailer)) > 0 {
+				how = notRun
+			}
+			if status.Code(err) == codes.Unimplemented {
+				how = notRun
+			}
+			fail := status.Convert(err)
+			if how == lost {
+				fail = status.Newf(codes.Unavailable, "ringcache: the connection was lost before the answer came, so the call may have run: %s", fail.Message())
+			}
+			ps.cancel()
+			ps.mu.Lock()
+			ps.failed = true
+			waiting := ps.pending
+			ps.pending = nil
+			ps.mu.Unlock()
+			for _, ch := range waiting {
+				ch <- pipeAnswer{how: how, err: fail.Err()}
+			}
+			return
+		}
+		ps.mu.Lock()
+		ch := ps.pending[resp.GetId()]
+		delete(ps.pending, resp.GetId())
+		ps.mu.Unlock()
+		if ch != nil {
+			ch <- pipeAnswer{resp: resp, how: answered}
+		}
+	}
+}
+
+// call sends req on the pipe and waits for its answer or ctx.
+func (p *pipe) call(ctx context.Context, req *pb.PipelineRequest) pipeAnswer {
+	ch := make(chan pipeAnswer, 1)
+	p.sendMu.Lock()
+	ps, err := p.stream()
+	if err != nil {
+		p.sendMu.Unlock()
+		return pipeAnswer{how: notRun, err: err}
+	}
+	ps.mu.Lock()
+	if ps.failed {
+		ps.mu.Unlock()
+		p.sendMu.Unlock()
+		return pipeAnswer{how: notRun, err: status.Error(codes.Unavailable, "ringcache: the pipeline ended before the call was sent")}
+	}
+	ps.nextID++
+	id := ps.nextID
+	ps.pending[id] = ch
+	ps.mu.Unlock()
+	req.Id = id
+	err = ps.st.Send(req)
+	p.sendMu.Unlock()
+	if err != nil {
+		// Not sent: the stream has ended (receive fails what was sent).
+		ps.mu.Lock()
+		_, waiting := ps.pending[id]
+		delete(ps.pending, id)
+		ps.mu.Unlock()
+		if waiting {
+			return pipeAnswer{how: notRun, err: status.Error(codes.Unavailable, "ringcache: the pipeline ended before the call was sent")}
+		}
+	}
+	select {
+	case a := <-ch:
+		return a
+	case <-ctx.Done():
+		ps.mu.Lock()
+		delete(ps.pending, id)
+		ps.mu.Unlock()
+		return pipeAnswer{how: lost, err: status.FromContextError(ctx.Err()).Err()}
+	}
+}
+
+var tracer = otel.Tracer("github.com/ringcache/ringcache/clients/go")
+
+// piped runs op on one of the client's pipelines, sending it again where
+// that is safe (see the package documentation), within ctx. read: the op
+// only reads, so it may run twice. ok is false when the server has no
+// Pipeline (the caller then uses the unary call).
+func (c *Client) piped(ctx context.Context, method string, req *pb.PipelineRequest, read bool) (resp *pb.PipelineResponse, ok bool, err error) {
+	ctx, span := tracer.Start(ctx, "ringcache.v1.Cache/"+method,
+		trace.WithSpanKind(trace.SpanKindClient),
+		// The RPC conventions otelgrpc follows for unary calls.
+		trace.WithAttributes(
+			attribute.String("rpc.system.name", "grpc"),
+			attribute.String("rpc.method", "ringcache.v1.Cache/"+method),
+		))
+	defer func() {
+		code := status.Code(err)
+		span.SetAttributes(attribute.String("rpc.response.status_code", canonical(code)))
+		if err != nil {
+			span.SetStatus(otelcodes.Error, err.Error())
+		}
+		span.End()
+	}()
+	carrier := propagation.MapCarrier{}
+	otel.GetTextMapPropagator().Inject(ctx, carrier)
+	req.Traceparent = carrier["traceparent"]
+	req.Tracestate = carrier["tracestate"]
+	backoff := c.retry.Backoff
+	for attempt := 1; ; attempt++ {
+		if deadline, has := ctx.Deadline(); has {
+			req.Timeout = durationpb.New(time.Until(deadline))
+		}
+		p := c.pipes[c.nextPipe.Add(1)%uint64(len(c.pipes))]
+		a := p.call(ctx, req)
+		retry := false
+		switch a.how {
+		case answered:
+			e := a.resp.GetError()
+			if e == nil {
+				return a.resp, true, nil
+			}
+			err = status.Error(codes.Code(e.GetCode()), e.GetMessage())
+			// Shed before it ran: the servers say "retry with backoff".
+			retry = codes.Code(e.GetCode()) == codes.ResourceExhausted && strings.Contains(e.GetMessage(), "retry with backoff")
+		case notRun:
+			if status.Code(a.err) == codes.Unimplemented {
+				c.noPipeline.Store(true)
+				return nil, false, nil
+			}
+			err, retry = a.err, true
+		case lost:
+			err, retry = a.err, read
+		}
+		if !retry || attempt >= c.retry.Attempts || ctx.Err() != nil {
+			return nil, true, err
+		}
+		wait := time.Duration(0)
+		if backoff > 0 {
+			wait = time.Duration(rand.Int64N(int64(backoff)))
+		}
+		if deadline, has := ctx.Deadline(); has && time.Until(deadline) <= wait {
+			return nil, true, err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, true, err
+		case <-t.C:
+		}
+		backoff *= 2
+		if c.retry.MaxBackoff > 0 && backoff > c.retry.MaxBackoff {
+			backoff = c.retry.MaxBackoff
+		}
+	}
+}
+
+// canonical is a code's name as the RPC conventions write it
+// (INVALID_ARGUMENT).
+func canonical(code codes.Code) string {
+	name := code.String()
+	if code == codes.Canceled {
+		return "CANCELLED"
+	}
+	var b strings.Builder
+	lower := false
+	for _, r := range name {
+		upper := r >= 'A' && r <= 'Z'
+		if upper && lower {
+			b.WriteByte('_')
+		}
+		lower = !upper
+		b.WriteRune(r)
+	}
+	return strings.ToUpper(b.String())
+}
+
+// pipelining reports whether single-key calls go on pipelines.
+func (c *Client) pipelining() bool {
+	return len(c.pipes) > 0 && !c.noPipeline.Load()
+}
