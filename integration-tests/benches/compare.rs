@@ -523,9 +523,12 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
         .await,
     ];
     let mut rows: Vec<Row> = rows.into_iter().flatten().collect();
-    if let Some(row) = go_client_row(o, &cluster.orchestrator.addr(), &servers) {
-        // Next to the Rust client's Get, the first row.
-        rows.insert(1, row);
+    // Next to the Rust client's rows, at the top.
+    for (i, row) in go_client_rows(o, &cluster.orchestrator.addr(), &servers)
+        .into_iter()
+        .enumerate()
+    {
+        rows.insert((3 + i).min(rows.len()), row);
     }
     if let Some(dir) = &o.baseline {
         // The baseline orchestrator, in front of the same nodes.
@@ -672,8 +675,53 @@ async fn feeds_rows(o: &Options) -> Vec<Row> {
 /// The Go client (`clients/go`, its `ringcache-load` command) making the
 /// same `Get` load as the Rust client's first row, against the same
 /// orchestrator: `None` (with a message) when `go` is missing.
-fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row> {
-    if !o.runs("Go client Get (orchestrator)") {
+/// The Go client's `Get` rows: pipelined (5 streams, one per connection,
+/// as the Rust client's rows) and unary (8 connections), at the bench's
+/// concurrency and at 1 in flight.
+fn go_client_rows(o: &Options, orchestrator: &str, servers: &[u32]) -> Vec<Row> {
+    [
+        (
+            "Go client Get (orchestrator, pipelined)",
+            false,
+            o.concurrency,
+            "twemproxy GET",
+        ),
+        (
+            "Go client Get (orchestrator, unary)",
+            true,
+            o.concurrency,
+            "twemproxy GET",
+        ),
+        (
+            "Go client Get (orchestrator, pipelined, 1 in flight)",
+            false,
+            1,
+            "twemproxy GET, 1 in flight",
+        ),
+        (
+            "Go client Get (orchestrator, unary, 1 in flight)",
+            true,
+            1,
+            "twemproxy GET, 1 in flight",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(case, unary, concurrency, peer)| {
+        go_client_row(o, orchestrator, servers, case, unary, concurrency, peer)
+    })
+    .collect()
+}
+
+fn go_client_row(
+    o: &Options,
+    orchestrator: &str,
+    servers: &[u32],
+    case: &str,
+    unary: bool,
+    concurrency: usize,
+    peer: &str,
+) -> Option<Row> {
+    if !o.runs(case) {
         return None;
     }
     if !have("go") {
@@ -686,7 +734,12 @@ fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row
     let server_before = cpu_of(servers);
     let out = Command::new(&binary)
         .args(["-target", orchestrator])
-        .args(["-concurrency", &o.concurrency.to_string()])
+        .args(["-concurrency", &concurrency.to_string()])
+        .args(if unary {
+            ["-unary", "-connections=8"]
+        } else {
+            ["-pipelines=1", "-connections=5"]
+        })
         .args(["-duration", &format!("{}s", o.seconds)])
         .args(["-max-calls", &max_calls.to_string()])
         .args(["-keys", &o.keys.to_string()])
@@ -706,14 +759,14 @@ fn go_client_row(o: &Options, orchestrator: &str, servers: &[u32]) -> Option<Row
         "Go client calls failed: {v}"
     );
     Some(Row {
-        case: "Go client Get (orchestrator)".to_owned(),
+        case: case.to_owned(),
         ops_per_sec: v["calls_per_sec"].as_f64().unwrap_or(0.0),
         p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
         p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
         server_cpu_us_per_op: server * 1e6 / calls.max(1.0),
         client_cpu_us_per_op: v["client_cpu_us_per_op"].as_f64(),
         orchestrator_cpu_us_per_op: None,
-        peer: Some("twemproxy GET".to_owned()),
+        peer: Some(peer.to_owned()),
     })
 }
 

@@ -38,6 +38,8 @@ func main() {
 	maxCalls := flag.Int("max-calls", 0, "stop after this many calls (0: no limit)")
 	keys := flag.Int("keys", 100000, "read key:0 .. key:<keys-1> (as the Rust benchmark preloads them)")
 	connections := flag.Int("connections", 8, "HTTP/2 connections (one Client each)")
+	unary := flag.Bool("unary", false, "one unary call per Get (default: pipelined)")
+	pipelines := flag.Int("pipelines", 1, "Pipeline streams per Client (without -unary)")
 	flag.Parse()
 	if *keys < 1 || *concurrency < 1 || *connections < 1 {
 		fmt.Fprintln(os.Stderr, "ringcache-load: -keys, -concurrency and -connections must be positive")
@@ -46,7 +48,11 @@ func main() {
 
 	clients := make([]*ringcache.Client, *connections)
 	for i := range clients {
-		c, err := ringcache.Dial(*target, ringcache.WithRetryPolicy(ringcache.RetryPolicy{Attempts: 1}))
+		mode := ringcache.WithPipelines(*pipelines)
+		if *unary {
+			mode = ringcache.WithUnary()
+		}
+		c, err := ringcache.Dial(*target, ringcache.WithRetryPolicy(ringcache.RetryPolicy{Attempts: 1}), mode)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
