@@ -322,6 +322,23 @@ impl Process {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself, letting
+    /// the test's other tasks run meanwhile (a draining server waits for
+    /// its clients, which on a test's single-threaded runtime are those
+    /// tasks: [`Process::wait_exit`] would freeze them).
+    pub async fn exited(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -1384,3 +1384,46 @@ async fn a_stand_in_copy_written_by_a_dead_orchestrator_does_not_come_back() {
         "the stand-in's copy, written by an orchestrator that died, came back"
     );
 }
+
+/// The orchestrator is deployed again under pipelined load: SIGTERM (it
+/// drains: every op it read is answered, its streams end cleanly), and a
+/// new one starts on the same address. The Rust client sends the calls
+/// that never ran again once the new orchestrator answers: no call fails,
+/// nothing stale is served.
+#[tokio::test]
+async fn an_orchestrator_restart_under_pipelined_load_fails_no_call() {
+    let args = ["--replicas", "2", "--drain-delay", "300ms"];
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &args).await;
+    let mut cache = cluster.orchestrator.cache().await;
+    preload(&mut cache).await;
+    let api = Api::piped(&cluster.orchestrator).await;
+    let load = Workload::through(vec![api], FIXED_KEYS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = cluster.orchestrator.addr();
+    cluster.orchestrator.process.signal_term();
+    assert!(
+        cluster
+            .orchestrator
+            .process
+            .exited(Duration::from_secs(15))
+            .await
+            .is_some(),
+        "the orchestrator drained and exited"
+    );
+    let nodes = cluster.node_addrs.join(",");
+    let mut restarted: Vec<&str> = vec!["--listen", &addr, "--nodes", &nodes];
+    restarted.extend(integration_tests::FAST_HEALTH);
+    restarted.extend(args);
+    cluster.orchestrator = OrchestratorProcess::start(&restarted).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.finish().await;
+    print_row(
+        "orchestrator restarted (SIGTERM, drained, same address), Rust client (pipelined)",
+        2,
+        &report,
+        None,
+    );
+    assert!(report.calls > 100, "{report:?}");
+    assert_eq!(report.avoidable_failures(), 0, "{report:?}");
+    assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
+}

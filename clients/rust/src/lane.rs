@@ -108,10 +108,20 @@ async fn run(channel: Channel, token: Option<AsciiMetadataValue>, mut calls: mps
         let mut answers = match CacheClient::new(channel.clone()).pipeline(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                // Refused (draining, a bad token, ...): nothing ran.
+                // Refused, or no connection (the server restarts, a bad
+                // token, ...): nothing ran. Every call waiting is answered
+                // so at once — each caller backs off and sends again within
+                // its own deadline — rather than each waiting its turn
+                // behind a backoff of this lane's.
                 fail_all(&mut pending, Outcome::NotRun, &status);
+                while let Ok(call) = calls.try_recv() {
+                    let _ = call.reply.send(Outcome::NotRun(Status::new(
+                        status.code(),
+                        status.message(),
+                    )));
+                }
                 failures = failures.saturating_add(1);
-                tokio::time::sleep(Duration::from_millis(10u64 << failures.min(6))).await;
+                tokio::time::sleep(Duration::from_millis(5u64 << failures.min(4))).await;
                 continue;
             }
         };

@@ -23,7 +23,9 @@
 //! call as one message on one of them, so concurrent calls share reads and
 //! writes instead of paying an HTTP/2 stream, headers and trailers each.
 //! Callers never see the streams: a call is a future that resolves to its
-//! answer. Batches (`get_many`, `set_many`) are unary calls.
+//! answer. Batches (`get_many`, `set_many`, `delete_many`) are unary
+//! calls, sent again by the same rule as below (a batch that could not be
+//! sent because the connection was down provably never ran).
 //!
 //! # Deadlines and retries
 //!
@@ -518,11 +520,11 @@ impl Client {
         let request = GetManyRequest {
             keys: keys.iter().map(|k| (*k).to_owned()).collect(),
         };
-        let mut client = CacheClient::new(self.inner.unary.clone());
-        let response = client
-            .get_many(self.unary_request(request))
-            .await?
-            .into_inner();
+        let response = self
+            .unary(Repeatable::Read, request, |mut c, r| async move {
+                c.get_many(r).await
+            })
+            .await?;
         response
             .results
             .into_iter()
@@ -550,11 +552,11 @@ impl Client {
                 })
                 .collect(),
         };
-        let mut client = CacheClient::new(self.inner.unary.clone());
-        let response = client
-            .set_many(self.unary_request(request))
-            .await?
-            .into_inner();
+        let response = self
+            .unary(Repeatable::Write, request, |mut c, r| async move {
+                c.set_many(r).await
+            })
+            .await?;
         response
             .results
             .into_iter()
@@ -572,11 +574,11 @@ impl Client {
         let request = DeleteManyRequest {
             keys: keys.iter().map(|k| (*k).to_owned()).collect(),
         };
-        let mut client = CacheClient::new(self.inner.unary.clone());
-        let response = client
-            .delete_many(self.unary_request(request))
-            .await?
-            .into_inner();
+        let response = self
+            .unary(Repeatable::Write, request, |mut c, r| async move {
+                c.delete_many(r).await
+            })
+            .await?;
         Ok(response
             .results
             .into_iter()
@@ -585,6 +587,74 @@ impl Client {
                 None => Ok(r.deleted),
             })
             .collect())
+    }
+
+    /// A unary call (the batches), with the pipelined calls' retry rule:
+    /// sent again, within the deadline, when it provably was not sent (the
+    /// connection could not be made), when the server shed it, or when it
+    /// is a read that failed `UNAVAILABLE`.
+    async fn unary<T, R, F, Fut>(
+        &self,
+        repeatable: Repeatable,
+        message: T,
+        call: F,
+    ) -> Result<R, Error>
+    where
+        T: Clone,
+        F: Fn(CacheClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.timeout;
+        let mut attempt: u32 = 0;
+        loop {
+            let mut channel = inner.unary.clone();
+            // Not sent until the connection is ready: a failure here ran
+            // nothing.
+            let ready = tokio::time::timeout_at(
+                deadline,
+                std::future::poll_fn(|cx| {
+                    tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(
+                        &mut channel,
+                        cx,
+                    )
+                }),
+            )
+            .await;
+            let (result, sent) = match ready {
+                Err(_) => return Err(Error::Timeout(inner.timeout)),
+                Ok(Err(e)) => (
+                    Err(Status::unavailable(format!("cannot connect: {e}"))),
+                    false,
+                ),
+                Ok(Ok(())) => {
+                    let call = call(
+                        CacheClient::new(channel),
+                        self.unary_request(message.clone()),
+                    );
+                    match tokio::time::timeout_at(deadline, call).await {
+                        Err(_) => return Err(Error::Timeout(inner.timeout)),
+                        Ok(r) => (r, true),
+                    }
+                }
+            };
+            let status = match result {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            let shed = status.code() == Code::ResourceExhausted
+                && status.message().contains("retry with backoff");
+            let retry = !sent
+                || (attempt < inner.retries
+                    && (shed
+                        || (repeatable == Repeatable::Read && status.code() == Code::Unavailable)));
+            attempt += 1;
+            let backoff = Duration::from_millis(5 << attempt.min(6));
+            if !retry || Instant::now() + backoff >= deadline {
+                return Err(Error::Status(status));
+            }
+            tokio::time::sleep(backoff).await;
+        }
     }
 
     fn unary_request<T>(&self, message: T) -> tonic::Request<T> {
