@@ -6,6 +6,7 @@
 #   checkov                                (security/best practice; skips explained in helm/ci/checkov.yaml)
 #   hadolint                               (the Dockerfile)
 #   pytest helm/ci/test_chart.py           (wiring: names, ports, probes, OTLP, capacity vs memory)
+#   helm/ci/chart_readme.py --check        (the chart README's values table is generated)
 #
 # helm comes from scripts/install-tools.sh; the Python tools from PyPI into
 # a virtualenv cached next to it. Both installs are idempotent.
@@ -35,7 +36,7 @@ declare -A VALUES=([default]="$IMAGE" [all-on]="$IMAGE -f helm/ci/all-on.yaml" [
 for name in default all-on ha; do
   echo "==> helm lint --strict ($name)"
   # shellcheck disable=SC2086
-  "$HELM" lint --strict "$CHART" ${VALUES[$name]}
+  "$HELM" lint --strict --kube-version "$KUBE_VERSION" "$CHART" ${VALUES[$name]}
   # shellcheck disable=SC2086
   "$HELM" template rc "$CHART" --namespace ringcache --kube-version "$KUBE_VERSION" ${VALUES[$name]} > "$OUT/$name.yaml"
 done
@@ -55,3 +56,6 @@ echo "==> hadolint Dockerfile"
 
 echo "==> chart wiring tests"
 HELM="$HELM" "$VENV/bin/python" -m pytest -q helm/ci/test_chart.py
+
+echo "==> chart README: the values table matches the schema and values.yaml"
+"$VENV/bin/python" helm/ci/chart_readme.py --check

@@ -390,3 +390,72 @@ def test_tls_without_a_certificate_source_is_refused():
     docs = render(sets=["tls.enabled=true", "tls.orchestrator.existingSecret=o", "tls.cacheNode.existingSecret=n"])
     assert not [d for d in docs if d["kind"] == "Certificate"]
     assert mounted_secret(one(docs, "StatefulSet", "cache-node"), "/etc/ringcache/tls") == "n"
+
+
+def test_an_umbrella_chart_may_pass_global_values():
+    render(sets=("global.imageRegistry=registry.example.com", "global.storageClass=fast"))
+
+
+def test_openshift_may_drop_the_fixed_user_and_group(docs):
+    default = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    for w in default:
+        spec = w["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsUser"] == 65532
+        assert spec["containers"][0]["securityContext"]["runAsUser"] == 65532
+    openshift = render(
+        sets=(
+            "securityContext.pod.runAsUser=null",
+            "securityContext.pod.runAsGroup=null",
+            "securityContext.pod.fsGroup=null",
+            "securityContext.container.runAsUser=null",
+            "securityContext.container.runAsGroup=null",
+        )
+    )
+    workloads = [d for d in openshift if d["kind"] in ("StatefulSet", "Deployment")]
+    assert workloads
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        pod = spec["securityContext"]
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & pod.keys(), pod
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert not {"runAsUser", "runAsGroup"} & sc.keys(), sc
+            assert sc["capabilities"]["drop"] == ["ALL"] and sc["allowPrivilegeEscalation"] is False
+
+
+def test_per_host_spread_honours_taints(docs):
+    spread = [
+        c
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Deployment")
+        for c in d["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+        if c["topologyKey"] == "kubernetes.io/hostname"
+    ]
+    assert spread
+    for c in spread:
+        assert c["whenUnsatisfiable"] == "DoNotSchedule"
+        assert c["nodeTaintsPolicy"] == "Honor", c
+
+
+def test_orchestrator_resources_without_limits_still_render():
+    docs = render(sets=("orchestrator.resources.limits=null",))
+    orch = next(d for d in docs if d["kind"] == "Deployment")
+    (c,) = orch["spec"]["template"]["spec"]["containers"]
+    assert "limits" not in c["resources"]
+    (budget,) = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--max-in-flight-bytes=")]
+    # Half of the memory request (128Mi), at least one message (4 MiB).
+    assert int(budget) == 64 << 20, budget
+    docs = render(sets=("orchestrator.resources=null",))
+    assert any(d["kind"] == "Deployment" for d in docs)
+
+
+def test_the_chart_states_the_kubernetes_versions_it_supports():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.27.0-0"
+    old = subprocess.run(
+        [HELM, "template", "rc", str(CHART), "--kube-version", "1.26.0", "--set", f"image.repository={IMAGE}"],
+        capture_output=True,
+        text=True,
+    )
+    assert old.returncode != 0 and "kubeVersion" in old.stderr, old.stderr

@@ -237,7 +237,9 @@ def server_dry_run(k8s, *sets):
     and admits them against the live objects, and stores nothing. (`helm
     upgrade --dry-run=server` does not send the objects to the server.)"""
     values = helm(k8s, "get", "values", "rc", "-n", NS, "-o", "yaml").stdout
-    args = ["template", "rc", CHART, "-n", NS, "-f", "-"]
+    # The control plane's version (install-k8s.sh): a helm built without
+    # release flags assumes Kubernetes 1.20, below the chart's kubeVersion.
+    args = ["template", "rc", CHART, "-n", NS, "--kube-version", "1.34.2", "-f", "-"]
     for s in sets:
         args += ["--set", s]
     rendered = subprocess.run([HELM, *map(str, args)], input=values, capture_output=True, text=True, env=k8s.env())

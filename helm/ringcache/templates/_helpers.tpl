@@ -146,7 +146,9 @@ no data; in-flight calls are what uses its memory). Measured (RELIABILITY.md):
 memory (tens of MiB), so the default 512Mi limit and 256MiB budget leave room.
 */}}
 {{- define "ringcache.orchestratorInFlightBytes" -}}
-{{- $memory := include "ringcache.bytes" .Values.orchestrator.resources.limits.memory | atoi -}}
+{{- $resources := .Values.orchestrator.resources | default dict -}}
+{{- $limit := dig "limits" "memory" "" $resources | default (dig "requests" "memory" "512Mi" $resources) -}}
+{{- $memory := include "ringcache.bytes" $limit | atoi -}}
 {{- max (div $memory 2) (include "ringcache.messageBytes" . | atoi) -}}
 {{- end -}}
 
@@ -193,24 +195,11 @@ http://{{ include "ringcache.jaeger" . }}:4318
 
 {{/* The restricted security context both workloads' containers run with. */}}
 {{- define "ringcache.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.securityContext.container -}}
 {{- end -}}
 
 {{- define "ringcache.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.securityContext.pod -}}
 {{- end -}}
 
 {{/* prometheus.io scrape annotations for a metrics port. */}}
@@ -229,6 +218,9 @@ prometheus.io/path: /metrics
 - maxSkew: 1
   topologyKey: kubernetes.io/hostname
   whenUnsatisfiable: DoNotSchedule
+  # Tainted nodes the pods do not tolerate are not counted as empty hosts
+  # (else the skew can never be met and pods stay Pending).
+  nodeTaintsPolicy: Honor
   labelSelector:
     matchLabels:
       {{- include "ringcache.selectorLabels" (list $ (index . 1)) | nindent 6 }}
