@@ -37,7 +37,20 @@ const (
 	notRun
 	// lost: the connection was lost before the answer; the op may have run.
 	lost
+	// refused: the server refused the stream (a missing token, no such
+	// method, ...): nothing ran, and sending it again would be refused too.
+	refused
 )
+
+// refusal reports whether a stream's status is a refusal of the stream
+// itself, which no retry changes.
+func refusal(code codes.Code) bool {
+	switch code {
+	case codes.Unauthenticated, codes.PermissionDenied, codes.Unimplemented, codes.InvalidArgument, codes.FailedPrecondition:
+		return true
+	}
+	return false
+}
 
 type pipeAnswer struct {
 	resp *pb.PipelineResponse
@@ -96,11 +109,11 @@ func (ps *pstream) receive() {
 		resp, err := ps.st.Recv()
 		if err != nil {
 			how := lost
-			if len(ps.st.Trailer().Get(notRunTrailer)) > 0 {
+			switch {
+			case len(ps.st.Trailer().Get(notRunTrailer)) > 0:
 				how = notRun
-			}
-			if status.Code(err) == codes.Unimplemented {
-				how = notRun
+			case refusal(status.Code(err)):
+				how = refused
 			}
 			fail := status.Convert(err)
 			if how == lost {
@@ -177,6 +190,11 @@ var tracer = otel.Tracer("github.com/ringcache/ringcache/clients/go")
 // only reads, so it may run twice. ok is false when the server has no
 // Pipeline (the caller then uses the unary call).
 func (c *Client) piped(ctx context.Context, method string, req *pb.PipelineRequest, read bool) (resp *pb.PipelineResponse, ok bool, err error) {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	if !c.telemetry {
+		return c.pipedUntraced(ctx, req, read)
+	}
 	ctx, span := tracer.Start(ctx, "ringcache.v1.Cache/"+method,
 		trace.WithSpanKind(trace.SpanKindClient),
 		// The RPC conventions otelgrpc follows for unary calls.
@@ -196,6 +214,11 @@ func (c *Client) piped(ctx context.Context, method string, req *pb.PipelineReque
 	otel.GetTextMapPropagator().Inject(ctx, carrier)
 	req.Traceparent = carrier["traceparent"]
 	req.Tracestate = carrier["tracestate"]
+	return c.pipedUntraced(ctx, req, read)
+}
+
+// pipedUntraced is piped without its span.
+func (c *Client) pipedUntraced(ctx context.Context, req *pb.PipelineRequest, read bool) (resp *pb.PipelineResponse, ok bool, err error) {
 	backoff := c.retry.Backoff
 	for attempt := 1; ; attempt++ {
 		if deadline, has := ctx.Deadline(); has {
@@ -211,12 +234,21 @@ func (c *Client) piped(ctx context.Context, method string, req *pb.PipelineReque
 				return a.resp, true, nil
 			}
 			err = status.Error(codes.Code(e.GetCode()), e.GetMessage())
-			// Shed before it ran: the servers say "retry with backoff".
-			retry = codes.Code(e.GetCode()) == codes.ResourceExhausted && strings.Contains(e.GetMessage(), "retry with backoff")
-		case notRun:
+			retry = shed(err)
+		case refused:
 			if status.Code(a.err) == codes.Unimplemented {
 				c.noPipeline.Store(true)
 				return nil, false, nil
+			}
+			err = a.err
+		case notRun:
+			if refusal(status.Code(a.err)) {
+				// Refused when the stream was opened.
+				if status.Code(a.err) == codes.Unimplemented {
+					c.noPipeline.Store(true)
+					return nil, false, nil
+				}
+				return nil, true, a.err
 			}
 			err, retry = a.err, true
 		case lost:

@@ -67,6 +67,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -133,7 +134,7 @@ type RetryPolicy struct {
 	MaxBackoff time.Duration
 }
 
-// DefaultRetryPolicy is what Dial and New use unless told otherwise:
+// DefaultRetryPolicy is what Dial uses unless told otherwise:
 // three tries, waiting below 20 ms then below 40 ms.
 var DefaultRetryPolicy = RetryPolicy{Attempts: 3, Backoff: 20 * time.Millisecond, MaxBackoff: time.Second}
 
@@ -144,7 +145,41 @@ type options struct {
 	retry     RetryPolicy
 	dialOpts  []grpc.DialOption
 	pipelines int
+	timeout   time.Duration
+	token     string
+	telemetry bool
 }
+
+// WithTimeout sets the deadline of calls whose context has none (1 s by
+// default; 0: none).
+func WithTimeout(d time.Duration) Option {
+	return func(o *options) { o.timeout = d }
+}
+
+// WithToken sends token as "authorization: Bearer <token>" on every call
+// (servers started with --auth-tokens). Use it with TLS credentials
+// (WithDialOptions) outside a trusted network: over plaintext the token
+// travels in the clear.
+func WithToken(token string) Option {
+	return func(o *options) { o.token = token }
+}
+
+// WithoutTelemetry turns trace spans and propagation off (no otelgrpc
+// handler, no span per pipelined call).
+func WithoutTelemetry() Option {
+	return func(o *options) { o.telemetry = false }
+}
+
+// bearer is a token as per-call credentials.
+type bearer string
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(b)}, nil
+}
+
+// RequireTransportSecurity is false: a cluster may run tokens without TLS
+// on a trusted network (see WithToken).
+func (bearer) RequireTransportSecurity() bool { return false }
 
 // WithPipelines sets how many Pipeline streams single-key calls are spread
 // over (2 by default); 0 sends every call as a unary call.
@@ -178,6 +213,10 @@ type Client struct {
 	nextPipe atomic.Uint64
 	// The server has no Pipeline: unary calls from then on.
 	noPipeline atomic.Bool
+	// The deadline of calls whose context has none (0: none).
+	timeout time.Duration
+	// Spans for pipelined calls.
+	telemetry bool
 }
 
 // Dial connects to the orchestrator at target ("host:port", or any gRPC
@@ -185,23 +224,27 @@ type Client struct {
 // made lazily, on the first call. Plaintext unless WithDialOptions gives
 // transport credentials.
 func Dial(target string, opts ...Option) (*Client, error) {
-	o := options{retry: DefaultRetryPolicy, pipelines: 2}
+	o := options{retry: DefaultRetryPolicy, pipelines: 2, timeout: time.Second, telemetry: true}
 	for _, opt := range opts {
 		opt(&o)
 	}
-	// A pipeline is not one call: each op gets its own span instead.
-	notPipeline := otelgrpc.WithFilter(func(info *stats.RPCTagInfo) bool {
-		return info.FullMethodName != pipelineMethod
-	})
-	dial := append([]grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStatsHandler(otelgrpc.NewClientHandler(notPipeline)),
-	}, o.dialOpts...)
+	dial := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if o.telemetry {
+		// A pipeline is not one call: each op gets its own span instead.
+		notPipeline := otelgrpc.WithFilter(func(info *stats.RPCTagInfo) bool {
+			return info.FullMethodName != pipelineMethod
+		})
+		dial = append(dial, grpc.WithStatsHandler(otelgrpc.NewClientHandler(notPipeline)))
+	}
+	if o.token != "" {
+		dial = append(dial, grpc.WithPerRPCCredentials(bearer(o.token)))
+	}
+	dial = append(dial, o.dialOpts...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("ringcache: dial %s: %w", target, err)
 	}
-	c := &Client{conn: conn, cache: pb.NewCacheClient(conn), retry: o.retry}
+	c := &Client{conn: conn, cache: pb.NewCacheClient(conn), retry: o.retry, timeout: o.timeout, telemetry: o.telemetry}
 	for range o.pipelines {
 		c.pipes = append(c.pipes, &pipe{cache: c.cache})
 	}
@@ -215,24 +258,41 @@ func (c *Client) Close() error { return c.conn.Close() }
 // (Increment, Touch, Exists, DeleteMany, conditional SetMany).
 func (c *Client) Cache() pb.CacheClient { return c.cache }
 
-// retryable reports whether err is worth another try of a call that may
-// run twice.
-func retryable(err error) bool {
-	switch status.Code(err) {
-	case codes.Unavailable, codes.ResourceExhausted:
-		return true
-	default:
-		return false
-	}
+// shed reports whether err is the servers' load shedding: refused before
+// it ran ("retry with backoff"), unlike a RESOURCE_EXHAUSTED that says the
+// answer is too large (asking again gets the same answer).
+func shed(err error) bool {
+	s, ok := status.FromError(err)
+	return ok && s.Code() == codes.ResourceExhausted && strings.Contains(s.Message(), "retry with backoff")
 }
 
-// do runs call, retrying as the policy says while ctx allows.
-func (c *Client) do(ctx context.Context, call func(context.Context) error) error {
+// retryable reports whether err is worth another try: shed calls always
+// (they never ran), UNAVAILABLE only for reads (a write may have run before
+// its connection broke; a write that never left the client grpc-go retries
+// by itself, transparently).
+func retryable(err error, read bool) bool {
+	return shed(err) || (read && status.Code(err) == codes.Unavailable)
+}
+
+// withTimeout gives ctx the client's default timeout if it has no
+// deadline.
+func (c *Client) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, has := ctx.Deadline(); has || c.timeout <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, c.timeout)
+}
+
+// do runs call, retrying as the policy says while ctx allows; read: the
+// call only reads.
+func (c *Client) do(ctx context.Context, read bool, call func(context.Context) error) error {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
 	backoff := c.retry.Backoff
 	var err error
 	for attempt := 1; ; attempt++ {
 		err = call(ctx)
-		if err == nil || !retryable(err) || attempt >= c.retry.Attempts {
+		if err == nil || !retryable(err, read) || attempt >= c.retry.Attempts {
 			return err
 		}
 		wait := time.Duration(0)
@@ -299,7 +359,7 @@ func (c *Client) Get(ctx context.Context, key string) (Item, error) {
 		}
 	}
 	var r *pb.GetResponse
-	err := c.do(ctx, func(ctx context.Context) (err error) {
+	err := c.do(ctx, true, func(ctx context.Context) (err error) {
 		r, err = c.cache.Get(ctx, &pb.GetRequest{Key: key})
 		return err
 	})
@@ -323,7 +383,7 @@ func (c *Client) Set(ctx context.Context, key string, value []byte, ttl time.Dur
 		return r.GetVersion(), err
 	}
 	var r *pb.SetResponse
-	err = c.do(ctx, func(ctx context.Context) (err error) {
+	err = c.do(ctx, false, func(ctx context.Context) (err error) {
 		r, err = c.cache.Set(ctx, req)
 		return err
 	})
@@ -360,6 +420,8 @@ func (c *Client) SetIfAbsent(ctx context.Context, key string, value []byte, ttl 
 	if r, ok, err := c.pipedSet(ctx, req); ok {
 		return r.GetStored(), r.GetVersion(), err
 	}
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
 	r, err := c.cache.Set(ctx, req)
 	return r.GetStored(), r.GetVersion(), err
 }
@@ -379,6 +441,8 @@ func (c *Client) CompareAndSwap(ctx context.Context, key string, value []byte, t
 	if r, ok, err := c.pipedSet(ctx, req); ok {
 		return r.GetStored(), r.GetVersion(), err
 	}
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
 	r, err := c.cache.Set(ctx, req)
 	return r.GetStored(), r.GetVersion(), err
 }
@@ -397,7 +461,7 @@ func (c *Client) Delete(ctx context.Context, key string) (deleted bool, err erro
 		return r.GetDeleted(), err
 	}
 	var r *pb.DeleteResponse
-	err = c.do(ctx, func(ctx context.Context) (err error) {
+	err = c.do(ctx, false, func(ctx context.Context) (err error) {
 		r, err = c.cache.Delete(ctx, &pb.DeleteRequest{Key: key})
 		return err
 	})
@@ -414,6 +478,8 @@ func (c *Client) CompareAndDelete(ctx context.Context, key string, version uint6
 	if r, ok, err := c.pipedDelete(ctx, req); ok {
 		return r.GetDeleted(), err
 	}
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
 	r, err := c.cache.Delete(ctx, req)
 	return r.GetDeleted(), err
 }
@@ -423,7 +489,7 @@ func (c *Client) CompareAndDelete(ctx context.Context, key string, version uint6
 // a miss).
 func (c *Client) GetMany(ctx context.Context, keys []string) ([]GetResult, error) {
 	var r *pb.GetManyResponse
-	err := c.do(ctx, func(ctx context.Context) (err error) {
+	err := c.do(ctx, true, func(ctx context.Context) (err error) {
 		r, err = c.cache.GetMany(ctx, &pb.GetManyRequest{Keys: keys})
 		return err
 	})
@@ -459,7 +525,7 @@ func (c *Client) SetMany(ctx context.Context, entries []Entry) ([]SetResult, err
 		reqs[i] = req
 	}
 	var r *pb.SetManyResponse
-	err := c.do(ctx, func(ctx context.Context) (err error) {
+	err := c.do(ctx, false, func(ctx context.Context) (err error) {
 		r, err = c.cache.SetMany(ctx, &pb.SetManyRequest{Entries: reqs})
 		return err
 	})

@@ -32,6 +32,20 @@ pub(crate) enum Outcome {
     NotRun(Status),
     /// Its connection was lost before its answer: it may have run.
     Lost(Status),
+    /// The server refused the stream itself (a missing token, no such
+    /// method, ...): nothing ran, and sending it again would be refused
+    /// too.
+    Refused(Status),
+}
+
+/// Whether a stream's status refuses the stream itself, which no retry
+/// changes.
+fn refusal(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unauthenticated | PermissionDenied | Unimplemented | InvalidArgument | FailedPrecondition
+    )
 }
 
 struct Call {
@@ -113,12 +127,18 @@ async fn run(channel: Channel, token: Option<AsciiMetadataValue>, mut calls: mps
                 // so at once — each caller backs off and sends again within
                 // its own deadline — rather than each waiting its turn
                 // behind a backoff of this lane's.
-                fail_all(&mut pending, Outcome::NotRun, &status);
+                let outcome = |s: Status| {
+                    if refusal(s.code()) {
+                        Outcome::Refused(s)
+                    } else {
+                        Outcome::NotRun(s)
+                    }
+                };
+                fail_all(&mut pending, outcome, &status);
                 while let Ok(call) = calls.try_recv() {
-                    let _ = call.reply.send(Outcome::NotRun(Status::new(
-                        status.code(),
-                        status.message(),
-                    )));
+                    let _ = call
+                        .reply
+                        .send(outcome(Status::new(status.code(), status.message())));
                 }
                 failures = failures.saturating_add(1);
                 tokio::time::sleep(Duration::from_millis(5u64 << failures.min(4))).await;
@@ -172,6 +192,8 @@ async fn run(channel: Channel, token: Option<AsciiMetadataValue>, mut calls: mps
                     Err(status) => {
                         if status.metadata().get(NOT_RUN_TRAILER).is_some() {
                             fail_all(&mut pending, Outcome::NotRun, &status);
+                        } else if refusal(status.code()) {
+                            fail_all(&mut pending, Outcome::Refused, &status);
                         } else {
                             let lost = Status::unavailable(format!(
                                 "the connection was lost before the answer came, so the call may have run: {}",

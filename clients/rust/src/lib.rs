@@ -724,6 +724,7 @@ impl Client {
                 // connection comes back.
                 Outcome::NotRun(_) => true,
                 Outcome::Lost(_) => repeatable == Repeatable::Read && attempt < inner.retries,
+                Outcome::Refused(_) => false,
             };
             if retry {
                 attempt += 1;
@@ -739,7 +740,9 @@ impl Client {
                     e.message,
                 ))),
                 Outcome::Answer(answer) => Ok(answer),
-                Outcome::NotRun(status) | Outcome::Lost(status) => Err(Error::Status(status)),
+                Outcome::NotRun(status) | Outcome::Lost(status) | Outcome::Refused(status) => {
+                    Err(Error::Status(status))
+                }
             };
         };
         span.record(
