@@ -279,6 +279,8 @@ func main() {
 	target := flag.String("ringcache", "127.0.0.1:50051", "the ringcache orchestrator (host:port)")
 	delay := flag.Duration("source-delay", 50*time.Millisecond, "how long the simulated database takes per query")
 	ttl := flag.Duration("ttl", 10*time.Minute, "TTL of cached products")
+	cacheTimeout := flag.Duration("cache-timeout", 200*time.Millisecond, "deadline of each cache call (a slow cache must not hold a request)")
+	drain := flag.Duration("drain", 10*time.Second, "on SIGTERM, how long requests in flight get to finish before the process exits")
 	flag.Parse()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 
@@ -289,7 +291,7 @@ func main() {
 		log.Error("tracing", "error", err)
 		os.Exit(1)
 	}
-	cache, err := ringcache.Dial(*target)
+	cache, err := ringcache.Dial(*target, ringcache.WithTimeout(*cacheTimeout))
 	if err != nil {
 		log.Error("ringcache", "error", err)
 		os.Exit(1)
@@ -322,12 +324,22 @@ func main() {
 		Handler: otelhttp.NewHandler(mux, "http.server",
 			otelhttp.WithFilter(func(r *http.Request) bool { return r.URL.Path != "/healthz" })),
 		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       time.Minute,
 	}
+	// On SIGTERM: stop accepting, let the requests in flight finish (they
+	// still use the cache client), and only then return — the deferred
+	// cache.Close runs after every handler is done.
+	drained := make(chan struct{})
 	go func() {
+		defer close(drained)
 		<-ctx.Done()
-		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, cancel := context.WithTimeout(context.Background(), *drain)
 		defer cancel()
-		_ = srv.Shutdown(c)
+		if err := srv.Shutdown(c); err != nil {
+			log.Warn("requests still in flight at the end of the drain", "error", err)
+		}
 	}()
 	l, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -339,6 +351,8 @@ func main() {
 		log.Error("serve", "error", err)
 		os.Exit(1)
 	}
+	// Serve returns as soon as the shutdown starts; wait for the drain.
+	<-drained
 	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = shutdown(c)

@@ -41,6 +41,11 @@ impl Drop for Service {
 
 impl Service {
     async fn start(orchestrator: &str, jaeger: &Jaeger) -> Self {
+        Self::start_with_delay(orchestrator, jaeger, "20ms").await
+    }
+
+    /// With each database query taking `delay`.
+    async fn start_with_delay(orchestrator: &str, jaeger: &Jaeger, delay: &str) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -49,7 +54,7 @@ impl Service {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(example_binary())
             .args(["-listen", &addr, "-ringcache", orchestrator])
-            .args(["-source-delay", "20ms"])
+            .args(["-source-delay", delay])
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", &jaeger.otlp_grpc)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::null())
@@ -272,4 +277,55 @@ async fn delete_on_update_never_serves_the_old_value() {
     }
     assert!(reads > 30, "the readers ran: {reads}");
     assert!(misses > 0, "updates emptied the cache at least once");
+}
+
+/// SIGTERM while requests are in flight (each database query takes
+/// 800 ms): the example finishes them — with its cache client still open —
+/// before it exits, so a deploy answers every request it accepted.
+#[tokio::test]
+async fn sigterm_lets_the_requests_in_flight_finish() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger).await;
+    let mut service =
+        Service::start_with_delay(&cluster.orchestrator.addr(), &jaeger, "800ms").await;
+    let addr = service.addr.clone();
+    let (status, _, body) = http(
+        &addr,
+        "POST",
+        "/products",
+        &[],
+        r#"{"id":"p3","name":"v0","price":1}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let update = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            http(
+                &addr,
+                "PUT",
+                "/products/p3",
+                &[],
+                r#"{"name":"v1","price":2}"#,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = service.child.id().to_string();
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let (status, _, body) = update.await.unwrap().unwrap();
+    assert_eq!(status, 200, "the update in flight at SIGTERM: {body}");
+    // Then it exits by itself.
+    let mut exited = None;
+    for _ in 0..200 {
+        if let Ok(Some(s)) = service.child.try_wait() {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
 }
