@@ -84,13 +84,21 @@ fi
 chown 65532:65532 "$root/home/nonroot"
 chmod 1777 "$root/tmp"
 
+# The image's architecture is the binaries': read from their ELF header
+# (e_machine, two bytes at offset 18).
+case "$(od -An -tx2 -j18 -N2 "$bin_dir/cache-node" | tr -d ' ')" in
+  003e) arch=amd64 ;;
+  00b7) arch=arm64 ;;
+  *) echo "build-image: $bin_dir/cache-node is not an x86-64 or aarch64 Linux binary" >&2; exit 1 ;;
+esac
+
 mkdir -p "$(dirname "$out")"
 rm -rf "$out"
 umoci init --layout "$out"
 umoci new --image "$out:$tag"
 umoci insert --image "$out:$tag" --history.created_by "scripts/build-image.sh" "$root" /
 umoci config --image "$out:$tag" \
-  --os linux --architecture amd64 \
+  --os linux --architecture "$arch" \
   --config.user 65532:65532 \
   --config.workingdir / \
   --config.entrypoint /usr/local/bin/cache-node \

@@ -121,6 +121,9 @@ for i in $(seq 1 "$NODES"); do
   node_list+=("node-$i=127.0.0.1:$port")
 done
 
+# Where this run's lines start in the orchestrator's log (the log is kept
+# across runs): readiness is never read from an earlier run.
+orch_log_start=$(( $(stat -c %s "$LOG_DIR/orchestrator.log" 2>/dev/null || echo 0) + 1 ))
 printf '%s\n' "$BIN/orchestrator" \
   --listen "127.0.0.1:$orch_port" \
   --metrics-listen "127.0.0.1:$((9090 + PORT_OFFSET))" \
@@ -129,18 +132,40 @@ printf '%s\n' "$BIN/orchestrator" \
 launch orchestrator
 names+=(orchestrator)
 
-# Wait until the orchestrator logs that it is serving (or something died).
-for _ in $(seq 1 100); do
-  grep -q "orchestrator serving" "$LOG_DIR/orchestrator.log" 2>/dev/null && break
+# Wait until the orchestrator answers its health check SERVING (with
+# grpcurl; without it, until this run's log says it serves), or something
+# died, or 60 s passed: then say so and fail.
+serving() {
+  if [ -n "$GRPCURL_DIR" ]; then
+    "$GRPCURL_DIR/grpcurl" -plaintext -max-time 1 -d '{"service":"ringcache.v1.Cache"}' \
+      "localhost:$orch_port" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'
+  else
+    tail -c "+$orch_log_start" "$LOG_DIR/orchestrator.log" 2>/dev/null | grep -q "orchestrator serving"
+  fi
+}
+ready=""
+for _ in $(seq 1 600); do
+  if serving; then
+    ready=1
+    break
+  fi
   for name in "${names[@]}"; do
     if ! alive "$name"; then
-      echo "$name exited during start-up; its logs are in $LOG_DIR:" >&2
-      tail -n 5 "$LOG_DIR"/*.log >&2
+      echo "$name exited during start-up; the last lines of its log ($LOG_DIR/$name.log):" >&2
+      tail -n 10 "$LOG_DIR/$name.log" >&2
       exit 1
     fi
   done
   sleep 0.1
 done
+if [ -z "$ready" ]; then
+  echo "the orchestrator did not report SERVING within 60 s; the last lines of the logs in $LOG_DIR:" >&2
+  for name in "${names[@]}"; do
+    echo "--- $name" >&2
+    tail -n 5 "$LOG_DIR/$name.log" >&2
+  done
+  exit 1
+fi
 
 cat <<MSG
 
