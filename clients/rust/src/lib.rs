@@ -337,12 +337,7 @@ impl Client {
 
     /// Writes `value` under `key` with no expiry; answers the new version.
     pub async fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<u64, Error> {
-        match self.set_with(key, value, None, None).await? {
-            Written::Stored(version) => Ok(version),
-            Written::Refused(_) => Err(Error::Status(Status::internal(
-                "an unconditional Set was not stored (a bug in the server)",
-            ))),
-        }
+        self.set_with_ttl(key, value, None).await
     }
 
     /// Writes `value` under `key`, living `ttl` (`None`: no expiry).
