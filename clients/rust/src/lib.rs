@@ -637,6 +637,9 @@ impl Client {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
+            // The channel connects lazily, inside the call: a call that
+            // failed to connect was not sent either.
+            let sent = sent && !connect_failed(&status);
             let shed = status.code() == Code::ResourceExhausted
                 && status.message().contains("retry with backoff");
             let retry = !sent
@@ -748,6 +751,37 @@ impl Client {
     }
 }
 
+/// Whether a call failed before the server processed it: its connection
+/// could not be made (a refused or timed-out TCP connect anywhere in the
+/// status's chain of causes), or the server refused its HTTP/2 stream.
+fn connect_failed(status: &Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        let text = e.to_string();
+        // A connect that failed, or an HTTP/2 stream the server refused
+        // before processing it (REFUSED_STREAM, after its GOAWAY).
+        if text.contains("tcp connect error")
+            || text.contains("error trying to connect")
+            || text.contains("refused stream")
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    let message = status.message();
+    message.contains("tcp connect error") || message.contains("refused stream")
+}
+
 /// The error of one key of a batch.
 fn key_error(e: KeyError) -> Error {
     Error::Status(Status::new(Code::from_i32(e.code), e.message))
@@ -766,4 +800,31 @@ fn duration(d: prost_types::Duration) -> Option<Duration> {
 
 fn proto_duration(d: Duration) -> Result<prost_types::Duration, Error> {
     prost_types::Duration::try_from(d).map_err(|_| Error::Config(format!("TTL {d:?} is too long")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call on a channel whose server is gone fails before it is sent,
+    /// and is recognised as such (so even a write may be sent again).
+    #[tokio::test]
+    async fn a_refused_connection_is_recognised_as_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .connect_lazy();
+        let status = CacheClient::new(channel)
+            .delete_many(DeleteManyRequest {
+                keys: vec!["k".into()],
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("nothing listens on port {port}"));
+        assert!(connect_failed(&status), "{status:?}");
+        assert!(!connect_failed(&Status::unavailable("connection reset")));
+    }
 }
