@@ -6,11 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -45,6 +48,13 @@ func binDir(t *testing.T) string {
 // address it logs once it is serving.
 func start(t *testing.T, name string, args ...string) string {
 	t.Helper()
+	_, addr := startProcess(t, name, args...)
+	return addr
+}
+
+// startProcess is start, answering the process too.
+func startProcess(t *testing.T, name string, args ...string) (*exec.Cmd, string) {
+	t.Helper()
 	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"}, args...)
 	cmd := exec.Command(filepath.Join(binDir(t), name), args...)
 	stderr, err := cmd.StderrPipe()
@@ -73,11 +83,57 @@ func start(t *testing.T, name string, args ...string) string {
 	}()
 	select {
 	case a := <-addr:
-		return a
+		return cmd, a
 	case <-time.After(30 * time.Second):
 		t.Fatalf("%s did not start serving", name)
-		return ""
+		return nil, ""
 	}
+}
+
+// proxy forwards connections to target until cut closes them all.
+type proxy struct {
+	addr  string
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func startProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	p := &proxy{addr: l.Addr().String()}
+	go func() {
+		for {
+			client, err := l.Accept()
+			if err != nil {
+				return
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = client.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, client, server)
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(server, client); _ = server.Close() }()
+			go func() { _, _ = io.Copy(client, server); _ = client.Close() }()
+		}
+	}()
+	return p
+}
+
+// cut closes every connection made so far (new ones are still accepted).
+func (p *proxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		_ = c.Close()
+	}
+	p.conns = nil
 }
 
 // cluster starts two cache nodes and an orchestrator, and answers a
@@ -423,4 +479,79 @@ func TestTokensRideEveryCall(t *testing.T) {
 			t.Fatalf("unary %v: Get without a token: %v, want Unauthenticated", unary, err)
 		}
 	}
+}
+
+// The connection is cut while a pipelined write and a pipelined read are
+// in flight (their node hangs): the read is sent again on a new stream and
+// answered; the write may have run, so it is not, and fails UNAVAILABLE.
+func TestALostConnectionRepeatsReadsButNotWrites(t *testing.T) {
+	node, nodeAddr := startProcess(t, "cache-node")
+	orchestrator := start(t, "orchestrator", "--nodes", nodeAddr, "--node-timeout", "10s", "--health-timeout", "10s")
+	p := startProxy(t, orchestrator)
+	c, err := Dial(p.addr, WithPipelines(1), WithTimeout(8*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if _, err := c.Set(ctx, "r", []byte("before"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = node.Process.Signal(syscall.SIGCONT) }()
+	waitStopped(t, node.Process.Pid)
+	written := make(chan error, 1)
+	read := make(chan error, 1)
+	go func() {
+		_, err := c.Set(ctx, "w", []byte("v"), 0)
+		written <- err
+	}()
+	go func() {
+		item, err := c.Get(ctx, "r")
+		if err == nil && string(item.Value) != "before" {
+			err = fmt.Errorf("read %q", item.Value)
+		}
+		read <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	p.cut()
+	time.Sleep(100 * time.Millisecond)
+	if err := node.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-written; status.Code(err) != codes.Unavailable {
+		t.Fatalf("the write in flight: %v, want UNAVAILABLE (not sent twice)", err)
+	}
+	if err := <-read; err != nil {
+		t.Fatalf("the read in flight: %v, want it answered on a new stream", err)
+	}
+	if _, err := c.Set(ctx, "after", []byte("v"), 0); err != nil {
+		t.Fatalf("the client goes on: %v", err)
+	}
+}
+
+// waitStopped waits until every thread of pid is stopped: kill returns
+// once SIGSTOP is queued, and a thread may still answer a call meanwhile.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	tasks := fmt.Sprintf("/proc/%d/task", pid)
+	for range 10000 {
+		entries, err := os.ReadDir(tasks)
+		stopped := err == nil
+		for _, e := range entries {
+			stat, err := os.ReadFile(filepath.Join(tasks, e.Name(), "stat"))
+			i := strings.LastIndex(string(stat), ") ")
+			if err != nil || i < 0 || i+2 >= len(stat) || (stat[i+2] != 'T' && stat[i+2] != 't') {
+				stopped = false
+				break
+			}
+		}
+		if stopped {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatalf("process %d did not stop", pid)
 }
