@@ -620,7 +620,12 @@ async fn run<S: Cache>(
 ) -> Done {
     let started = Instant::now();
     let id = op.id;
-    let size = op.encoded_len() as u64;
+    // Only counted against a byte budget (none: nothing to size).
+    let size = if stream.bytes.is_some() {
+        op.encoded_len() as u64
+    } else {
+        0
+    };
     let PipelineRequest {
         op,
         timeout,
