@@ -18,21 +18,78 @@ use ringcache_proto::v1::{
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// An offset that makes every port the script uses free right now.
+/// The kernel's range of local ports for outgoing connections: a port in it
+/// can be taken by any connection's source port between our check and the
+/// script's bind.
+fn ephemeral_ports() -> std::ops::RangeInclusive<u32> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|_| "32768 60999".to_owned());
+    let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>().unwrap());
+    let low = bounds.next().unwrap();
+    let high = bounds.next().unwrap();
+    low..=high
+}
+
+/// An offset that puts every port the script uses outside the ephemeral
+/// range (where possible) and makes each of them free right now.
 fn free_offset() -> u16 {
-    for attempt in 0..200u32 {
-        // 1000..14000: every port stays below 65536.
-        let offset = 1000 + (std::process::id() % 130 * 100 + attempt * 53) % 13_000;
-        let offset = u16::try_from(offset).unwrap();
-        let ports = [50051u16, 9090, 50061, 50062, 50063, 9091, 9092, 9093];
-        if ports
-            .iter()
-            .all(|p| TcpListener::bind(("127.0.0.1", p + offset)).is_ok())
-        {
-            return offset;
+    const PORTS: [u32; 8] = [50051, 9090, 50061, 50062, 50063, 9091, 9092, 9093];
+    let ephemeral = ephemeral_ports();
+    let fits = |offset: u32| PORTS.iter().all(|p| p + offset <= 65_535);
+    let outside = |offset: u32| PORTS.iter().all(|p| !ephemeral.contains(&(p + offset)));
+    let free = |offset: u32| {
+        PORTS.iter().all(|p| {
+            let port = u16::try_from(p + offset).unwrap();
+            TcpListener::bind(("127.0.0.1", port)).is_ok()
+        })
+    };
+    let start = std::process::id() % 1000 * 13;
+    let candidates: Vec<u32> = (0..15_000u32)
+        .map(|i| (start + i * 7) % 15_000)
+        .filter(|&offset| fits(offset))
+        .collect();
+    let offset = candidates
+        .iter()
+        .copied()
+        .filter(|&offset| outside(offset))
+        .chain(candidates.iter().copied())
+        .find(|&offset| free(offset))
+        .expect("no free port range for run-local.sh");
+    u16::try_from(offset).unwrap()
+}
+
+/// Stops the script and shows what it and its processes printed when the
+/// test fails: the script's own output is otherwise lost.
+struct OnFailure {
+    script: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for OnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.script.id().to_string()])
+            .status();
+        let _ = self.script.wait();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+        files.sort();
+        for file in files {
+            if file.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {}", file.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
         }
     }
-    panic!("no free port range for run-local.sh");
 }
 
 fn run_local(args: &[&str], offset: u16, dir: &std::path::Path) -> std::process::Output {
@@ -62,16 +119,27 @@ async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
     let dir = std::env::temp_dir().join(format!("ringcache-run-local-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bin_dir = binary("orchestrator").parent().unwrap().to_path_buf();
-    let mut script = Command::new(workspace_root().join("scripts/run-local.sh"))
+    let script_log = std::fs::File::create(dir.join("run-local.sh.log")).unwrap();
+    let script = Command::new(workspace_root().join("scripts/run-local.sh"))
         .env("PORT_OFFSET", offset.to_string())
         .env("RUN_LOCAL_DIR", &dir)
         .env("BIN_DIR", &bin_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(script_log.try_clone().unwrap())
+        .stderr(script_log)
         .spawn()
         .unwrap();
+    let mut guard = OnFailure {
+        script,
+        dir: dir.clone(),
+    };
     let url = format!("http://127.0.0.1:{}", 50051 + offset);
+    // Ready as the user sees it: the script says the cluster runs (every
+    // process came up), and the orchestrator answers its health check.
     eventually(Duration::from_secs(60), || async {
+        let said = std::fs::read_to_string(dir.join("run-local.sh.log")).unwrap_or_default();
+        if !said.contains("ringcache is running") {
+            return Err(format!("the script has not said it runs: {said}"));
+        }
         match health(&url, "ringcache.v1.Cache").await {
             Ok(ServingStatus::Serving) => Ok(()),
             other => Err(format!("{other:?}")),
@@ -108,7 +176,7 @@ async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
     })
     .await;
     assert!(
-        script.try_wait().unwrap().is_none(),
+        guard.script.try_wait().unwrap().is_none(),
         "the cluster keeps running without the node"
     );
     for i in 0..30 {
@@ -142,10 +210,10 @@ async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
 
     // A signal stops every process, the restarted node included.
     Command::new("kill")
-        .args(["-TERM", &script.id().to_string()])
+        .args(["-TERM", &guard.script.id().to_string()])
         .status()
         .unwrap();
-    let status = script.wait().unwrap();
+    let status = guard.script.wait().unwrap();
     assert_eq!(
         status.code(),
         Some(143),
