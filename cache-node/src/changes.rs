@@ -61,6 +61,9 @@ pub enum ChangeKind {
     /// A debt recorded: another node (the change's owner) may hold a stale
     /// value of the key. The key's value here did not change.
     Owed,
+    /// An owner's debts settled through a record sequence (the change's
+    /// version): it is up to date on them. No key changed.
+    Settled,
 }
 
 /// One change, as readers get it.
@@ -75,7 +78,8 @@ pub struct Change {
     /// The key's version after the change (0 after a delete or a flush);
     /// for [`ChangeKind::Owed`], the debt record's sequence.
     pub version: u64,
-    /// For [`ChangeKind::Owed`]: the node that owes the key.
+    /// For [`ChangeKind::Owed`]: the node that owes the key; for
+    /// [`ChangeKind::Settled`], the node whose debts were settled.
     pub owner: Option<Box<str>>,
 }
 
@@ -204,6 +208,17 @@ impl ChangeLog {
         })
     }
 
+    /// Appends that `owner`'s debt records up to `through` were settled:
+    /// it has been brought up to date on those keys.
+    pub fn append_settled(&self, owner: &str, through: u64) -> u64 {
+        self.push(Logged {
+            kind: ChangeKind::Settled,
+            key: CompactString::default(),
+            version: through,
+            owner: Some(owner.into()),
+        })
+    }
+
     fn push(&self, logged: Logged) -> u64 {
         let sequence = {
             let mut inner = self.inner.lock();
@@ -245,7 +260,7 @@ impl ChangeLog {
         // `first <= after + 1 <= head + 1`: within the buffer.
         let skip = usize::try_from(after + 1 - inner.first).unwrap_or(usize::MAX);
         inner.entries.iter().skip(skip).any(|e| match e.kind {
-            ChangeKind::Owed => false,
+            ChangeKind::Owed | ChangeKind::Settled => false,
             ChangeKind::Flush => true,
             _ => e.key == key,
         })

@@ -106,6 +106,113 @@ impl Epochs {
     }
 }
 
+/// How recently an orchestrator must have called with an epoch for the
+/// node to vouch for a direct read made with it. Orchestrators call every
+/// node at least once per health round (`Node/Stats`, every
+/// `--health-interval`, 1 s by default); an epoch not heard for this long
+/// belongs to orchestrators that stopped or moved on.
+pub const VOUCH_WINDOW: Duration = Duration::from_secs(10);
+
+/// Why a direct read was not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The orchestrators call with another epoch than the client's: its
+    /// topology is stale (or ahead of theirs).
+    Stale {
+        /// The client's epoch.
+        client: u64,
+        /// The orchestrators' epoch.
+        current: u64,
+    },
+    /// No orchestrator called within [`VOUCH_WINDOW`] (the node just
+    /// started, was frozen, or is cut off from them).
+    Unvouched,
+    /// Orchestrators call with different epochs: a membership change is
+    /// under way, and keys may be on either ring's owners.
+    Disagreeing {
+        /// The epochs heard within the window, most recent first.
+        epochs: Vec<u64>,
+    },
+}
+
+impl Epochs {
+    /// Whether a direct read routed by `epoch` may be served: exactly one
+    /// epoch was heard from orchestrators within [`VOUCH_WINDOW`], and it
+    /// is `epoch`.
+    pub fn vouch(&self, epoch: u64, now: Instant) -> Result<(), Refusal> {
+        let seen = self.seen.lock();
+        let mut current = seen
+            .iter()
+            .filter(|s| now.saturating_duration_since(s.last) < VOUCH_WINDOW)
+            .map(|s| s.epoch);
+        match (current.next(), current.next()) {
+            (Some(only), None) if only == epoch => Ok(()),
+            (Some(only), None) => Err(Refusal::Stale {
+                client: epoch,
+                current: only,
+            }),
+            (None, _) => Err(Refusal::Unvouched),
+            (Some(first), Some(second)) => {
+                let mut epochs = vec![first, second];
+                epochs.extend(current);
+                Err(Refusal::Disagreeing { epochs })
+            }
+        }
+    }
+}
+
+impl From<Refusal> for tonic::Status {
+    /// `FAILED_PRECONDITION` with a `google.rpc.ErrorInfo`: reason
+    /// `STALE_EPOCH` (metadata `current_epoch`) or `CANNOT_VOUCH`.
+    fn from(refusal: Refusal) -> Self {
+        use ringcache_proto::direct::{
+            CANNOT_VOUCH, CURRENT_EPOCH, ERROR_DOMAIN, STALE_EPOCH, format_epoch,
+        };
+        use tonic_types::{ErrorDetails, StatusExt};
+        let (reason, metadata, message) = match refusal {
+            Refusal::Stale { client, current } => (
+                STALE_EPOCH,
+                vec![(CURRENT_EPOCH.to_owned(), format_epoch(current))],
+                format!(
+                    "direct read refused: it was routed by ring epoch {}, the orchestrators use {}; refresh the topology and read through an orchestrator",
+                    format_epoch(client),
+                    format_epoch(current)
+                ),
+            ),
+            Refusal::Unvouched => (
+                CANNOT_VOUCH,
+                Vec::new(),
+                format!(
+                    "direct read refused: no orchestrator has called this node within {VOUCH_WINDOW:?}, so it cannot vouch that it is the key's owner and up to date; read through an orchestrator"
+                ),
+            ),
+            Refusal::Disagreeing { epochs } => (
+                CANNOT_VOUCH,
+                Vec::new(),
+                format!(
+                    "direct read refused: orchestrators call this node with different ring epochs ({}), a membership change is under way; read through an orchestrator",
+                    epochs
+                        .iter()
+                        .map(|e| format_epoch(*e))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        };
+        tonic::Status::with_error_details(
+            tonic::Code::FailedPrecondition,
+            message,
+            ErrorDetails::with_error_info(
+                reason,
+                ERROR_DOMAIN,
+                metadata
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+        )
+    }
+}
+
 /// Parses an epoch as orchestrators send it: 16 hex digits.
 pub fn parse(value: &str) -> Option<u64> {
     (value.len() == 16)
@@ -149,6 +256,49 @@ mod tests {
                 calls: 3
             }
         );
+    }
+
+    #[test]
+    fn vouches_only_for_the_one_epoch_orchestrators_use_now() {
+        let t = Instant::now();
+        let e = Epochs::new(Duration::from_secs(30));
+        assert_eq!(e.vouch(1, t), Err(Refusal::Unvouched));
+        e.record(1, t);
+        assert_eq!(e.vouch(1, t + Duration::from_secs(1)), Ok(()));
+        assert_eq!(
+            e.vouch(2, t + Duration::from_secs(1)),
+            Err(Refusal::Stale {
+                client: 2,
+                current: 1
+            })
+        );
+        // A second epoch while the first is current: a change under way.
+        e.record(2, t + Duration::from_secs(2));
+        assert_eq!(
+            e.vouch(2, t + Duration::from_secs(3)),
+            Err(Refusal::Disagreeing { epochs: vec![2, 1] })
+        );
+        // Once the old epoch is no longer heard, the new one is vouched.
+        e.record(2, t + Duration::from_secs(11));
+        assert_eq!(e.vouch(2, t + Duration::from_secs(13)), Ok(()));
+        // Nobody heard for the window (a frozen node): nothing is vouched.
+        assert_eq!(
+            e.vouch(2, t + Duration::from_secs(11) + VOUCH_WINDOW),
+            Err(Refusal::Unvouched)
+        );
+    }
+
+    #[test]
+    fn a_refusal_carries_the_current_epoch_in_its_details() {
+        use tonic_types::StatusExt;
+        let status = tonic::Status::from(Refusal::Stale {
+            client: 1,
+            current: 0xab,
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, ringcache_proto::direct::STALE_EPOCH);
+        assert_eq!(info.metadata["current_epoch"], "00000000000000ab");
     }
 
     #[test]

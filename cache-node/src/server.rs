@@ -19,8 +19,9 @@ use crate::{
     changes::ChangeLog,
     config::Config,
     debts::Debts,
+    epochs::Epochs,
     metrics::{ChangesCollector, DebtsCollector, EpochsCollector, StoreCollector},
-    service::{CacheService, InternalService, NodeService, new_incarnation},
+    service::{CacheService, EPOCH_WINDOW, InternalService, NodeService, new_incarnation},
     store::Store,
 };
 
@@ -81,8 +82,12 @@ pub async fn run(
     // end cleanly when the listener closes.
     let pipelines = ringcache_common::pipeline::Pipelines::new(&config.limits)
         .with_metrics(ringcache_common::pipeline::PipelineMetrics::new(&registry)?);
+    // One record of the epochs orchestrators call with: Apply and Stats
+    // fill it, Node/Stats reports it, direct reads are vouched for by it.
+    let epochs = Arc::new(Epochs::new(EPOCH_WINDOW));
     let cache = CacheService::new(store.clone(), config.limits(), max_message)
-        .with_pipelines(pipelines.clone());
+        .with_pipelines(pipelines.clone())
+        .with_epochs(epochs.clone());
     // ApplyStreams end when the node starts draining (callers move to
     // unary Apply, which the drain bounds).
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
@@ -97,8 +102,7 @@ pub async fn run(
     let internal = InternalService::new(cache.clone())
         .with_streams(draining, config.limits.max_in_flight)
         .with_debts(debts);
-    let internal_epochs = internal.epochs();
-    registry.register(Box::new(EpochsCollector::new(internal.epochs())?))?;
+    registry.register(Box::new(EpochsCollector::new(epochs.clone())?))?;
     let mut routes = RoutesBuilder::default();
     routes
         .add_service(
@@ -114,7 +118,7 @@ pub async fn run(
         .add_service(NodeServer::new(
             NodeService::new(store, node_id.clone())
                 .with_incarnation(incarnation)
-                .with_epochs(internal_epochs),
+                .with_epochs(epochs),
         ))
         .add_service(health_service);
     add_reflection(

@@ -15,6 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use ringcache_common::{
+    direct::DirectEpoch,
     inflight_bytes::CallBytes,
     pipeline::{PipelineStream, Pipelines},
     validate::{RequestLimits, to_proto_duration},
@@ -57,6 +58,9 @@ pub struct CacheService {
     max_message_bytes: usize,
     /// Serves `Pipeline` streams, each op on this service's own handlers.
     pipelines: Pipelines,
+    /// The epochs orchestrators call with: a direct read is served only
+    /// with the one they use now ([`Epochs::vouch`]).
+    epochs: Arc<Epochs>,
 }
 
 impl CacheService {
@@ -68,6 +72,23 @@ impl CacheService {
             limits,
             max_message_bytes,
             pipelines: Pipelines::default(),
+            epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
+        }
+    }
+
+    /// Vouches for direct reads with the epochs in `epochs` (the ones
+    /// orchestrators' calls record).
+    pub fn with_epochs(mut self, epochs: Arc<Epochs>) -> Self {
+        self.epochs = epochs;
+        self
+    }
+
+    /// Refuses a direct read (one carrying `ringcache-direct-epoch`) that
+    /// this node cannot vouch for; any other read passes.
+    fn check_direct<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match DirectEpoch::of(request) {
+            Some(DirectEpoch(epoch)) => Ok(self.epochs.vouch(epoch, Instant::now())?),
+            None => Ok(()),
         }
     }
 
@@ -180,6 +201,7 @@ impl Cache for CacheService {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.check_direct(&request)?;
         let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits
@@ -239,6 +261,7 @@ impl Cache for CacheService {
         &self,
         request: Request<ExistsRequest>,
     ) -> Result<Response<ExistsResponse>, Status> {
+        self.check_direct(&request)?;
         let req = request.into_inner();
         self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
         let results = req
@@ -397,8 +420,8 @@ impl InternalService {
     pub fn new(cache: CacheService) -> Self {
         let (_, draining) = tokio::sync::watch::channel(false);
         Self {
+            epochs: cache.epochs.clone(),
             cache,
-            epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
             draining,
             streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
             debts: Arc::new(Debts::new(DEFAULT_DEBT_BYTES)),
@@ -756,6 +779,7 @@ fn change_message(c: changes::Change) -> ringcache_proto::v1::Change {
             changes::ChangeKind::Copy => K::Copy,
             changes::ChangeKind::Flush => K::Flush,
             changes::ChangeKind::Owed => K::Owed,
+            changes::ChangeKind::Settled => K::Settled,
         } as i32,
         key: c.key.into_string(),
         version: c.version,
@@ -848,6 +872,13 @@ impl Internal for InternalService {
     ) -> Result<Response<SettleResponse>, Status> {
         let req = request.into_inner();
         let settled = self.debts.settle(&req.owner, req.through);
+        if settled > 0
+            && let Some(log) = self.cache.store.change_log()
+        {
+            // Clients that route themselves skipped the owner for these
+            // keys; the feed tells them it is up to date.
+            log.append_settled(&req.owner, req.through);
+        }
         Ok(Response::new(SettleResponse { settled }))
     }
 
@@ -1016,7 +1047,21 @@ fn shard_stats(index: u32, s: &store::ShardStats) -> ringcache_proto::v1::ShardS
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        // Orchestrators ask every health round, with their epoch: what lets
+        // the node vouch for direct reads when no data call comes.
+        if let Some(epochs) = &self.epochs
+            && let Some(epoch) = request
+                .metadata()
+                .get(EPOCH_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(epochs::parse)
+        {
+            epochs.record(epoch, Instant::now());
+        }
         let shards = self.store.shard_stats();
         let total = Store::sum(&shards);
         Ok(Response::new(StatsResponse {

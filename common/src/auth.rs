@@ -86,7 +86,8 @@ pub type Policy = fn(&str) -> Option<Role>;
 
 /// The policy of the `ringcache.v1.Cache` API (both binaries) and of the
 /// operator APIs (`Cluster`, and on nodes `Node` and `Internal`): reads
-/// need `read`, other cache calls `write`, everything else `admin`.
+/// and what direct clients follow need `read`, other cache calls `write`,
+/// everything else `admin`.
 pub fn ringcache_policy(path: &str) -> Option<Role> {
     if is_probe(path) {
         return None;
@@ -98,6 +99,12 @@ pub fn ringcache_policy(path: &str) -> Option<Role> {
         // Opened with any data token; each op is checked against the role
         // of its unary call (see `crate::pipeline`).
         PIPELINE_PATH => Role::Read,
+        // What a client that routes itself follows (direct mode): the
+        // topology, and the nodes' change feeds and debt records, which
+        // name keys but carry no values.
+        "/ringcache.v1.Cluster/WatchTopology"
+        | "/ringcache.v1.Internal/Changes"
+        | "/ringcache.v1.Internal/Debts" => Role::Read,
         p if p.starts_with("/ringcache.v1.Cache/") => Role::Write,
         _ => Role::Admin,
     })
@@ -390,6 +397,22 @@ mod tests {
             Some(PermissionDenied)
         );
         assert!(Caller { role: Role::Write }.refusal(set).is_none());
+        // What a direct client follows needs a read token; the rest of the
+        // internal API stays the orchestrators'.
+        for followed in [
+            "/ringcache.v1.Cluster/WatchTopology",
+            "/ringcache.v1.Internal/Changes",
+            "/ringcache.v1.Internal/Debts",
+        ] {
+            assert_eq!(code(followed, Some(READER)), None, "{followed}");
+            assert_eq!(code(followed, None), Some(Unauthenticated), "{followed}");
+        }
+        for internal in [
+            "/ringcache.v1.Internal/Settle",
+            "/ringcache.v1.Internal/Flush",
+        ] {
+            assert_eq!(code(internal, Some(WRITER)), Some(PermissionDenied));
+        }
         let _ = std::fs::remove_file(path);
     }
 

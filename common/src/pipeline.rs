@@ -58,7 +58,7 @@ use ringcache_proto::{
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
-use crate::{auth::Caller, deadline::OpDeadline, inflight_bytes::CallBytes};
+use crate::{auth::Caller, deadline::OpDeadline, direct::DirectEpoch, inflight_bytes::CallBytes};
 
 /// Ops in flight per stream by default (`--pipeline-depth`).
 pub const DEFAULT_DEPTH: usize = 128;
@@ -272,6 +272,13 @@ impl Pipelines {
         self.inner.closing.send_replace(true);
     }
 
+    /// Completes once [`Pipelines::close`] was called (the server drains):
+    /// other long-lived response streams of the service end with it too.
+    pub async fn closed(&self) {
+        let mut closing = self.inner.closing.subscribe();
+        let _ = closing.wait_for(|c| *c).await;
+    }
+
     /// Serves one `Pipeline` call on `service`, whose unary handlers run
     /// each op.
     pub fn serve<S>(
@@ -288,6 +295,7 @@ impl Pipelines {
         let stream = StreamContext {
             caller: request.extensions().get::<Caller>().copied(),
             bytes: request.extensions().get::<CallBytes>().cloned(),
+            direct: DirectEpoch::from_metadata(request.metadata()),
         };
         let input = request.into_inner();
         let depth = self.inner.depth;
@@ -320,6 +328,9 @@ struct StreamContext {
     caller: Option<Caller>,
     /// The stream's share of the in-flight byte budget.
     bytes: Option<CallBytes>,
+    /// The epoch a direct client routed this stream's reads by (the
+    /// stream's `ringcache-direct-epoch`), handed to every op.
+    direct: Option<DirectEpoch>,
 }
 
 /// An op answered, waiting to be sent.
@@ -719,7 +730,7 @@ async fn checked<S: Cache>(
     } else {
         (Span::none(), None)
     };
-    let call = dispatch(service, op, deadline, held.clone());
+    let call = dispatch(service, op, deadline, held.clone(), stream.direct);
     let result = InSpan {
         inner: tokio::time::timeout_at(deadline.into(), call),
         span: span.clone(),
@@ -741,44 +752,45 @@ async fn dispatch<S: Cache>(
     op: Op,
     deadline: Instant,
     held: Option<CallBytes>,
+    direct: Option<DirectEpoch>,
 ) -> Result<Answer, Status> {
-    fn request<T>(message: T, deadline: Instant, held: Option<CallBytes>) -> Request<T> {
+    let ops = OpContext {
+        deadline,
+        held,
+        direct,
+    };
+    Ok(match op {
+        Op::Get(m) => Answer::Get(service.get(ops.request(m)).await?.into_inner()),
+        Op::Set(m) => Answer::Set(service.set(ops.request(m)).await?.into_inner()),
+        Op::Delete(m) => Answer::Delete(service.delete(ops.request(m)).await?.into_inner()),
+        Op::Increment(m) => {
+            Answer::Increment(service.increment(ops.request(m)).await?.into_inner())
+        }
+        Op::Touch(m) => Answer::Touch(service.touch(ops.request(m)).await?.into_inner()),
+        Op::Exists(m) => Answer::Exists(service.exists(ops.request(m)).await?.into_inner()),
+    })
+}
+
+/// What the driver hands every op's request besides its message.
+struct OpContext {
+    deadline: Instant,
+    held: Option<CallBytes>,
+    direct: Option<DirectEpoch>,
+}
+
+impl OpContext {
+    fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         let extensions = request.extensions_mut();
-        extensions.insert(OpDeadline(deadline));
-        if let Some(held) = held {
-            extensions.insert(held);
+        extensions.insert(OpDeadline(self.deadline));
+        if let Some(held) = &self.held {
+            extensions.insert(held.clone());
+        }
+        if let Some(direct) = self.direct {
+            extensions.insert(direct);
         }
         request
     }
-    Ok(match op {
-        Op::Get(m) => Answer::Get(service.get(request(m, deadline, held)).await?.into_inner()),
-        Op::Set(m) => Answer::Set(service.set(request(m, deadline, held)).await?.into_inner()),
-        Op::Delete(m) => Answer::Delete(
-            service
-                .delete(request(m, deadline, held))
-                .await?
-                .into_inner(),
-        ),
-        Op::Increment(m) => Answer::Increment(
-            service
-                .increment(request(m, deadline, held))
-                .await?
-                .into_inner(),
-        ),
-        Op::Touch(m) => Answer::Touch(
-            service
-                .touch(request(m, deadline, held))
-                .await?
-                .into_inner(),
-        ),
-        Op::Exists(m) => Answer::Exists(
-            service
-                .exists(request(m, deadline, held))
-                .await?
-                .into_inner(),
-        ),
-    })
 }
 
 fn failed(id: u64, order: Sequence, status: Status) -> Done {
@@ -790,7 +802,11 @@ fn failed(id: u64, order: Sequence, status: Status) -> Done {
             result: Some(Answer::Error(RpcStatus {
                 code: status.code() as i32,
                 message: status.message().to_owned(),
-                details: Vec::new(),
+                // A status with rich details (tonic-types) carries them as
+                // an encoded google.rpc.Status: the op's error keeps them.
+                details: RpcStatus::decode(status.details())
+                    .map(|s| s.details)
+                    .unwrap_or_default(),
             })),
         },
         held: None,

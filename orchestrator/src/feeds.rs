@@ -179,6 +179,9 @@ impl Position {
             } else if change.kind == ChangeKind::Owed as i32 {
                 let key = (!change.key.is_empty()).then_some(change.key.as_str());
                 sink.owed(&change.owner, key, holder, change.version);
+            } else if change.kind == ChangeKind::Settled as i32 {
+                // For clients that route themselves; this orchestrator
+                // settled its own record when it replayed it.
             } else {
                 sink.changed(&change.key);
             }

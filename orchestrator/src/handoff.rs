@@ -592,6 +592,7 @@ pub async fn refill(cluster: Arc<Cluster>, target: Arc<Node>) {
     let outcome = run_refill(&cluster, &target).await;
     cluster.metrics().nodes_warming.dec();
     target.warmth.refilled();
+    cluster.topology_changed();
     match outcome {
         Ok(done) => tracing::info!(
             node = %target.id,

@@ -82,6 +82,32 @@ pub struct NodeHealth {
     /// The cluster's routing generation, moved when this node is ejected
     /// or readmitted.
     routing: Arc<AtomicU64>,
+    /// Wakes the cluster's topology watchers on those changes.
+    events: Arc<TopologyEvents>,
+}
+
+/// Wakes whoever follows the topology (`Cluster/WatchTopology` streams)
+/// when it changes: a node ejected or readmitted, starting or ending
+/// warm-up, the membership replaced.
+#[derive(Debug)]
+pub struct TopologyEvents(tokio::sync::watch::Sender<u64>);
+
+impl Default for TopologyEvents {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(0))
+    }
+}
+
+impl TopologyEvents {
+    /// Something changed: wake every watcher.
+    pub fn changed(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes on every change from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 /// An active check run on demand, when a call ends without saying whether
@@ -113,6 +139,7 @@ impl NodeHealth {
         };
         if ejected {
             self.routing.fetch_add(1, Ordering::AcqRel);
+            self.events.changed();
             tracing::warn!(node = %self.id, address = %self.address, reason, "node ejected");
             self.metrics.ejections.with_label_values(&[&*self.id]).inc();
             self.metrics.set_routable(&self.id, false);
@@ -128,6 +155,7 @@ impl NodeHealth {
         };
         if readmitted {
             self.routing.fetch_add(1, Ordering::AcqRel);
+            self.events.changed();
             tracing::info!(node = %self.id, address = %self.address, "node readmitted");
         }
         self.metrics.set_reached(&self.id);
@@ -218,6 +246,7 @@ impl Node {
         metrics: &Arc<ClusterMetrics>,
         epoch: &Arc<AtomicU64>,
         routing: &Arc<AtomicU64>,
+        events: &Arc<TopologyEvents>,
         make_stack: impl Fn(&Member, Transport, Arc<dyn HealthRecorder>, CallMetrics) -> NodeStack,
     ) -> Result<Self, http::Error> {
         let transport =
@@ -235,6 +264,7 @@ impl Node {
                 running: AtomicBool::new(false),
             },
             routing: routing.clone(),
+            events: events.clone(),
         });
         let stack = make_stack(
             member,
@@ -362,6 +392,8 @@ pub struct Cluster {
     /// membership replaced. What was read under an older routing
     /// (relief's answers) is not served.
     routing: Arc<AtomicU64>,
+    /// Wakes topology watchers.
+    events: Arc<TopologyEvents>,
     /// The nodes' change feeds are followed ([`crate::feeds::supervise`]).
     feeds: AtomicBool,
     settings: CallSettings,
@@ -380,6 +412,7 @@ impl Cluster {
             copy_slots: Arc::new(tokio::sync::Semaphore::new(crate::handoff::COPY_SLOTS)),
             epoch: Arc::new(AtomicU64::new(Ring::default().epoch())),
             routing: Arc::new(AtomicU64::new(0)),
+            events: Arc::new(TopologyEvents::default()),
             feeds: AtomicBool::new(false),
             settings,
             metrics,
@@ -449,6 +482,19 @@ impl Cluster {
         let window = self.settings.handoff.window;
         node.warmth.start(window);
         self.extend_handoff(window);
+        self.events.changed();
+    }
+
+    /// Wakes topology watchers: something they report changed.
+    pub fn topology_changed(&self) {
+        self.events.changed();
+    }
+
+    /// Wakes on every change of what `Cluster/WatchTopology` reports
+    /// (ejections, readmissions, warm-up, membership); time-bound changes
+    /// (a read-through window ending) are not signalled.
+    pub fn topology_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
     }
 
     fn extend_handoff(&self, window: Duration) {
@@ -516,6 +562,7 @@ impl Cluster {
                 &self.metrics,
                 &self.epoch,
                 &self.routing,
+                &self.events,
                 &make_stack,
             ) {
                 Ok(node) => {
@@ -569,6 +616,7 @@ impl Cluster {
             epoch,
         }));
         self.routing.fetch_add(1, Ordering::AcqRel);
+        self.events.changed();
     }
 
     /// Whether this orchestrator can serve: some node on the ring is

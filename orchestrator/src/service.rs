@@ -52,8 +52,9 @@ use ringcache_proto::v1::{
     GetResponse, GetResult, HotKey, HotKeysRequest, HotKeysResponse, IncrementRequest,
     IncrementResponse, KeyError, KeyInfo, ListNodesRequest, ListNodesResponse, LocateRequest,
     LocateResponse, NodeInfo, NodeState, Op, OpResult, OweRequest, PipelineRequest, SetManyRequest,
-    SetManyResponse, SetRequest, SetResponse, SetResult, TouchRequest, TouchResponse,
-    cache_server::Cache, cluster_server::Cluster as ClusterApi, op, op_result, set_request,
+    SetManyResponse, SetRequest, SetResponse, SetResult, Topology as TopologyMessage, TouchRequest,
+    TouchResponse, WatchTopologyRequest, cache_server::Cache,
+    cluster_server::Cluster as ClusterApi, op, op_result, set_request,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -1399,9 +1400,39 @@ impl Router {
             consecutive_failures: failures,
             warming: node.warmth.warming(),
             node_id: node.reported_id().unwrap_or_default(),
+            reads_through: node.warmth.reads_through(Instant::now()),
+        }
+    }
+
+    /// What `Cluster/WatchTopology` reports now (its revision left 0).
+    fn topology_message(&self) -> TopologyMessage {
+        let topo = self.cluster.topology();
+        TopologyMessage {
+            epoch: format!("{:016x}", topo.epoch),
+            replicas: u32::try_from(self.replicas).unwrap_or(u32::MAX),
+            placement_version: crate::ring::PLACEMENT_VERSION,
+            nodes: (0..topo.nodes.len())
+                .map(|i| NodeInfo {
+                    // Counts that move with every call would make a message
+                    // of every failure: watchers get states, not counts.
+                    consecutive_failures: 0,
+                    ..self.node_info(&topo, i)
+                })
+                .collect(),
+            handoff: self.cluster.previous().is_some(),
+            revision: 0,
         }
     }
 }
+
+/// How often a `WatchTopology` stream looks again without being woken:
+/// what changes with time alone (a read-through window ending) is seen
+/// within it.
+const TOPOLOGY_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The `WatchTopology` response stream.
+pub type TopologyStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<TopologyMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Cache for Router {
@@ -1624,6 +1655,58 @@ impl Cache for Router {
 
 #[tonic::async_trait]
 impl ClusterApi for Router {
+    type WatchTopologyStream = TopologyStream;
+
+    /// One task per stream: it sends the topology when it differs from
+    /// the last message, woken by the cluster's topology events or every
+    /// [`TOPOLOGY_RECHECK`]; it ends when the client leaves, or with
+    /// `UNAVAILABLE` when the orchestrator drains.
+    async fn watch_topology(
+        &self,
+        _: Request<WatchTopologyRequest>,
+    ) -> Result<Response<TopologyStream>, Status> {
+        let router = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TopologyMessage, Status>>(1);
+        tokio::spawn(async move {
+            let mut events = router.cluster.topology_events();
+            let closed = router.pipelines.closed();
+            tokio::pin!(closed);
+            let mut last: Option<TopologyMessage> = None;
+            let mut revision = 0u64;
+            loop {
+                events.mark_unchanged();
+                let now = router.topology_message();
+                if last.as_ref() != Some(&now) {
+                    revision += 1;
+                    let message = TopologyMessage {
+                        revision,
+                        ..now.clone()
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = &mut closed => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the orchestrator is draining: watch the topology on another one",
+                            )))
+                            .await;
+                        return;
+                    }
+                    _ = events.changed() => {}
+                    () = tokio::time::sleep(TOPOLOGY_RECHECK) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list_nodes(
         &self,
         _: Request<ListNodesRequest>,

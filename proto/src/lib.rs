@@ -54,6 +54,51 @@ pub mod service_names {
     pub const INTERNAL: &str = "ringcache.v1.Internal";
 }
 
+/// Reads a client sends straight to a cache node (direct mode): the
+/// metadata they carry and the refusals they can get. Both the node and
+/// the clients use these names.
+pub mod direct {
+    /// The metadata a direct read carries (on a `Pipeline` stream, or a
+    /// unary `Get`/`Exists`): the ring epoch of the topology the client
+    /// routed it by, as `Topology.epoch` (16 hex digits). A read without it
+    /// is an ordinary call, served as always.
+    pub const DIRECT_EPOCH_HEADER: &str = "ringcache-direct-epoch";
+
+    /// The metadata orchestrators send their ring's epoch in, with every
+    /// call to a node (the node vouches for direct reads with it).
+    pub const EPOCH_HEADER: &str = "ringcache-epoch";
+
+    /// The `google.rpc.ErrorInfo` domain of ringcache's refusals.
+    pub const ERROR_DOMAIN: &str = "ringcache.dev";
+
+    /// `ErrorInfo.reason` of a direct read refused because the client's
+    /// epoch is not the one the orchestrators use; `ErrorInfo.metadata`
+    /// carries theirs under [`CURRENT_EPOCH`]. Refresh the topology (once,
+    /// with a cool-down), and send the read through an orchestrator.
+    pub const STALE_EPOCH: &str = "STALE_EPOCH";
+
+    /// `ErrorInfo.reason` of a direct read the node cannot vouch for: no
+    /// orchestrator has called it recently, or orchestrators call it with
+    /// different epochs (a membership change in progress). Send the read
+    /// through an orchestrator; the topology need not change.
+    pub const CANNOT_VOUCH: &str = "CANNOT_VOUCH";
+
+    /// The `ErrorInfo.metadata` key of the orchestrators' current epoch.
+    pub const CURRENT_EPOCH: &str = "current_epoch";
+
+    /// An epoch as it travels: 16 lower-case hex digits.
+    pub fn format_epoch(epoch: u64) -> String {
+        format!("{epoch:016x}")
+    }
+
+    /// Parses an epoch as it travels; `None` unless it is 16 hex digits.
+    pub fn parse_epoch(value: &str) -> Option<u64> {
+        (value.len() == 16)
+            .then(|| u64::from_str_radix(value, 16).ok())
+            .flatten()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

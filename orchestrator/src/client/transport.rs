@@ -326,11 +326,26 @@ impl Transport {
         self.identity(timeout).await.map(|i| i.id)
     }
 
+    /// Headers carrying the ring epoch (`ringcache-epoch`), if this
+    /// transport sends one.
+    fn epoch_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(epoch) = &self.epoch
+            && let Ok(v) = HeaderValue::try_from(format!("{:016x}", epoch.load(Ordering::Relaxed)))
+        {
+            headers.insert(EPOCH_HEADER, v);
+        }
+        headers
+    }
+
     /// Asks the node who it is: its `node_id` and the incarnation of its
-    /// process (`Node/Stats`).
+    /// process (`Node/Stats`). Carries the ring epoch: asked every health
+    /// round, it keeps the node's record of the orchestrators' epoch fresh
+    /// when no data call comes (the node vouches for direct reads by it).
     pub async fn identity(&self, timeout: Duration) -> Result<Identity, String> {
+        let headers = Some(self.epoch_headers());
         let ask =
-            self.unary::<_, StatsResponse>(STATS, &StatsRequest {}, Some(timeout), None, true);
+            self.unary::<_, StatsResponse>(STATS, &StatsRequest {}, Some(timeout), headers, true);
         match tokio::time::timeout(timeout, ask).await {
             Ok(Ok(stats)) => Ok(Identity {
                 id: stats.node_id,
@@ -499,12 +514,7 @@ impl Transport {
             d.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         });
-        let mut headers = HeaderMap::new();
-        if let Some(epoch) = &self.epoch
-            && let Ok(v) = HeaderValue::try_from(format!("{:016x}", epoch.load(Ordering::Relaxed)))
-        {
-            headers.insert(EPOCH_HEADER, v);
-        }
+        let mut headers = self.epoch_headers();
         if let Some(cx) = &call.trace {
             ringcache_common::rpc_trace::inject_headers(cx, &mut headers);
         }

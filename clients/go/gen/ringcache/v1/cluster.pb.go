@@ -85,6 +85,144 @@ func (NodeState) EnumDescriptor() ([]byte, []int) {
 	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{0}
 }
 
+// WatchTopologyRequest takes no parameters.
+type WatchTopologyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTopologyRequest) Reset() {
+	*x = WatchTopologyRequest{}
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTopologyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTopologyRequest) ProtoMessage() {}
+
+func (x *WatchTopologyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTopologyRequest.ProtoReflect.Descriptor instead.
+func (*WatchTopologyRequest) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{0}
+}
+
+// Topology is one orchestrator's view of the cluster, complete in every
+// message.
+type Topology struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The ring's epoch, as ListNodesResponse.epoch (16 hex digits). A client
+	// reading from a node directly sends it (`ringcache-direct-epoch`
+	// metadata); a node that knows the orchestrators to use another refuses
+	// the read with FAILED_PRECONDITION.
+	Epoch string `protobuf:"bytes,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// Copies of each key (--replicas).
+	Replicas uint32 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// The placement algorithm's version (ringcache-placement's
+	// PLACEMENT_VERSION; 1 is rendezvous over xxh3). A client that does not
+	// implement it must not route itself.
+	PlacementVersion uint32 `protobuf:"varint,3,opt,name=placement_version,json=placementVersion,proto3" json:"placement_version,omitempty"`
+	// Every node of the ring, sorted by identity. A key's owners are the
+	// first `replicas` nodes of its preference order over these identities.
+	Nodes []*NodeInfo `protobuf:"bytes,4,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// True while a membership change is handed off (--handoff-window): some
+	// keys are still only on their previous owners, and the orchestrator
+	// reads them through. Clients that route themselves send every read to
+	// the orchestrator meanwhile.
+	Handoff bool `protobuf:"varint,5,opt,name=handoff,proto3" json:"handoff,omitempty"`
+	// Counts the messages of this stream, from 1.
+	Revision      uint64 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Topology) Reset() {
+	*x = Topology{}
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Topology) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Topology) ProtoMessage() {}
+
+func (x *Topology) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Topology.ProtoReflect.Descriptor instead.
+func (*Topology) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Topology) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+func (x *Topology) GetReplicas() uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *Topology) GetPlacementVersion() uint32 {
+	if x != nil {
+		return x.PlacementVersion
+	}
+	return 0
+}
+
+func (x *Topology) GetNodes() []*NodeInfo {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *Topology) GetHandoff() bool {
+	if x != nil {
+		return x.Handoff
+	}
+	return false
+}
+
+func (x *Topology) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 // HotKeysRequest says how many keys to return.
 type HotKeysRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -96,7 +234,7 @@ type HotKeysRequest struct {
 
 func (x *HotKeysRequest) Reset() {
 	*x = HotKeysRequest{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[0]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -108,7 +246,7 @@ func (x *HotKeysRequest) String() string {
 func (*HotKeysRequest) ProtoMessage() {}
 
 func (x *HotKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[0]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -121,7 +259,7 @@ func (x *HotKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HotKeysRequest.ProtoReflect.Descriptor instead.
 func (*HotKeysRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{0}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *HotKeysRequest) GetLimit() uint32 {
@@ -153,7 +291,7 @@ type HotKeysResponse struct {
 
 func (x *HotKeysResponse) Reset() {
 	*x = HotKeysResponse{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[1]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -165,7 +303,7 @@ func (x *HotKeysResponse) String() string {
 func (*HotKeysResponse) ProtoMessage() {}
 
 func (x *HotKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[1]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -178,7 +316,7 @@ func (x *HotKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HotKeysResponse.ProtoReflect.Descriptor instead.
 func (*HotKeysResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{1}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *HotKeysResponse) GetKeys() []*HotKey {
@@ -243,7 +381,7 @@ type HotKey struct {
 
 func (x *HotKey) Reset() {
 	*x = HotKey{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[2]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -255,7 +393,7 @@ func (x *HotKey) String() string {
 func (*HotKey) ProtoMessage() {}
 
 func (x *HotKey) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[2]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -268,7 +406,7 @@ func (x *HotKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HotKey.ProtoReflect.Descriptor instead.
 func (*HotKey) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{2}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *HotKey) GetKey() string {
@@ -329,7 +467,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[3]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +479,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[3]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +492,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{3}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{5}
 }
 
 // ListNodesResponse lists the cluster's nodes.
@@ -376,7 +514,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[4]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -388,7 +526,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[4]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -401,7 +539,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{4}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeInfo {
@@ -451,14 +589,20 @@ type NodeInfo struct {
 	// The node's own --node-id, as it last reported it (Node/Stats); empty
 	// until it answers. Equal to id for --nodes-dns and for --nodes entries
 	// written id=host:port; a bare host:port entry's id is the address.
-	NodeId        string `protobuf:"bytes,7,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	NodeId string `protobuf:"bytes,7,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// True while misses on this node are answered from the key's other
+	// holders (warm handoff's read-through, for --handoff-window after it
+	// joined or restarted): a read sent to it directly could miss a value
+	// the orchestrator would find. Clients that route themselves send its
+	// keys to the orchestrator meanwhile.
+	ReadsThrough  bool `protobuf:"varint,8,opt,name=reads_through,json=readsThrough,proto3" json:"reads_through,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[5]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -470,7 +614,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[5]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -483,7 +627,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{5}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *NodeInfo) GetId() string {
@@ -535,6 +679,13 @@ func (x *NodeInfo) GetNodeId() string {
 	return ""
 }
 
+func (x *NodeInfo) GetReadsThrough() bool {
+	if x != nil {
+		return x.ReadsThrough
+	}
+	return false
+}
+
 // LocateRequest names a key.
 type LocateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -546,7 +697,7 @@ type LocateRequest struct {
 
 func (x *LocateRequest) Reset() {
 	*x = LocateRequest{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[6]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -558,7 +709,7 @@ func (x *LocateRequest) String() string {
 func (*LocateRequest) ProtoMessage() {}
 
 func (x *LocateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[6]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -571,7 +722,7 @@ func (x *LocateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocateRequest.ProtoReflect.Descriptor instead.
 func (*LocateRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{6}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LocateRequest) GetKey() string {
@@ -597,7 +748,7 @@ type LocateResponse struct {
 
 func (x *LocateResponse) Reset() {
 	*x = LocateResponse{}
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[7]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -609,7 +760,7 @@ func (x *LocateResponse) String() string {
 func (*LocateResponse) ProtoMessage() {}
 
 func (x *LocateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_cluster_proto_msgTypes[7]
+	mi := &file_ringcache_v1_cluster_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -622,7 +773,7 @@ func (x *LocateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocateResponse.ProtoReflect.Descriptor instead.
 func (*LocateResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{7}
+	return file_ringcache_v1_cluster_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *LocateResponse) GetOwners() []*NodeInfo {
@@ -643,7 +794,15 @@ var File_ringcache_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_ringcache_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x1aringcache/v1/cluster.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\"&\n" +
+	"\x1aringcache/v1/cluster.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\"\x16\n" +
+	"\x14WatchTopologyRequest\"\xcd\x01\n" +
+	"\bTopology\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\tR\x05epoch\x12\x1a\n" +
+	"\breplicas\x18\x02 \x01(\rR\breplicas\x12+\n" +
+	"\x11placement_version\x18\x03 \x01(\rR\x10placementVersion\x12,\n" +
+	"\x05nodes\x18\x04 \x03(\v2\x16.ringcache.v1.NodeInfoR\x05nodes\x12\x18\n" +
+	"\ahandoff\x18\x05 \x01(\bR\ahandoff\x12\x1a\n" +
+	"\brevision\x18\x06 \x01(\x04R\brevision\"&\n" +
 	"\x0eHotKeysRequest\x12\x14\n" +
 	"\x05limit\x18\x01 \x01(\rR\x05limit\"\xe9\x01\n" +
 	"\x0fHotKeysResponse\x12(\n" +
@@ -665,7 +824,7 @@ const file_ringcache_v1_cluster_proto_rawDesc = "" +
 	"\x11ListNodesResponse\x12,\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x16.ringcache.v1.NodeInfoR\x05nodes\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\tR\x05epoch\"\xe6\x01\n" +
+	"\x05epoch\x18\x03 \x01(\tR\x05epoch\"\x8b\x02\n" +
 	"\bNodeInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12-\n" +
@@ -673,7 +832,8 @@ const file_ringcache_v1_cluster_proto_rawDesc = "" +
 	"\tkey_share\x18\x04 \x01(\x01R\bkeyShare\x121\n" +
 	"\x14consecutive_failures\x18\x05 \x01(\rR\x13consecutiveFailures\x12\x18\n" +
 	"\awarming\x18\x06 \x01(\bR\awarming\x12\x17\n" +
-	"\anode_id\x18\a \x01(\tR\x06nodeId\"!\n" +
+	"\anode_id\x18\a \x01(\tR\x06nodeId\x12#\n" +
+	"\rreads_through\x18\b \x01(\bR\freadsThrough\"!\n" +
 	"\rLocateRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\"u\n" +
 	"\x0eLocateResponse\x12.\n" +
@@ -683,11 +843,12 @@ const file_ringcache_v1_cluster_proto_rawDesc = "" +
 	"\x12NODE_STATE_UNKNOWN\x10\x00\x12\x16\n" +
 	"\x12NODE_STATE_HEALTHY\x10\x01\x12\x16\n" +
 	"\x12NODE_STATE_EJECTED\x10\x02\x12\x1c\n" +
-	"\x18NODE_STATE_NEVER_REACHED\x10\x032\xe4\x01\n" +
+	"\x18NODE_STATE_NEVER_REACHED\x10\x032\xb3\x02\n" +
 	"\aCluster\x12L\n" +
 	"\tListNodes\x12\x1e.ringcache.v1.ListNodesRequest\x1a\x1f.ringcache.v1.ListNodesResponse\x12C\n" +
 	"\x06Locate\x12\x1b.ringcache.v1.LocateRequest\x1a\x1c.ringcache.v1.LocateResponse\x12F\n" +
-	"\aHotKeys\x12\x1c.ringcache.v1.HotKeysRequest\x1a\x1d.ringcache.v1.HotKeysResponseB\xb9\x01\n" +
+	"\aHotKeys\x12\x1c.ringcache.v1.HotKeysRequest\x1a\x1d.ringcache.v1.HotKeysResponse\x12M\n" +
+	"\rWatchTopology\x12\".ringcache.v1.WatchTopologyRequest\x1a\x16.ringcache.v1.Topology0\x01B\xb9\x01\n" +
 	"\x10com.ringcache.v1B\fClusterProtoP\x01ZFgithub.com/ringcache/ringcache/clients/go/gen/ringcache/v1;ringcachev1\xa2\x02\x03RXX\xaa\x02\fRingcache.V1\xca\x02\fRingcache\\V1\xe2\x02\x18Ringcache\\V1\\GPBMetadata\xea\x02\rRingcache::V1b\x06proto3"
 
 var (
@@ -703,38 +864,43 @@ func file_ringcache_v1_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_ringcache_v1_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_ringcache_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_ringcache_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_ringcache_v1_cluster_proto_goTypes = []any{
-	(NodeState)(0),              // 0: ringcache.v1.NodeState
-	(*HotKeysRequest)(nil),      // 1: ringcache.v1.HotKeysRequest
-	(*HotKeysResponse)(nil),     // 2: ringcache.v1.HotKeysResponse
-	(*HotKey)(nil),              // 3: ringcache.v1.HotKey
-	(*ListNodesRequest)(nil),    // 4: ringcache.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),   // 5: ringcache.v1.ListNodesResponse
-	(*NodeInfo)(nil),            // 6: ringcache.v1.NodeInfo
-	(*LocateRequest)(nil),       // 7: ringcache.v1.LocateRequest
-	(*LocateResponse)(nil),      // 8: ringcache.v1.LocateResponse
-	(*durationpb.Duration)(nil), // 9: google.protobuf.Duration
+	(NodeState)(0),               // 0: ringcache.v1.NodeState
+	(*WatchTopologyRequest)(nil), // 1: ringcache.v1.WatchTopologyRequest
+	(*Topology)(nil),             // 2: ringcache.v1.Topology
+	(*HotKeysRequest)(nil),       // 3: ringcache.v1.HotKeysRequest
+	(*HotKeysResponse)(nil),      // 4: ringcache.v1.HotKeysResponse
+	(*HotKey)(nil),               // 5: ringcache.v1.HotKey
+	(*ListNodesRequest)(nil),     // 6: ringcache.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),    // 7: ringcache.v1.ListNodesResponse
+	(*NodeInfo)(nil),             // 8: ringcache.v1.NodeInfo
+	(*LocateRequest)(nil),        // 9: ringcache.v1.LocateRequest
+	(*LocateResponse)(nil),       // 10: ringcache.v1.LocateResponse
+	(*durationpb.Duration)(nil),  // 11: google.protobuf.Duration
 }
 var file_ringcache_v1_cluster_proto_depIdxs = []int32{
-	3,  // 0: ringcache.v1.HotKeysResponse.keys:type_name -> ringcache.v1.HotKey
-	9,  // 1: ringcache.v1.HotKeysResponse.window:type_name -> google.protobuf.Duration
-	9,  // 2: ringcache.v1.HotKeysResponse.relief_ttl:type_name -> google.protobuf.Duration
-	6,  // 3: ringcache.v1.ListNodesResponse.nodes:type_name -> ringcache.v1.NodeInfo
-	0,  // 4: ringcache.v1.NodeInfo.state:type_name -> ringcache.v1.NodeState
-	6,  // 5: ringcache.v1.LocateResponse.owners:type_name -> ringcache.v1.NodeInfo
-	6,  // 6: ringcache.v1.LocateResponse.read_from:type_name -> ringcache.v1.NodeInfo
-	4,  // 7: ringcache.v1.Cluster.ListNodes:input_type -> ringcache.v1.ListNodesRequest
-	7,  // 8: ringcache.v1.Cluster.Locate:input_type -> ringcache.v1.LocateRequest
-	1,  // 9: ringcache.v1.Cluster.HotKeys:input_type -> ringcache.v1.HotKeysRequest
-	5,  // 10: ringcache.v1.Cluster.ListNodes:output_type -> ringcache.v1.ListNodesResponse
-	8,  // 11: ringcache.v1.Cluster.Locate:output_type -> ringcache.v1.LocateResponse
-	2,  // 12: ringcache.v1.Cluster.HotKeys:output_type -> ringcache.v1.HotKeysResponse
-	10, // [10:13] is the sub-list for method output_type
-	7,  // [7:10] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	8,  // 0: ringcache.v1.Topology.nodes:type_name -> ringcache.v1.NodeInfo
+	5,  // 1: ringcache.v1.HotKeysResponse.keys:type_name -> ringcache.v1.HotKey
+	11, // 2: ringcache.v1.HotKeysResponse.window:type_name -> google.protobuf.Duration
+	11, // 3: ringcache.v1.HotKeysResponse.relief_ttl:type_name -> google.protobuf.Duration
+	8,  // 4: ringcache.v1.ListNodesResponse.nodes:type_name -> ringcache.v1.NodeInfo
+	0,  // 5: ringcache.v1.NodeInfo.state:type_name -> ringcache.v1.NodeState
+	8,  // 6: ringcache.v1.LocateResponse.owners:type_name -> ringcache.v1.NodeInfo
+	8,  // 7: ringcache.v1.LocateResponse.read_from:type_name -> ringcache.v1.NodeInfo
+	6,  // 8: ringcache.v1.Cluster.ListNodes:input_type -> ringcache.v1.ListNodesRequest
+	9,  // 9: ringcache.v1.Cluster.Locate:input_type -> ringcache.v1.LocateRequest
+	3,  // 10: ringcache.v1.Cluster.HotKeys:input_type -> ringcache.v1.HotKeysRequest
+	1,  // 11: ringcache.v1.Cluster.WatchTopology:input_type -> ringcache.v1.WatchTopologyRequest
+	7,  // 12: ringcache.v1.Cluster.ListNodes:output_type -> ringcache.v1.ListNodesResponse
+	10, // 13: ringcache.v1.Cluster.Locate:output_type -> ringcache.v1.LocateResponse
+	4,  // 14: ringcache.v1.Cluster.HotKeys:output_type -> ringcache.v1.HotKeysResponse
+	2,  // 15: ringcache.v1.Cluster.WatchTopology:output_type -> ringcache.v1.Topology
+	12, // [12:16] is the sub-list for method output_type
+	8,  // [8:12] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_ringcache_v1_cluster_proto_init() }
@@ -748,7 +914,7 @@ func file_ringcache_v1_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ringcache_v1_cluster_proto_rawDesc), len(file_ringcache_v1_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,9 +21,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Cluster_ListNodes_FullMethodName = "/ringcache.v1.Cluster/ListNodes"
-	Cluster_Locate_FullMethodName    = "/ringcache.v1.Cluster/Locate"
-	Cluster_HotKeys_FullMethodName   = "/ringcache.v1.Cluster/HotKeys"
+	Cluster_ListNodes_FullMethodName     = "/ringcache.v1.Cluster/ListNodes"
+	Cluster_Locate_FullMethodName        = "/ringcache.v1.Cluster/Locate"
+	Cluster_HotKeys_FullMethodName       = "/ringcache.v1.Cluster/HotKeys"
+	Cluster_WatchTopology_FullMethodName = "/ringcache.v1.Cluster/WatchTopology"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -44,6 +45,14 @@ type ClusterClient interface {
 	// first, with estimated rates (from a sampled, bounded sketch: a key
 	// below about 1/256 of all calls may be missing) and their owners.
 	HotKeys(ctx context.Context, in *HotKeysRequest, opts ...grpc.CallOption) (*HotKeysResponse, error)
+	// WatchTopology streams what a client needs to route reads itself
+	// (direct mode): the ring's epoch, the nodes with their addresses and
+	// states, the number of replicas and the placement algorithm's version.
+	// The first message comes at once; then one each time any of it changes
+	// (a node ejected or readmitted, warming, a membership change), checked
+	// at least every 250 ms. The stream lasts until the client cancels it or
+	// the orchestrator drains (UNAVAILABLE: watch another orchestrator).
+	WatchTopology(ctx context.Context, in *WatchTopologyRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Topology], error)
 }
 
 type clusterClient struct {
@@ -84,6 +93,25 @@ func (c *clusterClient) HotKeys(ctx context.Context, in *HotKeysRequest, opts ..
 	return out, nil
 }
 
+func (c *clusterClient) WatchTopology(ctx context.Context, in *WatchTopologyRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Topology], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Cluster_ServiceDesc.Streams[0], Cluster_WatchTopology_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchTopologyRequest, Topology]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Cluster_WatchTopologyClient = grpc.ServerStreamingClient[Topology]
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
@@ -102,6 +130,14 @@ type ClusterServer interface {
 	// first, with estimated rates (from a sampled, bounded sketch: a key
 	// below about 1/256 of all calls may be missing) and their owners.
 	HotKeys(context.Context, *HotKeysRequest) (*HotKeysResponse, error)
+	// WatchTopology streams what a client needs to route reads itself
+	// (direct mode): the ring's epoch, the nodes with their addresses and
+	// states, the number of replicas and the placement algorithm's version.
+	// The first message comes at once; then one each time any of it changes
+	// (a node ejected or readmitted, warming, a membership change), checked
+	// at least every 250 ms. The stream lasts until the client cancels it or
+	// the orchestrator drains (UNAVAILABLE: watch another orchestrator).
+	WatchTopology(*WatchTopologyRequest, grpc.ServerStreamingServer[Topology]) error
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -120,6 +156,9 @@ func (UnimplementedClusterServer) Locate(context.Context, *LocateRequest) (*Loca
 }
 func (UnimplementedClusterServer) HotKeys(context.Context, *HotKeysRequest) (*HotKeysResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method HotKeys not implemented")
+}
+func (UnimplementedClusterServer) WatchTopology(*WatchTopologyRequest, grpc.ServerStreamingServer[Topology]) error {
+	return status.Error(codes.Unimplemented, "method WatchTopology not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -196,6 +235,17 @@ func _Cluster_HotKeys_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_WatchTopology_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchTopologyRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ClusterServer).WatchTopology(m, &grpc.GenericServerStream[WatchTopologyRequest, Topology]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Cluster_WatchTopologyServer = grpc.ServerStreamingServer[Topology]
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -216,6 +266,12 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Cluster_HotKeys_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchTopology",
+			Handler:       _Cluster_WatchTopology_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "ringcache/v1/cluster.proto",
 }
