@@ -70,10 +70,14 @@ impl std::fmt::Debug for Call {
 }
 
 impl Lane {
-    /// Starts a pipeline on `channel`, sending `token` on its streams.
-    pub(crate) fn spawn(channel: Channel, token: Option<AsciiMetadataValue>) -> Self {
+    /// Starts a pipeline on `channel`, sending `metadata` (the token, a
+    /// direct read's epoch) on its streams.
+    pub(crate) fn spawn(
+        channel: Channel,
+        metadata: Vec<(&'static str, AsciiMetadataValue)>,
+    ) -> Self {
         let (calls, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(channel, token, rx));
+        tokio::spawn(run(channel, metadata, rx));
         Self { calls }
     }
 
@@ -106,14 +110,18 @@ impl Lane {
 
 /// The lane's task: streams, one after another, until the handle is
 /// dropped.
-async fn run(channel: Channel, token: Option<AsciiMetadataValue>, mut calls: mpsc::Receiver<Call>) {
+async fn run(
+    channel: Channel,
+    metadata: Vec<(&'static str, AsciiMetadataValue)>,
+    mut calls: mpsc::Receiver<Call>,
+) {
     let mut failures: u32 = 0;
     // A stream is opened for the first call waiting.
     while let Some(first) = calls.recv().await {
         let (tx, rx) = mpsc::channel::<PipelineRequest>(QUEUE);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(t) = &token {
-            request.metadata_mut().insert("authorization", t.clone());
+        for (key, value) in &metadata {
+            request.metadata_mut().insert(*key, value.clone());
         }
         let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
         let mut next_id: u64 = 0;

@@ -54,6 +54,7 @@
 //! `tracing-opentelemetry`, the span's trace context rides with the op, so
 //! the orchestrator's and the nodes' spans join the caller's trace.
 
+mod direct;
 mod lane;
 
 use std::{
@@ -171,9 +172,26 @@ pub struct Builder {
     pipelines: usize,
     retries: u32,
     tls: Option<ClientTlsConfig>,
+    /// The same TLS for nodes, without the orchestrator's name override.
+    node_tls: Option<ClientTlsConfig>,
+    direct: bool,
 }
 
 impl Builder {
+    /// Direct mode (off by default): reads (`get`, `exists`) go straight
+    /// to the key's owner node over its own pipelines, placed by the
+    /// orchestrator's topology (`Cluster/WatchTopology`) and kept safe by
+    /// the nodes' change feeds; writes and batches still go through the
+    /// orchestrator. A read that cannot be sent directly — its owner away,
+    /// warming or owing the key an update, a feed not followed, the
+    /// topology changing — goes through the orchestrator. The nodes'
+    /// addresses in the topology must be reachable from this client, with
+    /// the same scheme, TLS and token. See the crate documentation.
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
+        self
+    }
+
     /// Sends `token` as `authorization: Bearer <token>` (servers started
     /// with `--auth-tokens`).
     pub fn token(mut self, token: impl Into<String>) -> Self {
@@ -211,15 +229,22 @@ impl Builder {
     /// TLS with the server certificate checked against `ca_pem` (use an
     /// `https://` URI).
     pub fn tls_ca(mut self, ca_pem: impl AsRef<[u8]>) -> Self {
+        let ca = Certificate::from_pem(ca_pem);
         let tls = self.tls.take().unwrap_or_default();
-        self.tls = Some(tls.ca_certificate(Certificate::from_pem(ca_pem)));
+        self.tls = Some(tls.ca_certificate(ca.clone()));
+        let node_tls = self.node_tls.take().unwrap_or_default();
+        self.node_tls = Some(node_tls.ca_certificate(ca));
         self
     }
 
-    /// A client certificate and key (mTLS).
+    /// A client certificate and key (mTLS; in direct mode, to the nodes
+    /// too).
     pub fn tls_identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let identity = Identity::from_pem(cert_pem, key_pem);
         let tls = self.tls.take().unwrap_or_default();
-        self.tls = Some(tls.identity(Identity::from_pem(cert_pem, key_pem)));
+        self.tls = Some(tls.identity(identity.clone()));
+        let node_tls = self.node_tls.take().unwrap_or_default();
+        self.node_tls = Some(node_tls.identity(identity));
         self
     }
 
@@ -264,9 +289,24 @@ impl Builder {
             if first.is_none() {
                 first = Some(channel.clone());
             }
-            lanes.push(Lane::spawn(channel, token.clone()));
+            lanes.push(Lane::spawn(
+                channel,
+                token.iter().map(|t| ("authorization", t.clone())).collect(),
+            ));
         }
         let unary = first.ok_or_else(|| Error::Config("no pipelines".into()))?;
+        let direct = if self.direct {
+            let access = direct::NodeAccess {
+                https: self.uri.starts_with("https:"),
+                tls: self.node_tls.clone(),
+                connect_timeout: self.connect_timeout,
+                token: token.clone(),
+                pipelines: self.pipelines,
+            };
+            Some(direct::Direct::start(unary.clone(), access, self.connect_timeout).await)
+        } else {
+            None
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 lanes,
@@ -275,6 +315,7 @@ impl Builder {
                 token,
                 timeout: self.timeout,
                 retries: self.retries,
+                direct,
             }),
         })
     }
@@ -296,6 +337,26 @@ struct Inner {
     token: Option<AsciiMetadataValue>,
     timeout: Duration,
     retries: u32,
+    /// Direct mode's topology, feeds and node pipelines.
+    direct: Option<Arc<direct::Direct>>,
+}
+
+/// Where a direct-mode client's reads went (all zero without direct
+/// mode); see [`Client::direct_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectStats {
+    /// Reads answered by the owner node directly.
+    pub direct: u64,
+    /// Reads sent through the orchestrator because they could not go
+    /// directly (owner away or warming, an open debt, a feed not in sync,
+    /// no topology).
+    pub routed: u64,
+    /// Direct reads that did not answer cleanly and were sent through the
+    /// orchestrator.
+    pub fallbacks: u64,
+    /// Direct reads a node refused because the client's topology epoch
+    /// was stale.
+    pub stale_epochs: u64,
 }
 
 /// Whether a call may be sent again when its connection was lost before
@@ -318,13 +379,73 @@ impl Client {
             pipelines: 4,
             retries: 2,
             tls: None,
+            node_tls: None,
+            direct: false,
         }
+    }
+
+    /// Where reads went, in direct mode.
+    pub fn direct_stats(&self) -> DirectStats {
+        self.inner
+            .direct
+            .as_ref()
+            .map_or_else(DirectStats::default, |d| {
+                let s = &d.stats;
+                DirectStats {
+                    direct: s.direct.load(Ordering::Relaxed),
+                    routed: s.routed.load(Ordering::Relaxed),
+                    fallbacks: s.fallbacks.load(Ordering::Relaxed),
+                    stale_epochs: s.stale_epochs.load(Ordering::Relaxed),
+                }
+            })
+    }
+
+    /// A read: straight to the key's owner in direct mode when that is
+    /// safe now, else (or if that does not answer cleanly) through the
+    /// orchestrator.
+    async fn read(&self, method: &'static str, key: &str, op: Op) -> Result<Answer, Error> {
+        let deadline = Instant::now() + self.inner.timeout;
+        if let Some(direct) = &self.inner.direct {
+            match direct.route(key) {
+                Some(route) => {
+                    // Half of the deadline at most: a hung owner leaves
+                    // the orchestrator time to answer.
+                    let budget = self.inner.timeout / 2;
+                    let lane = &route.lanes
+                        [self.inner.next.fetch_add(1, Ordering::Relaxed) % route.lanes.len()];
+                    let span = client_span(method);
+                    let (traceparent, tracestate) = lane::trace_context(&span);
+                    let outcome = tokio::time::timeout(
+                        budget,
+                        lane.call(op.clone(), budget, traceparent, tracestate),
+                    )
+                    .await;
+                    match outcome {
+                        Ok(Outcome::Answer(Answer::Error(e))) => {
+                            direct.refused(&e);
+                            span.record("rpc.grpc.status_code", i64::from(e.code));
+                        }
+                        Ok(Outcome::Answer(answer)) => {
+                            span.record("rpc.grpc.status_code", 0);
+                            direct.stats.direct.fetch_add(1, Ordering::Relaxed);
+                            return Ok(answer);
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                    direct.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    direct.stats.routed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.call(method, op, Repeatable::Read, deadline).await
     }
 
     /// Reads `key`: `None` if it is absent or expired.
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
         let op = Op::Get(GetRequest { key: key.into() });
-        match self.call("Get", op, Repeatable::Read).await? {
+        match self.read("Get", key, op).await? {
             Answer::Get(g) if g.found => Ok(Some(Entry {
                 value: g.value,
                 version: g.version,
@@ -398,7 +519,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             condition,
         });
-        match self.call("Set", op, Repeatable::Write).await? {
+        match self.write("Set", op).await? {
             Answer::Set(s) if s.stored => Ok(Written::Stored(s.version)),
             Answer::Set(s) => Ok(Written::Refused(s.version)),
             other => Err(unexpected("Set", &other)),
@@ -411,7 +532,7 @@ impl Client {
             key: key.into(),
             if_version: 0,
         });
-        match self.call("Delete", op, Repeatable::Write).await? {
+        match self.write("Delete", op).await? {
             Answer::Delete(d) => Ok(d.deleted),
             other => Err(unexpected("Delete", &other)),
         }
@@ -429,7 +550,7 @@ impl Client {
             key: key.into(),
             if_version: version,
         });
-        match self.call("Delete", op, Repeatable::Write).await? {
+        match self.write("Delete", op).await? {
             Answer::Delete(d) if d.deleted => Ok(Written::Stored(version)),
             Answer::Delete(d) => Ok(Written::Refused(d.version)),
             other => Err(unexpected("Delete", &other)),
@@ -444,7 +565,7 @@ impl Client {
             delta,
             ..Default::default()
         });
-        match self.call("Increment", op, Repeatable::Write).await? {
+        match self.write("Increment", op).await? {
             Answer::Increment(i) => Ok(i.value),
             other => Err(unexpected("Increment", &other)),
         }
@@ -458,7 +579,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             return_value: false,
         });
-        match self.call("Touch", op, Repeatable::Write).await? {
+        match self.write("Touch", op).await? {
             Answer::Touch(t) => Ok(t.found),
             other => Err(unexpected("Touch", &other)),
         }
@@ -476,7 +597,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             return_value: true,
         });
-        match self.call("Touch", op, Repeatable::Write).await? {
+        match self.write("Touch", op).await? {
             Answer::Touch(t) if t.found => Ok(Some(Entry {
                 value: t.value,
                 version: t.version,
@@ -492,7 +613,7 @@ impl Client {
         let op = Op::Exists(ExistsRequest {
             keys: vec![key.into()],
         });
-        match self.call("Exists", op, Repeatable::Read).await? {
+        match self.read("Exists", key, op).await? {
             Answer::Exists(e) => {
                 Ok(e.results
                     .into_iter()
@@ -676,26 +797,24 @@ impl Client {
         request
     }
 
-    /// Runs `op` on a pipeline, sending it again where that is safe (see
-    /// the crate documentation), within the deadline.
+    /// A write, through the orchestrator.
+    async fn write(&self, method: &'static str, op: Op) -> Result<Answer, Error> {
+        let deadline = Instant::now() + self.inner.timeout;
+        self.call(method, op, Repeatable::Write, deadline).await
+    }
+
+    /// Runs `op` on a pipeline to the orchestrator, sending it again where
+    /// that is safe (see the crate documentation), until `deadline`.
     async fn call(
         &self,
         method: &'static str,
         op: Op,
         repeatable: Repeatable,
+        deadline: Instant,
     ) -> Result<Answer, Error> {
         let inner = &*self.inner;
-        let span = tracing::info_span!(
-            "ringcache.client",
-            otel.name = format!("ringcache.v1.Cache/{method}"),
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.service = "ringcache.v1.Cache",
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
+        let span = client_span(method);
         let (traceparent, tracestate) = lane::trace_context(&span);
-        let deadline = Instant::now() + inner.timeout;
         let mut attempt = 0;
         let result = loop {
             let lane = &inner.lanes[inner.next.fetch_add(1, Ordering::Relaxed) % inner.lanes.len()];
@@ -749,6 +868,20 @@ impl Client {
         );
         result
     }
+}
+
+/// The span of one call (`ringcache.client`, with the OpenTelemetry RPC
+/// attributes).
+fn client_span(method: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "ringcache.client",
+        otel.name = format!("ringcache.v1.Cache/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = "ringcache.v1.Cache",
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
 }
 
 /// Whether a call failed before the server processed it: its connection

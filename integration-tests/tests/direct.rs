@@ -1,0 +1,305 @@
+//! Direct mode against the real binaries: `Cluster/WatchTopology`, the
+//! nodes' refusal of a stale epoch, and the Rust client reading straight
+//! from owners without ever serving a deleted value.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use integration_tests::{TestCluster, eventually, metric_value};
+use ringcache_client::Client;
+use ringcache_proto::{
+    direct::{CURRENT_EPOCH, DIRECT_EPOCH_HEADER, STALE_EPOCH},
+    v1::{GetRequest, ListNodesRequest, LocateRequest, NodeState, WatchTopologyRequest},
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// What the tests allow for a change to travel on a node's feed to a
+/// client (measured: about a millisecond at rest).
+const FEED_LATENCY: Duration = Duration::from_millis(50);
+
+async fn direct_client(cluster: &TestCluster) -> Client {
+    Client::builder(cluster.orchestrator.process.grpc_url())
+        .timeout(Duration::from_secs(2))
+        .direct(true)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Reads `key` until one is answered directly by its owner: the client has
+/// the topology, follows every feed and has listed the debts.
+async fn wait_direct(client: &Client, key: &str) {
+    eventually(Duration::from_secs(15), || async {
+        let before = client.direct_stats().direct;
+        client.get(key).await.map_err(|e| e.to_string())?;
+        if client.direct_stats().direct > before {
+            Ok(())
+        } else {
+            Err(format!("not read directly: {:?}", client.direct_stats()))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watch_topology_sends_the_cluster_at_once_and_again_when_a_node_is_ejected() {
+    let mut cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let mut api = cluster.orchestrator.cluster().await;
+    let listed = api
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = api
+        .watch_topology(WatchTopologyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(2), watch.message())
+        .await
+        .expect("the first message comes at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.revision, 1);
+    assert_eq!(first.epoch, listed.epoch);
+    assert_eq!(first.replicas, 2);
+    assert_eq!(first.placement_version, 1);
+    assert!(!first.handoff);
+    let ids: Vec<&str> = first.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        listed
+            .nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .collect::<Vec<_>>()
+    );
+    // The nodes answer from the start; the orchestrator soon calls them
+    // healthy and says so.
+    let mut latest = first;
+    while !latest.nodes.iter().all(|n| n.state() == NodeState::Healthy) {
+        latest = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("a message when the nodes turn healthy")
+            .unwrap()
+            .unwrap();
+    }
+
+    let gone = cluster.node_addrs[1].clone();
+    cluster.kill_node(1);
+    let ejected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = watch.message().await.unwrap().unwrap();
+            if m.nodes
+                .iter()
+                .any(|n| n.address == gone && n.state() == NodeState::Ejected)
+            {
+                break m;
+            }
+        }
+    })
+    .await
+    .expect("the ejection is pushed");
+    assert!(ejected.revision > latest.revision);
+    assert_eq!(
+        ejected.epoch, latest.epoch,
+        "ejection does not change the ring"
+    );
+}
+
+#[tokio::test]
+async fn a_node_refuses_a_direct_read_routed_by_another_epoch_and_says_which_is_current() {
+    let cluster = TestCluster::start(2, &[]).await;
+    let epoch = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+    let mut node = cluster.node_cache(0).await;
+    let direct = |epoch: &str| {
+        let mut request = tonic::Request::new(GetRequest { key: "k".into() });
+        request
+            .metadata_mut()
+            .insert(DIRECT_EPOCH_HEADER, epoch.parse().unwrap());
+        request
+    };
+    // The orchestrator's health rounds tell the node its epoch.
+    eventually(Duration::from_secs(10), || {
+        let mut node = node.clone();
+        let request = direct(&epoch);
+        async move {
+            node.get(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    })
+    .await;
+    let refused = node.get(direct("0123456789abcdef")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, STALE_EPOCH);
+    assert_eq!(info.metadata[CURRENT_EPOCH], epoch);
+    // An ordinary read (no epoch) is served as always.
+    node.get(GetRequest { key: "k".into() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn direct_reads_go_to_the_owner_and_see_every_acknowledged_write_and_delete() {
+    let cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let client = direct_client(&cluster).await;
+    client.set("warm-up", "x").await.unwrap();
+    wait_direct(&client, "warm-up").await;
+
+    let orchestrator_gets = || async {
+        let page = cluster.orchestrator.process.scrape().await;
+        metric_value(
+            &page,
+            "ringcache_pipeline_ops_total",
+            &["grpc_method=\"Get\"", "grpc_code=\"OK\""],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = orchestrator_gets().await;
+    let stats = client.direct_stats();
+    for i in 0..200 {
+        let key = format!("user:{i}");
+        let value = format!("v{i}");
+        let version = client.set(&key, value.clone()).await.unwrap();
+        let got = client.get(&key).await.unwrap().expect("read its own write");
+        assert_eq!((got.value, got.version), (value.clone().into(), version));
+        client.set(&key, format!("{value}-2")).await.unwrap();
+        assert_eq!(
+            client.get(&key).await.unwrap().unwrap().value,
+            format!("{value}-2")
+        );
+        assert!(client.delete(&key).await.unwrap());
+        assert_eq!(client.get(&key).await.unwrap(), None, "{key} was deleted");
+    }
+    let after = client.direct_stats();
+    let direct = after.direct - stats.direct;
+    assert!(
+        direct >= 550,
+        "most reads go straight to the owner: {after:?}"
+    );
+    let through_orchestrator = orchestrator_gets().await - before;
+    assert!(
+        through_orchestrator <= (600 - direct) as f64,
+        "the orchestrator answered {through_orchestrator} reads, the owners {direct}"
+    );
+}
+
+/// The case debts exist for: an owner misses a delete — another
+/// orchestrator had it ejected while it was frozen — comes back, and a
+/// direct client reads the key before that orchestrator has brought it up
+/// to date. The client's own orchestrator never saw the owner fail, so its
+/// topology says healthy; the debt on the other owner's feed keeps the read
+/// off the owner until it is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_key_is_never_read_from_an_owner_that_missed_the_delete() {
+    // The client's orchestrator neither ejects the owner nor checks it
+    // again soon (so it does not repair it either): only the debt keeps
+    // the read off it. The other orchestrator ejects it after two failed
+    // calls, and checks it again only seconds later (so the owner stays
+    // behind for a while).
+    let cluster = TestCluster::start(
+        3,
+        &[
+            "--replicas",
+            "2",
+            "--eject-after",
+            "1000",
+            "--health-interval",
+            "5s",
+        ],
+    )
+    .await;
+    let other = TestCluster::orchestrator_for(
+        &cluster.node_addrs,
+        &[
+            "--replicas",
+            "2",
+            "--health-interval",
+            "5s",
+            "--hedge-delay",
+            "off",
+        ],
+    )
+    .await;
+    let client = direct_client(&cluster).await;
+    let writer = Client::builder(other.process.grpc_url())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let owner = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .locate(LocateRequest {
+            key: "victim".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .owners[0]
+        .address
+        .clone();
+    let x = cluster.node_addrs.iter().position(|a| *a == owner).unwrap();
+    client.set("victim", "old").await.unwrap();
+    wait_direct(&client, "victim").await;
+
+    let frozen = &cluster.nodes[x].as_ref().unwrap().process;
+    frozen.signal("STOP");
+    // Reads through the other orchestrator time out on the frozen owner
+    // (and are answered by the other owner) until it ejects it.
+    for _ in 0..2 {
+        writer.get("victim").await.unwrap();
+    }
+    let api = other.cluster().await;
+    integration_tests::wait_for_nodes(&api, Duration::from_secs(10), |nodes| {
+        nodes
+            .iter()
+            .any(|n| n.address == owner && n.state() == NodeState::Ejected)
+    })
+    .await;
+    // Through the orchestrator that ejected it: the delete skips the owner
+    // and is recorded as its debt on the other owner.
+    assert!(writer.delete("victim").await.unwrap());
+    frozen.signal("CONT");
+    // Another client's delete reaches this one through the other owner's
+    // change feed: the guarantee starts once the feed has carried it (a
+    // few milliseconds; see the README).
+    tokio::time::sleep(FEED_LATENCY).await;
+    let started = std::time::Instant::now();
+    let mut reads = 0;
+    let mut stale = Vec::new();
+    while started.elapsed() < Duration::from_secs(2) {
+        let got = client.get("victim").await.unwrap();
+        if got.is_some() {
+            stale.push((reads, started.elapsed()));
+        }
+        reads += 1;
+    }
+    assert!(
+        stale.is_empty(),
+        "{} of {reads} reads served the deleted value, the first at {:?}: {:?}",
+        stale.len(),
+        stale.first(),
+        client.direct_stats()
+    );
+    // Once the owner is up to date (the other orchestrator readmitted it
+    // and settled the debt), reads go to it directly again.
+    integration_tests::wait_for_nodes(&api, Duration::from_secs(10), |nodes| {
+        nodes.iter().all(|n| n.state() == NodeState::Healthy)
+    })
+    .await;
+    wait_direct(&client, "victim").await;
+    assert_eq!(client.get("victim").await.unwrap(), None);
+}
