@@ -108,6 +108,7 @@ impl CacheService {
             value: out.value,
             version: out.version,
             ttl: out.ttl.map(to_proto_duration),
+            missed: Vec::new(),
         })
     }
 
@@ -121,6 +122,7 @@ impl CacheService {
                 version: found.version,
                 ttl: found.ttl.map(to_proto_duration),
                 value: found.value,
+                missed: Vec::new(),
             },
             None => TouchResponse::default(),
         })
@@ -133,6 +135,7 @@ impl CacheService {
         Ok(DeleteResponse {
             deleted: out.deleted,
             version: out.version,
+            missed: Vec::new(),
         })
     }
 
@@ -149,6 +152,7 @@ impl CacheService {
         Ok(SetResponse {
             stored: out.stored,
             version: out.version,
+            missed: Vec::new(),
         })
     }
 }
@@ -294,6 +298,7 @@ impl Cache for CacheService {
             .map(|key| DeleteResult {
                 deleted: self.store.delete(key),
                 error: None,
+                missed: Vec::new(),
             })
             .collect();
         Ok(Response::new(DeleteManyResponse { results }))
@@ -374,6 +379,7 @@ impl Cache for CacheService {
                 stored: out.stored,
                 version: out.version,
                 error: None,
+                missed: Vec::new(),
             });
         }
         let span = Span::current();
@@ -604,6 +610,7 @@ impl InternalService {
                 op_result::Result::Copy(SetResponse {
                     stored: out.stored,
                     version: out.version,
+                    missed: Vec::new(),
                 })
             }
             Some(op::Op::Owe(req)) => op_result::Result::Owe(self.owe(req)?),

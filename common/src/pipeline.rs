@@ -928,6 +928,7 @@ mod tests {
             Ok(Response::new(SetResponse {
                 stored: true,
                 version: 1,
+                missed: Vec::new(),
             }))
         }
 

@@ -336,6 +336,7 @@ fn set_result(node: &Node, r: OpResult) -> SetResult {
             stored: s.stored,
             version: s.version,
             error: None,
+            missed: Vec::new(),
         },
         other => SetResult::failed(op_error(node, other, "set")),
     }
@@ -980,15 +981,21 @@ impl Router {
                 send,
             )
             .await;
-        self.replicate(topo, entries, &owners, &routed, deadline, parent)
+        let missed = self
+            .replicate(topo, entries, &owners, &routed, deadline, parent)
             .await;
-        routed.results
+        let mut results = routed.results;
+        for (r, m) in results.iter_mut().zip(missed) {
+            r.missed = m;
+        }
+        results
     }
 
     /// After the primaries stored `entries` (as `routed` says): copies to
     /// the other owners with the primary's version, records stand-ins and
     /// owners that missed the write for invalidation, and deletes the keys
-    /// on their previous owners during a handoff window.
+    /// on their previous owners during a handoff window. Answers, entry by
+    /// entry, the identities of the owners that missed the write.
     async fn replicate(
         &self,
         topo: &Topology,
@@ -997,7 +1004,8 @@ impl Router {
         routed: &Routed<SetResult>,
         deadline: Option<Instant>,
         parent: Option<tracing::Span>,
-    ) {
+    ) -> Vec<Vec<String>> {
+        let mut missed = vec![Vec::new(); entries.len()];
         // Phase 2: replicas, with the primary's version. `holders`: the
         // replicas that stored each key's copy.
         let mut holders: HashMap<String, Vec<usize>> = HashMap::new();
@@ -1106,6 +1114,7 @@ impl Router {
                 if o != p && !got.is_some_and(|g| g.contains(&o)) {
                     self.cluster.invalidate_later(&topo.nodes[o], &entry.key);
                     debts.add(p, &entry.key, &topo.nodes[o]);
+                    missed[i].push(topo.nodes[o].id.to_string());
                 }
             }
         }
@@ -1118,18 +1127,20 @@ impl Router {
                 .map(|(e, _)| e.key.as_str());
             self.delete_on_shadows(topo, written, deadline).await;
         }
+        missed
     }
 
     /// Runs `op` on `key`'s primary ([`Router::on_primary`]: applied once),
     /// reads its answer with `answer` (`None`: not the kind expected), and
     /// copies what the primary stored, if anything, to the other owners.
+    /// Answers the reply and the owners that missed the change.
     async fn once_then_copied<T>(
         &self,
         key: &str,
         op: op::Op,
         deadline: Option<Instant>,
         answer: impl FnOnce(op_result::Result) -> Option<(T, Option<Stored>)>,
-    ) -> Result<T, Status> {
+    ) -> Result<(T, Vec<String>), Status> {
         let _writing = self.writing(key);
         let topology = self.cluster.topology();
         let topo = &*topology;
@@ -1152,10 +1163,12 @@ impl Router {
                 ttl: stored.ttl,
                 condition: None,
             };
-            self.replicate_one(topo, &entry, n, stored.version, deadline)
+            let missed = self
+                .replicate_one(topo, &entry, n, stored.version, deadline)
                 .await;
+            return Ok((reply, missed));
         }
-        Ok(reply)
+        Ok((reply, Vec::new()))
     }
 
     /// [`Router::replicate`] for one entry that node `n` stored with
@@ -1167,13 +1180,14 @@ impl Router {
         n: usize,
         version: u64,
         deadline: Option<Instant>,
-    ) {
+    ) -> Vec<String> {
         let owners = vec![topo.ring.owners(&entry.key, self.replicas)];
         let routed = Routed {
             results: vec![SetResult {
                 stored: true,
                 version,
                 error: None,
+                missed: Vec::new(),
             }],
             served_by: vec![Some(n)],
             prefs: vec![
@@ -1190,15 +1204,21 @@ impl Router {
             deadline,
             sampled_span(),
         )
-        .await;
+        .await
+        .pop()
+        .unwrap_or_default()
     }
 
     /// Deletes `key` on every usable owner (or, with none, the node
     /// standing in), on nodes holding a stand-in copy and on its previous
     /// owners; owners it cannot reach are recorded for invalidation. True
     /// if an owner removed a live value; an error only if no owner could be
-    /// reached.
-    async fn remove(&self, key: &str, deadline: Option<Instant>) -> Result<bool, KeyError> {
+    /// reached. Answers the owners the delete missed too.
+    async fn remove(
+        &self,
+        key: &str,
+        deadline: Option<Instant>,
+    ) -> Result<(bool, Vec<String>), KeyError> {
         let topo = self.cluster.topology();
         let pref = topo.ring.preference(key);
         let none_failed = vec![false; topo.nodes.len()];
@@ -1270,9 +1290,11 @@ impl Router {
         // against them — here, and as a debt on a node the delete reached —
         // so they do not serve it until it is deleted there.
         let mut debts = Debts::default();
+        let mut missed = Vec::new();
         for &o in &owners {
             if !reached.contains(&o) {
                 self.cluster.invalidate_later(&topo.nodes[o], key);
+                missed.push(topo.nodes[o].id.to_string());
                 if let Some(&holder) = reached.first() {
                     debts.add(holder, key, &topo.nodes[o]);
                 }
@@ -1288,7 +1310,7 @@ impl Router {
             .await;
         match (any_ok, first_error) {
             (false, Some(error)) => Err(error),
-            _ => Ok(deleted),
+            _ => Ok((deleted, missed)),
         }
     }
 
@@ -1479,6 +1501,7 @@ impl Cache for Router {
         Ok(Response::new(SetResponse {
             stored: r.stored,
             version: r.version,
+            missed: r.missed,
         }))
     }
 
@@ -1498,10 +1521,11 @@ impl Cache for Router {
                 return Ok(Response::new(answer));
             }
         }
-        let deleted = self.remove(&req.key, deadline).await.map_err(status_of)?;
+        let (deleted, missed) = self.remove(&req.key, deadline).await.map_err(status_of)?;
         Ok(Response::new(DeleteResponse {
             deleted: deleted || req.if_version != 0,
             version: 0,
+            missed,
         }))
     }
 
@@ -1513,7 +1537,7 @@ impl Cache for Router {
         let req = request.into_inner();
         self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
         // Applied once (it would count twice), then copied as a write.
-        let counted = self
+        let (mut counted, missed) = self
             .once_then_copied(
                 &req.key,
                 op::Op::Increment(req.clone()),
@@ -1531,6 +1555,7 @@ impl Cache for Router {
                 },
             )
             .await?;
+        counted.missed = missed;
         Ok(Response::new(counted))
     }
 
@@ -1543,7 +1568,7 @@ impl Cache for Router {
         self.limits.check_key_ttl(&req.key, req.ttl.as_ref())?;
         // The primary answers the value too, so the new TTL and version
         // can be copied to the other owners as a write.
-        let mut touched = self
+        let (mut touched, missed) = self
             .once_then_copied(
                 &req.key,
                 op::Op::Touch(req.clone()),
@@ -1564,6 +1589,7 @@ impl Cache for Router {
         if !req.return_value {
             touched.value = bytes::Bytes::new();
         }
+        touched.missed = missed;
         Ok(Response::new(touched))
     }
 
@@ -1605,13 +1631,15 @@ impl Cache for Router {
             .await
             .into_iter()
             .map(|r| match r {
-                Ok(deleted) => DeleteResult {
+                Ok((deleted, missed)) => DeleteResult {
                     deleted,
                     error: None,
+                    missed,
                 },
                 Err(error) => DeleteResult {
                     deleted: false,
                     error: Some(error),
+                    missed: Vec::new(),
                 },
             })
             .collect();

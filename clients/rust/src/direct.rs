@@ -70,6 +70,13 @@ const FEED_SILENCE: Duration = Duration::from_secs(3);
 /// until its holders settle.
 const MAX_MARKS: usize = 100_000;
 
+/// How long a key this client's own write missed an owner of stays off
+/// that owner before the debt is seen on a feed. The orchestrator records
+/// the debt on a node before it answers the write, and a feed that does
+/// not deliver it within this long has been silent past [`FEED_SILENCE`]
+/// (lost, so no direct read is made at all).
+const PROVISIONAL: Duration = Duration::from_secs(5);
+
 /// Counts of where reads went (see [`crate::Client::direct_stats`]).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -164,11 +171,19 @@ struct OwnerMarks {
     /// Every key of the owner may be stale (a holder's record overflowed,
     /// or more debts than were listed, or too many marks here).
     all: Vec<(NodeId, u64)>,
+    /// Keys this client's own writes missed the owner of, until their
+    /// debt shows on a feed (or [`PROVISIONAL`] passed).
+    provisional: HashMap<String, Instant>,
+    /// Too many of those: every key, until then.
+    provisional_all: Option<Instant>,
 }
 
 impl Marks {
     fn owe(&mut self, owner: &str, key: Option<&str>, holder: &NodeId, sequence: u64) {
         let marks = self.owners.entry(NodeId::from(owner)).or_default();
+        if let Some(key) = key {
+            marks.provisional.remove(key);
+        }
         match key {
             Some(key) if self.keys < MAX_MARKS => {
                 marks
@@ -179,6 +194,26 @@ impl Marks {
                 self.keys += 1;
             }
             _ => marks.all.push((holder.clone(), sequence)),
+        }
+    }
+
+    /// This client's own write of `key` missed `owner` (the orchestrator
+    /// said so): keep off it until the debt shows on a feed.
+    fn missed(&mut self, owner: &str, key: &str, now: Instant) {
+        let marks = self.owners.entry(NodeId::from(owner)).or_default();
+        if marks.keys.contains_key(key) {
+            // The debt came first, on a feed.
+            return;
+        }
+        if marks.provisional.len() >= MAX_MARKS {
+            marks
+                .provisional
+                .retain(|_, t| now.saturating_duration_since(*t) < PROVISIONAL);
+        }
+        if marks.provisional.len() < MAX_MARKS {
+            marks.provisional.insert(key.to_owned(), now);
+        } else {
+            marks.provisional_all = Some(now + PROVISIONAL);
         }
     }
 
@@ -201,7 +236,7 @@ impl Marks {
         let before = marks.all.len();
         marks.all.retain(|m| !settled(m));
         let relist = marks.all.len() < before;
-        if marks.keys.is_empty() && marks.all.is_empty() {
+        if marks.keys.is_empty() && marks.all.is_empty() && marks.provisional.is_empty() {
             self.owners.remove(owner);
         }
         relist
@@ -215,10 +250,15 @@ impl Marks {
         }
     }
 
-    fn blocks(&self, owner: &str, key: &str) -> bool {
-        self.owners
-            .get(owner)
-            .is_some_and(|m| !m.all.is_empty() || m.keys.contains_key(key))
+    fn blocks(&self, owner: &str, key: &str, now: Instant) -> bool {
+        self.owners.get(owner).is_some_and(|m| {
+            !m.all.is_empty()
+                || m.keys.contains_key(key)
+                || m.provisional
+                    .get(key)
+                    .is_some_and(|t| now.saturating_duration_since(*t) < PROVISIONAL)
+                || m.provisional_all.is_some_and(|until| now < until)
+        })
     }
 }
 
@@ -358,7 +398,7 @@ impl Direct {
             .marks
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .blocks(&node.id, key)
+            .blocks(&node.id, key, Instant::now())
         {
             return None;
         }
@@ -385,6 +425,22 @@ impl Direct {
         );
         *lanes = Some((epoch, fresh.clone()));
         fresh
+    }
+
+    /// This client's write of `key` through the orchestrator missed the
+    /// owners `missed` (as its answer says).
+    pub(crate) fn missed(&self, key: &str, missed: &[String]) {
+        if missed.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut marks = self
+            .marks
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for owner in missed {
+            marks.missed(owner, key, now);
+        }
     }
 
     /// A direct read was refused with `error`: if the node says the epoch
@@ -667,17 +723,17 @@ mod tests {
         let mut marks = Marks::default();
         let y: NodeId = "y".into();
         marks.owe("x", Some("k"), &y, 5);
-        assert!(marks.blocks("x", "k"));
-        assert!(!marks.blocks("x", "other"));
-        assert!(!marks.blocks("z", "k"));
+        assert!(marks.blocks("x", "k", Instant::now()));
+        assert!(!marks.blocks("x", "other", Instant::now()));
+        assert!(!marks.blocks("z", "k", Instant::now()));
         // Settled below its record: still open.
         assert!(!marks.settle("x", "y", 4));
-        assert!(marks.blocks("x", "k"));
+        assert!(marks.blocks("x", "k", Instant::now()));
         // Settled by another holder: still open.
         marks.settle("x", "w", 9);
-        assert!(marks.blocks("x", "k"));
+        assert!(marks.blocks("x", "k", Instant::now()));
         marks.settle("x", "y", 5);
-        assert!(!marks.blocks("x", "k"));
+        assert!(!marks.blocks("x", "k", Instant::now()));
         assert_eq!(marks.keys, 0);
     }
 
@@ -686,9 +742,9 @@ mod tests {
         let mut marks = Marks::default();
         let y: NodeId = "y".into();
         marks.owe("x", None, &y, 7);
-        assert!(marks.blocks("x", "anything"));
+        assert!(marks.blocks("x", "anything", Instant::now()));
         assert!(marks.settle("x", "y", 7), "listed again");
-        assert!(!marks.blocks("x", "anything"));
+        assert!(!marks.blocks("x", "anything", Instant::now()));
     }
 
     #[test]
@@ -698,8 +754,32 @@ mod tests {
         marks.owe("x", Some("a"), &y, 1);
         marks.owe("x", Some("b"), &y, 2);
         marks.clear_owner("x");
-        assert!(!marks.blocks("x", "a"));
+        assert!(!marks.blocks("x", "a", Instant::now()));
         assert_eq!(marks.keys, 0);
+    }
+
+    #[test]
+    fn an_own_write_that_missed_the_owner_blocks_until_its_debt_is_seen_or_long_enough() {
+        let mut marks = Marks::default();
+        let y: NodeId = "y".into();
+        let t = Instant::now();
+        marks.missed("x", "k", t);
+        assert!(marks.blocks("x", "k", t));
+        assert!(!marks.blocks("x", "other", t));
+        // The debt arrives on the holder's feed: it takes over, and its
+        // settlement ends it.
+        marks.owe("x", Some("k"), &y, 3);
+        marks.settle("x", "y", 3);
+        assert!(!marks.blocks("x", "k", t));
+        // A debt never seen: the mark lapses once a feed would have shown it.
+        marks.missed("x", "j", t);
+        assert!(marks.blocks("x", "j", t + PROVISIONAL / 2));
+        assert!(!marks.blocks("x", "j", t + PROVISIONAL));
+        // The debt came first: nothing more to wait for.
+        marks.owe("x", Some("i"), &y, 4);
+        marks.missed("x", "i", t);
+        marks.settle("x", "y", 4);
+        assert!(!marks.blocks("x", "i", t));
     }
 
     #[test]
@@ -711,6 +791,6 @@ mod tests {
         }
         assert_eq!(marks.keys, MAX_MARKS);
         // Past the bound, the owner is skipped for every key.
-        assert!(marks.blocks("x", "never-recorded"));
+        assert!(marks.blocks("x", "never-recorded", Instant::now()));
     }
 }

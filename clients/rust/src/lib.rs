@@ -519,7 +519,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             condition,
         });
-        match self.write("Set", op).await? {
+        match self.write("Set", key, op).await? {
             Answer::Set(s) if s.stored => Ok(Written::Stored(s.version)),
             Answer::Set(s) => Ok(Written::Refused(s.version)),
             other => Err(unexpected("Set", &other)),
@@ -532,7 +532,7 @@ impl Client {
             key: key.into(),
             if_version: 0,
         });
-        match self.write("Delete", op).await? {
+        match self.write("Delete", key, op).await? {
             Answer::Delete(d) => Ok(d.deleted),
             other => Err(unexpected("Delete", &other)),
         }
@@ -550,7 +550,7 @@ impl Client {
             key: key.into(),
             if_version: version,
         });
-        match self.write("Delete", op).await? {
+        match self.write("Delete", key, op).await? {
             Answer::Delete(d) if d.deleted => Ok(Written::Stored(version)),
             Answer::Delete(d) => Ok(Written::Refused(d.version)),
             other => Err(unexpected("Delete", &other)),
@@ -565,7 +565,7 @@ impl Client {
             delta,
             ..Default::default()
         });
-        match self.write("Increment", op).await? {
+        match self.write("Increment", key, op).await? {
             Answer::Increment(i) => Ok(i.value),
             other => Err(unexpected("Increment", &other)),
         }
@@ -579,7 +579,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             return_value: false,
         });
-        match self.write("Touch", op).await? {
+        match self.write("Touch", key, op).await? {
             Answer::Touch(t) => Ok(t.found),
             other => Err(unexpected("Touch", &other)),
         }
@@ -597,7 +597,7 @@ impl Client {
             ttl: ttl.map(proto_duration).transpose()?,
             return_value: true,
         });
-        match self.write("Touch", op).await? {
+        match self.write("Touch", key, op).await? {
             Answer::Touch(t) if t.found => Ok(Some(Entry {
                 value: t.value,
                 version: t.version,
@@ -673,6 +673,11 @@ impl Client {
                 c.set_many(r).await
             })
             .await?;
+        if let Some(direct) = &self.inner.direct {
+            for ((key, _), r) in entries.iter().zip(&response.results) {
+                direct.missed(key, &r.missed);
+            }
+        }
         response
             .results
             .into_iter()
@@ -695,6 +700,11 @@ impl Client {
                 c.delete_many(r).await
             })
             .await?;
+        if let Some(direct) = &self.inner.direct {
+            for (key, r) in keys.iter().zip(&response.results) {
+                direct.missed(key, &r.missed);
+            }
+        }
         Ok(response
             .results
             .into_iter()
@@ -797,10 +807,22 @@ impl Client {
         request
     }
 
-    /// A write, through the orchestrator.
-    async fn write(&self, method: &'static str, op: Op) -> Result<Answer, Error> {
+    /// A write, through the orchestrator. In direct mode, owners its answer
+    /// says it missed are kept off for the key until they are up to date.
+    async fn write(&self, method: &'static str, key: &str, op: Op) -> Result<Answer, Error> {
         let deadline = Instant::now() + self.inner.timeout;
-        self.call(method, op, Repeatable::Write, deadline).await
+        let answer = self.call(method, op, Repeatable::Write, deadline).await?;
+        if let Some(direct) = &self.inner.direct {
+            let missed = match &answer {
+                Answer::Set(a) => &a.missed,
+                Answer::Delete(a) => &a.missed,
+                Answer::Increment(a) => &a.missed,
+                Answer::Touch(a) => &a.missed,
+                _ => return Ok(answer),
+            };
+            direct.missed(key, missed);
+        }
+        Ok(answer)
     }
 
     /// Runs `op` on a pipeline to the orchestrator, sending it again where

@@ -65,6 +65,7 @@ impl FakeNode {
                     return op_result::Result::Set(SetResponse {
                         stored: false,
                         version: current,
+                        missed: Vec::new(),
                     });
                 }
                 let version = self.last_version.fetch_add(1, Ordering::Relaxed) + 1;
@@ -72,6 +73,7 @@ impl FakeNode {
                 op_result::Result::Set(SetResponse {
                     stored: true,
                     version,
+                    missed: Vec::new(),
                 })
             }
             Some(op::Op::Copy(c)) => {
@@ -83,6 +85,7 @@ impl FakeNode {
                 op_result::Result::Copy(SetResponse {
                     stored,
                     version: c.version.max(current),
+                    missed: Vec::new(),
                 })
             }
             Some(op::Op::Increment(i)) => {
@@ -96,6 +99,7 @@ impl FakeNode {
                     value,
                     version,
                     ttl: None,
+                    missed: Vec::new(),
                 })
             }
             Some(op::Op::Touch(t)) => match data.get(&t.key).cloned() {
@@ -107,6 +111,7 @@ impl FakeNode {
                         version,
                         ttl: t.ttl,
                         value,
+                        missed: Vec::new(),
                     })
                 }
                 None => op_result::Result::Touch(TouchResponse::default()),
@@ -117,11 +122,13 @@ impl FakeNode {
                     return op_result::Result::Delete(DeleteResponse {
                         deleted: false,
                         version: current,
+                        missed: Vec::new(),
                     });
                 }
                 op_result::Result::Delete(DeleteResponse {
                     deleted: data.remove(&d.key).is_some(),
                     version: 0,
+                    missed: Vec::new(),
                 })
             }
             Some(op::Op::Owe(o)) => {
@@ -454,6 +461,7 @@ async fn a_delete_goes_to_every_owner() {
         .unwrap()
         .into_inner();
     assert!(deleted.deleted);
+    assert!(deleted.missed.is_empty(), "every owner got it");
     for o in &owners[..2] {
         assert_eq!(o.keys_called(), [["delete k"]]);
         assert!(o.data.lock().is_empty());
@@ -513,7 +521,13 @@ async fn a_write_that_missed_an_owner_keeps_it_from_serving_the_old_value() {
         .lock()
         .insert("k".into(), (Bytes::from_static(b"old"), 1));
     *owners[0].fail.lock() = Some(CallError::NodeTimeout(Duration::from_secs(1)));
-    assert!(f.set(set_req("k", "new")).await.unwrap().stored);
+    let written = f.set(set_req("k", "new")).await.unwrap();
+    assert!(written.stored);
+    // The writer is told which owner missed it (a client that reads
+    // directly keeps off it for this key).
+    let topo = f.cluster.topology();
+    let primary = &topo.nodes[topo.ring.owners("k", 1)[0]].id;
+    assert_eq!(written.missed, [primary.to_string()]);
     *owners[0].fail.lock() = None;
     let got = f.get("k").await.unwrap();
     assert_eq!(

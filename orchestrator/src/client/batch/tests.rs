@@ -67,6 +67,7 @@ fn answer(ops: &[Op]) -> NodeReply {
                 _ => op_result::Result::Set(SetResponse {
                     stored: true,
                     version: 1,
+                    missed: Vec::new(),
                 }),
             }),
         })

@@ -664,7 +664,13 @@ type SetResponse struct {
 	Stored bool `protobuf:"varint,1,opt,name=stored,proto3" json:"stored,omitempty"`
 	// If stored: the new version of the key. If not stored: the key's current
 	// version (0 if absent), so a compare-and-set loop can re-read and retry.
-	Version       uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Version uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,3,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -711,6 +717,13 @@ func (x *SetResponse) GetVersion() uint64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *SetResponse) GetMissed() []string {
+	if x != nil {
+		return x.Missed
+	}
+	return nil
 }
 
 // DeleteRequest names the key to remove.
@@ -779,7 +792,13 @@ type DeleteResponse struct {
 	Deleted bool `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	// When not deleted: the key's current version (0 if absent), so a
 	// conditional delete can re-read and retry. 0 when deleted.
-	Version       uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Version uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,3,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -826,6 +845,13 @@ func (x *DeleteResponse) GetVersion() uint64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *DeleteResponse) GetMissed() []string {
+	if x != nil {
+		return x.Missed
+	}
+	return nil
 }
 
 // GetManyRequest names several keys to read.
@@ -1110,7 +1136,13 @@ type SetResult struct {
 	// Set when this entry could not be written (for example, through the
 	// orchestrator, when the node that owns it is unreachable). Absent on
 	// success.
-	Error         *KeyError `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	Error *KeyError `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,4,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1162,6 +1194,13 @@ func (x *SetResult) GetVersion() uint64 {
 func (x *SetResult) GetError() *KeyError {
 	if x != nil {
 		return x.Error
+	}
+	return nil
+}
+
+func (x *SetResult) GetMissed() []string {
+	if x != nil {
+		return x.Missed
 	}
 	return nil
 }
@@ -1250,7 +1289,13 @@ type IncrementResponse struct {
 	// The key's new version.
 	Version uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// Time left before the counter expires; absent when it has no expiry.
-	Ttl           *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,4,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1302,6 +1347,13 @@ func (x *IncrementResponse) GetVersion() uint64 {
 func (x *IncrementResponse) GetTtl() *durationpb.Duration {
 	if x != nil {
 		return x.Ttl
+	}
+	return nil
+}
+
+func (x *IncrementResponse) GetMissed() []string {
+	if x != nil {
+		return x.Missed
 	}
 	return nil
 }
@@ -1381,7 +1433,13 @@ type TouchResponse struct {
 	// The new time to live; absent when the key now has no expiry.
 	Ttl *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// The value, if return_value was set and the key was found.
-	Value         []byte `protobuf:"bytes,4,opt,name=value,proto3" json:"value,omitempty"`
+	Value []byte `protobuf:"bytes,4,opt,name=value,proto3" json:"value,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,5,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1440,6 +1498,13 @@ func (x *TouchResponse) GetTtl() *durationpb.Duration {
 func (x *TouchResponse) GetValue() []byte {
 	if x != nil {
 		return x.Value
+	}
+	return nil
+}
+
+func (x *TouchResponse) GetMissed() []string {
+	if x != nil {
+		return x.Missed
 	}
 	return nil
 }
@@ -1721,7 +1786,13 @@ type DeleteResult struct {
 	Deleted bool `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	// Set when this key could not be deleted (through the orchestrator: none
 	// of its nodes could be reached). Absent on success.
-	Error         *KeyError `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	Error *KeyError `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// Through an orchestrator: the ring identities of the key's owners this
+	// change did not reach (away, or the call to them failed). Each is
+	// skipped for this key — by every orchestrator, and by clients that read
+	// directly — until it has been brought up to date. Empty when every
+	// owner has it, and always from a node.
+	Missed        []string `protobuf:"bytes,3,rep,name=missed,proto3" json:"missed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1766,6 +1837,13 @@ func (x *DeleteResult) GetDeleted() bool {
 func (x *DeleteResult) GetError() *KeyError {
 	if x != nil {
 		return x.Error
+	}
+	return nil
+}
+
+func (x *DeleteResult) GetMissed() []string {
+	if x != nil {
+		return x.Missed
 	}
 	return nil
 }
@@ -1874,17 +1952,19 @@ const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"if_version\x18\x05 \x01(\x04H\x00R\tifVersion\x12\x1f\n" +
 	"\n" +
 	"if_present\x18\a \x01(\bH\x00R\tifPresentB\v\n" +
-	"\tconditionJ\x04\b\x06\x10\aR\x0freplica_version\"?\n" +
+	"\tconditionJ\x04\b\x06\x10\aR\x0freplica_version\"W\n" +
 	"\vSetResponse\x12\x16\n" +
 	"\x06stored\x18\x01 \x01(\bR\x06stored\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x04R\aversion\"@\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x16\n" +
+	"\x06missed\x18\x03 \x03(\tR\x06missed\"@\n" +
 	"\rDeleteRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1d\n" +
 	"\n" +
-	"if_version\x18\x02 \x01(\x04R\tifVersion\"D\n" +
+	"if_version\x18\x02 \x01(\x04R\tifVersion\"\\\n" +
 	"\x0eDeleteResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x04R\aversion\"$\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x16\n" +
+	"\x06missed\x18\x03 \x03(\tR\x06missed\"$\n" +
 	"\x0eGetManyRequest\x12\x12\n" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys\"D\n" +
 	"\x0fGetManyResponse\x121\n" +
@@ -1898,29 +1978,32 @@ const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"\x0eSetManyRequest\x122\n" +
 	"\aentries\x18\x01 \x03(\v2\x18.ringcache.v1.SetRequestR\aentries\"D\n" +
 	"\x0fSetManyResponse\x121\n" +
-	"\aresults\x18\x01 \x03(\v2\x17.ringcache.v1.SetResultR\aresults\"k\n" +
+	"\aresults\x18\x01 \x03(\v2\x17.ringcache.v1.SetResultR\aresults\"\x83\x01\n" +
 	"\tSetResult\x12\x16\n" +
 	"\x06stored\x18\x01 \x01(\bR\x06stored\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12,\n" +
-	"\x05error\x18\x03 \x01(\v2\x16.ringcache.v1.KeyErrorR\x05error\"\x81\x01\n" +
+	"\x05error\x18\x03 \x01(\v2\x16.ringcache.v1.KeyErrorR\x05error\x12\x16\n" +
+	"\x06missed\x18\x04 \x03(\tR\x06missed\"\x81\x01\n" +
 	"\x10IncrementRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05delta\x18\x02 \x01(\x03R\x05delta\x12\x18\n" +
 	"\ainitial\x18\x03 \x01(\x03R\ainitial\x12+\n" +
-	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"p\n" +
+	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x88\x01\n" +
 	"\x11IncrementResponse\x12\x14\n" +
 	"\x05value\x18\x01 \x01(\x03R\x05value\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12+\n" +
-	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"p\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x16\n" +
+	"\x06missed\x18\x04 \x03(\tR\x06missed\"p\n" +
 	"\fTouchRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12!\n" +
-	"\freturn_value\x18\x03 \x01(\bR\vreturnValue\"\x82\x01\n" +
+	"\freturn_value\x18\x03 \x01(\bR\vreturnValue\"\x9a\x01\n" +
 	"\rTouchResponse\x12\x14\n" +
 	"\x05found\x18\x01 \x01(\bR\x05found\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12+\n" +
 	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x14\n" +
-	"\x05value\x18\x04 \x01(\fR\x05value\"#\n" +
+	"\x05value\x18\x04 \x01(\fR\x05value\x12\x16\n" +
+	"\x06missed\x18\x05 \x03(\tR\x06missed\"#\n" +
 	"\rExistsRequest\x12\x12\n" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys\"A\n" +
 	"\x0eExistsResponse\x12/\n" +
@@ -1935,10 +2018,11 @@ const file_ringcache_v1_cache_proto_rawDesc = "" +
 	"\x11DeleteManyRequest\x12\x12\n" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys\"J\n" +
 	"\x12DeleteManyResponse\x124\n" +
-	"\aresults\x18\x01 \x03(\v2\x1a.ringcache.v1.DeleteResultR\aresults\"V\n" +
+	"\aresults\x18\x01 \x03(\v2\x1a.ringcache.v1.DeleteResultR\aresults\"n\n" +
 	"\fDeleteResult\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\x12,\n" +
-	"\x05error\x18\x02 \x01(\v2\x16.ringcache.v1.KeyErrorR\x05error\"8\n" +
+	"\x05error\x18\x02 \x01(\v2\x16.ringcache.v1.KeyErrorR\x05error\x12\x16\n" +
+	"\x06missed\x18\x03 \x03(\tR\x06missed\"8\n" +
 	"\bKeyError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage2\xc9\x05\n" +
