@@ -303,3 +303,140 @@ async fn a_deleted_key_is_never_read_from_an_owner_that_missed_the_delete() {
     wait_direct(&client, "victim").await;
     assert_eq!(client.get("victim").await.unwrap(), None);
 }
+
+async fn near_client(cluster: &TestCluster) -> Client {
+    Client::builder(cluster.orchestrator.process.grpc_url())
+        .timeout(Duration::from_secs(2))
+        .near_cache_bytes(1 << 20)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Reads `key` through `client` until the near cache answers it.
+async fn wait_near_hit(client: &Client, key: &str) {
+    eventually(Duration::from_secs(15), || async {
+        let before = client.near_cache_stats().hits;
+        client.get(key).await.map_err(|e| e.to_string())?;
+        if client.near_cache_stats().hits > before {
+            Ok(())
+        } else {
+            Err(format!("no hit: {:?}", client.near_cache_stats()))
+        }
+    })
+    .await;
+}
+
+/// How long `client` took to see `key` as `want` after `since`, reading it
+/// in a loop (at most 5 s).
+async fn time_to_see(
+    client: &Client,
+    key: &str,
+    want: Option<&str>,
+    since: std::time::Instant,
+) -> Duration {
+    loop {
+        let got = client.get(key).await.unwrap();
+        if got.as_ref().map(|e| &e.value[..]) == want.map(str::as_bytes) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "{key} still reads {got:?}, not {want:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_answers_hits_locally_and_sees_every_other_clients_write_within_milliseconds()
+ {
+    let cluster = TestCluster::start(3, &["--replicas", "2"]).await;
+    let near = near_client(&cluster).await;
+    let other = Client::builder(cluster.orchestrator.process.grpc_url())
+        .connect()
+        .await
+        .unwrap();
+    near.set("k", "v0").await.unwrap();
+    wait_near_hit(&near, "k").await;
+
+    // Another client writes and deletes through the orchestrator; the
+    // nodes' feeds void the near cache's answer.
+    let mut seen = Vec::new();
+    for i in 1..=40 {
+        let value = format!("v{i}");
+        other.set("k", value.clone()).await.unwrap();
+        seen.push(time_to_see(&near, "k", Some(&value), std::time::Instant::now()).await);
+        // A hit again before the next write.
+        wait_near_hit(&near, "k").await;
+    }
+    other.delete("k").await.unwrap();
+    seen.push(time_to_see(&near, "k", None, std::time::Instant::now()).await);
+    seen.sort();
+    eprintln!(
+        "another client's write seen by the near cache after: p50 {:?}, p99 {:?}, max {:?}",
+        seen[seen.len() / 2],
+        seen[seen.len() * 99 / 100],
+        seen[seen.len() - 1]
+    );
+
+    // Its own writes: read back at once, never the cached older value.
+    for i in 0..50 {
+        let value = format!("own-{i}");
+        near.set("own", value.clone()).await.unwrap();
+        assert_eq!(near.get("own").await.unwrap().unwrap().value, value);
+        assert_eq!(near.get("own").await.unwrap().unwrap().value, value);
+    }
+    near.delete("own").await.unwrap();
+    assert_eq!(near.get("own").await.unwrap(), None);
+    near.set("kept", "v").await.unwrap();
+    wait_near_hit(&near, "kept").await;
+    let stats = near.near_cache_stats();
+    assert!(stats.hits >= 40, "{stats:?}");
+    assert!(stats.entries >= 1, "{stats:?}");
+    assert!(stats.bytes > 0 && stats.bytes <= 1 << 20, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_feed_is_cut_the_near_cache_answers_nothing_and_reads_stay_correct() {
+    let cluster = TestCluster::start(2, &["--replicas", "1", "--eject-after", "1000"]).await;
+    let near = near_client(&cluster).await;
+    let other = Client::builder(cluster.orchestrator.process.grpc_url())
+        .connect()
+        .await
+        .unwrap();
+    near.set("k", "before").await.unwrap();
+    wait_near_hit(&near, "k").await;
+    // Freeze the node that does not own "k": its feed goes silent and is
+    // lost after 3 s, so the client can no longer vouch for anything it
+    // could have changed — every answer is read again.
+    let owner = cluster
+        .orchestrator
+        .cluster()
+        .await
+        .locate(LocateRequest { key: "k".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .owners[0]
+        .address
+        .clone();
+    let other_node = cluster.node_addrs.iter().position(|a| *a != owner).unwrap();
+    let frozen = &cluster.nodes[other_node].as_ref().unwrap().process;
+    frozen.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let hits = near.near_cache_stats().hits;
+    other.set("k", "during").await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(near.get("k").await.unwrap().unwrap().value, "during");
+    }
+    assert_eq!(
+        near.near_cache_stats().hits,
+        hits,
+        "no answer from the near cache while a feed is lost"
+    );
+    frozen.signal("CONT");
+    // Followed again: hits come back, and they are current.
+    wait_near_hit(&near, "k").await;
+    assert_eq!(near.get("k").await.unwrap().unwrap().value, "during");
+}

@@ -152,8 +152,10 @@ pub async fn run(
     let near = (config.hot_key_cache_bytes.bytes() > 0).then(|| {
         Arc::new(
             NearCache::new(config.hot_key_cache_bytes.bytes(), config.hot_key_ttl)
-                .with_gauge(near_bytes)
-                .with_routing(feed_cluster.routing_generation()),
+                .with_observer(move |bytes| {
+                    near_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX))
+                })
+                .with_generation(feed_cluster.routing_generation()),
         )
     });
     if let Some(near) = &near {

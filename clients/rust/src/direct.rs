@@ -39,6 +39,7 @@ use std::{
 };
 
 use prost::Message;
+use ringcache_nearcache::NearCache;
 use ringcache_placement::{NodeId, PLACEMENT_VERSION, Ring};
 use ringcache_proto::{
     direct::{DIRECT_EPOCH_HEADER, STALE_EPOCH, format_epoch, parse_epoch},
@@ -84,6 +85,8 @@ pub(crate) struct Stats {
     pub(crate) routed: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
     pub(crate) stale_epochs: AtomicU64,
+    pub(crate) near_hits: AtomicU64,
+    pub(crate) near_misses: AtomicU64,
 }
 
 /// How to reach nodes: the orchestrator's scheme and TLS, and the token.
@@ -118,6 +121,7 @@ struct View {
     /// Index-aligned with `ring.ids()`.
     nodes: Vec<ViewNode>,
     handoff: bool,
+    replicas: usize,
 }
 
 impl View {
@@ -153,6 +157,7 @@ impl View {
             ring,
             nodes,
             handoff: topology.handoff,
+            replicas: usize::try_from(topology.replicas).unwrap_or(usize::MAX),
         })
     }
 }
@@ -303,6 +308,14 @@ pub(crate) struct Direct {
     last_refresh: std::sync::Mutex<Option<Instant>>,
     pub(crate) stats: Stats,
     watcher: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Reads go to owners directly.
+    direct_reads: bool,
+    /// The near cache, kept fresh by the feeds.
+    pub(crate) near: Option<NearCache>,
+    /// Every followed feed is in sync and a topology is known: what makes
+    /// a direct read or a near-cache answer safe. Kept by the followers
+    /// and the watcher, read with one atomic load.
+    coherent: AtomicBool,
 }
 
 impl Drop for Direct {
@@ -335,8 +348,13 @@ impl Direct {
         orchestrator: Channel,
         access: NodeAccess,
         first: Duration,
+        direct_reads: bool,
+        near: Option<NearCache>,
     ) -> Arc<Self> {
         let direct = Arc::new(Self {
+            direct_reads,
+            near,
+            coherent: AtomicBool::new(false),
             orchestrator,
             access,
             view: RwLock::new(None),
@@ -368,7 +386,62 @@ impl Direct {
 
     /// The owner's pipelines if `key` may be read directly now; `None`:
     /// read it through the orchestrator.
+    /// Whether the feeds and topology make cached or direct answers safe
+    /// now (one atomic load).
+    pub(crate) fn coherent(&self) -> bool {
+        self.coherent.load(Ordering::Acquire)
+    }
+
+    /// Recomputes [`Direct::coherent`]: a topology is known and every node
+    /// that may hold a debt or change a key (not ejected) has its feed in
+    /// sync.
+    fn recompute(&self) {
+        let view = self
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let links = lock(&self.links);
+        let coherent = view.is_some_and(|view| {
+            view.nodes.iter().filter(|n| n.followed).all(|n| {
+                links
+                    .get(&n.id)
+                    .is_some_and(|l| l.in_sync.load(Ordering::Acquire))
+            })
+        });
+        self.coherent.store(coherent, Ordering::Release);
+    }
+
+    /// Voids, in the near cache, the keys whose changes node `id` may have
+    /// published: those it is among the first replicas + 1 nodes of
+    /// (owners, and the stand-in that takes their writes while one is
+    /// away). What a gap in its feed, its loss, restart or flush means.
+    fn void_node(&self, id: &str) {
+        let Some(near) = &self.near else {
+            return;
+        };
+        let view = self
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match view {
+            Some(view) => {
+                let Some(index) = view.ring.index_of(id) else {
+                    near.invalidate_all();
+                    return;
+                };
+                let reach = view.replicas.saturating_add(1);
+                near.invalidate_matching(|key| view.ring.owners(key, reach).contains(&index));
+            }
+            None => near.invalidate_all(),
+        }
+    }
+
     pub(crate) fn route(&self, key: &str) -> Option<Route> {
+        if !self.direct_reads || !self.coherent() {
+            return None;
+        }
         let view = self
             .view
             .read()
@@ -382,18 +455,7 @@ impl Direct {
         if !node.readable {
             return None;
         }
-        let links = lock(&self.links);
-        // Every node that may hold a debt is followed and in sync.
-        let followed = view.nodes.iter().filter(|n| n.followed).all(|n| {
-            links
-                .get(&n.id)
-                .is_some_and(|l| l.in_sync.load(Ordering::Acquire))
-        });
-        if !followed {
-            return None;
-        }
-        let link = links.get(&node.id)?.clone();
-        drop(links);
+        let link = lock(&self.links).get(&node.id)?.clone();
         if self
             .marks
             .read()
@@ -505,6 +567,7 @@ impl Direct {
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+        self.recompute();
     }
 
     fn link(self: &Arc<Self>, id: &NodeId, address: &str) -> Option<Arc<Link>> {
@@ -624,6 +687,7 @@ async fn watch(
                 .view
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            strong.recompute();
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -666,6 +730,11 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .clear_owner(&id);
                 }
+                if restarted || message.gap {
+                    // Changes went unseen: what this node could have
+                    // changed is void.
+                    strong.void_node(&id);
+                }
                 if position.is_none() || restarted || message.gap {
                     // What was recorded before we followed, or in a gap, is
                     // listed (after subscribing, so nothing falls between).
@@ -673,12 +742,16 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
                     l.relist.store(true, Ordering::Release);
                 }
                 if l.relist.swap(false, Ordering::AcqRel) {
-                    l.in_sync.store(false, Ordering::Release);
+                    if l.in_sync.swap(false, Ordering::AcqRel) {
+                        strong.recompute();
+                    }
                     if strong.list_debts(&id, channel.clone()).await.is_err() {
                         l.relist.store(true, Ordering::Release);
                         break;
                     }
                 }
+                let mut flushed = false;
+                let mut owners_voided: Vec<String> = Vec::new();
                 let mut marks = strong
                     .marks
                     .write()
@@ -687,27 +760,48 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
                     if change.kind == ChangeKind::Owed as i32 {
                         let key = (!change.key.is_empty()).then_some(change.key.as_str());
                         marks.owe(&change.owner, key, &id, change.version);
+                        // A fill may have read the owner's old value
+                        // between the change and this record: void it.
+                        match (key, &strong.near) {
+                            (Some(key), Some(near)) => near.invalidate(key),
+                            (None, Some(_)) => owners_voided.push(change.owner.clone()),
+                            _ => {}
+                        }
                     } else if change.kind == ChangeKind::Settled as i32 {
                         if marks.settle(&change.owner, &id, change.version) {
                             l.relist.store(true, Ordering::Release);
                         }
                     } else if change.kind == ChangeKind::Flush as i32 {
                         marks.clear_owner(&id);
+                        flushed = true;
+                    } else if let Some(near) = &strong.near {
+                        near.invalidate(&change.key);
                     }
                     if let Some((_, seq)) = &mut position {
                         *seq = change.sequence;
                     }
                 }
                 drop(marks);
+                if flushed {
+                    strong.void_node(&id);
+                }
+                for owner in &owners_voided {
+                    strong.void_node(owner);
+                }
                 let caught_up = position.is_some_and(|(_, seq)| seq >= message.head);
-                l.in_sync.store(
-                    caught_up && !l.relist.load(Ordering::Acquire),
-                    Ordering::Release,
-                );
+                let in_sync = caught_up && !l.relist.load(Ordering::Acquire);
+                if l.in_sync.swap(in_sync, Ordering::AcqRel) != in_sync {
+                    strong.recompute();
+                }
             }
         }
-        if let Some(l) = link.upgrade() {
-            l.in_sync.store(false, Ordering::Release);
+        if let (Some(strong), Some(l)) = (direct.upgrade(), link.upgrade()) {
+            if l.in_sync.swap(false, Ordering::AcqRel) {
+                strong.recompute();
+            }
+            // Lost: what it changes from now on goes unseen until it is
+            // followed again.
+            strong.void_node(&id);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

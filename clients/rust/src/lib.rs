@@ -175,6 +175,8 @@ pub struct Builder {
     /// The same TLS for nodes, without the orchestrator's name override.
     node_tls: Option<ClientTlsConfig>,
     direct: bool,
+    near_cache_bytes: u64,
+    near_cache_max_age: Duration,
 }
 
 impl Builder {
@@ -189,6 +191,29 @@ impl Builder {
     /// the same scheme, TLS and token. See the crate documentation.
     pub fn direct(mut self, on: bool) -> Self {
         self.direct = on;
+        self
+    }
+
+    /// A near cache of at most `bytes` (keys, values and bookkeeping; 0,
+    /// the default, turns it off): `get` answers from this process when it
+    /// can, in well under a microsecond. It is kept fresh by the nodes'
+    /// change feeds (which this client then follows, as in direct mode): a
+    /// write or delete by any client voids the key here within the feed's
+    /// latency, this client's own at once. Answers are served only while
+    /// every feed is followed and in sync; a lost feed, a gap in it or a
+    /// node's restart voids only the keys that node could have changed.
+    /// It implies direct mode ([`Builder::direct`]): answers are kept only
+    /// when they come from the key's owner (an orchestrator's may lag a
+    /// feed this client has already read).
+    pub fn near_cache_bytes(mut self, bytes: u64) -> Self {
+        self.near_cache_bytes = bytes;
+        self
+    }
+
+    /// The longest a near-cache answer is kept (30 s by default): the
+    /// bound on staleness if everything else failed.
+    pub fn near_cache_max_age(mut self, age: Duration) -> Self {
+        self.near_cache_max_age = age;
         self
     }
 
@@ -295,7 +320,10 @@ impl Builder {
             ));
         }
         let unary = first.ok_or_else(|| Error::Config("no pipelines".into()))?;
-        let direct = if self.direct {
+        let near = (self.near_cache_bytes > 0).then(|| {
+            ringcache_nearcache::NearCache::new(self.near_cache_bytes, self.near_cache_max_age)
+        });
+        let direct = if self.direct || near.is_some() {
             let access = direct::NodeAccess {
                 https: self.uri.starts_with("https:"),
                 tls: self.node_tls.clone(),
@@ -303,7 +331,10 @@ impl Builder {
                 token: token.clone(),
                 pipelines: self.pipelines,
             };
-            Some(direct::Direct::start(unary.clone(), access, self.connect_timeout).await)
+            Some(
+                direct::Direct::start(unary.clone(), access, self.connect_timeout, true, near)
+                    .await,
+            )
         } else {
             None
         };
@@ -359,6 +390,21 @@ pub struct DirectStats {
     pub stale_epochs: u64,
 }
 
+/// The near cache's counts (all zero without one); see
+/// [`Client::near_cache_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NearCacheStats {
+    /// `get`s answered from the near cache.
+    pub hits: u64,
+    /// `get`s that were not (absent, expired, voided, or the feeds not in
+    /// sync).
+    pub misses: u64,
+    /// Answers held.
+    pub entries: u64,
+    /// Bytes held (keys, values and bookkeeping).
+    pub bytes: u64,
+}
+
 /// Whether a call may be sent again when its connection was lost before
 /// its answer: reads only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +427,24 @@ impl Client {
             tls: None,
             node_tls: None,
             direct: false,
+            near_cache_bytes: 0,
+            near_cache_max_age: Duration::from_secs(30),
+        }
+    }
+
+    /// The near cache's hits, misses and size.
+    pub fn near_cache_stats(&self) -> NearCacheStats {
+        let Some(direct) = &self.inner.direct else {
+            return NearCacheStats::default();
+        };
+        let Some(near) = &direct.near else {
+            return NearCacheStats::default();
+        };
+        NearCacheStats {
+            hits: direct.stats.near_hits.load(Ordering::Relaxed),
+            misses: direct.stats.near_misses.load(Ordering::Relaxed),
+            entries: near.len() as u64,
+            bytes: near.bytes(),
         }
     }
 
@@ -403,7 +467,8 @@ impl Client {
     /// A read: straight to the key's owner in direct mode when that is
     /// safe now, else (or if that does not answer cleanly) through the
     /// orchestrator.
-    async fn read(&self, method: &'static str, key: &str, op: Op) -> Result<Answer, Error> {
+    /// Answers whether the answer came from the owner directly too.
+    async fn read(&self, method: &'static str, key: &str, op: Op) -> Result<(Answer, bool), Error> {
         let deadline = Instant::now() + self.inner.timeout;
         if let Some(direct) = &self.inner.direct {
             match direct.route(key) {
@@ -428,7 +493,7 @@ impl Client {
                         Ok(Outcome::Answer(answer)) => {
                             span.record("rpc.grpc.status_code", 0);
                             direct.stats.direct.fetch_add(1, Ordering::Relaxed);
-                            return Ok(answer);
+                            return Ok((answer, true));
                         }
                         Ok(_) | Err(_) => {}
                     }
@@ -439,20 +504,57 @@ impl Client {
                 }
             }
         }
-        self.call(method, op, Repeatable::Read, deadline).await
+        let answer = self.call(method, op, Repeatable::Read, deadline).await?;
+        Ok((answer, false))
     }
 
     /// Reads `key`: `None` if it is absent or expired.
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
+        // The near cache first, while the feeds keep it exact.
+        let near = self
+            .inner
+            .direct
+            .as_ref()
+            .and_then(|d| d.near.as_ref().map(|n| (d, n)));
+        let mut ticket = None;
+        if let Some((direct, near)) = near {
+            if direct.coherent() {
+                let now = std::time::Instant::now();
+                if let Some(hit) = near.get(key, now) {
+                    direct.stats.near_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(hit.found.then(|| Entry {
+                        value: hit.value,
+                        version: hit.version,
+                        ttl: hit.expires.map(|e| e.saturating_duration_since(now)),
+                    }));
+                }
+                // Taken before the read: a change seen meanwhile voids it.
+                ticket = Some(near.ticket(key));
+            }
+            direct.stats.near_misses.fetch_add(1, Ordering::Relaxed);
+        }
         let op = Op::Get(GetRequest { key: key.into() });
         match self.read("Get", key, op).await? {
-            Answer::Get(g) if g.found => Ok(Some(Entry {
-                value: g.value,
-                version: g.version,
-                ttl: g.ttl.and_then(duration),
-            })),
-            Answer::Get(_) => Ok(None),
-            other => Err(unexpected("Get", &other)),
+            (Answer::Get(g), from_owner) => {
+                if let (Some((direct, near)), Some(ticket), true) = (near, ticket, from_owner)
+                    && direct.coherent()
+                {
+                    let now = std::time::Instant::now();
+                    let answer = ringcache_nearcache::Answer {
+                        found: g.found,
+                        value: g.value.clone(),
+                        version: g.version,
+                        expires: g.ttl.and_then(duration).map(|t| now + t),
+                    };
+                    near.fill(key, ticket, answer, now);
+                }
+                Ok(g.found.then(|| Entry {
+                    value: g.value,
+                    version: g.version,
+                    ttl: g.ttl.and_then(duration),
+                }))
+            }
+            (other, _) => Err(unexpected("Get", &other)),
         }
     }
 
@@ -613,7 +715,7 @@ impl Client {
         let op = Op::Exists(ExistsRequest {
             keys: vec![key.into()],
         });
-        match self.read("Exists", key, op).await? {
+        match self.read("Exists", key, op).await?.0 {
             Answer::Exists(e) => {
                 Ok(e.results
                     .into_iter()
@@ -672,7 +774,9 @@ impl Client {
             .unary(Repeatable::Write, request, |mut c, r| async move {
                 c.set_many(r).await
             })
-            .await?;
+            .await;
+        self.void_near(entries.iter().map(|(k, _)| *k));
+        let response = response?;
         if let Some(direct) = &self.inner.direct {
             for ((key, _), r) in entries.iter().zip(&response.results) {
                 direct.missed(key, &r.missed);
@@ -699,7 +803,9 @@ impl Client {
             .unary(Repeatable::Write, request, |mut c, r| async move {
                 c.delete_many(r).await
             })
-            .await?;
+            .await;
+        self.void_near(keys.iter().copied());
+        let response = response?;
         if let Some(direct) = &self.inner.direct {
             for (key, r) in keys.iter().zip(&response.results) {
                 direct.missed(key, &r.missed);
@@ -713,6 +819,15 @@ impl Client {
                 None => Ok(r.deleted),
             })
             .collect())
+    }
+
+    /// Voids the near cache's answers of `keys` (this client wrote them).
+    fn void_near<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        if let Some(near) = self.inner.direct.as_ref().and_then(|d| d.near.as_ref()) {
+            for key in keys {
+                near.invalidate(key);
+            }
+        }
     }
 
     /// A unary call (the batches), with the pipelined calls' retry rule:
@@ -811,7 +926,13 @@ impl Client {
     /// says it missed are kept off for the key until they are up to date.
     async fn write(&self, method: &'static str, key: &str, op: Op) -> Result<Answer, Error> {
         let deadline = Instant::now() + self.inner.timeout;
-        let answer = self.call(method, op, Repeatable::Write, deadline).await?;
+        let result = self.call(method, op, Repeatable::Write, deadline).await;
+        // Whatever the answer, the write may have run: this process's
+        // cached answer of the key (and any fill racing it) is void.
+        if let Some(near) = self.inner.direct.as_ref().and_then(|d| d.near.as_ref()) {
+            near.invalidate(key);
+        }
+        let answer = result?;
         if let Some(direct) = &self.inner.direct {
             let missed = match &answer {
                 Answer::Set(a) => &a.missed,
