@@ -654,11 +654,12 @@ impl TestCluster {
     }
 
     /// Stops node `i` as an orchestration system does: SIGTERM, then wait
-    /// for it to drain and exit.
-    pub fn stop_node(&mut self, i: usize) {
+    /// for it to drain and exit. Async: clients in this process keep
+    /// running meanwhile (a drain waits for them to leave).
+    pub async fn stop_node(&mut self, i: usize) {
         if let Some(mut node) = self.nodes[i].take() {
             node.process.signal_term();
-            let status = node.process.wait_exit(Duration::from_secs(30));
+            let status = node.process.exited(Duration::from_secs(30)).await;
             assert!(
                 status.is_some_and(|s| s.success()),
                 "node {i} did not drain and exit cleanly: {status:?}"

@@ -441,7 +441,7 @@ async fn a_handoff_copy_never_outlives_a_delete_through_another_orchestrator() {
     let a = OrchestratorProcess::start(&a_args).await;
     let mut through_a = a.cache().await;
 
-    cluster.stop_node(0);
+    cluster.stop_node(0).await;
     cluster.restart_node(0).await;
     let warming_and_followed = || async {
         let nodes = a

@@ -64,13 +64,45 @@ fn status(e: ringcache_client::Error) -> tonic::Status {
     tonic::Status::new(e.code(), e.to_string())
 }
 
+/// How the load's calls travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Unary tonic calls to the orchestrator.
+    Unary,
+    /// The Rust client, pipelined to the orchestrator.
+    Piped,
+    /// The Rust client in direct mode: reads straight to the owners.
+    Direct,
+}
+
+impl Mode {
+    /// How the row names it.
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Unary => "",
+            Mode::Piped => ", Rust client (pipelined)",
+            Mode::Direct => ", Rust client (direct reads)",
+        }
+    }
+
+    async fn api(self, orchestrator: &OrchestratorProcess) -> Api {
+        match self {
+            Mode::Unary => Api::Unary(orchestrator.cache().await),
+            Mode::Piped => Api::client(orchestrator, false).await,
+            Mode::Direct => Api::client(orchestrator, true).await,
+        }
+    }
+}
+
 impl Api {
-    /// The Rust client of `orchestrator`, with the suite's call deadline.
-    async fn piped(orchestrator: &OrchestratorProcess) -> Self {
+    /// The Rust client of `orchestrator`, with the suite's call deadline;
+    /// in direct mode if `direct`.
+    async fn client(orchestrator: &OrchestratorProcess, direct: bool) -> Self {
         Api::Piped(
             ringcache_client::Client::builder(orchestrator.process.grpc_url())
                 .timeout(CALL_TIMEOUT)
                 .pipelines(2)
+                .direct(direct)
                 .connect()
                 .await
                 .unwrap(),
@@ -585,7 +617,7 @@ async fn rolling_restart(replicas: usize) -> (Report, usize, f64) {
     let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..3 {
-        cluster.stop_node(i);
+        cluster.stop_node(i).await;
         cluster.restart_node(i).await;
         // As a StatefulSet waits for readiness: here, for the orchestrator
         // to have copied the node's keys back.
@@ -634,16 +666,12 @@ async fn a_rolling_restart_with_one_replica_fails_no_call_and_serves_nothing_sta
 }
 
 /// SIGKILL of one node under load: no drain, connections cut.
-async fn kill_one(replicas: usize, piped: bool) -> (Report, usize) {
+async fn kill_one(replicas: usize, mode: Mode) -> (Report, usize) {
     let r = replicas.to_string();
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let api = if piped {
-        Api::piped(&cluster.orchestrator).await
-    } else {
-        Api::Unary(cluster.orchestrator.cache().await)
-    };
+    let api = mode.api(&cluster.orchestrator).await;
     let load = Workload::through(vec![api], FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.kill_node(1);
@@ -651,12 +679,8 @@ async fn kill_one(replicas: usize, piped: bool) -> (Report, usize) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
     let lost = fixed_keys_lost(&mut cache).await;
-    let case = if piped {
-        "SIGKILL of one node, Rust client (pipelined)"
-    } else {
-        "SIGKILL of one node"
-    };
-    print_row(case, replicas, &report, Some(lost));
+    let case = format!("SIGKILL of one node{}", mode.label());
+    print_row(&case, replicas, &report, Some(lost));
     assert!(report.calls > 100, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
     (report, lost)
@@ -664,14 +688,21 @@ async fn kill_one(replicas: usize, piped: bool) -> (Report, usize) {
 
 #[tokio::test]
 async fn a_killed_node_with_two_replicas_fails_no_call_and_loses_no_key() {
-    let (report, lost) = kill_one(2, false).await;
+    let (report, lost) = kill_one(2, Mode::Unary).await;
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!(lost, 0, "{report:?}");
 }
 
 #[tokio::test]
 async fn a_killed_node_under_pipelined_load_with_two_replicas_fails_no_call_and_loses_no_key() {
-    let (report, lost) = kill_one(2, true).await;
+    let (report, lost) = kill_one(2, Mode::Piped).await;
+    assert_eq!(report.avoidable_failures(), 0, "{report:?}");
+    assert_eq!(lost, 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_killed_node_under_direct_reads_with_two_replicas_fails_no_call_and_loses_no_key() {
+    let (report, lost) = kill_one(2, Mode::Direct).await;
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!(lost, 0, "{report:?}");
 }
@@ -681,18 +712,18 @@ async fn a_killed_node_under_pipelined_load_with_two_replicas_fails_no_call_and_
 /// (counted in the row, not asserted).
 #[tokio::test]
 async fn a_killed_node_with_one_replica_serves_nothing_stale() {
-    let (_, lost) = kill_one(1, false).await;
+    let (_, lost) = kill_one(1, Mode::Unary).await;
     assert!(lost > 0);
 }
 
 /// SIGSTOP for longer than ejection takes, then SIGCONT: the paused node
 /// comes back holding values that were overwritten or deleted meanwhile.
-async fn pause_and_resume(replicas: usize) {
+async fn pause_and_resume(replicas: usize, mode: Mode) {
     let r = replicas.to_string();
     let cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let load = Workload::start(cluster.orchestrator.cache().await, FIXED_KEYS);
+    let load = Workload::through(vec![mode.api(&cluster.orchestrator).await], FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let paused = &cluster.nodes[0].as_ref().unwrap().process;
     paused.signal("STOP");
@@ -704,7 +735,7 @@ async fn pause_and_resume(replicas: usize) {
     let report = load.finish().await;
     let lost = (replicas > 1).then_some(fixed_keys_lost(&mut cache).await);
     print_row(
-        "SIGSTOP past ejection, then SIGCONT",
+        &format!("SIGSTOP past ejection, then SIGCONT{}", mode.label()),
         replicas,
         &report,
         lost,
@@ -719,12 +750,20 @@ async fn pause_and_resume(replicas: usize) {
 
 #[tokio::test]
 async fn a_paused_node_with_one_replica_serves_nothing_stale_when_it_returns() {
-    pause_and_resume(1).await;
+    pause_and_resume(1, Mode::Unary).await;
 }
 
 #[tokio::test]
 async fn a_paused_node_with_two_replicas_serves_nothing_stale_when_it_returns() {
-    pause_and_resume(2).await;
+    pause_and_resume(2, Mode::Unary).await;
+}
+
+/// The same with reads straight to the owners: the paused node is read
+/// directly again only once it is up to date.
+#[tokio::test]
+async fn a_paused_node_under_direct_reads_serves_nothing_stale_when_it_returns() {
+    pause_and_resume(1, Mode::Direct).await;
+    pause_and_resume(2, Mode::Direct).await;
 }
 
 /// Scale-out through `--nodes-file`: the keys that move to the new node
@@ -1131,23 +1170,19 @@ async fn wait_node_on(
 /// A rolling restart of every node (R=2) under load spread over
 /// `orchestrators` orchestrators, each call to one picked at random; each
 /// node is restarted once every orchestrator has warmed the previous one.
-async fn rolling_restart_spread(orchestrators: usize, piped: bool) {
+async fn rolling_restart_spread(orchestrators: usize, mode: Mode) {
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
     let others = more_orchestrators(&cluster, orchestrators - 1, &["--replicas", "2"]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
     let mut apis = Vec::new();
     for o in std::iter::once(&cluster.orchestrator).chain(&others) {
-        apis.push(if piped {
-            Api::piped(o).await
-        } else {
-            Api::Unary(o.cache().await)
-        });
+        apis.push(mode.api(o).await);
     }
     let load = Workload::through(apis, FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..3 {
-        cluster.stop_node(i);
+        cluster.stop_node(i).await;
         cluster.restart_node(i).await;
         cluster.wait_node_warm(i).await;
         for o in &others {
@@ -1163,11 +1198,7 @@ async fn rolling_restart_spread(orchestrators: usize, piped: bool) {
     print_row(
         &format!(
             "rolling restart, {orchestrators} orchestrators, calls spread{}",
-            if piped {
-                ", Rust client (pipelined)"
-            } else {
-                ""
-            }
+            mode.label()
         ),
         2,
         &report,
@@ -1181,19 +1212,26 @@ async fn rolling_restart_spread(orchestrators: usize, piped: bool) {
 
 #[tokio::test]
 async fn a_rolling_restart_under_two_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2, false).await;
+    rolling_restart_spread(2, Mode::Unary).await;
 }
 
 /// The same through the Rust client's pipelines: the guarantees hold for
 /// pipelined calls too.
 #[tokio::test]
 async fn a_rolling_restart_under_pipelined_load_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2, true).await;
+    rolling_restart_spread(2, Mode::Piped).await;
+}
+
+/// And with reads straight to the owners, each client following its own
+/// orchestrator's topology.
+#[tokio::test]
+async fn a_rolling_restart_under_direct_reads_fails_loses_and_serves_stale_nothing() {
+    rolling_restart_spread(2, Mode::Direct).await;
 }
 
 #[tokio::test]
 async fn a_rolling_restart_under_three_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(3, false).await;
+    rolling_restart_spread(3, Mode::Unary).await;
 }
 
 /// SIGSTOP past ejection with one replica, under load spread over two
@@ -1202,13 +1240,24 @@ async fn a_rolling_restart_under_three_orchestrators_fails_loses_and_serves_stal
 /// owner returns. Nothing stale, nothing deleted comes back.
 #[tokio::test]
 async fn a_paused_owner_under_two_orchestrators_serves_nothing_stale_when_it_returns() {
+    paused_owner_two_orchestrators(Mode::Unary).await;
+}
+
+/// The same with clients that read straight from the owners, each
+/// following one of the two orchestrators.
+#[tokio::test]
+async fn a_paused_owner_under_two_orchestrators_and_direct_reads_serves_nothing_stale() {
+    paused_owner_two_orchestrators(Mode::Direct).await;
+}
+
+async fn paused_owner_two_orchestrators(mode: Mode) {
     let cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "1"]).await;
     let others = more_orchestrators(&cluster, 1, &["--replicas", "1"]).await;
     let b = &others[0];
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let load = Workload::spread(
-        vec![cluster.orchestrator.cache().await, b.cache().await],
+    let load = Workload::through(
+        vec![mode.api(&cluster.orchestrator).await, mode.api(b).await],
         FIXED_KEYS,
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1229,7 +1278,10 @@ async fn a_paused_owner_under_two_orchestrators_serves_nothing_stale_when_it_ret
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
     print_row(
-        "SIGSTOP past ejection, then SIGCONT; 2 orchestrators, calls spread",
+        &format!(
+            "SIGSTOP past ejection, then SIGCONT; 2 orchestrators, calls spread{}",
+            mode.label()
+        ),
         1,
         &report,
         None,
@@ -1310,8 +1362,15 @@ async fn deletes_outlive_the_orchestrator_that_made_them() {
             }
         }
     }
+    // And by a client reading straight from the owners.
+    let direct = Api::client(&b, true).await;
+    for k in &keys {
+        if direct.get(k).await.unwrap().0 {
+            resurrected.push(format!("{k} (direct)"));
+        }
+    }
     println!(
-        "RELIABILITY | orchestrator A killed before the owner returns (64 keys deleted through A, {frozen_keys} of them owned by the frozen node) | R=1 | read through B and a new orchestrator: {} resurrected |",
+        "RELIABILITY | orchestrator A killed before the owner returns (64 keys deleted through A, {frozen_keys} of them owned by the frozen node) | R=1 | read through B, a new orchestrator and a direct client: {} resurrected |",
         resurrected.len()
     );
     assert!(
@@ -1392,11 +1451,22 @@ async fn a_stand_in_copy_written_by_a_dead_orchestrator_does_not_come_back() {
 /// nothing stale is served.
 #[tokio::test]
 async fn an_orchestrator_restart_under_pipelined_load_fails_no_call() {
+    orchestrator_restart(Mode::Piped).await;
+}
+
+/// The same with direct reads: the client's topology stream ends with
+/// the orchestrator; reads go through the new one until it follows again.
+#[tokio::test]
+async fn an_orchestrator_restart_under_direct_reads_fails_no_call() {
+    orchestrator_restart(Mode::Direct).await;
+}
+
+async fn orchestrator_restart(mode: Mode) {
     let args = ["--replicas", "2", "--drain-delay", "300ms"];
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &args).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
-    let api = Api::piped(&cluster.orchestrator).await;
+    let api = mode.api(&cluster.orchestrator).await;
     let load = Workload::through(vec![api], FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let addr = cluster.orchestrator.addr();
@@ -1418,7 +1488,10 @@ async fn an_orchestrator_restart_under_pipelined_load_fails_no_call() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.finish().await;
     print_row(
-        "orchestrator restarted (SIGTERM, drained, same address), Rust client (pipelined)",
+        &format!(
+            "orchestrator restarted (SIGTERM, drained, same address){}",
+            mode.label()
+        ),
         2,
         &report,
         None,

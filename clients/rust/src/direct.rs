@@ -609,12 +609,13 @@ impl Direct {
             .unwrap_or_default();
         let mut client = InternalClient::new(channel);
         for owner in owners.iter().filter(|o| *o != holder) {
-            let listed = client
-                .debts(self.request(DebtsRequest {
-                    owner: owner.to_string(),
-                    limit: 0,
-                }))
-                .await?
+            let ask = client.debts(self.request(DebtsRequest {
+                owner: owner.to_string(),
+                limit: 0,
+            }));
+            let listed = tokio::time::timeout(FEED_SILENCE, ask)
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("the node did not list its debts"))??
                 .into_inner();
             let mut marks = self
                 .marks
@@ -709,8 +710,12 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
         let (incarnation, after) = position.unwrap_or((0, 0));
         let request = strong.request(ChangesRequest { incarnation, after });
         drop(strong);
-        let stream = InternalClient::new(channel.clone()).changes(request).await;
-        if let Ok(response) = stream {
+        let stream = tokio::time::timeout(
+            FEED_SILENCE,
+            InternalClient::new(channel.clone()).changes(request),
+        )
+        .await;
+        if let Ok(Ok(response)) = stream {
             let mut stream = response.into_inner();
             loop {
                 let message = match tokio::time::timeout(FEED_SILENCE, stream.message()).await {
