@@ -47,6 +47,21 @@
 //! another client, or turn `deleted = true` into `false`. It fails with
 //! `UNAVAILABLE`, and the caller decides.
 //!
+//! # Direct mode and the near cache
+//!
+//! With [`Builder::direct`], `get` and `exists` go straight to the key's
+//! first owner, placed by the orchestrator's topology
+//! (`Cluster/WatchTopology`) with the orchestrator's own placement code;
+//! writes and batches still go through the orchestrator. With
+//! [`Builder::near_cache_bytes`], `get` answers repeated reads from this
+//! process. Both follow every node's change feed, and a read is sent
+//! directly (or answered from the near cache) only while that is as safe
+//! as a routed read: the owner healthy and owing the key no update, every
+//! feed in sync, the node agreeing on the topology's epoch. Otherwise it
+//! goes through the orchestrator. [`Client::direct_stats`] and
+//! [`Client::near_cache_stats`] say where reads went. The README's
+//! "Direct mode and the near cache" states the guarantees.
+//!
 //! # Tracing
 //!
 //! Each call is a `tracing` span (`ringcache.client`, with the OpenTelemetry
