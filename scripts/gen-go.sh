@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generates the Go stubs of the public API (clients/go/gen) from proto/,
+# Generates the Go stubs (clients/go/gen) from proto/: the public API, and
+# the node API direct mode follows (change feeds, debt records),
 # with buf and the protoc-gen-go / protoc-gen-go-grpc plugins built from the
 # Go module proxy by scripts/install-tools.sh (no system protoc).
 #

@@ -13,6 +13,7 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -61,6 +62,8 @@ type pipeAnswer struct {
 // pipe is one Pipeline stream at a time, reopened after it ends.
 type pipe struct {
 	cache pb.CacheClient
+	// md goes with every stream opened (a direct read's epoch).
+	md metadata.MD
 	// sendMu serializes Send (grpc-go streams allow one sender) and
 	// opening the stream.
 	sendMu  sync.Mutex
@@ -90,6 +93,9 @@ func (p *pipe) stream() (*pstream, error) {
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	if p.md != nil {
+		ctx = metadata.NewOutgoingContext(ctx, p.md)
+	}
 	st, err := p.cache.Pipeline(ctx)
 	if err != nil {
 		cancel()

@@ -23,6 +23,12 @@
 // answers ErrCacheMiss. Batch calls answer per key, each result with its
 // own error.
 //
+// # Direct mode
+//
+// WithDirect(true) sends Get straight to the key's owner node when that is
+// as safe as reading through the orchestrator (see direct.go); writes and
+// batches still go through the orchestrator.
+//
 // # Pipelines
 //
 // Single-key calls (Get, Set, SetIfAbsent, CompareAndSwap, Delete,
@@ -148,6 +154,7 @@ type options struct {
 	timeout   time.Duration
 	token     string
 	telemetry bool
+	direct    bool
 }
 
 // WithTimeout sets the deadline of calls whose context has none (1 s by
@@ -217,6 +224,8 @@ type Client struct {
 	timeout time.Duration
 	// Spans for pipelined calls.
 	telemetry bool
+	// Direct mode (WithDirect): nil when off.
+	direct *direct
 }
 
 // Dial connects to the orchestrator at target ("host:port", or any gRPC
@@ -248,11 +257,28 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	for range o.pipelines {
 		c.pipes = append(c.pipes, &pipe{cache: c.cache})
 	}
+	if o.direct {
+		// Nodes are dialled as the orchestrator is (TLS, token, tracing).
+		c.direct = startDirect(conn, dial, max(o.pipelines, 1))
+	}
 	return c, nil
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// noteMissed tells direct mode which owners a write of key missed (its
+// answer's missed): they are kept off for the key until up to date.
+func (c *Client) noteMissed(key string, missed []string) {
+	if c.direct != nil {
+		c.direct.missed(key, missed)
+	}
+}
+
+// Close closes the connections.
+func (c *Client) Close() error {
+	if c.direct != nil {
+		c.direct.close()
+	}
+	return c.conn.Close()
+}
 
 // Cache is the generated stub, for the calls this wrapper does not cover
 // (Increment, Touch, Exists, DeleteMany, conditional SetMany).
@@ -345,6 +371,17 @@ func keyError(e *pb.KeyError) error {
 
 // Get reads key. A key with no live value answers ErrCacheMiss.
 func (c *Client) Get(ctx context.Context, key string) (Item, error) {
+	if c.direct != nil {
+		dctx, cancel := c.withTimeout(ctx)
+		r, ok := c.directGet(dctx, key)
+		cancel()
+		if ok {
+			if !r.GetFound() {
+				return Item{}, ErrCacheMiss
+			}
+			return Item{Value: r.GetValue(), Version: r.GetVersion(), TTL: ttlOf(r.GetTtl())}, nil
+		}
+	}
 	if c.pipelining() {
 		resp, ok, err := c.piped(ctx, "Get", &pb.PipelineRequest{Op: &pb.PipelineRequest_Get{Get: &pb.GetRequest{Key: key}}}, true)
 		if ok {
@@ -385,6 +422,7 @@ func (c *Client) Set(ctx context.Context, key string, value []byte, ttl time.Dur
 	var r *pb.SetResponse
 	err = c.do(ctx, false, func(ctx context.Context) (err error) {
 		r, err = c.cache.Set(ctx, req)
+		c.noteMissed(req.GetKey(), r.GetMissed())
 		return err
 	})
 	return r.GetVersion(), err
@@ -396,6 +434,7 @@ func (c *Client) pipedSet(ctx context.Context, req *pb.SetRequest) (*pb.SetRespo
 		return nil, false, nil
 	}
 	resp, ok, err := c.piped(ctx, "Set", &pb.PipelineRequest{Op: &pb.PipelineRequest_Set{Set: req}}, false)
+	c.noteMissed(req.GetKey(), resp.GetSet().GetMissed())
 	return resp.GetSet(), ok, err
 }
 
@@ -406,6 +445,7 @@ func (c *Client) pipedDelete(ctx context.Context, req *pb.DeleteRequest) (*pb.De
 		return nil, false, nil
 	}
 	resp, ok, err := c.piped(ctx, "Delete", &pb.PipelineRequest{Op: &pb.PipelineRequest_Delete{Delete: req}}, false)
+	c.noteMissed(req.GetKey(), resp.GetDelete().GetMissed())
 	return resp.GetDelete(), ok, err
 }
 
@@ -423,6 +463,7 @@ func (c *Client) SetIfAbsent(ctx context.Context, key string, value []byte, ttl 
 	ctx, cancel := c.withTimeout(ctx)
 	defer cancel()
 	r, err := c.cache.Set(ctx, req)
+	c.noteMissed(req.GetKey(), r.GetMissed())
 	return r.GetStored(), r.GetVersion(), err
 }
 
@@ -444,6 +485,7 @@ func (c *Client) CompareAndSwap(ctx context.Context, key string, value []byte, t
 	ctx, cancel := c.withTimeout(ctx)
 	defer cancel()
 	r, err := c.cache.Set(ctx, req)
+	c.noteMissed(req.GetKey(), r.GetMissed())
 	return r.GetStored(), r.GetVersion(), err
 }
 
@@ -463,6 +505,7 @@ func (c *Client) Delete(ctx context.Context, key string) (deleted bool, err erro
 	var r *pb.DeleteResponse
 	err = c.do(ctx, false, func(ctx context.Context) (err error) {
 		r, err = c.cache.Delete(ctx, &pb.DeleteRequest{Key: key})
+		c.noteMissed(key, r.GetMissed())
 		return err
 	})
 	return r.GetDeleted(), err
@@ -481,6 +524,7 @@ func (c *Client) CompareAndDelete(ctx context.Context, key string, version uint6
 	ctx, cancel := c.withTimeout(ctx)
 	defer cancel()
 	r, err := c.cache.Delete(ctx, req)
+	c.noteMissed(key, r.GetMissed())
 	return r.GetDeleted(), err
 }
 
@@ -537,6 +581,7 @@ func (c *Client) SetMany(ctx context.Context, entries []Entry) ([]SetResult, err
 	}
 	out := make([]SetResult, len(entries))
 	for i, res := range r.GetResults() {
+		c.noteMissed(entries[i].Key, res.GetMissed())
 		out[i] = SetResult{Key: entries[i].Key, Version: res.GetVersion(), Err: keyError(res.GetError())}
 	}
 	return out, nil
