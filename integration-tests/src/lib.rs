@@ -709,6 +709,26 @@ impl TestCluster {
             .await
     }
 
+    /// The index in `nodes` of `key`'s first owner, as the orchestrator
+    /// locates it.
+    pub async fn first_owner(&self, key: &str) -> usize {
+        let address = self
+            .orchestrator
+            .cluster()
+            .await
+            .locate(ringcache_proto::v1::LocateRequest { key: key.into() })
+            .await
+            .expect("Locate answers")
+            .into_inner()
+            .owners[0]
+            .address
+            .clone();
+        self.node_addrs
+            .iter()
+            .position(|a| *a == address)
+            .expect("the owner is one of the cluster's nodes")
+    }
+
     /// Waits until the orchestrator reports node `i` in `state`.
     pub async fn wait_node_state(&self, i: usize, state: NodeState) {
         self.wait_node(i, Duration::from_secs(15), |n| n.state() == state)

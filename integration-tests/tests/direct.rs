@@ -10,7 +10,7 @@ use integration_tests::{TestCluster, eventually, metric_value};
 use ringcache_client::Client;
 use ringcache_proto::{
     direct::{CURRENT_EPOCH, DIRECT_EPOCH_HEADER, STALE_EPOCH},
-    v1::{GetRequest, ListNodesRequest, LocateRequest, NodeState, WatchTopologyRequest},
+    v1::{GetRequest, ListNodesRequest, NodeState, WatchTopologyRequest},
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -28,19 +28,28 @@ async fn direct_client(cluster: &TestCluster) -> Client {
         .unwrap()
 }
 
-/// Reads `key` until one is answered directly by its owner: the client has
-/// the topology, follows every feed and has listed the debts.
-async fn wait_direct(client: &Client, key: &str) {
+/// Reads `key` until `count` (a counter of the client's stats) moves.
+async fn read_until(client: &Client, key: &str, what: &str, count: impl Fn(&Client) -> u64) {
     eventually(Duration::from_secs(15), || async {
-        let before = client.direct_stats().direct;
+        let before = count(client);
         client.get(key).await.map_err(|e| e.to_string())?;
-        if client.direct_stats().direct > before {
+        if count(client) > before {
             Ok(())
         } else {
-            Err(format!("not read directly: {:?}", client.direct_stats()))
+            Err(format!(
+                "no {what}: {:?} {:?}",
+                client.direct_stats(),
+                client.near_cache_stats()
+            ))
         }
     })
     .await;
+}
+
+/// Reads `key` until one is answered directly by its owner: the client has
+/// the topology, follows every feed and has listed the debts.
+async fn wait_direct(client: &Client, key: &str) {
+    read_until(client, key, "direct read", |c| c.direct_stats().direct).await;
 }
 
 #[tokio::test]
@@ -238,20 +247,8 @@ async fn a_deleted_key_is_never_read_from_an_owner_that_missed_the_delete() {
         .connect()
         .await
         .unwrap();
-    let owner = cluster
-        .orchestrator
-        .cluster()
-        .await
-        .locate(LocateRequest {
-            key: "victim".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .owners[0]
-        .address
-        .clone();
-    let x = cluster.node_addrs.iter().position(|a| *a == owner).unwrap();
+    let x = cluster.first_owner("victim").await;
+    let owner = cluster.node_addrs[x].clone();
     client.set("victim", "old").await.unwrap();
     wait_direct(&client, "victim").await;
 
@@ -315,16 +312,7 @@ async fn near_client(cluster: &TestCluster) -> Client {
 
 /// Reads `key` through `client` until the near cache answers it.
 async fn wait_near_hit(client: &Client, key: &str) {
-    eventually(Duration::from_secs(15), || async {
-        let before = client.near_cache_stats().hits;
-        client.get(key).await.map_err(|e| e.to_string())?;
-        if client.near_cache_stats().hits > before {
-            Ok(())
-        } else {
-            Err(format!("no hit: {:?}", client.near_cache_stats()))
-        }
-    })
-    .await;
+    read_until(client, key, "near-cache hit", |c| c.near_cache_stats().hits).await;
 }
 
 /// How long `client` took to see `key` as `want` after `since`, reading it
@@ -410,18 +398,8 @@ async fn while_a_feed_is_cut_the_near_cache_answers_nothing_and_reads_stay_corre
     // Freeze the node that does not own "k": its feed goes silent and is
     // lost after 3 s, so the client can no longer vouch for anything it
     // could have changed — every answer is read again.
-    let owner = cluster
-        .orchestrator
-        .cluster()
-        .await
-        .locate(LocateRequest { key: "k".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .owners[0]
-        .address
-        .clone();
-    let other_node = cluster.node_addrs.iter().position(|a| *a != owner).unwrap();
+    let owner = cluster.first_owner("k").await;
+    let other_node = (owner + 1) % cluster.node_addrs.len();
     let frozen = &cluster.nodes[other_node].as_ref().unwrap().process;
     frozen.signal("STOP");
     tokio::time::sleep(Duration::from_secs(4)).await;

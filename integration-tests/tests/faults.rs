@@ -509,27 +509,6 @@ impl Workload {
     }
 }
 
-/// The index in `cluster.nodes` of `key`'s first owner, as the
-/// orchestrator locates it.
-async fn first_owner(cluster: &TestCluster, key: &str) -> usize {
-    let address = cluster
-        .orchestrator
-        .cluster()
-        .await
-        .locate(ringcache_proto::v1::LocateRequest { key: key.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .owners[0]
-        .address
-        .clone();
-    cluster
-        .node_addrs
-        .iter()
-        .position(|a| *a == address)
-        .unwrap()
-}
-
 /// Checks a read of a mutable key against what the client last did to it.
 fn check_read(counts: &Counts, last: &Last, found: bool, value: &[u8]) {
     match (last, found) {
@@ -843,7 +822,7 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
 async fn a_stand_in_copy_does_not_come_back_when_the_owner_fails_again() {
     let cluster = TestCluster::start_with(3, NODE_ARGS, &["--failover-ttl", "10m"]).await;
     let mut cache = cluster.orchestrator.cache().await;
-    let owner = first_owner(&cluster, "k").await;
+    let owner = cluster.first_owner("k").await;
     let set = |value: &str| SetRequest {
         key: "k".into(),
         value: value.as_bytes().to_vec().into(),
@@ -920,7 +899,7 @@ async fn wait_until_only_the_owner_holds(
 #[tokio::test]
 async fn increments_survive_their_primary_dying_and_never_count_twice() {
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
-    let primary = first_owner(&cluster, "counter").await;
+    let primary = cluster.first_owner("counter").await;
     let mut cache = cluster.orchestrator.cache().await;
     let (mut acked, mut unknown) = (0i64, 0i64);
     let increment = async |cache: &mut CacheClient<Channel>| {
@@ -1316,7 +1295,7 @@ async fn deletes_outlive_the_orchestrator_that_made_them() {
             })
             .await
             .unwrap();
-        frozen_keys += usize::from(first_owner(&cluster, k).await == 0);
+        frozen_keys += usize::from(cluster.first_owner(k).await == 0);
     }
     assert!(frozen_keys > 0);
     let frozen = &cluster.nodes[0].as_ref().unwrap().process;
@@ -1398,7 +1377,7 @@ async fn a_stand_in_copy_written_by_a_dead_orchestrator_does_not_come_back() {
     let args = ["--failover-ttl", "10m"];
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &args).await;
     let b = more_orchestrators(&cluster, 1, &args).await.remove(0);
-    let owner = first_owner(&cluster, "k").await;
+    let owner = cluster.first_owner("k").await;
     let set = |value: &str| SetRequest {
         key: "k".into(),
         value: value.as_bytes().to_vec().into(),

@@ -282,16 +282,16 @@ struct Link {
     follower: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Ends the task in `slot`, if any.
+fn abort(slot: &std::sync::Mutex<Option<JoinHandle<()>>>) {
+    if let Some(task) = lock(slot).take() {
+        task.abort();
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .follower
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
-        }
+        abort(&self.follower);
     }
 }
 
@@ -320,14 +320,7 @@ pub(crate) struct Direct {
 
 impl Drop for Direct {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .watcher
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
-        }
+        abort(&self.watcher);
     }
 }
 
