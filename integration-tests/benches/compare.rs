@@ -370,6 +370,20 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
     };
     let orch_pipes = piped(cluster.orchestrator.process.grpc_url()).await;
     let node_pipes = piped(direct.process.grpc_url()).await;
+    // Direct mode: reads straight to each key's owner, routed by the
+    // orchestrator's topology; measured once it reads directly.
+    let direct_mode = ringcache_client::Client::builder(cluster.orchestrator.process.grpc_url())
+        .pipelines(5)
+        .timeout(Duration::from_secs(5))
+        .direct(true)
+        .connect()
+        .await
+        .unwrap();
+    let warm = std::time::Instant::now();
+    while direct_mode.direct_stats().direct == 0 && warm.elapsed() < Duration::from_secs(20) {
+        let _ = direct_mode.get("key:0").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let piped_get = |client: ringcache_client::Client| {
         move |t: usize, i: u64| {
             let client = client.clone();
@@ -419,6 +433,26 @@ async fn ringcache_rows(o: &Options) -> Vec<Row> {
             &servers,
             1,
             piped_get(orch_pipes),
+        )
+        .await,
+        ringcache_case(
+            o,
+            c,
+            "Rust client Get (direct mode: owners read directly)",
+            Some("twemproxy GET"),
+            &servers,
+            1,
+            piped_get(direct_mode.clone()),
+        )
+        .await,
+        ringcache_case(
+            o,
+            1,
+            "Rust client Get (direct mode, 1 in flight)",
+            Some("twemproxy GET, 1 in flight"),
+            &servers,
+            1,
+            piped_get(direct_mode.clone()),
         )
         .await,
         ringcache_case(
