@@ -968,8 +968,8 @@ async fn relieved_reads(o: &integration_tests::OrchestratorProcess) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `Get`s of `keys` through `orchestrator` in a closed loop, after a
-/// warm-up long enough for hot keys to be found (two windows).
+/// `Get`s of `keys` through `orchestrator` (unary tonic calls) in a
+/// closed loop; see [`skew_run`].
 async fn skew_case(
     o: &Options,
     case: String,
@@ -986,6 +986,40 @@ async fn skew_case(
         let key = keys.key(t, i);
         async move { c.get(GetRequest { key }).await.is_ok() }
     };
+    skew_run(o, case, orchestrator, node_pids, call).await
+}
+
+/// `Get`s of `keys` with the Rust client `client` (direct mode, with or
+/// without a near cache); see [`skew_run`].
+async fn skew_client_case(
+    o: &Options,
+    case: String,
+    orchestrator: &integration_tests::OrchestratorProcess,
+    node_pids: &[u32],
+    client: ringcache_client::Client,
+    keys: Keys,
+) -> SkewRow {
+    let call = move |t: usize, i: u64| {
+        let client = client.clone();
+        let key = keys.key(t, i);
+        async move { client.get(&key).await.is_ok() }
+    };
+    skew_run(o, case, orchestrator, node_pids, call).await
+}
+
+/// Runs `call` in a closed loop after a warm-up long enough for hot keys
+/// to be found (two windows) and caches to fill, and measures it.
+async fn skew_run<F, Fut>(
+    o: &Options,
+    case: String,
+    orchestrator: &integration_tests::OrchestratorProcess,
+    node_pids: &[u32],
+    call: F,
+) -> SkewRow
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let call = Arc::new(call);
     let warm = if o.full { 3 } else { 1 };
     let c = call.clone();
@@ -1108,9 +1142,39 @@ async fn skew_rows(o: &Options, s: f64) -> Vec<SkewRow> {
         ("uniform Get, relief off", &off, uniform.clone()),
         ("uniform Get, relief on", on, uniform),
         (&*format!("Zipf s={s} Get, relief off"), &off, zipf.clone()),
-        (&*format!("Zipf s={s} Get, relief on"), on, zipf),
+        (&*format!("Zipf s={s} Get, relief on"), on, zipf.clone()),
     ] {
         rows.push(skew_case(o, case.to_owned(), orchestrator, &node_pids, keys).await);
+    }
+    // The Rust client reading the owners directly, without and with a
+    // near cache (64 MiB), through the relief-off orchestrator's topology.
+    for (case, near) in [
+        (
+            format!("Zipf s={s} Get, Rust client direct, near cache off"),
+            0,
+        ),
+        (
+            format!("Zipf s={s} Get, Rust client direct, near cache on"),
+            64 << 20,
+        ),
+    ] {
+        if !o.runs(&case) {
+            continue;
+        }
+        let client = ringcache_client::Client::builder(off.process.grpc_url())
+            .pipelines(5)
+            .timeout(Duration::from_secs(5))
+            .direct(true)
+            .near_cache_bytes(near)
+            .connect()
+            .await
+            .unwrap();
+        let warm = std::time::Instant::now();
+        while client.direct_stats().direct == 0 && warm.elapsed() < Duration::from_secs(20) {
+            let _ = client.get("key:0").await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rows.push(skew_client_case(o, case, &off, &node_pids, client, zipf.clone()).await);
     }
     drop(off);
     drop(cluster);
