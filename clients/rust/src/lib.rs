@@ -1044,7 +1044,8 @@ fn client_span(method: &'static str) -> tracing::Span {
 
 /// Whether a call failed before the server processed it: its connection
 /// could not be made (a refused or timed-out TCP connect anywhere in the
-/// status's chain of causes), or the server refused its HTTP/2 stream.
+/// status's chain of causes), the server refused its HTTP/2 stream, or the
+/// connection closed while the call was still queued for it.
 fn connect_failed(status: &Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = cause {
@@ -1070,7 +1071,15 @@ fn connect_failed(status: &Status) -> bool {
         cause = e.source();
     }
     let message = status.message();
-    message.contains("tcp connect error") || message.contains("refused stream")
+    // hyper cancels a request still queued for a connection that closed
+    // (an orchestrator draining, say) before the connection took it
+    // ("operation was canceled": never sent), and tonic answers CANCELLED.
+    // This client never cancels a call it still waits for.
+    let queued_on_a_closed_connection =
+        status.code() == Code::Cancelled && message.contains("operation was canceled");
+    message.contains("tcp connect error")
+        || message.contains("refused stream")
+        || queued_on_a_closed_connection
 }
 
 /// The error of one key of a batch.
@@ -1117,5 +1126,9 @@ mod tests {
             .unwrap_or_else(|| panic!("nothing listens on port {port}"));
         assert!(connect_failed(&status), "{status:?}");
         assert!(!connect_failed(&Status::unavailable("connection reset")));
+        // What tonic answers for a request hyper dropped from the queue of
+        // a connection that closed.
+        assert!(connect_failed(&Status::cancelled("operation was canceled")));
+        assert!(!connect_failed(&Status::cancelled("the caller gave up")));
     }
 }
