@@ -1211,8 +1211,10 @@ impl Router {
 
     /// Deletes `key` on every usable owner (or, with none, the node
     /// standing in), on nodes holding a stand-in copy and on its previous
-    /// owners; owners it cannot reach are recorded for invalidation. True
-    /// if an owner removed a live value; an error only if no owner could be
+    /// owners; owners it cannot reach are recorded for invalidation. When
+    /// no owner answers, each through a node fault, the next node takes
+    /// the delete (and the owners' debt). True if a node removed a live
+    /// value; an error only if no owner nor that next node could be
     /// reached. Answers the owners the delete missed too.
     async fn remove(
         &self,
@@ -1254,6 +1256,7 @@ impl Router {
         let mut deleted = false;
         let mut first_error = None;
         let mut any_ok = false;
+        let mut faults_only = true;
         let mut reached: Preference = Preference::new();
         let mut missed_stand_ins = Vec::new();
         for (t, (&n, result)) in targets.iter().zip(join_all(calls).await).enumerate() {
@@ -1271,7 +1274,10 @@ impl Router {
                 reached.push(n);
             }
             let answer = result
-                .map_err(|e| call_error(node, &e))
+                .map_err(|e| {
+                    faults_only &= e.is_node_fault();
+                    call_error(node, &e)
+                })
                 .and_then(|mut results| match results.pop().and_then(|r| r.result) {
                     Some(op_result::Result::Delete(d)) => Ok(d.deleted),
                     other => Err(op_error(node, other, "delete")),
@@ -1283,6 +1289,31 @@ impl Router {
                 }
                 Err(error) => {
                     first_error.get_or_insert(error);
+                }
+            }
+        }
+        // No owner answered, each through a fault of its own (it is
+        // restarting, say, and not ejected yet): as an unconditional write
+        // does, the delete goes to the next node instead — a delete may run
+        // twice — which then holds the owners' debt (below), so they drop
+        // the key before they serve it again.
+        if !any_ok && faults_only && first_error.is_some() {
+            let mut failed = vec![false; topo.nodes.len()];
+            for &t in &targets {
+                failed[t] = true;
+            }
+            if let Some(n) = choose(&topo, key, &pref, &failed) {
+                let node = &topo.nodes[n];
+                let answer = node
+                    .client
+                    .call(vec![delete_op(key.to_owned())], deadline, parent.clone())
+                    .await;
+                if let Ok(Some(op_result::Result::Delete(d))) =
+                    answer.map(|mut r| r.pop().and_then(|r| r.result))
+                {
+                    any_ok = true;
+                    deleted |= d.deleted;
+                    reached.push(n);
                 }
             }
         }

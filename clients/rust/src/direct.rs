@@ -96,6 +96,7 @@ pub(crate) struct NodeAccess {
     pub(crate) tls: Option<ClientTlsConfig>,
     pub(crate) connect_timeout: Duration,
     pub(crate) token: Option<AsciiMetadataValue>,
+    /// Pipelines per node.
     pub(crate) pipelines: usize,
 }
 

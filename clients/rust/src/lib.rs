@@ -190,6 +190,7 @@ pub struct Builder {
     /// The same TLS for nodes, without the orchestrator's name override.
     node_tls: Option<ClientTlsConfig>,
     direct: bool,
+    direct_pipelines: usize,
     near_cache_bytes: u64,
     near_cache_max_age: Duration,
 }
@@ -206,6 +207,15 @@ impl Builder {
     /// the same scheme, TLS and token. See the crate documentation.
     pub fn direct(mut self, on: bool) -> Self {
         self.direct = on;
+        self
+    }
+
+    /// In direct mode, how many pipelines (streams) to each node (1 by
+    /// default): a node takes only its share of the reads, and the fewer
+    /// its streams, the more ops each read and write carries — the node's
+    /// CPU per read falls with it (BENCHMARKS.md).
+    pub fn direct_pipelines(mut self, n: usize) -> Self {
+        self.direct_pipelines = n.max(1);
         self
     }
 
@@ -344,7 +354,7 @@ impl Builder {
                 tls: self.node_tls.clone(),
                 connect_timeout: self.connect_timeout,
                 token: token.clone(),
-                pipelines: self.pipelines,
+                pipelines: self.direct_pipelines,
             };
             Some(
                 direct::Direct::start(unary.clone(), access, self.connect_timeout, true, near)
@@ -442,6 +452,7 @@ impl Client {
             tls: None,
             node_tls: None,
             direct: false,
+            direct_pipelines: 1,
             near_cache_bytes: 0,
             near_cache_max_age: Duration::from_secs(30),
         }
