@@ -330,8 +330,14 @@ pub(crate) struct Route {
     pub(crate) lanes: Arc<Vec<Lane>>,
 }
 
+/// A lock's guard even if a thread panicked holding it: every value here
+/// stays consistent between statements (counters, maps, flags).
+fn poisoned<G>(e: std::sync::PoisonError<G>) -> G {
+    e.into_inner()
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    m.lock().unwrap_or_else(poisoned)
 }
 
 impl Direct {
@@ -390,11 +396,7 @@ impl Direct {
     /// that may hold a debt or change a key (not ejected) has its feed in
     /// sync.
     fn recompute(&self) {
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let view = self.view.read().unwrap_or_else(poisoned).clone();
         let links = lock(&self.links);
         let coherent = view.is_some_and(|view| {
             view.nodes.iter().filter(|n| n.followed).all(|n| {
@@ -414,11 +416,7 @@ impl Direct {
         let Some(near) = &self.near else {
             return;
         };
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let view = self.view.read().unwrap_or_else(poisoned).clone();
         match view {
             Some(view) => {
                 let Some(index) = view.ring.index_of(id) else {
@@ -436,11 +434,7 @@ impl Direct {
         if !self.direct_reads || !self.coherent() {
             return None;
         }
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()?;
+        let view = self.view.read().unwrap_or_else(poisoned).clone()?;
         if view.handoff {
             return None;
         }
@@ -453,7 +447,7 @@ impl Direct {
         if self
             .marks
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(poisoned)
             .blocks(&node.id, key, Instant::now())
         {
             return None;
@@ -490,10 +484,7 @@ impl Direct {
             return;
         }
         let now = Instant::now();
-        let mut marks = self
-            .marks
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut marks = self.marks.write().unwrap_or_else(poisoned);
         for owner in missed {
             marks.missed(owner, key, now);
         }
@@ -557,10 +548,7 @@ impl Direct {
             }
         }
         drop(links);
-        *self
-            .view
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+        *self.view.write().unwrap_or_else(poisoned) = view;
         self.recompute();
     }
 
@@ -597,7 +585,7 @@ impl Direct {
         let owners: Vec<NodeId> = self
             .view
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(poisoned)
             .as_ref()
             .map(|v| v.nodes.iter().map(|n| n.id.clone()).collect())
             .unwrap_or_default();
@@ -611,10 +599,7 @@ impl Direct {
                 .await
                 .map_err(|_| tonic::Status::deadline_exceeded("the node did not list its debts"))??
                 .into_inner();
-            let mut marks = self
-                .marks
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut marks = self.marks.write().unwrap_or_else(poisoned);
             if listed.overflowed || listed.more {
                 // More than one listing shows: skip the owner until the
                 // holder settles through what was listed, then list again.
@@ -678,10 +663,7 @@ async fn watch(
         }
         // Without a live topology, reads go through the orchestrator.
         if let Some(strong) = direct.upgrade() {
-            *strong
-                .view
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            *strong.view.write().unwrap_or_else(poisoned) = None;
             strong.recompute();
         }
         tokio::time::sleep(backoff).await;
@@ -726,7 +708,7 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
                     strong
                         .marks
                         .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .unwrap_or_else(poisoned)
                         .clear_owner(&id);
                 }
                 if restarted || message.gap {
@@ -751,10 +733,7 @@ async fn follow(direct: Weak<Direct>, link: Weak<Link>, id: NodeId) {
                 }
                 let mut flushed = false;
                 let mut owners_voided: Vec<String> = Vec::new();
-                let mut marks = strong
-                    .marks
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut marks = strong.marks.write().unwrap_or_else(poisoned);
                 for change in &message.changes {
                     if change.kind == ChangeKind::Owed as i32 {
                         let key = (!change.key.is_empty()).then_some(change.key.as_str());
