@@ -231,12 +231,15 @@ impl Process {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addrs) = serving_addresses(&line)
+                    let serving = serving_addresses(&line);
+                    // Stored before `start` returns: a caller reading the
+                    // serving line from `logs()` must find it there.
+                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    if let Some(addrs) = serving
                         && let Some(tx) = tx.take()
                     {
                         let _ = tx.send(addrs);
                     }
-                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
             });
         }
