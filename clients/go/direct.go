@@ -264,15 +264,20 @@ type direct struct {
 	lastRefresh time.Time
 
 	direct, routed, fallbacks, staleEpochs atomic.Uint64
+
+	// near: the near cache (WithNearCache), nil when off.
+	near                 *nearCache
+	nearHits, nearMisses atomic.Uint64
 }
 
-func startDirect(conn *grpc.ClientConn, dial []grpc.DialOption, pipelines int) *direct {
+func startDirect(conn *grpc.ClientConn, dial []grpc.DialOption, pipelines int, near *nearCache) *direct {
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &direct{
 		cluster: pb.NewClusterClient(conn), dial: dial, pipelines: max(pipelines, 1),
 		ctx: ctx, cancel: cancel, links: map[string]*link{},
 		marks:   marks{owners: map[string]*ownerMarks{}},
 		refresh: make(chan struct{}, 1),
+		near:    near,
 	}
 	go d.watch()
 	return d
@@ -287,6 +292,46 @@ func (d *direct) close() {
 		_ = l.conn.Close()
 	}
 	d.links = map[string]*link{}
+	if d.near != nil {
+		d.near.close()
+	}
+}
+
+// voidNode voids, in the near cache, the answers of keys whose changes
+// node id may have published unseen: those it is among the first
+// replicas + 1 nodes of (owners, and the stand-in that takes their writes
+// while one is away). What a gap in its feed, its loss, restart or flush
+// means.
+func (d *direct) voidNode(id string) {
+	if d.near == nil {
+		return
+	}
+	d.mu.RLock()
+	v := d.view
+	d.mu.RUnlock()
+	if v == nil {
+		d.near.invalidateMatching(nil)
+		return
+	}
+	index := -1
+	for i, n := range v.nodes {
+		if n.id == id {
+			index = i
+		}
+	}
+	if index < 0 {
+		d.near.invalidateMatching(nil)
+		return
+	}
+	reach := v.replicas + 1
+	d.near.invalidateMatching(func(key string) bool {
+		for _, o := range v.ring.owners(key, reach) {
+			if o == index {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // watch follows the topology for as long as the client lives.
@@ -454,9 +499,15 @@ func (d *direct) follow(ctx context.Context, l *link) {
 			backoff = 50 * time.Millisecond
 			restarted := following && m.GetIncarnation() != incarnation
 			if restarted {
+				// A new process: empty, it owes nothing any more.
 				d.marks.mu.Lock()
 				d.marks.clearOwner(l.id)
 				d.marks.mu.Unlock()
+			}
+			if restarted || m.GetGap() {
+				// Changes went unseen: what this node could have changed
+				// is void.
+				d.voidNode(l.id)
 			}
 			if !following || restarted || m.GetGap() {
 				following, incarnation, seq = true, m.GetIncarnation(), m.GetHead()
@@ -470,26 +521,51 @@ func (d *direct) follow(ctx context.Context, l *link) {
 					break
 				}
 			}
+			flushed := false
+			var ownersVoided []string
 			d.marks.mu.Lock()
 			for _, c := range m.GetChanges() {
 				switch c.GetKind() {
 				case pb.ChangeKind_CHANGE_KIND_OWED:
 					d.marks.owe(c.GetOwner(), c.GetKey(), l.id, c.GetVersion())
+					// A fill may have read the owner's old value between
+					// the change and this record: void it.
+					if d.near != nil {
+						if c.GetKey() != "" {
+							d.near.invalidate(c.GetKey())
+						} else {
+							ownersVoided = append(ownersVoided, c.GetOwner())
+						}
+					}
 				case pb.ChangeKind_CHANGE_KIND_SETTLED:
 					if d.marks.settle(c.GetOwner(), l.id, c.GetVersion()) {
 						l.relist.Store(true)
 					}
 				case pb.ChangeKind_CHANGE_KIND_FLUSH:
 					d.marks.clearOwner(l.id)
+					flushed = true
+				default:
+					if d.near != nil {
+						d.near.invalidate(c.GetKey())
+					}
 				}
 				seq = c.GetSequence()
 			}
 			d.marks.mu.Unlock()
+			if flushed {
+				d.voidNode(l.id)
+			}
+			for _, owner := range ownersVoided {
+				d.voidNode(owner)
+			}
 			d.setSync(l, seq >= m.GetHead() && !l.relist.Load())
 		}
 		silence.Stop()
 		cancel()
 		d.setSync(l, false)
+		// Lost: what it changes from now on goes unseen until it is
+		// followed again.
+		d.voidNode(l.id)
 		select {
 		case <-ctx.Done():
 			return
@@ -599,6 +675,9 @@ func (c *Client) directGet(ctx context.Context, key string) (*pb.GetResponse, bo
 	dctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	req := &pb.PipelineRequest{Op: &pb.PipelineRequest_Get{Get: &pb.GetRequest{Key: key}}}
+	if c.telemetry {
+		inject(dctx, req)
+	}
 	if deadline, has := dctx.Deadline(); has {
 		req.Timeout = durationpb.New(time.Until(deadline))
 	}

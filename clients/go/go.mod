@@ -3,6 +3,7 @@ module github.com/ringcache/ringcache/clients/go
 go 1.26.0
 
 require (
+	github.com/maypok86/otter/v2 v2.4.0
 	github.com/zeebo/xxh3 v1.1.0
 	go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc v0.72.0
 	go.opentelemetry.io/otel v1.47.0

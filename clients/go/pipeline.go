@@ -2,6 +2,7 @@ package ringcache
 
 import (
 	"context"
+	"errors"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -201,26 +202,49 @@ func (c *Client) piped(ctx context.Context, method string, req *pb.PipelineReque
 	if !c.telemetry {
 		return c.pipedUntraced(ctx, req, read)
 	}
+	if ctx.Value(spannedKey{}) == nil {
+		var span trace.Span
+		ctx, span = c.opSpan(ctx, method)
+		defer func() { endOpSpan(span, err) }()
+	}
+	inject(ctx, req)
+	return c.pipedUntraced(ctx, req, read)
+}
+
+// spannedKey marks a context whose call already has its op span (a direct
+// Get that fell back to the orchestrator): piped adds none of its own.
+type spannedKey struct{}
+
+// opSpan starts the CLIENT span of one op, following the RPC conventions
+// otelgrpc follows for unary calls.
+func (c *Client) opSpan(ctx context.Context, method string) (context.Context, trace.Span) {
 	ctx, span := tracer.Start(ctx, "ringcache.v1.Cache/"+method,
 		trace.WithSpanKind(trace.SpanKindClient),
-		// The RPC conventions otelgrpc follows for unary calls.
 		trace.WithAttributes(
 			attribute.String("rpc.system.name", "grpc"),
 			attribute.String("rpc.method", "ringcache.v1.Cache/"+method),
 		))
-	defer func() {
-		code := status.Code(err)
-		span.SetAttributes(attribute.String("rpc.response.status_code", canonical(code)))
-		if err != nil {
-			span.SetStatus(otelcodes.Error, err.Error())
-		}
-		span.End()
-	}()
+	return context.WithValue(ctx, spannedKey{}, true), span
+}
+
+func endOpSpan(span trace.Span, err error) {
+	code := status.Code(err)
+	if errors.Is(err, ErrCacheMiss) {
+		code = codes.OK
+	}
+	span.SetAttributes(attribute.String("rpc.response.status_code", canonical(code)))
+	if code != codes.OK {
+		span.SetStatus(otelcodes.Error, err.Error())
+	}
+	span.End()
+}
+
+// inject puts ctx's trace context on req: the server continues it.
+func inject(ctx context.Context, req *pb.PipelineRequest) {
 	carrier := propagation.MapCarrier{}
 	otel.GetTextMapPropagator().Inject(ctx, carrier)
 	req.Traceparent = carrier["traceparent"]
 	req.Tracestate = carrier["tracestate"]
-	return c.pipedUntraced(ctx, req, read)
 }
 
 // pipedUntraced is piped without its span.

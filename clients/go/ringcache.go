@@ -27,7 +27,9 @@
 //
 // WithDirect(true) sends Get straight to the key's owner node when that is
 // as safe as reading through the orchestrator (see direct.go); writes and
-// batches still go through the orchestrator.
+// batches still go through the orchestrator. WithNearCache(bytes) also
+// answers repeated Gets from this process, kept fresh by the nodes' change
+// feeds (see nearcache.go); NearCacheStats counts its hits.
 //
 // # Pipelines
 //
@@ -69,6 +71,7 @@
 package ringcache
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -78,6 +81,8 @@ import (
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -155,6 +160,9 @@ type options struct {
 	token     string
 	telemetry bool
 	direct    bool
+	// The near cache's bound in bytes (0: none) and its answers' age.
+	nearBytes  uint64
+	nearMaxAge time.Duration
 }
 
 // WithTimeout sets the deadline of calls whose context has none (1 s by
@@ -203,6 +211,26 @@ func WithRetryPolicy(p RetryPolicy) Option {
 	return func(o *options) { o.retry = p }
 }
 
+// WithNearCache keeps Get answers in this process, at most bytes of them
+// (keys, values and NearCacheEntryOverhead each; 0, the default: no near
+// cache), and answers repeated Gets from there. It turns direct mode on:
+// the near cache is kept fresh by the nodes' change feeds, which direct
+// mode follows, and answers only while every feed is in sync; it fills
+// only from answers read straight from a key's owner. A change made by
+// any client is seen as soon as its node's feed delivers it (about a
+// millisecond on a LAN); this client's own writes through this Client are
+// seen at once. See the README's "Direct mode and the near cache".
+func WithNearCache(bytes uint64) Option {
+	return func(o *options) { o.nearBytes = bytes }
+}
+
+// WithNearCacheMaxAge sets the longest an answer is served from the near
+// cache (DefaultNearCacheMaxAge, 30 s, unless set): the bound on staleness
+// if everything else fails. It must be positive.
+func WithNearCacheMaxAge(d time.Duration) Option {
+	return func(o *options) { o.nearMaxAge = d }
+}
+
 // WithDialOptions adds gRPC dial options (for example TLS credentials,
 // which replace the default plaintext transport).
 func WithDialOptions(opts ...grpc.DialOption) Option {
@@ -224,7 +252,7 @@ type Client struct {
 	timeout time.Duration
 	// Spans for pipelined calls.
 	telemetry bool
-	// Direct mode (WithDirect): nil when off.
+	// Direct mode (WithDirect, WithNearCache): nil when off.
 	direct *direct
 }
 
@@ -233,9 +261,19 @@ type Client struct {
 // made lazily, on the first call. Plaintext unless WithDialOptions gives
 // transport credentials.
 func Dial(target string, opts ...Option) (*Client, error) {
-	o := options{retry: DefaultRetryPolicy, pipelines: 2, timeout: time.Second, telemetry: true}
+	o := options{retry: DefaultRetryPolicy, pipelines: 2, timeout: time.Second, telemetry: true, nearMaxAge: DefaultNearCacheMaxAge}
 	for _, opt := range opts {
 		opt(&o)
+	}
+	var near *nearCache
+	if o.nearBytes > 0 {
+		if o.nearMaxAge <= 0 {
+			return nil, fmt.Errorf("ringcache: the near cache's maximum age must be positive, not %v", o.nearMaxAge)
+		}
+		var err error
+		if near, err = newNearCache(o.nearBytes, o.nearMaxAge); err != nil {
+			return nil, fmt.Errorf("ringcache: near cache: %w", err)
+		}
 	}
 	dial := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
 	if o.telemetry {
@@ -257,18 +295,23 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	for range o.pipelines {
 		c.pipes = append(c.pipes, &pipe{cache: c.cache})
 	}
-	if o.direct {
+	if o.direct || near != nil {
 		// Nodes are dialled as the orchestrator is (TLS, token, tracing).
-		c.direct = startDirect(conn, dial, max(o.pipelines, 1))
+		c.direct = startDirect(conn, dial, max(o.pipelines, 1), near)
 	}
 	return c, nil
 }
 
 // noteMissed tells direct mode which owners a write of key missed (its
-// answer's missed): they are kept off for the key until up to date.
+// answer's missed): they are kept off for the key until up to date. It
+// also voids the key's near-cache answer: this client wrote it (whatever
+// the write's outcome, it may have run).
 func (c *Client) noteMissed(key string, missed []string) {
 	if c.direct != nil {
 		c.direct.missed(key, missed)
+		if c.direct.near != nil {
+			c.direct.near.invalidate(key)
+		}
 	}
 }
 
@@ -370,12 +413,57 @@ func keyError(e *pb.KeyError) error {
 }
 
 // Get reads key. A key with no live value answers ErrCacheMiss.
-func (c *Client) Get(ctx context.Context, key string) (Item, error) {
-	if c.direct != nil {
+func (c *Client) Get(ctx context.Context, key string) (item Item, err error) {
+	if d := c.direct; d != nil {
+		// One CLIENT span for the op, wherever it is answered: the near
+		// cache, the owner node (which continues the trace), or the
+		// orchestrator.
+		var span trace.Span
+		route := "orchestrator"
+		if c.telemetry {
+			ctx, span = c.opSpan(ctx, "Get")
+			defer func() {
+				span.SetAttributes(attribute.String("ringcache.route", route))
+				endOpSpan(span, err)
+			}()
+		}
+		// The near cache first, while the feeds keep it exact.
+		var ticket nearTicket
+		filling := false
+		if d.near != nil {
+			if d.coherent.Load() {
+				now := time.Now()
+				if a, ok := d.near.get(key, now); ok {
+					d.nearHits.Add(1)
+					route = "near-cache"
+					if !a.found {
+						return Item{}, ErrCacheMiss
+					}
+					var ttl time.Duration
+					if !a.expires.IsZero() {
+						ttl = a.expires.Sub(now)
+					}
+					// A copy: the caller may change what it is given.
+					return Item{Value: bytes.Clone(a.value), Version: a.version, TTL: ttl}, nil
+				}
+				// Taken before the read: a change seen meanwhile voids it.
+				ticket, filling = d.near.ticket(key), true
+			}
+			d.nearMisses.Add(1)
+		}
 		dctx, cancel := c.withTimeout(ctx)
 		r, ok := c.directGet(dctx, key)
 		cancel()
 		if ok {
+			route = "direct"
+			if filling && d.coherent.Load() {
+				now := time.Now()
+				a := &nearAnswer{found: r.GetFound(), version: r.GetVersion(), value: bytes.Clone(r.GetValue())}
+				if t := r.GetTtl(); t != nil {
+					a.expires = now.Add(t.AsDuration())
+				}
+				d.near.fill(key, ticket, a, now)
+			}
 			if !r.GetFound() {
 				return Item{}, ErrCacheMiss
 			}
@@ -396,7 +484,7 @@ func (c *Client) Get(ctx context.Context, key string) (Item, error) {
 		}
 	}
 	var r *pb.GetResponse
-	err := c.do(ctx, true, func(ctx context.Context) (err error) {
+	err = c.do(ctx, true, func(ctx context.Context) (err error) {
 		r, err = c.cache.Get(ctx, &pb.GetRequest{Key: key})
 		return err
 	})
@@ -574,6 +662,10 @@ func (c *Client) SetMany(ctx context.Context, entries []Entry) ([]SetResult, err
 		return err
 	})
 	if err != nil {
+		// Some entries may have been written.
+		for _, e := range entries {
+			c.noteMissed(e.Key, nil)
+		}
 		return nil, err
 	}
 	if len(r.GetResults()) != len(entries) {

@@ -281,6 +281,8 @@ func main() {
 	ttl := flag.Duration("ttl", 10*time.Minute, "TTL of cached products")
 	cacheTimeout := flag.Duration("cache-timeout", 200*time.Millisecond, "deadline of each cache call (a slow cache must not hold a request)")
 	drain := flag.Duration("drain", 10*time.Second, "on SIGTERM, how long requests in flight get to finish before the process exits")
+	direct := flag.Bool("cache-direct", false, "read straight from each key's owner node (ringcache direct mode); the nodes' addresses must be reachable from here")
+	nearBytes := flag.Uint64("near-cache-bytes", 0, "keep up to this many bytes of cache answers in this process, kept fresh by the nodes' change feeds (0: off; implies -cache-direct)")
 	flag.Parse()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 
@@ -291,7 +293,8 @@ func main() {
 		log.Error("tracing", "error", err)
 		os.Exit(1)
 	}
-	cache, err := ringcache.Dial(*target, ringcache.WithTimeout(*cacheTimeout))
+	cache, err := ringcache.Dial(*target, ringcache.WithTimeout(*cacheTimeout),
+		ringcache.WithDirect(*direct), ringcache.WithNearCache(*nearBytes))
 	if err != nil {
 		log.Error("ringcache", "error", err)
 		os.Exit(1)

@@ -46,6 +46,11 @@ impl Service {
 
     /// With each database query taking `delay`.
     async fn start_with_delay(orchestrator: &str, jaeger: &Jaeger, delay: &str) -> Self {
+        Self::start_with(orchestrator, jaeger, &["-source-delay", delay]).await
+    }
+
+    /// With `args` added.
+    async fn start_with(orchestrator: &str, jaeger: &Jaeger, args: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -54,7 +59,7 @@ impl Service {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(example_binary())
             .args(["-listen", &addr, "-ringcache", orchestrator])
-            .args(["-source-delay", delay])
+            .args(args)
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", &jaeger.otlp_grpc)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::null())
@@ -206,6 +211,105 @@ async fn an_http_request_is_one_trace_across_three_services() {
     assert_eq!(node.len(), 1, "{trace:#?}");
     assert_eq!(node[0].parent.as_deref(), Some(node_calls[0].id.as_str()));
     assert_eq!(node[0].tag("ringcache.hit").as_deref(), Some("true"));
+}
+
+/// With a near cache (direct mode), a read is one trace from the HTTP
+/// request straight to the owner node — the Go client's span continued by
+/// the node's, no orchestrator — or answered in the Go service's memory
+/// with no span below the Go client's.
+#[tokio::test]
+async fn in_direct_mode_a_read_is_one_trace_from_the_go_service_to_the_owner_node() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger).await;
+    let service = Service::start_with(
+        &cluster.orchestrator.addr(),
+        &jaeger,
+        &["-source-delay", "20ms", "-near-cache-bytes", "1048576"],
+    )
+    .await;
+    let (status, _, _) = http(
+        &service.addr,
+        "POST",
+        "/products",
+        &[],
+        r#"{"id":"p1","name":"teapot","price":12.5}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201);
+
+    // Until the client follows every node's feed its reads go through the
+    // orchestrator; read, each in a trace of its own, until one read went
+    // to the owner node and one was answered from the near cache.
+    let (mut direct, mut near) = (None, None);
+    for i in 0..200u32 {
+        let trace_id = format!("5bf92f3577b34da6a3ce929d{i:08x}");
+        let traceparent = format!("00-{trace_id}-10f067aa0ba902b7-01");
+        let (status, headers, body) = http(
+            &service.addr,
+            "GET",
+            "/products/p1",
+            &[("traceparent", &traceparent)],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(header(&headers, "x-cache"), Some("hit"));
+        let trace = jaeger.trace(&trace_id, 2).await;
+        let go_clients = trace.spans("go-http-service", "client");
+        assert_eq!(go_clients.len(), 1, "one cache call for a hit: {trace:#?}");
+        match go_clients[0].tag("ringcache.route").as_deref() {
+            Some("direct") if direct.is_none() => direct = Some(trace_id),
+            Some("near-cache") if near.is_none() => near = Some(trace_id),
+            Some("direct" | "near-cache" | "orchestrator") => {}
+            other => panic!("ringcache.route {other:?}: {trace:#?}"),
+        }
+        if direct.is_some() && near.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let direct = direct.expect("a read went straight to the owner node");
+    let near = near.expect("a read was answered from the near cache");
+
+    // HTTP SERVER → Go CLIENT → cache-node SERVER.
+    let trace = jaeger.trace(&direct, 3).await;
+    let http_span = trace.spans("go-http-service", "server")[0];
+    let go_client = trace.spans("go-http-service", "client")[0];
+    assert_eq!(go_client.parent.as_deref(), Some(http_span.id.as_str()));
+    assert_eq!(go_client.name, "ringcache.v1.Cache/Get");
+    let node = trace.spans("cache-node", "server");
+    assert_eq!(node.len(), 1, "{trace:#?}");
+    assert_eq!(
+        node[0].parent.as_deref(),
+        Some(go_client.id.as_str()),
+        "the node continues the Go client's span"
+    );
+    assert_eq!(node[0].tag("ringcache.hit").as_deref(), Some("true"));
+    assert!(
+        trace.spans.iter().all(|s| s.service != "orchestrator"),
+        "a direct read does not pass the orchestrator: {trace:#?}"
+    );
+
+    // A near-cache hit: nothing below the Go client's span, even once every
+    // exporter has flushed (a later traced call's spans are in Jaeger).
+    let (status, _, _) = http(
+        &service.addr,
+        "PUT",
+        "/products/p1",
+        &[(
+            "traceparent",
+            "00-5bf92f3577b34da6a3ce929dffffffff-10f067aa0ba902b7-01",
+        )],
+        r#"{"name":"teapot","price":9.9}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    jaeger.trace("5bf92f3577b34da6a3ce929dffffffff", 5).await;
+    let trace = jaeger.trace(&near, 2).await;
+    assert_eq!(trace.spans.len(), 2, "{trace:#?}");
 }
 
 /// Updates delete the cached copy: after each PUT is answered, a GET
