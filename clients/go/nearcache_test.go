@@ -117,7 +117,7 @@ func TestTheNearCacheStaysWithinItsByteBound(t *testing.T) {
 
 // nearClient is a client of a three-node, two-replica cluster with a 1 MiB
 // near cache, and a plain client of the same orchestrator.
-func nearClient(t *testing.T, nodes, replicas int, args ...string) (near, other *Client, addrs []string, procs []*exec.Cmd) {
+func nearClient(t testing.TB, nodes, replicas int, args ...string) (near, other *Client, addrs []string, procs []*exec.Cmd) {
 	t.Helper()
 	for range nodes {
 		cmd, addr := startProcess(t, "cache-node")
@@ -139,7 +139,7 @@ func nearClient(t *testing.T, nodes, replicas int, args ...string) (near, other 
 }
 
 // waitNearHit reads key until the near cache answers it.
-func waitNearHit(t *testing.T, c *Client, key string) {
+func waitNearHit(t testing.TB, c *Client, key string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -292,5 +292,27 @@ func TestWhileAFeedIsCutTheNearCacheAnswersNothingAndReadsStayCorrect(t *testing
 func TestANearCacheNeedsAPositiveMaximumAge(t *testing.T) {
 	if _, err := Dial("127.0.0.1:1", WithNearCache(1<<20), WithNearCacheMaxAge(0)); err == nil {
 		t.Fatal("a near cache with no maximum age was accepted")
+	}
+}
+
+// BenchmarkNearCacheHit is Get of a key the near cache holds (a 100-byte
+// value), against a real cluster: the coherence check, the lookup and the
+// value's copy. go test -run '^$' -bench NearCacheHit (the binaries built).
+func BenchmarkNearCacheHit(b *testing.B) {
+	near, _, _, _ := nearClient(b, 3, 2)
+	ctx := context.Background()
+	if _, err := near.Set(ctx, "bench", []byte(strings.Repeat("v", 100)), 0); err != nil {
+		b.Fatal(err)
+	}
+	waitNearHit(b, near, "bench")
+	before := near.NearCacheStats().Hits
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := near.Get(ctx, "bench"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if hits := near.NearCacheStats().Hits - before; hits != uint64(b.N) {
+		b.Fatalf("%d of %d reads were near-cache hits", hits, b.N)
 	}
 }

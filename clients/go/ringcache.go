@@ -415,18 +415,6 @@ func keyError(e *pb.KeyError) error {
 // Get reads key. A key with no live value answers ErrCacheMiss.
 func (c *Client) Get(ctx context.Context, key string) (item Item, err error) {
 	if d := c.direct; d != nil {
-		// One CLIENT span for the op, wherever it is answered: the near
-		// cache, the owner node (which continues the trace), or the
-		// orchestrator.
-		var span trace.Span
-		route := "orchestrator"
-		if c.telemetry {
-			ctx, span = c.opSpan(ctx, "Get")
-			defer func() {
-				span.SetAttributes(attribute.String("ringcache.route", route))
-				endOpSpan(span, err)
-			}()
-		}
 		// The near cache first, while the feeds keep it exact.
 		var ticket nearTicket
 		filling := false
@@ -435,7 +423,13 @@ func (c *Client) Get(ctx context.Context, key string) (item Item, err error) {
 				now := time.Now()
 				if a, ok := d.near.get(key, now); ok {
 					d.nearHits.Add(1)
-					route = "near-cache"
+					if c.telemetry && trace.SpanFromContext(ctx).IsRecording() {
+						// A span only inside a recorded trace: a hit costs
+						// nanoseconds, a span a microsecond.
+						_, span := c.opSpan(ctx, "Get")
+						span.SetAttributes(attribute.String("ringcache.route", "near-cache"))
+						endOpSpan(span, nil)
+					}
 					if !a.found {
 						return Item{}, ErrCacheMiss
 					}
@@ -450,6 +444,17 @@ func (c *Client) Get(ctx context.Context, key string) (item Item, err error) {
 				ticket, filling = d.near.ticket(key), true
 			}
 			d.nearMisses.Add(1)
+		}
+		// One CLIENT span for the op, wherever it is answered: the owner
+		// node (which continues the trace) or the orchestrator.
+		route := "orchestrator"
+		if c.telemetry {
+			var span trace.Span
+			ctx, span = c.opSpan(ctx, "Get")
+			defer func() {
+				span.SetAttributes(attribute.String("ringcache.route", route))
+				endOpSpan(span, err)
+			}()
 		}
 		dctx, cancel := c.withTimeout(ctx)
 		r, ok := c.directGet(dctx, key)

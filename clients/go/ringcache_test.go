@@ -25,7 +25,7 @@ import (
 
 // binDir is where the ringcache binaries are: $RINGCACHE_BIN_DIR
 // (scripts/test.sh sets it), or the workspace's target/debug.
-func binDir(t *testing.T) string {
+func binDir(t testing.TB) string {
 	t.Helper()
 	dir, asked := os.LookupEnv("RINGCACHE_BIN_DIR")
 	if dir == "" {
@@ -46,14 +46,14 @@ func binDir(t *testing.T) string {
 
 // start runs a ringcache binary on free ports and answers the gRPC
 // address it logs once it is serving.
-func start(t *testing.T, name string, args ...string) string {
+func start(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	_, addr := startProcess(t, name, args...)
 	return addr
 }
 
 // startProcess is start, answering the process too.
-func startProcess(t *testing.T, name string, args ...string) (*exec.Cmd, string) {
+func startProcess(t testing.TB, name string, args ...string) (*exec.Cmd, string) {
 	t.Helper()
 	args = append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"}, args...)
 	cmd := exec.Command(filepath.Join(binDir(t), name), args...)

@@ -710,38 +710,54 @@ async fn feeds_rows(o: &Options) -> Vec<Row> {
 /// same `Get` load as the Rust client's first row, against the same
 /// orchestrator: `None` (with a message) when `go` is missing.
 /// The Go client's `Get` rows: pipelined (5 streams, one per connection,
-/// as the Rust client's rows) and unary (8 connections), at the bench's
-/// concurrency and at 1 in flight.
+/// as the Rust client's rows), unary (8 connections) and in direct mode
+/// (one client, one pipeline per node, as the Rust client's direct row),
+/// at the bench's concurrency and at 1 in flight.
 fn go_client_rows(o: &Options, orchestrator: &str, servers: &[u32]) -> Vec<Row> {
+    const PIPELINED: &[&str] = &["-pipelines=1", "-connections=5"];
+    const UNARY: &[&str] = &["-unary", "-connections=8"];
+    const DIRECT: &[&str] = &["-direct", "-pipelines=1", "-connections=1"];
     [
         (
             "Go client Get (orchestrator, pipelined)",
-            false,
+            PIPELINED,
             o.concurrency,
             "twemproxy GET",
         ),
         (
             "Go client Get (orchestrator, unary)",
-            true,
+            UNARY,
+            o.concurrency,
+            "twemproxy GET",
+        ),
+        (
+            "Go client Get (direct mode: owners read directly)",
+            DIRECT,
             o.concurrency,
             "twemproxy GET",
         ),
         (
             "Go client Get (orchestrator, pipelined, 1 in flight)",
-            false,
+            PIPELINED,
             1,
             "twemproxy GET, 1 in flight",
         ),
         (
             "Go client Get (orchestrator, unary, 1 in flight)",
-            true,
+            UNARY,
+            1,
+            "twemproxy GET, 1 in flight",
+        ),
+        (
+            "Go client Get (direct mode, 1 in flight)",
+            DIRECT,
             1,
             "twemproxy GET, 1 in flight",
         ),
     ]
     .into_iter()
-    .filter_map(|(case, unary, concurrency, peer)| {
-        go_client_row(o, orchestrator, servers, case, unary, concurrency, peer)
+    .filter_map(|(case, mode, concurrency, peer)| {
+        go_client_row(o, orchestrator, servers, case, mode, concurrency, peer)
     })
     .collect()
 }
@@ -751,7 +767,7 @@ fn go_client_row(
     orchestrator: &str,
     servers: &[u32],
     case: &str,
-    unary: bool,
+    mode: &[&str],
     concurrency: usize,
     peer: &str,
 ) -> Option<Row> {
@@ -769,11 +785,7 @@ fn go_client_row(
     let out = Command::new(&binary)
         .args(["-target", orchestrator])
         .args(["-concurrency", &concurrency.to_string()])
-        .args(if unary {
-            ["-unary", "-connections=8"]
-        } else {
-            ["-pipelines=1", "-connections=5"]
-        })
+        .args(mode)
         .args(["-duration", &format!("{}s", o.seconds)])
         .args(["-max-calls", &max_calls.to_string()])
         .args(["-keys", &o.keys.to_string()])
@@ -792,6 +804,14 @@ fn go_client_row(
         Some(0.0),
         "Go client calls failed: {v}"
     );
+    if mode.contains(&"-direct") {
+        // A direct row measures direct reads, not the fallback.
+        let direct = v["direct"].as_f64().unwrap_or(0.0);
+        assert!(
+            direct >= 0.9 * calls,
+            "{case}: only {direct} of {calls} reads went directly: {v}"
+        );
+    }
     Some(Row {
         case: case.to_owned(),
         ops_per_sec: v["calls_per_sec"].as_f64().unwrap_or(0.0),

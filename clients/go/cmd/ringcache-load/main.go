@@ -40,6 +40,8 @@ func main() {
 	connections := flag.Int("connections", 8, "HTTP/2 connections (one Client each)")
 	unary := flag.Bool("unary", false, "one unary call per Get (default: pipelined)")
 	pipelines := flag.Int("pipelines", 1, "Pipeline streams per Client (without -unary)")
+	direct := flag.Bool("direct", false, "direct mode: read each key from its owner node (measured once a read went directly)")
+	nearBytes := flag.Uint64("near-cache-bytes", 0, "a near cache of this many bytes per Client (0: none; implies -direct)")
 	flag.Parse()
 	if *keys < 1 || *concurrency < 1 || *connections < 1 {
 		fmt.Fprintln(os.Stderr, "ringcache-load: -keys, -concurrency and -connections must be positive")
@@ -52,13 +54,31 @@ func main() {
 		if *unary {
 			mode = ringcache.WithUnary()
 		}
-		c, err := ringcache.Dial(*target, ringcache.WithRetryPolicy(ringcache.RetryPolicy{Attempts: 1}), mode)
+		c, err := ringcache.Dial(*target, ringcache.WithRetryPolicy(ringcache.RetryPolicy{Attempts: 1}), mode,
+			ringcache.WithDirect(*direct), ringcache.WithNearCache(*nearBytes))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 		defer c.Close()
 		clients[i] = c
+		// Direct mode follows the topology and every feed first: measure
+		// once it reads directly.
+		for warm := time.Now(); (*direct || *nearBytes > 0) && c.DirectStats().Direct == 0; {
+			if time.Since(warm) > 20*time.Second {
+				fmt.Fprintf(os.Stderr, "ringcache-load: no read went directly in 20 s: %+v\n", c.DirectStats())
+				os.Exit(1)
+			}
+			_, _ = c.Get(context.Background(), "key:0")
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	var before ringcache.DirectStats
+	for _, c := range clients {
+		s := c.DirectStats()
+		before.Direct += s.Direct
+		before.Routed += s.Routed
+		before.Fallbacks += s.Fallbacks
 	}
 	perTask := int64(-1)
 	if *maxCalls > 0 {
@@ -106,6 +126,15 @@ func main() {
 		return float64(all[int(p*float64(len(all)-1))].Microseconds())
 	}
 	calls := max(len(all), 1)
+	var after ringcache.DirectStats
+	var nearHits uint64
+	for _, c := range clients {
+		s := c.DirectStats()
+		after.Direct += s.Direct
+		after.Routed += s.Routed
+		after.Fallbacks += s.Fallbacks
+		nearHits += c.NearCacheStats().Hits
+	}
 	_ = json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"calls":                len(all),
 		"errors":               errs,
@@ -114,5 +143,9 @@ func main() {
 		"p50_us":               pct(0.50),
 		"p99_us":               pct(0.99),
 		"client_cpu_us_per_op": cpu * 1e6 / float64(calls),
+		"direct":               after.Direct - before.Direct,
+		"routed":               after.Routed - before.Routed,
+		"fallbacks":            after.Fallbacks - before.Fallbacks,
+		"near_cache_hits":      nearHits,
 	})
 }
