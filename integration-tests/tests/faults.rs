@@ -289,9 +289,23 @@ struct Report {
     once_only_failed: u64,
     /// The first few failures.
     failures: Vec<String>,
+    /// Reads the Rust clients sent straight to an owner (direct mode).
+    direct_reads: u64,
 }
 
 impl Report {
+    /// In direct mode, asserts that reads did go straight to the owners
+    /// (a row whose reads all fell back to the orchestrator would measure
+    /// the routed path).
+    fn check_mode(&self, mode: Mode) {
+        if mode == Mode::Direct {
+            assert!(
+                self.direct_reads * 10 >= self.calls,
+                "too few reads went directly: {self:?}"
+            );
+        }
+    }
+
     /// Failed calls that the cluster could have answered: all but the
     /// at-most-once ops cut short by the fault.
     fn avoidable_failures(&self) -> u64 {
@@ -475,6 +489,14 @@ impl Workload {
             models.push(t.await.unwrap());
         }
         let c = &self.counts;
+        let direct_reads = self
+            .apis
+            .iter()
+            .map(|api| match api {
+                Api::Piped(client) => client.direct_stats().direct,
+                Api::Unary(_) => 0,
+            })
+            .sum();
         for model in models {
             for (key, last) in model {
                 // Through every orchestrator.
@@ -505,6 +527,7 @@ impl Workload {
             fixed_hits: c.fixed_hits.load(Ordering::Relaxed),
             fixed_misses: c.fixed_misses.load(Ordering::Relaxed),
             failures: c.failures.lock().unwrap().clone(),
+            direct_reads,
         }
     }
 }
@@ -578,6 +601,9 @@ fn print_row(case: &str, replicas: usize, report: &Report, lost: Option<usize>) 
     );
     for failure in &report.failures {
         println!("  failed call: {failure}");
+    }
+    if report.direct_reads > 0 {
+        println!("  reads sent straight to an owner: {}", report.direct_reads);
     }
 }
 
@@ -660,6 +686,7 @@ async fn kill_one(replicas: usize, mode: Mode) -> (Report, usize) {
     let lost = fixed_keys_lost(&mut cache).await;
     let case = format!("SIGKILL of one node{}", mode.label());
     print_row(&case, replicas, &report, Some(lost));
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
     (report, lost)
@@ -719,6 +746,7 @@ async fn pause_and_resume(replicas: usize, mode: Mode) {
         &report,
         lost,
     );
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.stale, 0, "stale reads: {report:?}");
     assert_eq!(report.resurrected, 0, "deleted keys read back: {report:?}");
@@ -749,6 +777,18 @@ async fn a_paused_node_under_direct_reads_serves_nothing_stale_when_it_returns()
 /// keep hitting, read through to their previous owners and copied over.
 #[tokio::test]
 async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
+    scale_out(Mode::Unary).await;
+}
+
+/// The same under direct reads: while the new node warms its keys are
+/// read through the orchestrator, then from it directly — never a value
+/// it was copied before a later write or delete.
+#[tokio::test]
+async fn adding_a_fourth_node_under_direct_reads_keeps_keys_hitting_and_serves_nothing_stale() {
+    scale_out(Mode::Direct).await;
+}
+
+async fn scale_out(mode: Mode) {
     let mut nodes = Vec::new();
     for _ in 0..3 {
         nodes.push(NodeProcess::start(NODE_ARGS).await);
@@ -775,7 +815,7 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
     let orchestrator = OrchestratorProcess::start(&args).await;
     let mut cache = orchestrator.cache().await;
     preload(&mut cache).await;
-    let load = Workload::start(orchestrator.cache().await, FIXED_KEYS);
+    let load = Workload::through(vec![mode.api(&orchestrator).await], FIXED_KEYS);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     nodes.push(NodeProcess::start(NODE_ARGS).await);
@@ -788,7 +828,9 @@ async fn adding_a_fourth_node_keeps_the_existing_keys_hitting() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.finish().await;
     let lost = fixed_keys_lost(&mut cache).await;
-    print_row("adding a 4th node (--nodes-file)", 2, &report, Some(lost));
+    let case = format!("adding a 4th node (--nodes-file){}", mode.label());
+    print_row(&case, 2, &report, Some(lost));
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
@@ -1183,6 +1225,7 @@ async fn rolling_restart_spread(orchestrators: usize, mode: Mode) {
         &report,
         Some(lost),
     );
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
@@ -1265,6 +1308,7 @@ async fn paused_owner_two_orchestrators(mode: Mode) {
         &report,
         None,
     );
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.stale, 0, "stale reads: {report:?}");
     assert_eq!(report.resurrected, 0, "deleted keys read back: {report:?}");
@@ -1475,6 +1519,7 @@ async fn orchestrator_restart(mode: Mode) {
         &report,
         None,
     );
+    report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
