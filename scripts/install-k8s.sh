@@ -11,6 +11,13 @@
 # Prints the bin directory on its last line (the same cache as
 # scripts/install-tools.sh; override with RINGCACHE_TOOLS).
 set -euo pipefail
+# Every temporary build tree lives under one directory, removed however the
+# script ends (an error, Ctrl-C): an interrupted build leaves nothing behind.
+# (Module copies are made writable first: the module cache's are not.)
+WORK="$(mktemp -d -t ringcache-build.XXXXXX)"
+trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 TOOLS_DIR="${RINGCACHE_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ringcache/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
@@ -45,7 +52,7 @@ module_copy() {
   local dir tmp
   dir="$(go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
   [[ -n "$dir" && -d "$dir" ]] || { echo "install-k8s: cannot download $1" >&2; exit 1; }
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d -p "$WORK")"
   cp -r "$dir/." "$tmp/src"
   chmod -R u+w "$tmp/src"
   echo "$tmp"

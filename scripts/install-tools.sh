@@ -8,6 +8,13 @@
 # Prints the tools' bin directory on its last line. Override the location
 # with RINGCACHE_TOOLS (default: ~/.cache/ringcache/tools).
 set -euo pipefail
+# Every temporary build tree lives under one directory, removed however the
+# script ends (an error, Ctrl-C): an interrupted build leaves nothing behind.
+# (Module copies are made writable first: the module cache's are not.)
+WORK="$(mktemp -d -t ringcache-build.XXXXXX)"
+trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 TOOLS_DIR="${RINGCACHE_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ringcache/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
@@ -38,7 +45,7 @@ install_go_tool() {
   # Build into a temporary directory and move into place, so an interrupted
   # build never leaves a half-written binary behind.
   local tmp
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d -p "$WORK")"
   GOBIN="$tmp" GOFLAGS="${GOFLAGS:--buildvcs=false}" go install "$spec"
   mv "$tmp/$name" "$BIN_DIR/$name"
   rmdir "$tmp"
@@ -60,7 +67,7 @@ install_jaeger() {
   local dir tmp
   dir="$(go mod download -json "$spec" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
   [[ -n "$dir" && -d "$dir" ]] || { echo "install-tools: cannot download $spec" >&2; exit 1; }
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d -p "$WORK")"
   cp -r "$dir/." "$tmp/src"
   chmod -R u+w "$tmp/src"
   (cd "$tmp/src" && GOFLAGS="${GOFLAGS:--buildvcs=false}" go build -o "$tmp/jaeger" ./cmd/jaeger)
@@ -83,7 +90,7 @@ install_cargo_tool() {
   fi
   echo "install-tools: building $name $version from crates.io; this takes a few minutes once" >&2
   local tmp
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d -p "$WORK")"
   cargo install --quiet --locked --version "$version" --root "$tmp" "$name"
   mv "$tmp/bin/$name" "$BIN_DIR/$name"
   rm -rf "$tmp"
