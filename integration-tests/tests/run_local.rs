@@ -239,3 +239,59 @@ async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A node that cannot start (its port is taken) fails the script at once,
+/// loudly: a non-zero exit naming the node and quoting its log, no
+/// "ringcache is running", and nothing left running — also on a second
+/// run, whose earlier log lines must not count as ready.
+#[test]
+fn the_local_cluster_fails_loudly_when_a_node_cannot_start() {
+    let offset = free_offset();
+    let dir = std::env::temp_dir().join(format!("ringcache-run-local-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin_dir = binary("orchestrator").parent().unwrap().to_path_buf();
+    // Node 2's port, held by someone else.
+    let taken = TcpListener::bind(("127.0.0.1", 50062 + offset)).unwrap();
+    for attempt in 1..=2 {
+        let out = Command::new(workspace_root().join("scripts/run-local.sh"))
+            .env("PORT_OFFSET", offset.to_string())
+            .env("RUN_LOCAL_DIR", &dir)
+            .env("BIN_DIR", &bin_dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "run {attempt} succeeded: {said}");
+        assert!(
+            said.contains("node-2 exited during start-up"),
+            "run {attempt} does not name the node: {said}"
+        );
+        assert!(
+            said.contains("already in use") || said.contains("Address in use"),
+            "run {attempt} does not quote why: {said}"
+        );
+        assert!(
+            !said.contains("ringcache is running"),
+            "run {attempt} said it runs: {said}"
+        );
+        // Everything it started was stopped.
+        for name in ["node-1", "node-3", "orchestrator"] {
+            let Ok(pid) = std::fs::read_to_string(dir.join(format!("{name}.pid"))) else {
+                continue;
+            };
+            let alive = Command::new("kill")
+                .args(["-0", pid.trim()])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(!alive, "run {attempt} left {name} running");
+        }
+    }
+    drop(taken);
+    std::fs::remove_dir_all(dir).ok();
+}
