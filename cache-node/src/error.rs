@@ -58,8 +58,8 @@ impl From<NodeError> for tonic::Status {
             e @ (NodeError::EmptyOp | NodeError::InvalidOwner { .. }) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
-            e @ NodeError::ResponseTooLarge { .. } => {
-                tonic::Status::resource_exhausted(e.to_string())
+            e @ NodeError::ResponseTooLarge { limit, .. } => {
+                ringcache_common::exhausted::too_large(e.to_string(), limit)
             }
         }
     }

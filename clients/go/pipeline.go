@@ -263,7 +263,8 @@ func (c *Client) pipedUntraced(ctx context.Context, req *pb.PipelineRequest, rea
 			if e == nil {
 				return a.resp, true, nil
 			}
-			err = status.Error(codes.Code(e.GetCode()), e.GetMessage())
+			// With its details: they say what kind of refusal it is.
+			err = status.FromProto(e).Err()
 			retry = shed(err)
 		case refused:
 			if status.Code(a.err) == codes.Unimplemented {

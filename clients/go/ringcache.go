@@ -83,6 +83,7 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -327,12 +328,25 @@ func (c *Client) Close() error {
 // (Increment, Touch, Exists, DeleteMany, conditional SetMany).
 func (c *Client) Cache() pb.CacheClient { return c.cache }
 
+// errorDomain is the google.rpc.ErrorInfo domain of ringcache's refusals.
+const errorDomain = "ringcache.dev"
+
 // shed reports whether err is the servers' load shedding: refused before
-// it ran ("retry with backoff"), unlike a RESOURCE_EXHAUSTED that says the
-// answer is too large (asking again gets the same answer).
+// it ran, unlike a RESOURCE_EXHAUSTED that says the answer is too large
+// (asking again gets the same answer). The servers name which in a
+// google.rpc.ErrorInfo (OVERLOADED or TOO_LARGE); older ones said "retry
+// with backoff" in the message.
 func shed(err error) bool {
 	s, ok := status.FromError(err)
-	return ok && s.Code() == codes.ResourceExhausted && strings.Contains(s.Message(), "retry with backoff")
+	if !ok || s.Code() != codes.ResourceExhausted {
+		return false
+	}
+	for _, d := range s.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == errorDomain {
+			return info.GetReason() == "OVERLOADED"
+		}
+	}
+	return strings.Contains(s.Message(), "retry with backoff")
 }
 
 // retryable reports whether err is worth another try: shed calls always

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/stats"
@@ -333,6 +334,31 @@ func TestRetriesOnlyWhatIsSafeAndWithinTheDeadline(t *testing.T) {
 	})
 	if status.Code(err) != codes.ResourceExhausted || calls != 1 {
 		t.Fatalf("too large: %v after %d calls, want 1", err, calls)
+	}
+
+	// The servers' ErrorInfo decides over the message.
+	withReason := func(reason, message string) error {
+		s, err := status.New(codes.ResourceExhausted, message).WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: errorDomain})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.Err()
+	}
+	for _, tc := range []struct {
+		reason, message string
+		want            int
+	}{
+		{"OVERLOADED", "queue full", 4},
+		{"TOO_LARGE", "about 9 MB; ask for fewer keys (or retry with backoff)", 1},
+	} {
+		calls = 0
+		err = c.do(ctx, true, func(context.Context) error {
+			calls++
+			return withReason(tc.reason, tc.message)
+		})
+		if status.Code(err) != codes.ResourceExhausted || calls != tc.want {
+			t.Fatalf("%s: %v after %d calls, want %d", tc.reason, err, calls, tc.want)
+		}
 	}
 
 	// A context without a deadline gets the client's default timeout.

@@ -78,7 +78,7 @@ struct Budget {
 
 impl Budget {
     fn refusal(&self) -> tonic::Status {
-        tonic::Status::resource_exhausted(self.message.clone())
+        crate::exhausted::overloaded(self.message.clone())
     }
 }
 
@@ -136,7 +136,7 @@ impl CallBytes {
         let n = n.min(budget.limit);
         let used = budget.used.load(Ordering::Relaxed);
         if used.saturating_add(n) > budget.limit {
-            return Err(tonic::Status::resource_exhausted(format!(
+            return Err(crate::exhausted::overloaded(format!(
                 "this call's answer needs about {n} bytes and calls in flight already hold {used} of the {} allowed ({}); retry with backoff, or ask for fewer keys",
                 budget.limit, budget.flag
             )));

@@ -33,6 +33,7 @@ pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod direct;
+pub mod exhausted;
 pub mod grpc;
 pub mod inflight_bytes;
 pub mod limits;

@@ -106,7 +106,7 @@ where
                 _permit: permit,
             },
             Err(_) => InFlightFuture::Shed {
-                response: Some(tonic::Status::resource_exhausted(&*self.message).into_http()),
+                response: Some(crate::exhausted::overloaded(&*self.message).into_http()),
             },
         }
     }

@@ -968,6 +968,43 @@ async fn undecodable_and_oversized_requests_say_what_to_fix() {
             big.message()
         );
 
+        // An answer over the limit: RESOURCE_EXHAUSTED, and an ErrorInfo
+        // telling a client not to send it again as it is (unlike a shed
+        // call's OVERLOADED).
+        for i in 0..20 {
+            cache
+                .set(set(&format!("k{i}"), &"x".repeat(10_000)))
+                .await
+                .unwrap();
+        }
+        let keys = (0..20).map(|i| format!("k{i}")).collect();
+        let large = cache
+            .get_many(ringcache_proto::v1::GetManyRequest { keys })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            large.code(),
+            tonic::Code::ResourceExhausted,
+            "{who}: {large:?}"
+        );
+        let info = tonic_types::StatusExt::get_details_error_info(&large)
+            .unwrap_or_else(|| panic!("{who}: no ErrorInfo in {large:?}"));
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            (
+                ringcache_proto::exhausted::TOO_LARGE,
+                ringcache_proto::direct::ERROR_DOMAIN
+            ),
+            "{who}"
+        );
+        assert_eq!(
+            info.metadata
+                .get(ringcache_proto::exhausted::LIMIT_BYTES)
+                .map(String::as_str),
+            Some("131072"),
+            "{who}"
+        );
+
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let bad = grpc

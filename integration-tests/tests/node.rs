@@ -394,6 +394,14 @@ async fn health_answers_serving_while_calls_are_shed() {
         "{}",
         shed.message()
     );
+    // Clients tell "shed, retry" from "too large" by the ErrorInfo.
+    assert_eq!(
+        tonic_types::StatusExt::get_details_error_info(&shed)
+            .map(|i| i.reason)
+            .as_deref(),
+        Some(ringcache_proto::exhausted::OVERLOADED),
+        "{shed:?}"
+    );
     for service in ["", "ringcache.v1.Cache"] {
         assert_eq!(
             health(&node.process.grpc_url(), service).await.unwrap(),
@@ -497,6 +505,13 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
         refused.message().contains("--max-in-flight-bytes"),
         "{}",
         refused.message()
+    );
+    assert_eq!(
+        tonic_types::StatusExt::get_details_error_info(&refused)
+            .map(|i| i.reason)
+            .as_deref(),
+        Some(ringcache_proto::exhausted::OVERLOADED),
+        "{refused:?}"
     );
     assert_eq!(
         health(&node.process.grpc_url(), "ringcache.v1.Cache")

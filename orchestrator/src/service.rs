@@ -1692,10 +1692,13 @@ impl Cache for Router {
         let size: usize = results.iter().map(|r| r.value.len() + RESULT_FRAMING).sum();
         held.settle(&self.answers, req.keys.len(), size as u64);
         if size > self.max_message_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "response would be about {size} bytes, over the {}-byte limit (--max-message-bytes); ask for fewer keys per call",
-                self.max_message_bytes
-            )));
+            return Err(ringcache_common::exhausted::too_large(
+                format!(
+                    "response would be about {size} bytes, over the {}-byte limit (--max-message-bytes); ask for fewer keys per call",
+                    self.max_message_bytes
+                ),
+                self.max_message_bytes,
+            ));
         }
         Ok(Response::new(GetManyResponse { results }))
     }

@@ -54,6 +54,28 @@ pub mod service_names {
     pub const INTERNAL: &str = "ringcache.v1.Internal";
 }
 
+/// The two kinds of `RESOURCE_EXHAUSTED` a client must tell apart, named
+/// by the `google.rpc.ErrorInfo` (domain [`direct::ERROR_DOMAIN`]) every
+/// such refusal carries: one asks for a retry, the other for a smaller
+/// request.
+pub mod exhausted {
+    /// `ErrorInfo.reason` of a call shed before it ran: a limit on calls or
+    /// bytes in flight, or a queue, was full. Nothing ran; send it again
+    /// after a backoff (a `google.rpc.RetryInfo` suggests the first
+    /// delay).
+    pub const OVERLOADED: &str = "OVERLOADED";
+
+    /// `ErrorInfo.reason` of a call whose answer would be larger than the
+    /// server sends (`--max-message-bytes`): asking again gets the same
+    /// answer; ask for fewer keys. `ErrorInfo.metadata` carries the limit
+    /// under [`LIMIT_BYTES`].
+    pub const TOO_LARGE: &str = "TOO_LARGE";
+
+    /// The `ErrorInfo.metadata` key of the byte limit a [`TOO_LARGE`]
+    /// answer went past.
+    pub const LIMIT_BYTES: &str = "limit_bytes";
+}
+
 /// Reads a client sends straight to a cache node (direct mode): the
 /// metadata they carry and the refusals they can get. Both the node and
 /// the clients use these names.

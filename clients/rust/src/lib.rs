@@ -912,8 +912,7 @@ impl Client {
             // The channel connects lazily, inside the call: a call that
             // failed to connect was not sent either.
             let sent = sent && !connect_failed(&status);
-            let shed = status.code() == Code::ResourceExhausted
-                && status.message().contains("retry with backoff");
+            let shed = is_shed(&status);
             let retry = !sent
                 || (attempt < inner.retries
                     && (shed
@@ -999,9 +998,14 @@ impl Client {
             };
             let retry = match &outcome {
                 Outcome::Answer(Answer::Error(e)) => {
-                    // Shed before it ran: the servers say "retry with backoff".
+                    // Shed before it ran (not "too large": asking again
+                    // gets the same answer).
                     e.code == Code::ResourceExhausted as i32
-                        && e.message.contains("retry with backoff")
+                        && is_shed(&tonic::Status::with_details(
+                            Code::ResourceExhausted,
+                            e.message.clone(),
+                            prost::Message::encode_to_vec(e).into(),
+                        ))
                         && attempt < inner.retries
                 }
                 Outcome::Answer(_) => false,
@@ -1113,6 +1117,24 @@ fn proto_duration(d: Duration) -> Result<prost_types::Duration, Error> {
     prost_types::Duration::try_from(d).map_err(|_| Error::Config(format!("TTL {d:?} is too long")))
 }
 
+/// Whether `status` is a call the servers shed before it ran (nothing
+/// ran: send it again after a backoff) rather than a refusal that asking
+/// again does not change, such as an answer too large. The servers name
+/// which in a `google.rpc.ErrorInfo`; older ones said "retry with backoff"
+/// in the message.
+fn is_shed(status: &tonic::Status) -> bool {
+    use ringcache_proto::{direct::ERROR_DOMAIN, exhausted::OVERLOADED};
+    use tonic_types::StatusExt;
+    status.code() == Code::ResourceExhausted
+        && match status
+            .get_details_error_info()
+            .filter(|i| i.domain == ERROR_DOMAIN)
+        {
+            Some(info) => info.reason == OVERLOADED,
+            None => status.message().contains("retry with backoff"),
+        }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1141,5 +1163,33 @@ mod tests {
         // a connection that closed.
         assert!(connect_failed(&Status::cancelled("operation was canceled")));
         assert!(!connect_failed(&Status::cancelled("the caller gave up")));
+    }
+
+    #[test]
+    fn only_shed_calls_are_sent_again_whatever_the_message_says() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let with = |reason: &str, message: &str| {
+            tonic::Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    reason,
+                    ringcache_proto::direct::ERROR_DOMAIN,
+                    std::collections::HashMap::<String, String>::new(),
+                ),
+            )
+        };
+        assert!(is_shed(&with("OVERLOADED", "queue full")));
+        assert!(!is_shed(&with(
+            "TOO_LARGE",
+            "ask for fewer keys (or retry with backoff)"
+        )));
+        // Servers before the ErrorInfo: the message.
+        assert!(is_shed(&tonic::Status::resource_exhausted(
+            "at the limit; retry with backoff"
+        )));
+        assert!(!is_shed(&tonic::Status::resource_exhausted(
+            "grpc: received message larger than max"
+        )));
     }
 }

@@ -91,7 +91,17 @@ impl CallError {
     /// The status a client sees, naming the node. The one place a node
     /// call's failure becomes a `Status`.
     pub fn to_status(&self, node: &str) -> Status {
-        Status::new(self.code(), format!("node {node}: {self}"))
+        let message = format!("node {node}: {self}");
+        match self {
+            CallError::Shed(_) => ringcache_common::exhausted::overloaded(message),
+            // The node's details (why it refused: an ErrorInfo) go on.
+            CallError::Refused(status) if !status.details().is_empty() => Status::with_details(
+                self.code(),
+                message,
+                bytes::Bytes::copy_from_slice(status.details()),
+            ),
+            _ => Status::new(self.code(), message),
+        }
     }
 }
 

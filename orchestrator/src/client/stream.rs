@@ -163,10 +163,13 @@ impl BatchStream {
             };
         if len > self.max_message {
             return Err(Ended::Failed(CallError::Refused(
-                tonic::Status::resource_exhausted(format!(
-                    "request of {len} bytes is over the {}-byte limit (--max-message-bytes)",
-                    self.max_message
-                )),
+                ringcache_common::exhausted::too_large(
+                    format!(
+                        "request of {len} bytes is over the {}-byte limit (--max-message-bytes)",
+                        self.max_message
+                    ),
+                    self.max_message,
+                ),
             )));
         }
         let mut body = BytesMut::with_capacity(5 + len);

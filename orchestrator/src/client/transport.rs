@@ -706,10 +706,11 @@ async fn send_message<M: Message>(
 ) -> Result<(http::response::Parts, h2::RecvStream), CallError> {
     let len = message.encoded_len();
     if len > max_message {
-        return Err(CallError::Refused(tonic::Status::resource_exhausted(
+        return Err(CallError::Refused(ringcache_common::exhausted::too_large(
             format!(
                 "request of {len} bytes is over the {max_message}-byte limit (--max-message-bytes)"
             ),
+            max_message,
         )));
     }
     let mut body = BytesMut::with_capacity(5 + len);
@@ -770,10 +771,11 @@ async fn unary<M: Message>(
         let chunk = chunk.map_err(stream_failure)?;
         let _ = recv.flow_control().release_capacity(chunk.len());
         if data.len() + chunk.len() > max_message + 5 {
-            return Err(CallError::Refused(tonic::Status::resource_exhausted(
+            return Err(CallError::Refused(ringcache_common::exhausted::too_large(
                 format!(
                     "the node's answer is over the {max_message}-byte limit (--max-message-bytes)"
                 ),
+                max_message,
             )));
         }
         data.extend_from_slice(&chunk);
