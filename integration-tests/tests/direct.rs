@@ -348,6 +348,24 @@ async fn the_near_cache_answers_hits_locally_and_sees_every_other_clients_write_
     near.set("k", "v0").await.unwrap();
     wait_near_hit(&near, "k").await;
 
+    // Under load: other clients write and read other keys meanwhile, so
+    // the feeds carry a stream of changes, not just ours.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for t in 0..4 {
+        let (client, stop) = (other.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut ops = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("load-{t}-{}", ops % 500);
+                client.set(&key, "x".repeat(100)).await.unwrap();
+                client.get(&key).await.unwrap();
+                ops += 2;
+            }
+            ops
+        }));
+    }
+
     // Another client writes and deletes through the orchestrator; the
     // nodes' feeds void the near cache's answer.
     let mut seen = Vec::new();
@@ -360,13 +378,20 @@ async fn the_near_cache_answers_hits_locally_and_sees_every_other_clients_write_
     }
     other.delete("k").await.unwrap();
     seen.push(time_to_see(&near, "k", None, std::time::Instant::now()).await);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ops = 0;
+    for task in load {
+        ops += task.await.unwrap();
+    }
     seen.sort();
     eprintln!(
-        "another client's write seen by the near cache after: p50 {:?}, p99 {:?}, max {:?}",
+        "another client's write seen by the near cache after: p50 {:?}, p99 {:?}, max {:?} ({} changes, {ops} other calls meanwhile)",
         seen[seen.len() / 2],
         seen[seen.len() * 99 / 100],
-        seen[seen.len() - 1]
+        seen[seen.len() - 1],
+        seen.len()
     );
+    assert!(ops > 100, "the load ran: {ops} calls");
 
     // Its own writes: read back at once, never the cached older value.
     for i in 0..50 {
