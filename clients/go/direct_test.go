@@ -116,21 +116,27 @@ func TestDirectReadsGoToTheOwnerAndSeeEveryAcknowledgedWrite(t *testing.T) {
 }
 
 // waitDirect reads key until one read goes straight to its owner.
-func waitDirect(t *testing.T, c *Client, key string) {
+func waitDirect(t testing.TB, c *Client, key string) {
+	t.Helper()
+	readUntil(t, c, key, "read directly", func(c *Client) uint64 { return c.DirectStats().Direct })
+}
+
+// readUntil reads key through c until count(c) grows (at most 20 s).
+func readUntil(t testing.TB, c *Client, key, what string, count func(*Client) uint64) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		before := c.DirectStats().Direct
+		before := count(c)
 		if _, err := c.Get(context.Background(), key); err != nil && !errors.Is(err, ErrCacheMiss) {
 			t.Fatal(err)
 		}
-		if c.DirectStats().Direct > before {
+		if count(c) > before {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s is not read directly: %+v", key, c.DirectStats())
+			t.Fatalf("%s is never %s: %+v %+v", key, what, c.DirectStats(), c.NearCacheStats())
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

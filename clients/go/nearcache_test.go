@@ -141,20 +141,7 @@ func nearClient(t testing.TB, nodes, replicas int, args ...string) (near, other 
 // waitNearHit reads key until the near cache answers it.
 func waitNearHit(t testing.TB, c *Client, key string) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		before := c.NearCacheStats().Hits
-		if _, err := c.Get(context.Background(), key); err != nil && !errors.Is(err, ErrCacheMiss) {
-			t.Fatal(err)
-		}
-		if c.NearCacheStats().Hits > before {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s is never answered from the near cache: %+v %+v", key, c.NearCacheStats(), c.DirectStats())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	readUntil(t, c, key, "answered from the near cache", func(c *Client) uint64 { return c.NearCacheStats().Hits })
 }
 
 // timeToSee reads key through c until it reads want ("" : a miss), and

@@ -138,13 +138,13 @@ async fn cluster(jaeger: &Jaeger) -> TestCluster {
     TestCluster::start_with_env(3, &[], &[], &env).await
 }
 
-#[tokio::test]
-async fn an_http_request_is_one_trace_across_three_services() {
-    let jaeger = Jaeger::start().await;
-    let cluster = cluster(&jaeger).await;
-    let service = Service::start(&cluster.orchestrator.addr(), &jaeger).await;
+/// The span id of the caller [`traced_hit`] makes its requests as.
+const CALLER: &str = "10f067aa0ba902b7";
 
-    let (status, _, _) = http(
+/// Creates product p1, a teapot, through the service (it writes it through
+/// to the cache).
+async fn create_teapot(service: &Service) {
+    let (status, _, body) = http(
         &service.addr,
         "POST",
         "/products",
@@ -153,12 +153,13 @@ async fn an_http_request_is_one_trace_across_three_services() {
     )
     .await
     .unwrap();
-    assert_eq!(status, 201);
+    assert_eq!(status, 201, "{body}");
+}
 
-    // A read that hits (the POST wrote through), in a trace of our own.
-    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
-    let caller = "10f067aa0ba902b7";
-    let traceparent = format!("00-{trace_id}-{caller}-01");
+/// `GET /products/p1` in the trace `trace_id` (as [`CALLER`]'s child),
+/// which must be a cache hit; answers the body.
+async fn traced_hit(service: &Service, trace_id: &str) -> String {
+    let traceparent = format!("00-{trace_id}-{CALLER}-01");
     let (status, headers, body) = http(
         &service.addr,
         "GET",
@@ -170,6 +171,20 @@ async fn an_http_request_is_one_trace_across_three_services() {
     .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "x-cache"), Some("hit"));
+    body
+}
+
+#[tokio::test]
+async fn an_http_request_is_one_trace_across_three_services() {
+    let jaeger = Jaeger::start().await;
+    let cluster = cluster(&jaeger).await;
+    let service = Service::start(&cluster.orchestrator.addr(), &jaeger).await;
+
+    create_teapot(&service).await;
+
+    // A read that hits (the POST wrote through), in a trace of our own.
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let body = traced_hit(&service, trace_id).await;
     let product: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(product["name"], "teapot");
 
@@ -179,7 +194,7 @@ async fn an_http_request_is_one_trace_across_three_services() {
     let http_servers = trace.spans("go-http-service", "server");
     assert_eq!(http_servers.len(), 1, "{trace:#?}");
     let http_span = http_servers[0];
-    assert_eq!(http_span.parent.as_deref(), Some(caller), "{trace:#?}");
+    assert_eq!(http_span.parent.as_deref(), Some(CALLER), "{trace:#?}");
     assert_eq!(http_span.name, "GET /products/{id}");
     let go_clients = trace.spans("go-http-service", "client");
     assert_eq!(go_clients.len(), 1, "one cache call for a hit: {trace:#?}");
@@ -227,16 +242,7 @@ async fn in_direct_mode_a_read_is_one_trace_from_the_go_service_to_the_owner_nod
         &["-source-delay", "20ms", "-near-cache-bytes", "1048576"],
     )
     .await;
-    let (status, _, _) = http(
-        &service.addr,
-        "POST",
-        "/products",
-        &[],
-        r#"{"id":"p1","name":"teapot","price":12.5}"#,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 201);
+    create_teapot(&service).await;
 
     // Until the client follows every node's feed its reads go through the
     // orchestrator; read, each in a trace of its own, until one read went
@@ -244,18 +250,7 @@ async fn in_direct_mode_a_read_is_one_trace_from_the_go_service_to_the_owner_nod
     let (mut direct, mut near) = (None, None);
     for i in 0..200u32 {
         let trace_id = format!("5bf92f3577b34da6a3ce929d{i:08x}");
-        let traceparent = format!("00-{trace_id}-10f067aa0ba902b7-01");
-        let (status, headers, body) = http(
-            &service.addr,
-            "GET",
-            "/products/p1",
-            &[("traceparent", &traceparent)],
-            "",
-        )
-        .await
-        .unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(header(&headers, "x-cache"), Some("hit"));
+        traced_hit(&service, &trace_id).await;
         let trace = jaeger.trace(&trace_id, 2).await;
         let go_clients = trace.spans("go-http-service", "client");
         assert_eq!(go_clients.len(), 1, "one cache call for a hit: {trace:#?}");
