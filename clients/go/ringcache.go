@@ -276,7 +276,16 @@ func Dial(target string, opts ...Option) (*Client, error) {
 			return nil, fmt.Errorf("ringcache: near cache: %w", err)
 		}
 	}
-	dial := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	dial := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// Fixed flow-control windows: they turn off grpc-go's bandwidth
+		// estimation, whose PING frames on every burst of small messages
+		// made the servers answer a PING ACK per op — about half of a
+		// cache node's system calls per pipelined Get (BENCHMARKS.md, "Go
+		// client"). 4 MiB per stream holds the largest default message.
+		grpc.WithInitialWindowSize(4 << 20),
+		grpc.WithInitialConnWindowSize(16 << 20),
+	}
 	if o.telemetry {
 		// A pipeline is not one call: each op gets its own span instead.
 		notPipeline := otelgrpc.WithFilter(func(info *stats.RPCTagInfo) bool {
