@@ -654,3 +654,110 @@ async fn traces_stay_whole_with_tls_on_every_hop() {
     assert_eq!(node_span.len(), 1, "{trace:#?}");
     assert_eq!(node_span[0].parent.as_deref(), Some(client[0].id.as_str()));
 }
+
+/// Direct mode with security on every hop: the Rust client reaches the
+/// orchestrator over TLS with a token, and the nodes — which require client
+/// certificates from the cluster CA — over mutual TLS with its own
+/// certificate. A client without one is refused by the nodes and reads
+/// through the orchestrator instead, correctly; one without a token is
+/// refused by the orchestrator.
+#[tokio::test]
+async fn direct_reads_reach_the_nodes_over_mutual_tls_and_the_orchestrator_with_a_token() {
+    let pki = Pki::new();
+    let ca = Ca::new("cluster CA");
+    let ca_pem = pki.write("ca.pem", &ca.pem);
+    let node_names = ["localhost", "127.0.0.1"];
+    // Each node its own directory: a node reloads its files when they
+    // change.
+    let nodes: Vec<(Pki, Process)> = (0..2)
+        .map(|_| {
+            let dir = Pki::new();
+            let node = tls_node(&dir, &ca.sign(&node_names, false, false), Some(&ca.pem));
+            (dir, node)
+        })
+        .collect();
+    let list = nodes
+        .iter()
+        .map(|(_, n)| n.grpc.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (orch_client_cert, orch_client_key) = ca.sign(&["orchestrator"], true, false);
+    let (orch_cert, orch_key) = ca.sign(&node_names, false, false);
+    let tokens = pki.write("tokens", &format!("read {READ}\nwrite {WRITE}\n"));
+    let orchestrator = Process::start(
+        &binary("orchestrator"),
+        &[
+            "--nodes",
+            &list,
+            "--replicas",
+            "2",
+            "--node-tls-ca",
+            &ca_pem,
+            "--node-tls-cert",
+            &pki.write("orch-client.pem", &orch_client_cert),
+            "--node-tls-key",
+            &pki.write("orch-client-key.pem", &orch_client_key),
+            "--tls-cert",
+            &pki.write("orch.pem", &orch_cert),
+            "--tls-key",
+            &pki.write("orch-key.pem", &orch_key),
+            "--auth-tokens",
+            &tokens,
+            "--health-interval",
+            "100ms",
+        ],
+        &[],
+    );
+    let url = format!("https://{}", orchestrator.grpc);
+    let (app_cert, app_key) = ca.sign(&["app"], true, false);
+    let client = |identity: bool, token: Option<&str>| {
+        let mut b = ringcache_client::Client::builder(url.clone())
+            .tls_ca(&ca.pem)
+            .direct(true)
+            .timeout(Duration::from_secs(3));
+        if identity {
+            b = b.tls_identity(&app_cert, &app_key);
+        }
+        if let Some(t) = token {
+            b = b.token(t);
+        }
+        b.connect()
+    };
+
+    let app = client(true, Some(WRITE)).await.unwrap();
+    app.set("k", "over mTLS, directly").await.unwrap();
+    eventually(Duration::from_secs(20), || async {
+        let got = app.get("k").await.map_err(|e| e.to_string())?;
+        assert_eq!(
+            got.map(|e| e.value),
+            Some(bytes::Bytes::from_static(b"over mTLS, directly"))
+        );
+        let stats = app.direct_stats();
+        if stats.direct > 0 {
+            Ok(())
+        } else {
+            Err(format!("no read went directly yet: {stats:?}"))
+        }
+    })
+    .await;
+
+    // No client certificate: the nodes refuse the handshake, so every read
+    // goes through the orchestrator — and is answered.
+    let anonymous = client(false, Some(READ)).await.unwrap();
+    for _ in 0..20 {
+        let got = anonymous.get("k").await.unwrap().map(|e| e.value);
+        assert_eq!(got, Some(bytes::Bytes::from_static(b"over mTLS, directly")));
+    }
+    assert_eq!(
+        anonymous.direct_stats().direct,
+        0,
+        "{:?}",
+        anonymous.direct_stats()
+    );
+
+    // No token: the orchestrator refuses the client's calls.
+    let tokenless = client(true, None).await.unwrap();
+    let err = tokenless.get("k").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    drop(nodes);
+}
