@@ -44,8 +44,17 @@ const (
 //
 // Limits (key size, value size, batch size) are enforced before any work is
 // done: a request over a limit is refused whole with INVALID_ARGUMENT and a
-// message naming the limit. A node that is at its in-flight request limit
-// answers RESOURCE_EXHAUSTED; retry with backoff.
+// message naming the limit.
+//
+// RESOURCE_EXHAUSTED comes in two kinds, told apart by the
+// google.rpc.ErrorInfo (domain "ringcache.dev") every such status carries,
+// on unary calls and on Pipeline ops alike:
+//   - reason "OVERLOADED": the call was shed before it ran (a limit on calls
+//     or bytes in flight, or a node's queue, was full). Nothing ran: retry
+//     with backoff; a google.rpc.RetryInfo suggests the first delay.
+//   - reason "TOO_LARGE": the answer would be larger than the server sends
+//     (--max-message-bytes; metadata "limit_bytes"). The same request gets
+//     the same answer: ask for fewer keys.
 type CacheClient interface {
 	// Get reads one key. A missing or expired key answers found=false, not an
 	// error.
@@ -230,8 +239,17 @@ type Cache_PipelineClient = grpc.BidiStreamingClient[PipelineRequest, PipelineRe
 //
 // Limits (key size, value size, batch size) are enforced before any work is
 // done: a request over a limit is refused whole with INVALID_ARGUMENT and a
-// message naming the limit. A node that is at its in-flight request limit
-// answers RESOURCE_EXHAUSTED; retry with backoff.
+// message naming the limit.
+//
+// RESOURCE_EXHAUSTED comes in two kinds, told apart by the
+// google.rpc.ErrorInfo (domain "ringcache.dev") every such status carries,
+// on unary calls and on Pipeline ops alike:
+//   - reason "OVERLOADED": the call was shed before it ran (a limit on calls
+//     or bytes in flight, or a node's queue, was full). Nothing ran: retry
+//     with backoff; a google.rpc.RetryInfo suggests the first delay.
+//   - reason "TOO_LARGE": the answer would be larger than the server sends
+//     (--max-message-bytes; metadata "limit_bytes"). The same request gets
+//     the same answer: ask for fewer keys.
 type CacheServer interface {
 	// Get reads one key. A missing or expired key answers found=false, not an
 	// error.
