@@ -117,13 +117,18 @@ func (n *nearCache) ticket(key string) nearTicket {
 }
 
 // fill keeps a, read after t was taken, unless a change of a key of its
-// stripe was seen since.
+// stripe was seen since, or a newer answer is held (two fills raced: the
+// slower one read earlier; versions only grow).
 func (n *nearCache) fill(key string, t nearTicket, a *nearAnswer, now time.Time) {
 	a.freshUntil = now.Add(n.maxAge)
 	s := &n.stripes[t.stripe]
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.count != t.seen {
+		return
+	}
+	if held, ok := n.entries.GetIfPresent(key); ok && held.found && held.version > a.version &&
+		now.Before(held.freshUntil) && (held.expires.IsZero() || now.Before(held.expires)) {
 		return
 	}
 	n.entries.Set(key, a)

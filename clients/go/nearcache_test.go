@@ -50,6 +50,26 @@ func TestAFillThatReadBeforeAChangeIsNeverStored(t *testing.T) {
 	}
 }
 
+func TestOfTwoRacingFillsTheOlderAnswerNeverReplacesTheNewer(t *testing.T) {
+	n, err := newNearCache(1<<20, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.close()
+	now := time.Now()
+	slow, fast := n.ticket("k"), n.ticket("k")
+	n.fill("k", fast, answer("new", 2), now)
+	n.fill("k", slow, answer("old", 1), now)
+	n.fill("k", n.ticket("k"), &nearAnswer{}, now) // an absence read earlier
+	if a, ok := n.get("k", now); !ok || a.version != 2 {
+		t.Fatalf("held %+v %v, want version 2", a, ok)
+	}
+	n.fill("k", n.ticket("k"), answer("newer", 3), now)
+	if a, ok := n.get("k", now); !ok || a.version != 3 {
+		t.Fatalf("held %+v %v, want version 3", a, ok)
+	}
+}
+
 func TestVoidingSomeKeysKeepsTheOthers(t *testing.T) {
 	n, err := newNearCache(1<<20, time.Minute)
 	if err != nil {

@@ -20,7 +20,10 @@
 //! not moved since. The check and the store run under the stripe's lock,
 //! as does an invalidation's count and removal, so one runs wholly before
 //! the other: an old answer is either refused or removed before the write
-//! is acknowledged, never visible after.
+//! is acknowledged, never visible after. Two fills can also race each
+//! other (both read before any change was seen, the one that read the
+//! older version stores last): a fill never replaces a servable answer
+//! with a larger version, since versions only grow.
 //!
 //! What the owner cannot see (a feed lost, a gap in it) it answers by
 //! voiding what may have changed unseen: everything
@@ -212,11 +215,25 @@ impl NearCache {
     }
 
     /// Keeps `answer` for `key`, read after `ticket` was taken, unless a
-    /// write or delete of a key of its stripe ended since.
+    /// write or delete of a key of its stripe ended since, or a newer
+    /// answer is held (two fills raced: the slower one read earlier).
     pub fn fill(&self, key: &str, ticket: Ticket, answer: Answer, now: Instant) {
         {
             let stripe = self.stripes[ticket.stripe].lock();
             if *stripe != ticket.seen {
+                return;
+            }
+            // Versions only grow, so a held answer with a larger one was
+            // read later. (One read before a delete the held answer came
+            // after cannot be held: the delete voided every fill that read
+            // before it.)
+            if self.entries.peek(key).is_some_and(|held| {
+                held.answer.found
+                    && held.answer.version > answer.version
+                    && held.fresh_until > now
+                    && held.answer.expires.is_none_or(|e| e > now)
+                    && held.routing == ticket.routing
+            }) {
                 return;
             }
             self.entries.insert(
@@ -320,6 +337,29 @@ mod tests {
         assert!(c.get("c", now).is_none(), "a fill that read before the gap");
         c.fill("c", c.ticket("c"), answer(b"3", 3), now);
         assert!(c.get("c", now).is_some());
+    }
+
+    #[test]
+    fn of_two_racing_fills_the_older_answer_never_replaces_the_newer() {
+        let c = NearCache::new(1 << 20, Duration::from_secs(60));
+        let now = Instant::now();
+        // Both read before any change was seen; the one that read v1 was
+        // slower to fill.
+        let (slow, fast) = (c.ticket("k"), c.ticket("k"));
+        c.fill("k", fast, answer(b"new", 2), now);
+        c.fill("k", slow, answer(b"old", 1), now);
+        assert_eq!(c.get("k", now).unwrap().version, 2);
+        let absent = Answer {
+            found: false,
+            value: Bytes::new(),
+            version: 0,
+            expires: None,
+        };
+        c.fill("k", c.ticket("k"), absent, now);
+        assert_eq!(c.get("k", now).unwrap().version, 2);
+        // A newer answer does replace it.
+        c.fill("k", c.ticket("k"), answer(b"newer", 3), now);
+        assert_eq!(c.get("k", now).unwrap().version, 3);
     }
 
     #[test]
