@@ -57,5 +57,19 @@ echo "==> hadolint Dockerfile"
 echo "==> chart wiring tests"
 HELM="$HELM" "$VENV/bin/python" -m pytest -q helm/ci/test_chart.py
 
+echo "==> alerts: promtool check rules, and a unit test per alert"
+# The PrometheusRule as the chart renders it with its default thresholds;
+# its rule groups are what promtool reads.
+PROMTOOL="$(scripts/install-tools.sh promtool | tail -n 1)/promtool"
+# shellcheck disable=SC2086
+"$HELM" template rc "$CHART" --namespace ringcache --kube-version "$KUBE_VERSION" $IMAGE \
+  --set metrics.prometheusRule.enabled=true --api-versions monitoring.coreos.com/v1/PrometheusRule \
+  --show-only templates/prometheusrule.yaml > "$OUT/prometheusrule.yaml"
+"$VENV/bin/python" -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))["spec"], open(sys.argv[2], "w"), sort_keys=False)' \
+  "$OUT/prometheusrule.yaml" "$OUT/rules.yaml"
+cp helm/ci/alerts_test.yaml "$OUT/"
+"$PROMTOOL" check rules "$OUT/rules.yaml"
+"$PROMTOOL" test rules "$OUT/alerts_test.yaml"
+
 echo "==> chart README: the values table matches the schema and values.yaml"
 "$VENV/bin/python" helm/ci/chart_readme.py --check

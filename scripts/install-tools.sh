@@ -28,6 +28,8 @@ declare -A PACKAGES=(
   # replace directives, so `go install` refuses it: see install_jaeger.
   [jaeger]="github.com/jaegertracing/jaeger@v1.76.0"
   # Go stubs from proto/ (scripts/gen-go.sh): buf and its two plugins.
+  # The chart's alerts: promtool check rules / test rules (scripts/check-helm.sh).
+  [promtool]="github.com/prometheus/prometheus/cmd/promtool@v0.316.0"
   [buf]="github.com/bufbuild/buf/cmd/buf@v1.75.0"
   [protoc-gen-go]="google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12"
   [protoc-gen-go-grpc]="google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2"

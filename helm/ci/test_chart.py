@@ -311,6 +311,37 @@ def test_service_monitors_render_only_where_the_operator_is_installed():
     # real control plane: test_cluster.py, test_install_of_the_ha_values.)
 
 
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+
+
+def test_the_alerts_render_only_where_the_operator_is_installed_with_the_thresholds_in_values():
+    assert not [d for d in render(ALL_ON) if d["kind"] == "PrometheusRule"]
+    assert not [d for d in render(api_versions=[PROMETHEUS_RULE_API]) if d["kind"] == "PrometheusRule"]
+    rule = one(render(ALL_ON, api_versions=[PROMETHEUS_RULE_API]), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus", "the operator's ruleSelector label"
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(rules) == {
+        "RingcacheNoRoutableNode",
+        "RingcacheNodeEjected",
+        "RingcacheWarmingStuck",
+        "RingcacheRingEpochsDiffer",
+        "RingcacheShedding",
+        "RingcacheStoreFull",
+        "RingcacheHitRatioDrop",
+        "RingcacheTLSHandshakeFailures",
+    }
+    # all-on.yaml's thresholds, not the defaults.
+    assert rules["RingcacheNodeEjected"]["for"] == "5m"
+    assert "> 0.05" in rules["RingcacheShedding"]["expr"]
+    for name, r in rules.items():
+        assert r["labels"]["severity"] in {"critical", "warning", "info"}, name
+        assert r["annotations"]["summary"] and r["annotations"]["description"], name
+        # Scoped to the release's namespace: another release's series never
+        # fire this one's alerts.
+        assert 'namespace="cache"' in r["expr"], name
+    # (promtool checks the rules and unit-tests each alert: check-helm.sh.)
+
+
 def test_scrape_annotations_and_service_monitors_point_at_metrics_ports():
     docs = render(ALL_ON, api_versions=[SERVICE_MONITOR_API])
     for kind, component in [("StatefulSet", "cache-node"), ("Deployment", "orchestrator")]:
