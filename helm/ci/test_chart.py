@@ -7,6 +7,7 @@ Run by scripts/check-helm.sh (HELM points at the real helm binary):
 
 import os
 import re
+import json
 import subprocess
 from pathlib import Path
 
@@ -340,6 +341,28 @@ def test_the_alerts_render_only_where_the_operator_is_installed_with_the_thresho
         # fire this one's alerts.
         assert 'namespace="cache"' in r["expr"], name
     # (promtool checks the rules and unit-tests each alert: check-helm.sh.)
+
+
+def test_the_dashboard_ships_as_a_configmap_for_grafanas_sidecar():
+    assert not [d for d in render() if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    cm = next(d for d in render(ALL_ON) if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "ringcache"
+    dashboard = json.loads(cm["data"]["ringcache.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "ringcache.json").read_text()), "the file, as kept"
+    titles = {p["title"] for p in dashboard["panels"]}
+    for wanted in [
+        "Calls per second by method", "Errors by code", "Latency by method (p50, p99)", "Hit ratio",
+        "Evictions against overwrites, expirations and deletes", "Memory against capacity", "Node states",
+        "Ring epochs heard by each node", "Warm handoff", "Hot keys and relief", "Shed calls",
+        "Node-call batch sizes (ops per call)", "TLS handshake failures",
+    ]:
+        assert wanted in titles, wanted
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert 'namespace="$namespace"' in target["expr"], (panel["title"], target["expr"])
+    # (Every metric it reads is exported by the binaries:
+    # integration-tests/tests/alerts.rs.)
 
 
 def test_scrape_annotations_and_service_monitors_point_at_metrics_ports():
