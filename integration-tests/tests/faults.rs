@@ -261,9 +261,25 @@ struct Counts {
     once_only_failed: AtomicU64,
     /// The first few failures, for the assertion messages.
     failures: Mutex<Vec<String>>,
+    /// The first few stale or resurrected reads: which key, what was read,
+    /// when (seconds into the run), for the assertion messages.
+    anomalies: Mutex<Vec<String>>,
+    started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Counts {
+    fn anomaly(&self, what: String) {
+        let at = self
+            .started
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64();
+        let mut a = self.anomalies.lock().unwrap();
+        if a.len() < 10 {
+            a.push(format!("{at:.2}s {what}"));
+        }
+    }
+
     fn failed(&self, what: &str, status: &tonic::Status) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         if matches!(what, "increment" | "delete if_version") {
@@ -291,6 +307,8 @@ struct Report {
     failures: Vec<String>,
     /// Reads the Rust clients sent straight to an owner (direct mode).
     direct_reads: u64,
+    /// The first few stale or resurrected reads, described.
+    anomalies: Vec<String>,
 }
 
 impl Report {
@@ -341,6 +359,7 @@ impl Workload {
     fn through(apis: Vec<Api>, fixed: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
+        let _ = counts.started.set(std::time::Instant::now());
         let tasks = (0..WORKERS)
             .map(|w| {
                 let (stop, counts, apis) = (stop.clone(), counts.clone(), apis.clone());
@@ -384,7 +403,7 @@ impl Workload {
                             // DeleteMany and deletes.
                             0..9 => match api.get(&key).await {
                                 Ok((found, value)) => {
-                                    check_read(&counts, &model[&key], found, &value);
+                                    check_read(&counts, &key, &model[&key], found, &value);
                                 }
                                 Err(s) => counts.failed("get", &s),
                             },
@@ -404,7 +423,7 @@ impl Workload {
                             }
                             15 => match api.touch(&key).await {
                                 Ok((found, value, version)) => {
-                                    check_read(&counts, &model[&key], found, &value);
+                                    check_read(&counts, &key, &model[&key], found, &value);
                                     if found {
                                         versions.insert(key, version);
                                     }
@@ -500,21 +519,18 @@ impl Workload {
         for model in models {
             for (key, last) in model {
                 // Through every orchestrator.
-                for api in &self.apis {
+                for (i, api) in self.apis.iter().enumerate() {
                     let (found, value) = api
                         .get(&key)
                         .await
                         .expect("the final check's reads succeed");
-                    match (&last, found) {
-                        (_, false) | (Last::Unknown, _) => {}
-                        (Last::Absent, true) => {
-                            c.resurrected.fetch_add(1, Ordering::Relaxed);
-                        }
-                        (Last::Value(v), true) if value != v.as_bytes() => {
-                            c.stale.fetch_add(1, Ordering::Relaxed);
-                        }
-                        (Last::Value(_), true) => {}
-                    }
+                    check_read(
+                        c,
+                        &format!("{key} (final read, api {i})"),
+                        &last,
+                        found,
+                        &value,
+                    );
                 }
             }
         }
@@ -528,20 +544,29 @@ impl Workload {
             fixed_misses: c.fixed_misses.load(Ordering::Relaxed),
             failures: c.failures.lock().unwrap().clone(),
             direct_reads,
+            anomalies: c.anomalies.lock().unwrap().clone(),
         }
     }
 }
 
 /// Checks a read of a mutable key against what the client last did to it.
-fn check_read(counts: &Counts, last: &Last, found: bool, value: &[u8]) {
+fn check_read(counts: &Counts, key: &str, last: &Last, found: bool, value: &[u8]) {
     match (last, found) {
         (_, false) | (Last::Unknown, _) => {}
         (Last::Absent, true) => {
             counts.resurrected.fetch_add(1, Ordering::Relaxed);
+            counts.anomaly(format!(
+                "resurrected: {key} read {:?} after the client deleted it",
+                String::from_utf8_lossy(value)
+            ));
         }
         (Last::Value(v), true) => {
             if value != v.as_bytes() {
                 counts.stale.fetch_add(1, Ordering::Relaxed);
+                counts.anomaly(format!(
+                    "stale: {key} read {:?}, last written {v:?}",
+                    String::from_utf8_lossy(value)
+                ));
             }
         }
     }
@@ -604,6 +629,9 @@ fn print_row(case: &str, replicas: usize, report: &Report, lost: Option<usize>) 
     }
     if report.direct_reads > 0 {
         println!("  reads sent straight to an owner: {}", report.direct_reads);
+    }
+    for anomaly in &report.anomalies {
+        println!("  {anomaly}");
     }
 }
 
