@@ -30,6 +30,11 @@ fn ephemeral_ports() -> std::ops::RangeInclusive<u32> {
     low..=high
 }
 
+/// One script at a time: the tests of this file run at once, in one
+/// process, and each picks its ports while the other's may not be bound
+/// yet.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// An offset that puts every port the script uses outside the ephemeral
 /// range (where possible) and makes each of them free right now.
 fn free_offset() -> u16 {
@@ -115,6 +120,7 @@ async fn node_states(url: &str) -> Vec<(String, NodeState)> {
 
 #[tokio::test]
 async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let offset = free_offset();
     let dir = std::env::temp_dir().join(format!("ringcache-run-local-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -244,8 +250,9 @@ async fn the_local_cluster_survives_a_node_stopping_and_takes_it_back() {
 /// loudly: a non-zero exit naming the node and quoting its log, no
 /// "ringcache is running", and nothing left running — also on a second
 /// run, whose earlier log lines must not count as ready.
-#[test]
-fn the_local_cluster_fails_loudly_when_a_node_cannot_start() {
+#[tokio::test]
+async fn the_local_cluster_fails_loudly_when_a_node_cannot_start() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let offset = free_offset();
     let dir = std::env::temp_dir().join(format!("ringcache-run-local-fail-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
