@@ -259,8 +259,10 @@ impl ChangeLog {
         }
         // `first <= after + 1 <= head + 1`: within the buffer.
         let skip = usize::try_from(after + 1 - inner.first).unwrap_or(usize::MAX);
+        // A debt recorded for the key counts: another node missed a
+        // change this one took, so a copy must not overwrite it.
         inner.entries.iter().skip(skip).any(|e| match e.kind {
-            ChangeKind::Owed | ChangeKind::Settled => false,
+            ChangeKind::Settled => false,
             ChangeKind::Flush => true,
             _ => e.key == key,
         })

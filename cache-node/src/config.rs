@@ -80,6 +80,16 @@ pub struct Config {
     /// node with the most is marked to be flushed instead.
     #[arg(long, env = "RINGCACHE_DEBT_BYTES", default_value = "16MiB")]
     pub debt_bytes: ByteSize,
+
+    /// On SIGTERM, how long to wait for an orchestrator to claim this
+    /// node's entries (Internal/Park) and keep them on the nodes that own
+    /// its keys while it is away — so a planned restart keeps the cache
+    /// even with one copy of each key. Once claimed, the node refuses data
+    /// calls and stops when the entries are handed over, or after
+    /// --shutdown-grace. Waited for only if an orchestrator called in the
+    /// last 10 s. 0s: never hand entries over.
+    #[arg(long, env = "RINGCACHE_PARK_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub park_wait: Duration,
 }
 
 /// A configuration whose values do not fit together.

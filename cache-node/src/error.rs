@@ -24,6 +24,12 @@ pub enum NodeError {
         /// The limit.
         max: usize,
     },
+    /// The node is stopping and handed its entries to an orchestrator:
+    /// data calls go to the key's next node (see [`crate::parking`]).
+    #[error(
+        "this node is stopping and has handed its entries over; the call was not run: send it to the key's next node"
+    )]
+    Parked,
     /// A batch's answer would be larger than a message may be.
     #[error(
         "response would be over {limit} bytes (--max-message-bytes) after {answered} of {requested} keys; ask for fewer keys per call"
@@ -58,6 +64,8 @@ impl From<NodeError> for tonic::Status {
             e @ (NodeError::EmptyOp | NodeError::InvalidOwner { .. }) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
+            // Not run: the caller may send it anywhere else.
+            e @ NodeError::Parked => tonic::Status::unavailable(e.to_string()),
             e @ NodeError::ResponseTooLarge { limit, .. } => {
                 ringcache_common::exhausted::too_large(e.to_string(), limit)
             }

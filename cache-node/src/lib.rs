@@ -36,6 +36,7 @@ pub mod debts;
 pub mod epochs;
 pub mod error;
 pub mod metrics;
+pub mod parking;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc};
 
 use ringcache_common::{
     grpc::add_reflection,
-    server::{AbortOnDrop, ServeOptions, registry, serve},
+    server::{AbortOnDrop, BeforeClose, ServeOptions, registry, serve},
 };
 use ringcache_proto::{
     FILE_DESCRIPTOR_SET,
@@ -21,6 +21,7 @@ use crate::{
     debts::Debts,
     epochs::Epochs,
     metrics::{ChangesCollector, DebtsCollector, EpochsCollector, StoreCollector},
+    parking::{Outcome, Parking},
     service::{CacheService, EPOCH_WINDOW, InternalService, NodeService, new_incarnation},
     store::Store,
 };
@@ -85,16 +86,28 @@ pub async fn run(
     // One record of the epochs orchestrators call with: Apply and Stats
     // fill it, Node/Stats reports it, direct reads are vouched for by it.
     let epochs = Arc::new(Epochs::new(EPOCH_WINDOW));
+    // On SIGTERM, an orchestrator may claim the entries (Internal/Park);
+    // the listener stays open until they are handed over.
+    let parking = Arc::new(Parking::new(config.park_wait));
     let cache = CacheService::new(store.clone(), config.limits(), max_message)
         .with_pipelines(pipelines.clone())
-        .with_epochs(epochs.clone());
+        .with_epochs(epochs.clone())
+        .with_parking(parking.clone());
     // ApplyStreams end when the node starts draining (callers move to
     // unary Apply, which the drain bounds).
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let stopping = parking.clone();
     let shutdown = async move {
         shutdown.await;
+        // A claim may come from now on (health turns NOT_SERVING next).
+        stopping.stopping();
         draining_tx.send_replace(true);
     };
+    let park_wait = Arc::new(ParkWait {
+        parking,
+        epochs: epochs.clone(),
+        grace: config.process.shutdown_grace,
+    });
     let debts = Arc::new(Debts::new(
         usize::try_from(config.debt_bytes.bytes()).unwrap_or(usize::MAX),
     ));
@@ -142,7 +155,8 @@ pub async fn run(
         )
         .with_tls(tls)
         .with_probe_listen(config.tls.probe_listen)
-        .with_pipelines(pipelines),
+        .with_pipelines(pipelines)
+        .with_before_close(park_wait),
         routes.routes(),
         health,
         health_probe,
@@ -152,4 +166,39 @@ pub async fn run(
         shutdown,
     )
     .await
+}
+
+/// While draining: wait for an orchestrator to claim the entries, and for
+/// it to read them all (see [`crate::parking`]).
+#[derive(Debug)]
+struct ParkWait {
+    parking: Arc<Parking>,
+    epochs: Arc<Epochs>,
+    grace: std::time::Duration,
+}
+
+impl BeforeClose for ParkWait {
+    fn run(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Only an orchestrator claims: wait if one called lately.
+            let called = self
+                .epochs
+                .distinct_within(crate::epochs::VOUCH_WINDOW, std::time::Instant::now())
+                > 0;
+            match self.parking.wait(self.grace, called).await {
+                Outcome::Unclaimed => {
+                    if called {
+                        tracing::warn!(
+                            "no orchestrator claimed this node's entries: they are lost with it"
+                        );
+                    }
+                }
+                Outcome::Handed => tracing::info!("entries handed over: stopping"),
+                Outcome::TimedOut => tracing::warn!(
+                    grace = ?self.grace,
+                    "entries not all handed over within --shutdown-grace: stopping anyway"
+                ),
+            }
+        })
+    }
 }

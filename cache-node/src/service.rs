@@ -22,14 +22,14 @@ use ringcache_common::{
 };
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, ApplyStreamRequest, ApplyStreamResponse, ChangesRequest,
-    ChangesResponse, DebtsRequest, DebtsResponse, DeleteManyRequest, DeleteManyResponse,
-    DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse, FlushRequest,
-    FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
-    IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse,
-    PipelineRequest, RingEpoch, ScanRequest, ScanResponse, SetManyRequest, SetManyResponse,
-    SetRequest, SetResponse, SetResult, SettleRequest, SettleResponse, StatsRequest, StatsResponse,
-    TouchRequest, TouchResponse, cache_server::Cache, internal_server::Internal, node_server::Node,
-    op, op_result,
+    ChangesResponse, CopyRequest, DebtsRequest, DebtsResponse, DeleteManyRequest,
+    DeleteManyResponse, DeleteRequest, DeleteResponse, DeleteResult, ExistsRequest, ExistsResponse,
+    FlushRequest, FlushResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, IncrementRequest, IncrementResponse, KeyError, KeyInfo, Op, OpResult, OweResponse,
+    ParkRequest, ParkResponse, PipelineRequest, RingEpoch, ScanRequest, ScanResponse,
+    SetManyRequest, SetManyResponse, SetRequest, SetResponse, SetResult, SettleRequest,
+    SettleResponse, StatsRequest, StatsResponse, TouchRequest, TouchResponse, cache_server::Cache,
+    internal_server::Internal, node_server::Node, op, op_result,
 };
 use tonic::{Request, Response, Status};
 use tracing::Span;
@@ -39,6 +39,7 @@ use crate::{
     debts::Debts,
     epochs::{self, Epochs},
     error::NodeError,
+    parking::Parking,
     store::{self, Found, Store},
 };
 
@@ -61,6 +62,8 @@ pub struct CacheService {
     /// The epochs orchestrators call with: a direct read is served only
     /// with the one they use now ([`Epochs::vouch`]).
     epochs: Arc<Epochs>,
+    /// Whether the node handed its entries over and refuses data calls.
+    parking: Arc<Parking>,
 }
 
 impl CacheService {
@@ -73,6 +76,25 @@ impl CacheService {
             max_message_bytes,
             pipelines: Pipelines::default(),
             epochs: Arc::new(Epochs::new(EPOCH_WINDOW)),
+            parking: Arc::new(Parking::new(Duration::ZERO)),
+        }
+    }
+
+    /// Refuses data calls once `parking` says the entries were handed
+    /// over (see [`crate::parking`]).
+    pub fn with_parking(mut self, parking: Arc<Parking>) -> Self {
+        self.parking = parking;
+        self
+    }
+
+    /// `Err(Parked)` once the node handed its entries over: no data call
+    /// runs here any more.
+    #[inline]
+    fn serving(&self) -> Result<(), NodeError> {
+        if self.parking.parked() {
+            Err(NodeError::Parked)
+        } else {
+            Ok(())
         }
     }
 
@@ -205,6 +227,7 @@ impl Cache for CacheService {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.serving()?;
         self.check_direct(&request)?;
         let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
@@ -232,6 +255,7 @@ impl Cache for CacheService {
     }
 
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        self.serving()?;
         Ok(Response::new(self.set_one(&request.into_inner(), "")?))
     }
 
@@ -239,6 +263,7 @@ impl Cache for CacheService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        self.serving()?;
         Ok(Response::new(self.delete_one(&request.into_inner())?))
     }
 
@@ -246,6 +271,7 @@ impl Cache for CacheService {
         &self,
         request: Request<IncrementRequest>,
     ) -> Result<Response<IncrementResponse>, Status> {
+        self.serving()?;
         Ok(Response::new(self.increment_one(&request.into_inner())?))
     }
 
@@ -253,6 +279,7 @@ impl Cache for CacheService {
         &self,
         request: Request<TouchRequest>,
     ) -> Result<Response<TouchResponse>, Status> {
+        self.serving()?;
         let req = request.into_inner();
         let mut answer = self.touch_one(&req)?;
         if !req.return_value {
@@ -265,6 +292,7 @@ impl Cache for CacheService {
         &self,
         request: Request<ExistsRequest>,
     ) -> Result<Response<ExistsResponse>, Status> {
+        self.serving()?;
         self.check_direct(&request)?;
         let req = request.into_inner();
         self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
@@ -289,6 +317,7 @@ impl Cache for CacheService {
         &self,
         request: Request<DeleteManyRequest>,
     ) -> Result<Response<DeleteManyResponse>, Status> {
+        self.serving()?;
         let req = request.into_inner();
         // Refused whole before anything is deleted, as SetMany.
         self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
@@ -308,6 +337,7 @@ impl Cache for CacheService {
         &self,
         request: Request<GetManyRequest>,
     ) -> Result<Response<GetManyResponse>, Status> {
+        self.serving()?;
         let call_bytes = request.extensions().get::<CallBytes>().cloned();
         let req = request.into_inner();
         self.limits.check_keys(&req.keys).map_err(NodeError::from)?;
@@ -352,6 +382,7 @@ impl Cache for CacheService {
         &self,
         request: Request<SetManyRequest>,
     ) -> Result<Response<SetManyResponse>, Status> {
+        self.serving()?;
         let req = request.into_inner();
         // Validate every entry before writing any, so a refused batch
         // changes nothing.
@@ -522,6 +553,8 @@ impl InternalService {
     /// first answer that would outgrow a message. Returns the results and
     /// the number of hits among them.
     fn run_batch(&self, ops: &[Op]) -> Result<(Vec<OpResult>, i64), NodeError> {
+        // Refused whole, before any op runs: the caller moves on.
+        self.cache.serving()?;
         self.cache.limits.check_batch("ops", ops.len())?;
         let limit = self.cache.max_message_bytes;
         let mut size = 0usize;
@@ -889,6 +922,36 @@ impl Internal for InternalService {
         Ok(Response::new(SettleResponse { settled }))
     }
 
+    type ParkStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<ParkResponse, Status>> + Send>>;
+
+    async fn park(
+        &self,
+        request: Request<ParkRequest>,
+    ) -> Result<Response<Self::ParkStream>, Status> {
+        let parking = self.cache.parking.clone();
+        parking
+            .claim()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        tracing::info!(
+            "entries claimed by an orchestrator: refusing data calls, handing them over"
+        );
+        let limit = self.key_page(request.into_inner().limit);
+        let pages = ParkPages {
+            store: self.cache.store.clone(),
+            cursor: Some((0, 0)),
+            left: std::collections::VecDeque::new(),
+            limit,
+            max_bytes: (self.cache.max_message_bytes / 2).max(1),
+            _handed_when_dropped: HandOnDrop(parking),
+            handed: 0,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            pages,
+            ParkPages::next,
+        ))))
+    }
+
     async fn flush(&self, _: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
         let removed = self.cache.store.clear();
         tracing::info!(removed, "flushed at an orchestrator's request");
@@ -948,6 +1011,68 @@ impl Internal for InternalService {
             }
         }
         Ok(Response::new(ApplyResponse { results }))
+    }
+}
+
+/// Tells the node its entries were handed over when the `Park` stream
+/// ends, read to the end or dropped by its reader: either way, nothing is
+/// left to wait for.
+struct HandOnDrop(Arc<Parking>);
+
+impl Drop for HandOnDrop {
+    fn drop(&mut self) {
+        self.0.handed();
+    }
+}
+
+/// The pages of a `Park` stream: the store's entries, shard by shard.
+/// Nothing changes them meanwhile (the node refuses data calls).
+struct ParkPages {
+    store: Arc<Store>,
+    /// Where the next page starts; `None` once every shard was read.
+    cursor: Option<(usize, u64)>,
+    /// Keys scanned but not sent yet.
+    left: std::collections::VecDeque<String>,
+    limit: usize,
+    /// Value bytes per page, so a page fits in a message.
+    max_bytes: usize,
+    /// Held until the stream ends: then the node may stop.
+    _handed_when_dropped: HandOnDrop,
+    handed: u64,
+}
+
+impl ParkPages {
+    async fn next(mut self) -> Option<(Result<ParkResponse, Status>, Self)> {
+        if self.left.is_empty() {
+            let (shard, position) = self.cursor?;
+            let page = self.store.scan(shard, position, self.limit);
+            self.left.extend(page.keys);
+            self.cursor = page.next;
+        }
+        let mut entries = Vec::with_capacity(self.left.len());
+        let mut bytes = 0usize;
+        // A page stops at about half a message; the keys left over go
+        // first in the next one.
+        while bytes < self.max_bytes
+            && let Some(key) = self.left.pop_front()
+        {
+            if let Some(found) = self.store.get(&key) {
+                bytes += found.value.len() + key.len();
+                entries.push(CopyRequest {
+                    key,
+                    value: found.value,
+                    ttl: found.ttl.map(to_proto_duration),
+                    version: found.version,
+                    unchanged_after: 0,
+                    incarnation: 0,
+                });
+            }
+        }
+        self.handed += entries.len() as u64;
+        if self.cursor.is_none() && self.left.is_empty() {
+            tracing::info!(entries = self.handed, "every entry handed over");
+        }
+        Some((Ok(ParkResponse { entries }), self))
     }
 }
 

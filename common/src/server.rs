@@ -63,6 +63,17 @@ pub struct ServeOptions {
     /// otherwise hold the drain open for as long as their clients keep
     /// them).
     pub pipelines: Option<crate::pipeline::Pipelines>,
+    /// Work to finish while NOT_SERVING, before the listener closes
+    /// (alongside `--drain-delay`): the node hands its entries over.
+    pub before_close: Option<Arc<dyn BeforeClose>>,
+}
+
+/// What a binary does while draining, before its listener closes: the
+/// listener stays open (and health NOT_SERVING) until both this and
+/// `--drain-delay` are done.
+pub trait BeforeClose: std::fmt::Debug + Send + Sync {
+    /// Runs once, when draining starts.
+    fn run(&self) -> futures::future::BoxFuture<'_, ()>;
 }
 
 impl ServeOptions {
@@ -88,7 +99,14 @@ impl ServeOptions {
             auth: None,
             max_connection_age: None,
             pipelines: None,
+            before_close: None,
         }
+    }
+
+    /// Runs `work` while draining, before the listener closes.
+    pub fn with_before_close(mut self, work: Arc<dyn BeforeClose>) -> Self {
+        self.before_close = Some(work);
+        self
     }
 
     /// Ends `pipelines`' streams cleanly when the listener closes.
@@ -219,6 +237,7 @@ pub async fn serve(
         auth,
         max_connection_age,
         pipelines,
+        before_close,
     } = options;
     let set_all = |status| {
         let health = health.clone();
@@ -387,7 +406,12 @@ pub async fn serve(
         let _ = task.await;
     }
     set_all(ServingStatus::NotServing).await;
-    tokio::time::sleep(drain_delay).await;
+    match &before_close {
+        Some(work) => {
+            tokio::join!(tokio::time::sleep(drain_delay), work.run());
+        }
+        None => tokio::time::sleep(drain_delay).await,
+    }
     // Streams of many calls answer what they read and end: the graceful
     // stop below waits for every open stream.
     if let Some(p) = &pipelines {

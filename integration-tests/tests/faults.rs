@@ -687,18 +687,18 @@ async fn a_rolling_restart_with_two_replicas_loses_no_key_and_fails_no_call() {
     );
 }
 
-/// With one copy there is nothing to hand back: keys are lost (misses),
-/// but no call fails and nothing stale is served.
+/// With one copy, each stopping node hands its entries to the nodes that
+/// take its keys while it is away (`Internal/Park`), and gets them back
+/// when it returns: a rolling restart keeps the cache.
 #[tokio::test]
-async fn a_rolling_restart_with_one_replica_fails_no_call_and_serves_nothing_stale() {
-    let (_, lost, _) = rolling_restart(1).await;
+async fn a_rolling_restart_with_one_replica_keeps_the_keys_and_serves_nothing_stale() {
+    let (report, lost, _) = rolling_restart(1).await;
     assert!(
-        lost > 0,
-        "with one replica a restart empties the node's keys"
+        lost * 100 <= FIXED_KEYS,
+        "more than 1% of the keys lost by the rolling restart: {lost} of {FIXED_KEYS}: {report:?}"
     );
 }
 
-/// SIGKILL of one node under load: no drain, connections cut.
 async fn kill_one(replicas: usize, mode: Mode) -> (Report, usize) {
     let r = replicas.to_string();
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;

@@ -68,6 +68,11 @@ pub trait ChangeSink: Send + Sync + 'static {
     fn owed(&self, owner: &str, key: Option<&str>, holder: &str, sequence: u64) {
         let _ = (owner, key, holder, sequence);
     }
+    /// Node `holder` dropped its records of `owner`'s debts up to
+    /// `through`: some orchestrator brought the owner up to date on them.
+    fn settled(&self, owner: &str, holder: &str, through: u64) {
+        let _ = (owner, holder, through);
+    }
 }
 
 /// What an orchestrator does with the feeds: relief forgets changed keys
@@ -98,6 +103,10 @@ impl ChangeSink for OrchestratorSink {
 
     fn owed(&self, owner: &str, key: Option<&str>, holder: &str, sequence: u64) {
         self.cluster.owed(owner, key, holder, sequence);
+    }
+
+    fn settled(&self, owner: &str, holder: &str, through: u64) {
+        self.cluster.settled(owner, holder, through);
     }
 }
 
@@ -180,8 +189,9 @@ impl Position {
                 let key = (!change.key.is_empty()).then_some(change.key.as_str());
                 sink.owed(&change.owner, key, holder, change.version);
             } else if change.kind == ChangeKind::Settled as i32 {
-                // For clients that route themselves; this orchestrator
-                // settled its own record when it replayed it.
+                // Another orchestrator (or this one) brought the owner up
+                // to date on those records: they need no replay here.
+                sink.settled(&change.owner, holder, change.version);
             } else {
                 sink.changed(&change.key);
             }

@@ -114,6 +114,11 @@ impl Warmth {
         self.refill_wanted.load(Ordering::Acquire) || self.refilling.load(Ordering::Acquire)
     }
 
+    /// The incarnation last seen; 0 before the first.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
     /// Records the incarnation a health round saw; true if the node had
     /// been seen before with another one (it restarted, empty).
     pub fn saw_incarnation(&self, incarnation: u64) -> bool {

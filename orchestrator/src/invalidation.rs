@@ -40,9 +40,20 @@ pub struct Pending {
     max_bytes: usize,
 }
 
+/// One pending key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    /// Moved every time the key is recorded again.
+    generation: u64,
+    /// The one debt record (holder, sequence) the key is pending for;
+    /// `None` when this orchestrator recorded it itself, or several
+    /// holders did: only a replay clears it then.
+    owed: Option<(String, u64)>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    keys: HashMap<String, u64>,
+    keys: HashMap<String, Record>,
     bytes: usize,
     next_generation: u64,
     /// The record overflowed: every key may be stale; flush the node.
@@ -75,6 +86,10 @@ impl Pending {
 
     /// Records that the node may hold a stale value of `key`.
     pub fn record(&self, key: &str) {
+        self.insert(key, None);
+    }
+
+    fn insert(&self, key: &str, owed: Option<(&str, u64)>) {
         let mut inner = self.inner.lock();
         self.any.store(true, Ordering::Release);
         if inner.overflowed {
@@ -82,8 +97,27 @@ impl Pending {
         }
         inner.next_generation += 1;
         let generation = inner.next_generation;
-        if inner.keys.insert(key.to_owned(), generation).is_none() {
-            inner.bytes += key.len() + ENTRY_OVERHEAD;
+        match inner.keys.get_mut(key) {
+            Some(record) => {
+                record.generation = generation;
+                record.owed = match (record.owed.take(), owed) {
+                    // The same holder's newer record stands for both.
+                    (Some((h, s)), Some((holder, sequence))) if h == holder => {
+                        Some((h, s.max(sequence)))
+                    }
+                    _ => None,
+                };
+            }
+            None => {
+                inner.keys.insert(
+                    key.to_owned(),
+                    Record {
+                        generation,
+                        owed: owed.map(|(h, s)| (h.to_owned(), s)),
+                    },
+                );
+                inner.bytes += key.len() + ENTRY_OVERHEAD;
+            }
         }
         if inner.bytes > self.max_bytes {
             tracing::warn!(
@@ -102,7 +136,7 @@ impl Pending {
     /// key (`None`: the holder's record of it overflowed).
     pub fn record_owed(&self, key: Option<&str>, holder: &str, sequence: u64) {
         match key {
-            Some(key) => self.record(key),
+            Some(key) => self.insert(key, Some((holder, sequence))),
             None => {
                 let mut inner = self.inner.lock();
                 self.any.store(true, Ordering::Release);
@@ -114,6 +148,39 @@ impl Pending {
         let mut inner = self.inner.lock();
         let mark = inner.marks.entry(holder.to_owned()).or_insert(0);
         *mark = (*mark).max(sequence);
+    }
+
+    /// Node `holder` dropped its debt records of this node up to
+    /// `through` (some orchestrator brought this node up to date on
+    /// them): keys pending for those records alone are cleared. Returns
+    /// how many.
+    pub fn settled(&self, holder: &str, through: u64) -> usize {
+        let mut inner = self.inner.lock();
+        let before = inner.keys.len();
+        let mut freed = 0;
+        inner.keys.retain(|key, record| {
+            let done = record
+                .owed
+                .as_ref()
+                .is_some_and(|(h, s)| h == holder && *s <= through);
+            if done {
+                freed += key.len() + ENTRY_OVERHEAD;
+            }
+            !done
+        });
+        inner.bytes -= freed;
+        if inner.marks.get(holder).is_some_and(|&m| m <= through) {
+            inner.marks.remove(holder);
+        }
+        self.settle(&inner);
+        before - inner.keys.len()
+    }
+
+    /// The generation `key` is pending at (`None`: it is not pending), to
+    /// hand to [`Pending::replayed`] once the node is brought up to date
+    /// on it some other way than a delete.
+    pub fn generation(&self, key: &str) -> Option<u64> {
+        self.inner.lock().keys.get(key).map(|r| r.generation)
     }
 
     /// Once nothing is left to replay: the debt records to settle on their
@@ -164,7 +231,7 @@ impl Pending {
                     .keys
                     .iter()
                     .take(max)
-                    .map(|(k, g)| (k.clone(), *g))
+                    .map(|(k, r)| (k.clone(), r.generation))
                     .collect(),
             )
         }
@@ -175,7 +242,7 @@ impl Pending {
     pub fn replayed(&self, keys: &[(String, u64)]) {
         let mut inner = self.inner.lock();
         for (key, generation) in keys {
-            if inner.keys.get(key) == Some(generation) {
+            if inner.keys.get(key).map(|r| r.generation) == Some(*generation) {
                 inner.keys.remove(key);
                 inner.bytes -= key.len() + ENTRY_OVERHEAD;
             }

@@ -14,6 +14,9 @@
 //! - [`handoff`]: warm handoff — refilling a node that joined or restarted
 //!   empty, reads that miss on it answered from other holders, and the
 //!   record of running writes that keeps copies from resurrecting deletes.
+//! - [`parking`]: keeping a stopping node's entries on the nodes that take
+//!   its keys while it is away (`Internal/Park`), so planned restarts
+//!   keep the cache with one copy of each key.
 //! - [`hotkeys`]: a bounded sketch of the busiest keys (`Cluster/HotKeys`).
 //! - [`hedge`]: hedged reads — the delay (observed p99 of answered node
 //!   calls, or `--hedge-delay`) and the budget that bounds them.
@@ -52,6 +55,7 @@ pub mod membership;
 pub mod metrics;
 pub mod nearcache;
 pub mod nodes;
+pub mod parking;
 pub mod ring;
 pub mod server;
 pub mod service;

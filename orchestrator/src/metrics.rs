@@ -51,6 +51,9 @@ pub struct ClusterMetrics {
     pub handoff_copies: IntCounterVec,
     /// Copies deleted again because their key changed while copied.
     pub handoff_raced: IntCounter,
+    /// A stopping node's entries, by node and outcome (kept elsewhere,
+    /// refused there, skipped, restored to it when it came back).
+    pub parked_entries: IntCounterVec,
     /// Keys scanned by refills.
     pub handoff_scanned: IntCounter,
     /// Nodes being refilled now.
@@ -181,6 +184,13 @@ impl ClusterMetrics {
                 ),
                 &["node"],
             )?,
+            parked_entries: IntCounterVec::new(
+                Opts::new(
+                    "ringcache_parked_entries_total",
+                    "A stopping node's entries, by node and outcome: kept (copied to the node that takes the key while it is away), refused (the key changed there), skipped (not its key, possibly stale, or nowhere to go), restored (copied back when it returned).",
+                ),
+                &["node", "outcome"],
+            )?,
             handoff_raced: IntCounter::new(
                 "ringcache_handoff_raced_total",
                 "Handoff copies deleted again because their key was written or deleted while it was copied.",
@@ -284,6 +294,7 @@ impl ClusterMetrics {
         registry.register(Box::new(m.handoff_reads.clone()))?;
         registry.register(Box::new(m.handoff_copies.clone()))?;
         registry.register(Box::new(m.handoff_raced.clone()))?;
+        registry.register(Box::new(m.parked_entries.clone()))?;
         registry.register(Box::new(m.handoff_scanned.clone()))?;
         registry.register(Box::new(m.nodes_warming.clone()))?;
         registry.register(Box::new(m.calls.clone()))?;
@@ -348,6 +359,9 @@ impl ClusterMetrics {
         let _ = self.flushes.remove_label_values(&[node]);
         let _ = self.debts_unrecorded.remove_label_values(&[node]);
         let _ = self.handoff_copies.remove_label_values(&[node]);
+        for outcome in ["kept", "refused", "skipped", "restored"] {
+            let _ = self.parked_entries.remove_label_values(&[node, outcome]);
+        }
         let f = &self.feeds;
         let _ = f.in_sync.remove_label_values(&[node]);
         let _ = f.changes.remove_label_values(&[node]);

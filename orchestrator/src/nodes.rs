@@ -27,7 +27,7 @@ use crate::{
         delete_op,
         layers::{CallMetrics, HealthRecorder},
         stack,
-        transport::{Transport, TransportSettings},
+        transport::{Transport, TransportSettings, Unhealthy},
     },
     feeds::FeedState,
     handoff::{HandoffSettings, Mutations, Warmth},
@@ -236,6 +236,9 @@ pub struct Node {
     collect_debts: AtomicBool,
     /// Its own `--node-id`, as it last reported it.
     reported_id: Mutex<Option<String>>,
+    /// Whether this orchestrator tried to claim its entries since it last
+    /// served (it reported NOT_SERVING: stopping; see [`crate::parking`]).
+    park_tried: AtomicBool,
     health: Arc<NodeHealth>,
 }
 
@@ -282,6 +285,7 @@ impl Node {
             feed: FeedState::default(),
             collect_debts: AtomicBool::new(false),
             reported_id: Mutex::new(None),
+            park_tried: AtomicBool::new(false),
             health,
         })
     }
@@ -676,6 +680,7 @@ impl Cluster {
                     // (another orchestrator, maybe gone since, may have
                     // recorded them). Then bring it up to date: keys it
                     // missed updates of are skipped by routing until then.
+                    node.park_tried.store(false, Ordering::Release);
                     let returning = !matches!(node.health().0, State::Healthy);
                     let collect = returning || node.collect_debts.swap(false, Ordering::AcqRel);
                     self.catch_up(node, topo, collect).await;
@@ -686,7 +691,14 @@ impl Cluster {
                 }
                 Err(reason) => {
                     tracing::debug!(node = %node.id, %reason, "health check failed");
-                    node.health.failed(&reason);
+                    if reason == Unhealthy::NotServing
+                        && self.feeds.load(Ordering::Acquire)
+                        && !node.park_tried.swap(true, Ordering::AcqRel)
+                    {
+                        // Stopping: keep its entries while it is away.
+                        tokio::spawn(crate::parking::park(self.clone(), node.clone()));
+                    }
+                    node.health.failed(&reason.to_string());
                 }
             }
         });
@@ -741,6 +753,7 @@ impl Cluster {
             // do not own the key): retired once the node is up to date,
             // whichever orchestrator wrote them.
             let mut retired: Vec<(&Arc<Node>, Vec<String>)> = Vec::new();
+            let mut restore: Vec<(&Arc<Node>, Vec<String>)> = Vec::new();
             if collect {
                 for (h, holder) in topology.nodes.iter().enumerate() {
                     if holder.id == node.id {
@@ -768,6 +781,10 @@ impl Cluster {
                                 .cloned()
                                 .collect();
                             if !stand_ins.is_empty() {
+                                // Copies kept while the node was away
+                                // (a stand-in's writes, a stopping node's
+                                // parked entries) go back to it first.
+                                restore.push((holder, stand_ins.clone()));
                                 retired.push((holder, stand_ins));
                             }
                             if !listed.keys.is_empty() || listed.overflowed {
@@ -783,12 +800,18 @@ impl Cluster {
                     }
                 }
             }
-            self.replay_invalidations(node).await;
-            for (holder, keys) in retired {
-                tracing::info!(node = %node.id, holder = %holder.id, keys = keys.len(), "the node is back: deleting the copies another node kept for it");
-                self.delete_or_record(holder, keys, Some(Instant::now() + timeout))
-                    .await;
+            let incarnation = node.warmth.incarnation();
+            for (holder, keys) in restore {
+                let restored =
+                    crate::parking::restore(self, node, holder, &keys, incarnation).await;
+                if restored > 0 {
+                    tracing::info!(node = %node.id, holder = %holder.id, keys = restored, "the node is back: copied back the entries another node kept for it");
+                }
             }
+            self.replay_invalidations(node).await;
+            // Settled before the holders' copies are retired: the other
+            // orchestrators learn from the feed that the node is up to
+            // date before the copies they could restore from go.
             for (holder, through) in node.pending.take_marks() {
                 let Some(h) = topology.nodes.iter().find(|n| *n.id == *holder) else {
                     continue;
@@ -800,6 +823,13 @@ impl Cluster {
                     .await
                 {
                     tracing::debug!(node = %node.id, %holder, %error, "cannot settle debts on their holder yet");
+                }
+            }
+            for (holder, keys) in retired {
+                tracing::info!(node = %node.id, holder = %holder.id, keys = keys.len(), "the node is back: the copies another node kept for it will be deleted there");
+                // At the holder's next replay, not at once (see above).
+                for key in &keys {
+                    self.invalidate_later(holder, key);
                 }
             }
             if !more {
@@ -906,6 +936,23 @@ impl Cluster {
                 .pending_invalidations
                 .with_label_values(&[&*node.id])
                 .set(node.pending.len() as i64);
+        }
+    }
+
+    /// A node's feed says `holder` dropped its records of `owner`'s debts
+    /// up to `through`: whichever orchestrator settled them brought the
+    /// owner up to date on those keys, so they need no replay here.
+    pub fn settled(&self, owner: &str, holder: &str, through: u64) {
+        let topology = self.topology();
+        if let Some(node) = topology.nodes.iter().find(|n| *n.id == *owner) {
+            let cleared = node.pending.settled(holder, through);
+            if cleared > 0 {
+                tracing::debug!(node = %node.id, %holder, keys = cleared, "debts settled elsewhere");
+                self.metrics
+                    .pending_invalidations
+                    .with_label_values(&[&*node.id])
+                    .set(node.pending.len() as i64);
+            }
         }
     }
 

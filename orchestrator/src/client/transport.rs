@@ -46,8 +46,8 @@ use parking_lot::Mutex;
 use prost::Message;
 use ringcache_proto::v1::{
     ApplyRequest, ApplyResponse, ChangesRequest, ChangesResponse, DebtsRequest, DebtsResponse,
-    FlushRequest, FlushResponse, ScanRequest, ScanResponse, SettleRequest, SettleResponse,
-    StatsRequest, StatsResponse,
+    FlushRequest, FlushResponse, ParkRequest, ParkResponse, ScanRequest, ScanResponse,
+    SettleRequest, SettleResponse, StatsRequest, StatsResponse,
 };
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
@@ -134,6 +134,7 @@ const FLUSH: &str = "/ringcache.v1.Internal/Flush";
 const STATS: &str = "/ringcache.v1.Node/Stats";
 const SCAN: &str = "/ringcache.v1.Internal/Scan";
 const CHANGES: &str = "/ringcache.v1.Internal/Changes";
+const PARK: &str = "/ringcache.v1.Internal/Park";
 const DEBTS: &str = "/ringcache.v1.Internal/Debts";
 const SETTLE: &str = "/ringcache.v1.Internal/Settle";
 
@@ -283,7 +284,7 @@ impl Transport {
     }
 
     /// Calls `grpc.health.v1.Health/Check` for `service` on this node.
-    pub async fn health_check(&self, service: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn health_check(&self, service: &str, timeout: Duration) -> Result<(), Unhealthy> {
         let request = HealthCheckRequest {
             service: service.to_owned(),
         };
@@ -291,9 +292,10 @@ impl Transport {
             self.unary::<_, HealthCheckResponse>(HEALTH_CHECK, &request, Some(timeout), None, true);
         match tokio::time::timeout(timeout, check).await {
             Ok(Ok(r)) if r.status() == ServingStatus::Serving => Ok(()),
-            Ok(Ok(r)) => Err(format!("health is {:?}", r.status())),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Ok(r)) if r.status() == ServingStatus::NotServing => Err(Unhealthy::NotServing),
+            Ok(Ok(r)) => Err(Unhealthy::Failed(format!("health is {:?}", r.status()))),
+            Ok(Err(e)) => Err(Unhealthy::Failed(e.to_string())),
+            Err(_) => Err(Unhealthy::Failed(format!("no answer within {timeout:?}"))),
         }
     }
 
@@ -413,11 +415,19 @@ impl Transport {
         let max = self.pool.settings.max_message_bytes;
         // A trailers-only answer is a refusal (no log, draining, too many).
         let (_, body) = send_message(sender, request, &message, max).await?;
-        Ok(ChangeFeed {
-            body,
-            buf: BytesMut::new(),
-            max_message: self.pool.settings.max_message_bytes,
-        })
+        Ok(Messages::new(body, max))
+    }
+
+    /// Claims a stopping node's entries (`Internal/Park`): from the
+    /// answer on, the node refuses data calls, and the stream reads its
+    /// entries, `limit` per message.
+    pub async fn park(&self, limit: u32) -> Result<Messages<ParkResponse>, CallError> {
+        let (_, _, sender) = self.sender().await?;
+        let (sender, request) = grpc_request(sender, &self.pool.authority, PARK).await?;
+        let max = self.pool.settings.max_message_bytes;
+        // A trailers-only answer is a refusal (not stopping, claimed).
+        let (_, body) = send_message(sender, request, &ParkRequest { limit }, max).await?;
+        Ok(Messages::new(body, max))
     }
 
     /// The `ApplyStream` to send the next batch on, opened if needed, with
@@ -567,18 +577,44 @@ async fn connect(address: &str, tls: Option<&NodeTls>) -> Result<SendRequest<Byt
     }
 }
 
+/// Why a health check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unhealthy {
+    /// The node answered NOT_SERVING: it is stopping (draining).
+    #[error("health is NOT_SERVING (the node is stopping)")]
+    NotServing,
+    /// No answer, or any other status.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A node's change feed being read ([`Transport::changes`]).
+pub type ChangeFeed = Messages<ChangesResponse>;
+
+/// The messages of a node's server stream being read: its change feed
+/// ([`Transport::changes`]) or a stopping node's entries
+/// ([`Transport::park`]).
 #[derive(Debug)]
-pub struct ChangeFeed {
+pub struct Messages<M> {
     body: h2::RecvStream,
     buf: BytesMut,
     max_message: usize,
+    _message: std::marker::PhantomData<fn() -> M>,
 }
 
-impl ChangeFeed {
-    /// The next message; `None` when the node ended the feed without an
+impl<M: Message + Default> Messages<M> {
+    fn new(body: h2::RecvStream, max_message: usize) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            max_message,
+            _message: std::marker::PhantomData,
+        }
+    }
+
+    /// The next message; `None` when the node ended the stream without an
     /// error status.
-    pub async fn next(&mut self) -> Result<Option<ChangesResponse>, CallError> {
+    pub async fn next(&mut self) -> Result<Option<M>, CallError> {
         loop {
             if self.buf.len() >= 5 {
                 let (compressed, len) = (
@@ -588,15 +624,15 @@ impl ChangeFeed {
                 let len = len as usize;
                 if compressed != 0 || len > self.max_message {
                     return Err(CallError::Lost(format!(
-                        "the node's feed is malformed (compressed flag {compressed}, length {len}, limit {})",
+                        "the node's stream is malformed (compressed flag {compressed}, length {len}, limit {})",
                         self.max_message
                     )));
                 }
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let message = self.buf.split_to(len).freeze();
-                    return ChangesResponse::decode(message).map(Some).map_err(|e| {
-                        CallError::Lost(format!("cannot decode the node's feed: {e}"))
+                    return M::decode(message).map(Some).map_err(|e| {
+                        CallError::Lost(format!("cannot decode the node's stream: {e}"))
                     });
                 }
             }
@@ -612,7 +648,7 @@ impl ChangeFeed {
                         Some(s) if s.code() == tonic::Code::Ok => Ok(None),
                         Some(s) => Err(CallError::Refused(s)),
                         None => Err(CallError::Lost(
-                            "the feed ended without a grpc-status".to_owned(),
+                            "the stream ended without a grpc-status".to_owned(),
                         )),
                     };
                 }

@@ -114,6 +114,100 @@ func (ChangeKind) EnumDescriptor() ([]byte, []int) {
 	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{0}
 }
 
+// ParkRequest claims a stopping node's entries.
+type ParkRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The most entries per message; 0 means --max-batch. Larger values are
+	// capped at --max-batch.
+	Limit         uint32 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ParkRequest) Reset() {
+	*x = ParkRequest{}
+	mi := &file_ringcache_v1_internal_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ParkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ParkRequest) ProtoMessage() {}
+
+func (x *ParkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_internal_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ParkRequest.ProtoReflect.Descriptor instead.
+func (*ParkRequest) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ParkRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// ParkResponse is one page of a stopping node's entries.
+type ParkResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Entries as Copy ops would carry them: key, value, time left to live
+	// and version (unchanged_after and incarnation are not set).
+	Entries       []*CopyRequest `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ParkResponse) Reset() {
+	*x = ParkResponse{}
+	mi := &file_ringcache_v1_internal_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ParkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ParkResponse) ProtoMessage() {}
+
+func (x *ParkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ringcache_v1_internal_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ParkResponse.ProtoReflect.Descriptor instead.
+func (*ParkResponse) Descriptor() ([]byte, []int) {
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ParkResponse) GetEntries() []*CopyRequest {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
 // DebtsRequest asks for one owner's debts.
 type DebtsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -129,7 +223,7 @@ type DebtsRequest struct {
 
 func (x *DebtsRequest) Reset() {
 	*x = DebtsRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[0]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -141,7 +235,7 @@ func (x *DebtsRequest) String() string {
 func (*DebtsRequest) ProtoMessage() {}
 
 func (x *DebtsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[0]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -154,7 +248,7 @@ func (x *DebtsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DebtsRequest.ProtoReflect.Descriptor instead.
 func (*DebtsRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{0}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *DebtsRequest) GetOwner() string {
@@ -190,7 +284,7 @@ type DebtsResponse struct {
 
 func (x *DebtsResponse) Reset() {
 	*x = DebtsResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[1]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -202,7 +296,7 @@ func (x *DebtsResponse) String() string {
 func (*DebtsResponse) ProtoMessage() {}
 
 func (x *DebtsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[1]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -215,7 +309,7 @@ func (x *DebtsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DebtsResponse.ProtoReflect.Descriptor instead.
 func (*DebtsResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{1}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *DebtsResponse) GetKeys() []string {
@@ -260,7 +354,7 @@ type SettleRequest struct {
 
 func (x *SettleRequest) Reset() {
 	*x = SettleRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[2]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -272,7 +366,7 @@ func (x *SettleRequest) String() string {
 func (*SettleRequest) ProtoMessage() {}
 
 func (x *SettleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[2]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -285,7 +379,7 @@ func (x *SettleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SettleRequest.ProtoReflect.Descriptor instead.
 func (*SettleRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{2}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SettleRequest) GetOwner() string {
@@ -313,7 +407,7 @@ type SettleResponse struct {
 
 func (x *SettleResponse) Reset() {
 	*x = SettleResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[3]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -325,7 +419,7 @@ func (x *SettleResponse) String() string {
 func (*SettleResponse) ProtoMessage() {}
 
 func (x *SettleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[3]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -338,7 +432,7 @@ func (x *SettleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SettleResponse.ProtoReflect.Descriptor instead.
 func (*SettleResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{3}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SettleResponse) GetSettled() uint64 {
@@ -363,7 +457,7 @@ type OweRequest struct {
 
 func (x *OweRequest) Reset() {
 	*x = OweRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[4]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -375,7 +469,7 @@ func (x *OweRequest) String() string {
 func (*OweRequest) ProtoMessage() {}
 
 func (x *OweRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[4]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -388,7 +482,7 @@ func (x *OweRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OweRequest.ProtoReflect.Descriptor instead.
 func (*OweRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{4}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *OweRequest) GetKey() string {
@@ -417,7 +511,7 @@ type OweResponse struct {
 
 func (x *OweResponse) Reset() {
 	*x = OweResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[5]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +523,7 @@ func (x *OweResponse) String() string {
 func (*OweResponse) ProtoMessage() {}
 
 func (x *OweResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[5]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +536,7 @@ func (x *OweResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OweResponse.ProtoReflect.Descriptor instead.
 func (*OweResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{5}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *OweResponse) GetSequence() uint64 {
@@ -467,7 +561,7 @@ type ChangesRequest struct {
 
 func (x *ChangesRequest) Reset() {
 	*x = ChangesRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[6]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +573,7 @@ func (x *ChangesRequest) String() string {
 func (*ChangesRequest) ProtoMessage() {}
 
 func (x *ChangesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[6]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +586,7 @@ func (x *ChangesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangesRequest.ProtoReflect.Descriptor instead.
 func (*ChangesRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{6}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ChangesRequest) GetIncarnation() uint64 {
@@ -530,7 +624,7 @@ type ChangesResponse struct {
 
 func (x *ChangesResponse) Reset() {
 	*x = ChangesResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[7]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -542,7 +636,7 @@ func (x *ChangesResponse) String() string {
 func (*ChangesResponse) ProtoMessage() {}
 
 func (x *ChangesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[7]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -555,7 +649,7 @@ func (x *ChangesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangesResponse.ProtoReflect.Descriptor instead.
 func (*ChangesResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{7}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ChangesResponse) GetIncarnation() uint64 {
@@ -609,7 +703,7 @@ type Change struct {
 
 func (x *Change) Reset() {
 	*x = Change{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[8]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -621,7 +715,7 @@ func (x *Change) String() string {
 func (*Change) ProtoMessage() {}
 
 func (x *Change) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[8]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -634,7 +728,7 @@ func (x *Change) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Change.ProtoReflect.Descriptor instead.
 func (*Change) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{8}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Change) GetSequence() uint64 {
@@ -689,7 +783,7 @@ type ScanRequest struct {
 
 func (x *ScanRequest) Reset() {
 	*x = ScanRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[9]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -701,7 +795,7 @@ func (x *ScanRequest) String() string {
 func (*ScanRequest) ProtoMessage() {}
 
 func (x *ScanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[9]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -714,7 +808,7 @@ func (x *ScanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanRequest.ProtoReflect.Descriptor instead.
 func (*ScanRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{9}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ScanRequest) GetShard() uint32 {
@@ -755,7 +849,7 @@ type ScanResponse struct {
 
 func (x *ScanResponse) Reset() {
 	*x = ScanResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[10]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +861,7 @@ func (x *ScanResponse) String() string {
 func (*ScanResponse) ProtoMessage() {}
 
 func (x *ScanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[10]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +874,7 @@ func (x *ScanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanResponse.ProtoReflect.Descriptor instead.
 func (*ScanResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{10}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ScanResponse) GetKeys() []string {
@@ -820,7 +914,7 @@ type FlushRequest struct {
 
 func (x *FlushRequest) Reset() {
 	*x = FlushRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[11]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +926,7 @@ func (x *FlushRequest) String() string {
 func (*FlushRequest) ProtoMessage() {}
 
 func (x *FlushRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[11]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +939,7 @@ func (x *FlushRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlushRequest.ProtoReflect.Descriptor instead.
 func (*FlushRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{11}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{13}
 }
 
 // FlushResponse says what a flush removed.
@@ -859,7 +953,7 @@ type FlushResponse struct {
 
 func (x *FlushResponse) Reset() {
 	*x = FlushResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[12]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +965,7 @@ func (x *FlushResponse) String() string {
 func (*FlushResponse) ProtoMessage() {}
 
 func (x *FlushResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[12]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +978,7 @@ func (x *FlushResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlushResponse.ProtoReflect.Descriptor instead.
 func (*FlushResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{12}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FlushResponse) GetRemoved() uint64 {
@@ -905,7 +999,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[13]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +1011,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[13]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1024,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{13}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ApplyRequest) GetOps() []*Op {
@@ -961,7 +1055,7 @@ type Op struct {
 
 func (x *Op) Reset() {
 	*x = Op{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[14]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -973,7 +1067,7 @@ func (x *Op) String() string {
 func (*Op) ProtoMessage() {}
 
 func (x *Op) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[14]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -986,7 +1080,7 @@ func (x *Op) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Op.ProtoReflect.Descriptor instead.
 func (*Op) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{14}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Op) GetOp() isOp_Op {
@@ -1136,6 +1230,7 @@ type CopyRequest struct {
 	// holds) refuses the copy too (stored=false).
 	UnchangedAfter uint64 `protobuf:"varint,5,opt,name=unchanged_after,json=unchangedAfter,proto3" json:"unchanged_after,omitempty"`
 	// The incarnation unchanged_after belongs to; 0 = no such condition.
+	// A debt recorded here for the key (an Owe op) counts as a change of it.
 	Incarnation   uint64 `protobuf:"varint,6,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1143,7 +1238,7 @@ type CopyRequest struct {
 
 func (x *CopyRequest) Reset() {
 	*x = CopyRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[15]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1155,7 +1250,7 @@ func (x *CopyRequest) String() string {
 func (*CopyRequest) ProtoMessage() {}
 
 func (x *CopyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[15]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1168,7 +1263,7 @@ func (x *CopyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyRequest.ProtoReflect.Descriptor instead.
 func (*CopyRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{15}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CopyRequest) GetKey() string {
@@ -1229,7 +1324,7 @@ type ApplyStreamRequest struct {
 
 func (x *ApplyStreamRequest) Reset() {
 	*x = ApplyStreamRequest{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[16]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1241,7 +1336,7 @@ func (x *ApplyStreamRequest) String() string {
 func (*ApplyStreamRequest) ProtoMessage() {}
 
 func (x *ApplyStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[16]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1254,7 +1349,7 @@ func (x *ApplyStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyStreamRequest.ProtoReflect.Descriptor instead.
 func (*ApplyStreamRequest) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{16}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ApplyStreamRequest) GetId() uint64 {
@@ -1297,7 +1392,7 @@ type ApplyStreamResponse struct {
 
 func (x *ApplyStreamResponse) Reset() {
 	*x = ApplyStreamResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[17]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1309,7 +1404,7 @@ func (x *ApplyStreamResponse) String() string {
 func (*ApplyStreamResponse) ProtoMessage() {}
 
 func (x *ApplyStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[17]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1322,7 +1417,7 @@ func (x *ApplyStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyStreamResponse.ProtoReflect.Descriptor instead.
 func (*ApplyStreamResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{17}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ApplyStreamResponse) GetId() uint64 {
@@ -1358,7 +1453,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[18]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1465,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[18]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1478,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{18}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ApplyResponse) GetResults() []*OpResult {
@@ -1415,7 +1510,7 @@ type OpResult struct {
 
 func (x *OpResult) Reset() {
 	*x = OpResult{}
-	mi := &file_ringcache_v1_internal_proto_msgTypes[19]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1427,7 +1522,7 @@ func (x *OpResult) String() string {
 func (*OpResult) ProtoMessage() {}
 
 func (x *OpResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ringcache_v1_internal_proto_msgTypes[19]
+	mi := &file_ringcache_v1_internal_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1440,7 +1535,7 @@ func (x *OpResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpResult.ProtoReflect.Descriptor instead.
 func (*OpResult) Descriptor() ([]byte, []int) {
-	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{19}
+	return file_ringcache_v1_internal_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *OpResult) GetResult() isOpResult_Result {
@@ -1589,7 +1684,11 @@ var File_ringcache_v1_internal_proto protoreflect.FileDescriptor
 
 const file_ringcache_v1_internal_proto_rawDesc = "" +
 	"\n" +
-	"\x1bringcache/v1/internal.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18ringcache/v1/cache.proto\":\n" +
+	"\x1bringcache/v1/internal.proto\x12\fringcache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18ringcache/v1/cache.proto\"#\n" +
+	"\vParkRequest\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\"C\n" +
+	"\fParkResponse\x123\n" +
+	"\aentries\x18\x01 \x03(\v2\x19.ringcache.v1.CopyRequestR\aentries\":\n" +
 	"\fDebtsRequest\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\rR\x05limit\"q\n" +
@@ -1686,7 +1785,7 @@ const file_ringcache_v1_internal_proto_rawDesc = "" +
 	"\x10CHANGE_KIND_COPY\x10\x05\x12\x15\n" +
 	"\x11CHANGE_KIND_FLUSH\x10\x06\x12\x14\n" +
 	"\x10CHANGE_KIND_OWED\x10\a\x12\x17\n" +
-	"\x13CHANGE_KIND_SETTLED\x10\b2\xf6\x03\n" +
+	"\x13CHANGE_KIND_SETTLED\x10\b2\xb7\x04\n" +
 	"\bInternal\x12@\n" +
 	"\x05Apply\x12\x1a.ringcache.v1.ApplyRequest\x1a\x1b.ringcache.v1.ApplyResponse\x12V\n" +
 	"\vApplyStream\x12 .ringcache.v1.ApplyStreamRequest\x1a!.ringcache.v1.ApplyStreamResponse(\x010\x01\x12@\n" +
@@ -1694,7 +1793,8 @@ const file_ringcache_v1_internal_proto_rawDesc = "" +
 	"\x04Scan\x12\x19.ringcache.v1.ScanRequest\x1a\x1a.ringcache.v1.ScanResponse\x12H\n" +
 	"\aChanges\x12\x1c.ringcache.v1.ChangesRequest\x1a\x1d.ringcache.v1.ChangesResponse0\x01\x12@\n" +
 	"\x05Debts\x12\x1a.ringcache.v1.DebtsRequest\x1a\x1b.ringcache.v1.DebtsResponse\x12C\n" +
-	"\x06Settle\x12\x1b.ringcache.v1.SettleRequest\x1a\x1c.ringcache.v1.SettleResponseB\xba\x01\n" +
+	"\x06Settle\x12\x1b.ringcache.v1.SettleRequest\x1a\x1c.ringcache.v1.SettleResponse\x12?\n" +
+	"\x04Park\x12\x19.ringcache.v1.ParkRequest\x1a\x1a.ringcache.v1.ParkResponse0\x01B\xba\x01\n" +
 	"\x10com.ringcache.v1B\rInternalProtoP\x01ZFgithub.com/ringcache/ringcache/clients/go/gen/ringcache/v1;ringcachev1\xa2\x02\x03RXX\xaa\x02\fRingcache.V1\xca\x02\fRingcache\\V1\xe2\x02\x18Ringcache\\V1\\GPBMetadata\xea\x02\rRingcache::V1b\x06proto3"
 
 var (
@@ -1710,85 +1810,90 @@ func file_ringcache_v1_internal_proto_rawDescGZIP() []byte {
 }
 
 var file_ringcache_v1_internal_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_ringcache_v1_internal_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_ringcache_v1_internal_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_ringcache_v1_internal_proto_goTypes = []any{
 	(ChangeKind)(0),             // 0: ringcache.v1.ChangeKind
-	(*DebtsRequest)(nil),        // 1: ringcache.v1.DebtsRequest
-	(*DebtsResponse)(nil),       // 2: ringcache.v1.DebtsResponse
-	(*SettleRequest)(nil),       // 3: ringcache.v1.SettleRequest
-	(*SettleResponse)(nil),      // 4: ringcache.v1.SettleResponse
-	(*OweRequest)(nil),          // 5: ringcache.v1.OweRequest
-	(*OweResponse)(nil),         // 6: ringcache.v1.OweResponse
-	(*ChangesRequest)(nil),      // 7: ringcache.v1.ChangesRequest
-	(*ChangesResponse)(nil),     // 8: ringcache.v1.ChangesResponse
-	(*Change)(nil),              // 9: ringcache.v1.Change
-	(*ScanRequest)(nil),         // 10: ringcache.v1.ScanRequest
-	(*ScanResponse)(nil),        // 11: ringcache.v1.ScanResponse
-	(*FlushRequest)(nil),        // 12: ringcache.v1.FlushRequest
-	(*FlushResponse)(nil),       // 13: ringcache.v1.FlushResponse
-	(*ApplyRequest)(nil),        // 14: ringcache.v1.ApplyRequest
-	(*Op)(nil),                  // 15: ringcache.v1.Op
-	(*CopyRequest)(nil),         // 16: ringcache.v1.CopyRequest
-	(*ApplyStreamRequest)(nil),  // 17: ringcache.v1.ApplyStreamRequest
-	(*ApplyStreamResponse)(nil), // 18: ringcache.v1.ApplyStreamResponse
-	(*ApplyResponse)(nil),       // 19: ringcache.v1.ApplyResponse
-	(*OpResult)(nil),            // 20: ringcache.v1.OpResult
-	(*GetRequest)(nil),          // 21: ringcache.v1.GetRequest
-	(*SetRequest)(nil),          // 22: ringcache.v1.SetRequest
-	(*DeleteRequest)(nil),       // 23: ringcache.v1.DeleteRequest
-	(*IncrementRequest)(nil),    // 24: ringcache.v1.IncrementRequest
-	(*TouchRequest)(nil),        // 25: ringcache.v1.TouchRequest
-	(*durationpb.Duration)(nil), // 26: google.protobuf.Duration
-	(*KeyError)(nil),            // 27: ringcache.v1.KeyError
-	(*GetResponse)(nil),         // 28: ringcache.v1.GetResponse
-	(*SetResponse)(nil),         // 29: ringcache.v1.SetResponse
-	(*DeleteResponse)(nil),      // 30: ringcache.v1.DeleteResponse
-	(*IncrementResponse)(nil),   // 31: ringcache.v1.IncrementResponse
-	(*TouchResponse)(nil),       // 32: ringcache.v1.TouchResponse
+	(*ParkRequest)(nil),         // 1: ringcache.v1.ParkRequest
+	(*ParkResponse)(nil),        // 2: ringcache.v1.ParkResponse
+	(*DebtsRequest)(nil),        // 3: ringcache.v1.DebtsRequest
+	(*DebtsResponse)(nil),       // 4: ringcache.v1.DebtsResponse
+	(*SettleRequest)(nil),       // 5: ringcache.v1.SettleRequest
+	(*SettleResponse)(nil),      // 6: ringcache.v1.SettleResponse
+	(*OweRequest)(nil),          // 7: ringcache.v1.OweRequest
+	(*OweResponse)(nil),         // 8: ringcache.v1.OweResponse
+	(*ChangesRequest)(nil),      // 9: ringcache.v1.ChangesRequest
+	(*ChangesResponse)(nil),     // 10: ringcache.v1.ChangesResponse
+	(*Change)(nil),              // 11: ringcache.v1.Change
+	(*ScanRequest)(nil),         // 12: ringcache.v1.ScanRequest
+	(*ScanResponse)(nil),        // 13: ringcache.v1.ScanResponse
+	(*FlushRequest)(nil),        // 14: ringcache.v1.FlushRequest
+	(*FlushResponse)(nil),       // 15: ringcache.v1.FlushResponse
+	(*ApplyRequest)(nil),        // 16: ringcache.v1.ApplyRequest
+	(*Op)(nil),                  // 17: ringcache.v1.Op
+	(*CopyRequest)(nil),         // 18: ringcache.v1.CopyRequest
+	(*ApplyStreamRequest)(nil),  // 19: ringcache.v1.ApplyStreamRequest
+	(*ApplyStreamResponse)(nil), // 20: ringcache.v1.ApplyStreamResponse
+	(*ApplyResponse)(nil),       // 21: ringcache.v1.ApplyResponse
+	(*OpResult)(nil),            // 22: ringcache.v1.OpResult
+	(*GetRequest)(nil),          // 23: ringcache.v1.GetRequest
+	(*SetRequest)(nil),          // 24: ringcache.v1.SetRequest
+	(*DeleteRequest)(nil),       // 25: ringcache.v1.DeleteRequest
+	(*IncrementRequest)(nil),    // 26: ringcache.v1.IncrementRequest
+	(*TouchRequest)(nil),        // 27: ringcache.v1.TouchRequest
+	(*durationpb.Duration)(nil), // 28: google.protobuf.Duration
+	(*KeyError)(nil),            // 29: ringcache.v1.KeyError
+	(*GetResponse)(nil),         // 30: ringcache.v1.GetResponse
+	(*SetResponse)(nil),         // 31: ringcache.v1.SetResponse
+	(*DeleteResponse)(nil),      // 32: ringcache.v1.DeleteResponse
+	(*IncrementResponse)(nil),   // 33: ringcache.v1.IncrementResponse
+	(*TouchResponse)(nil),       // 34: ringcache.v1.TouchResponse
 }
 var file_ringcache_v1_internal_proto_depIdxs = []int32{
-	9,  // 0: ringcache.v1.ChangesResponse.changes:type_name -> ringcache.v1.Change
-	0,  // 1: ringcache.v1.Change.kind:type_name -> ringcache.v1.ChangeKind
-	15, // 2: ringcache.v1.ApplyRequest.ops:type_name -> ringcache.v1.Op
-	21, // 3: ringcache.v1.Op.get:type_name -> ringcache.v1.GetRequest
-	22, // 4: ringcache.v1.Op.set:type_name -> ringcache.v1.SetRequest
-	23, // 5: ringcache.v1.Op.delete:type_name -> ringcache.v1.DeleteRequest
-	16, // 6: ringcache.v1.Op.copy:type_name -> ringcache.v1.CopyRequest
-	24, // 7: ringcache.v1.Op.increment:type_name -> ringcache.v1.IncrementRequest
-	25, // 8: ringcache.v1.Op.touch:type_name -> ringcache.v1.TouchRequest
-	5,  // 9: ringcache.v1.Op.owe:type_name -> ringcache.v1.OweRequest
-	26, // 10: ringcache.v1.CopyRequest.ttl:type_name -> google.protobuf.Duration
-	15, // 11: ringcache.v1.ApplyStreamRequest.ops:type_name -> ringcache.v1.Op
-	20, // 12: ringcache.v1.ApplyStreamResponse.results:type_name -> ringcache.v1.OpResult
-	27, // 13: ringcache.v1.ApplyStreamResponse.error:type_name -> ringcache.v1.KeyError
-	20, // 14: ringcache.v1.ApplyResponse.results:type_name -> ringcache.v1.OpResult
-	28, // 15: ringcache.v1.OpResult.get:type_name -> ringcache.v1.GetResponse
-	29, // 16: ringcache.v1.OpResult.set:type_name -> ringcache.v1.SetResponse
-	30, // 17: ringcache.v1.OpResult.delete:type_name -> ringcache.v1.DeleteResponse
-	29, // 18: ringcache.v1.OpResult.copy:type_name -> ringcache.v1.SetResponse
-	27, // 19: ringcache.v1.OpResult.error:type_name -> ringcache.v1.KeyError
-	31, // 20: ringcache.v1.OpResult.increment:type_name -> ringcache.v1.IncrementResponse
-	32, // 21: ringcache.v1.OpResult.touch:type_name -> ringcache.v1.TouchResponse
-	6,  // 22: ringcache.v1.OpResult.owe:type_name -> ringcache.v1.OweResponse
-	14, // 23: ringcache.v1.Internal.Apply:input_type -> ringcache.v1.ApplyRequest
-	17, // 24: ringcache.v1.Internal.ApplyStream:input_type -> ringcache.v1.ApplyStreamRequest
-	12, // 25: ringcache.v1.Internal.Flush:input_type -> ringcache.v1.FlushRequest
-	10, // 26: ringcache.v1.Internal.Scan:input_type -> ringcache.v1.ScanRequest
-	7,  // 27: ringcache.v1.Internal.Changes:input_type -> ringcache.v1.ChangesRequest
-	1,  // 28: ringcache.v1.Internal.Debts:input_type -> ringcache.v1.DebtsRequest
-	3,  // 29: ringcache.v1.Internal.Settle:input_type -> ringcache.v1.SettleRequest
-	19, // 30: ringcache.v1.Internal.Apply:output_type -> ringcache.v1.ApplyResponse
-	18, // 31: ringcache.v1.Internal.ApplyStream:output_type -> ringcache.v1.ApplyStreamResponse
-	13, // 32: ringcache.v1.Internal.Flush:output_type -> ringcache.v1.FlushResponse
-	11, // 33: ringcache.v1.Internal.Scan:output_type -> ringcache.v1.ScanResponse
-	8,  // 34: ringcache.v1.Internal.Changes:output_type -> ringcache.v1.ChangesResponse
-	2,  // 35: ringcache.v1.Internal.Debts:output_type -> ringcache.v1.DebtsResponse
-	4,  // 36: ringcache.v1.Internal.Settle:output_type -> ringcache.v1.SettleResponse
-	30, // [30:37] is the sub-list for method output_type
-	23, // [23:30] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	18, // 0: ringcache.v1.ParkResponse.entries:type_name -> ringcache.v1.CopyRequest
+	11, // 1: ringcache.v1.ChangesResponse.changes:type_name -> ringcache.v1.Change
+	0,  // 2: ringcache.v1.Change.kind:type_name -> ringcache.v1.ChangeKind
+	17, // 3: ringcache.v1.ApplyRequest.ops:type_name -> ringcache.v1.Op
+	23, // 4: ringcache.v1.Op.get:type_name -> ringcache.v1.GetRequest
+	24, // 5: ringcache.v1.Op.set:type_name -> ringcache.v1.SetRequest
+	25, // 6: ringcache.v1.Op.delete:type_name -> ringcache.v1.DeleteRequest
+	18, // 7: ringcache.v1.Op.copy:type_name -> ringcache.v1.CopyRequest
+	26, // 8: ringcache.v1.Op.increment:type_name -> ringcache.v1.IncrementRequest
+	27, // 9: ringcache.v1.Op.touch:type_name -> ringcache.v1.TouchRequest
+	7,  // 10: ringcache.v1.Op.owe:type_name -> ringcache.v1.OweRequest
+	28, // 11: ringcache.v1.CopyRequest.ttl:type_name -> google.protobuf.Duration
+	17, // 12: ringcache.v1.ApplyStreamRequest.ops:type_name -> ringcache.v1.Op
+	22, // 13: ringcache.v1.ApplyStreamResponse.results:type_name -> ringcache.v1.OpResult
+	29, // 14: ringcache.v1.ApplyStreamResponse.error:type_name -> ringcache.v1.KeyError
+	22, // 15: ringcache.v1.ApplyResponse.results:type_name -> ringcache.v1.OpResult
+	30, // 16: ringcache.v1.OpResult.get:type_name -> ringcache.v1.GetResponse
+	31, // 17: ringcache.v1.OpResult.set:type_name -> ringcache.v1.SetResponse
+	32, // 18: ringcache.v1.OpResult.delete:type_name -> ringcache.v1.DeleteResponse
+	31, // 19: ringcache.v1.OpResult.copy:type_name -> ringcache.v1.SetResponse
+	29, // 20: ringcache.v1.OpResult.error:type_name -> ringcache.v1.KeyError
+	33, // 21: ringcache.v1.OpResult.increment:type_name -> ringcache.v1.IncrementResponse
+	34, // 22: ringcache.v1.OpResult.touch:type_name -> ringcache.v1.TouchResponse
+	8,  // 23: ringcache.v1.OpResult.owe:type_name -> ringcache.v1.OweResponse
+	16, // 24: ringcache.v1.Internal.Apply:input_type -> ringcache.v1.ApplyRequest
+	19, // 25: ringcache.v1.Internal.ApplyStream:input_type -> ringcache.v1.ApplyStreamRequest
+	14, // 26: ringcache.v1.Internal.Flush:input_type -> ringcache.v1.FlushRequest
+	12, // 27: ringcache.v1.Internal.Scan:input_type -> ringcache.v1.ScanRequest
+	9,  // 28: ringcache.v1.Internal.Changes:input_type -> ringcache.v1.ChangesRequest
+	3,  // 29: ringcache.v1.Internal.Debts:input_type -> ringcache.v1.DebtsRequest
+	5,  // 30: ringcache.v1.Internal.Settle:input_type -> ringcache.v1.SettleRequest
+	1,  // 31: ringcache.v1.Internal.Park:input_type -> ringcache.v1.ParkRequest
+	21, // 32: ringcache.v1.Internal.Apply:output_type -> ringcache.v1.ApplyResponse
+	20, // 33: ringcache.v1.Internal.ApplyStream:output_type -> ringcache.v1.ApplyStreamResponse
+	15, // 34: ringcache.v1.Internal.Flush:output_type -> ringcache.v1.FlushResponse
+	13, // 35: ringcache.v1.Internal.Scan:output_type -> ringcache.v1.ScanResponse
+	10, // 36: ringcache.v1.Internal.Changes:output_type -> ringcache.v1.ChangesResponse
+	4,  // 37: ringcache.v1.Internal.Debts:output_type -> ringcache.v1.DebtsResponse
+	6,  // 38: ringcache.v1.Internal.Settle:output_type -> ringcache.v1.SettleResponse
+	2,  // 39: ringcache.v1.Internal.Park:output_type -> ringcache.v1.ParkResponse
+	32, // [32:40] is the sub-list for method output_type
+	24, // [24:32] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_ringcache_v1_internal_proto_init() }
@@ -1797,7 +1902,7 @@ func file_ringcache_v1_internal_proto_init() {
 		return
 	}
 	file_ringcache_v1_cache_proto_init()
-	file_ringcache_v1_internal_proto_msgTypes[14].OneofWrappers = []any{
+	file_ringcache_v1_internal_proto_msgTypes[16].OneofWrappers = []any{
 		(*Op_Get)(nil),
 		(*Op_Set)(nil),
 		(*Op_Delete)(nil),
@@ -1806,7 +1911,7 @@ func file_ringcache_v1_internal_proto_init() {
 		(*Op_Touch)(nil),
 		(*Op_Owe)(nil),
 	}
-	file_ringcache_v1_internal_proto_msgTypes[19].OneofWrappers = []any{
+	file_ringcache_v1_internal_proto_msgTypes[21].OneofWrappers = []any{
 		(*OpResult_Get)(nil),
 		(*OpResult_Set)(nil),
 		(*OpResult_Delete)(nil),
@@ -1822,7 +1927,7 @@ func file_ringcache_v1_internal_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ringcache_v1_internal_proto_rawDesc), len(file_ringcache_v1_internal_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,7 @@ const (
 	Internal_Changes_FullMethodName     = "/ringcache.v1.Internal/Changes"
 	Internal_Debts_FullMethodName       = "/ringcache.v1.Internal/Debts"
 	Internal_Settle_FullMethodName      = "/ringcache.v1.Internal/Settle"
+	Internal_Park_FullMethodName        = "/ringcache.v1.Internal/Park"
 )
 
 // InternalClient is the client API for Internal service.
@@ -109,6 +110,17 @@ type InternalClient interface {
 	// Settle drops the records of an owner's debts up to a sequence, once
 	// the owner has been brought up to date. Records made after it stay.
 	Settle(ctx context.Context, in *SettleRequest, opts ...grpc.CallOption) (*SettleResponse, error)
+	// Park hands a stopping node's entries to an orchestrator, so they are
+	// kept on the nodes that own the keys while this one is away (a planned
+	// restart: SIGTERM). Only a node that is stopping accepts it, and only
+	// once (FAILED_PRECONDITION otherwise). From the moment it accepts, the
+	// node refuses every data call (Cache and Internal/Apply) with
+	// UNAVAILABLE before running it — so callers take their writes, reads
+	// and deletes to the next node — and its entries cannot change any
+	// more: the stream sends them all, with their versions and TTLs, a page
+	// at a time at the reader's pace, then ends. The node stops once the
+	// stream ended or --shutdown-grace passed.
+	Park(ctx context.Context, in *ParkRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ParkResponse], error)
 }
 
 type internalClient struct {
@@ -201,6 +213,25 @@ func (c *internalClient) Settle(ctx context.Context, in *SettleRequest, opts ...
 	return out, nil
 }
 
+func (c *internalClient) Park(ctx context.Context, in *ParkRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ParkResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Internal_ServiceDesc.Streams[2], Internal_Park_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ParkRequest, ParkResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Internal_ParkClient = grpc.ServerStreamingClient[ParkResponse]
+
 // InternalServer is the server API for Internal service.
 // All implementations must embed UnimplementedInternalServer
 // for forward compatibility.
@@ -274,6 +305,17 @@ type InternalServer interface {
 	// Settle drops the records of an owner's debts up to a sequence, once
 	// the owner has been brought up to date. Records made after it stay.
 	Settle(context.Context, *SettleRequest) (*SettleResponse, error)
+	// Park hands a stopping node's entries to an orchestrator, so they are
+	// kept on the nodes that own the keys while this one is away (a planned
+	// restart: SIGTERM). Only a node that is stopping accepts it, and only
+	// once (FAILED_PRECONDITION otherwise). From the moment it accepts, the
+	// node refuses every data call (Cache and Internal/Apply) with
+	// UNAVAILABLE before running it — so callers take their writes, reads
+	// and deletes to the next node — and its entries cannot change any
+	// more: the stream sends them all, with their versions and TTLs, a page
+	// at a time at the reader's pace, then ends. The node stops once the
+	// stream ended or --shutdown-grace passed.
+	Park(*ParkRequest, grpc.ServerStreamingServer[ParkResponse]) error
 	mustEmbedUnimplementedInternalServer()
 }
 
@@ -304,6 +346,9 @@ func (UnimplementedInternalServer) Debts(context.Context, *DebtsRequest) (*Debts
 }
 func (UnimplementedInternalServer) Settle(context.Context, *SettleRequest) (*SettleResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Settle not implemented")
+}
+func (UnimplementedInternalServer) Park(*ParkRequest, grpc.ServerStreamingServer[ParkResponse]) error {
+	return status.Error(codes.Unimplemented, "method Park not implemented")
 }
 func (UnimplementedInternalServer) mustEmbedUnimplementedInternalServer() {}
 func (UnimplementedInternalServer) testEmbeddedByValue()                  {}
@@ -434,6 +479,17 @@ func _Internal_Settle_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Internal_Park_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ParkRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(InternalServer).Park(m, &grpc.GenericServerStream[ParkRequest, ParkResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Internal_ParkServer = grpc.ServerStreamingServer[ParkResponse]
+
 // Internal_ServiceDesc is the grpc.ServiceDesc for Internal service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -472,6 +528,11 @@ var Internal_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Changes",
 			Handler:       _Internal_Changes_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Park",
+			Handler:       _Internal_Park_Handler,
 			ServerStreams: true,
 		},
 	},
