@@ -498,9 +498,11 @@ mod tests {
         assert!(log.changed_after("b", 3, 1));
         assert!(!log.changed_after("never", 3, 0));
         assert!(log.changed_after("never", 4, 2), "another incarnation");
-        // A debt is not a change of the key.
+        // A debt recorded for a key counts as a change of it (another
+        // node missed a change this one took); a settlement does not.
         log.append_owed("n9", "c", 1);
-        assert!(!log.changed_after("c", 3, 2));
+        assert!(log.changed_after("c", 3, 2));
+        assert!(!log.changed_after("never", 3, 2));
         // Wrapped: "a" (1) and "b" (2) dropped; position 0 is gone.
         log.append(ChangeKind::Set, key("d"), 1);
         log.append(ChangeKind::Set, key("e"), 1);

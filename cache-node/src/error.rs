@@ -58,6 +58,8 @@ impl From<NodeError> for tonic::Status {
             NodeError::Store(e @ StoreError::NotAnInteger { .. }) => {
                 tonic::Status::failed_precondition(e.to_string())
             }
+            // Stopping: not run, the caller may send it anywhere else.
+            NodeError::Store(e @ StoreError::Frozen) => tonic::Status::unavailable(e.to_string()),
             NodeError::Store(e @ StoreError::Overflow { .. }) => {
                 tonic::Status::out_of_range(e.to_string())
             }

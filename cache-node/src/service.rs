@@ -153,7 +153,7 @@ impl CacheService {
     fn delete_one(&self, req: &DeleteRequest) -> Result<DeleteResponse, NodeError> {
         self.limits.check_key(|| "key".to_owned(), &req.key)?;
         let condition = (req.if_version != 0).then_some(req.if_version);
-        let out = self.store.delete_if(&req.key, condition);
+        let out = self.store.delete_if(&req.key, condition)?;
         Ok(DeleteResponse {
             deleted: out.deleted,
             version: out.version,
@@ -324,12 +324,14 @@ impl Cache for CacheService {
         let results = req
             .keys
             .iter()
-            .map(|key| DeleteResult {
-                deleted: self.store.delete(key),
-                error: None,
-                missed: Vec::new(),
+            .map(|key| {
+                Ok(DeleteResult {
+                    deleted: self.store.delete(key)?,
+                    error: None,
+                    missed: Vec::new(),
+                })
             })
-            .collect();
+            .collect::<Result<_, NodeError>>()?;
         Ok(Response::new(DeleteManyResponse { results }))
     }
 
@@ -933,6 +935,9 @@ impl Internal for InternalService {
         parking
             .claim()
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Data calls are refused from the claim on; writes that got past
+        // that check before it are done (or refused) once this returns.
+        self.cache.store.freeze();
         tracing::info!(
             "entries claimed by an orchestrator: refusing data calls, handing them over"
         );
@@ -1244,6 +1249,84 @@ mod tests {
             value: value.to_vec().into(),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_stopping_node_hands_every_entry_to_one_claimant_and_runs_no_data_call_after() {
+        use futures::StreamExt;
+        use tonic::Code;
+
+        let parking = Arc::new(Parking::new(Duration::from_secs(5)));
+        let cache = service().with_parking(parking.clone());
+        let mut written = std::collections::HashMap::new();
+        for i in 0..300 {
+            let key = format!("k{i}");
+            let out = cache
+                .set(Request::new(set_req(&key, key.as_bytes())))
+                .await
+                .unwrap()
+                .into_inner();
+            written.insert(key, out.version);
+        }
+        let internal = InternalService::new(cache.clone());
+        let claim = || internal.park(Request::new(ParkRequest { limit: 64 }));
+        // A serving node keeps its entries (and serves).
+        assert_eq!(
+            claim().await.err().map(|s| s.code()),
+            Some(Code::FailedPrecondition)
+        );
+        assert!(
+            cache
+                .get(Request::new(GetRequest { key: "k1".into() }))
+                .await
+                .is_ok()
+        );
+
+        parking.stopping();
+        let mut pages = claim().await.unwrap().into_inner();
+        // Claimed once: a second claimant is refused, and no data call
+        // runs any more (UNAVAILABLE: the caller moves on).
+        assert_eq!(
+            claim().await.err().map(|s| s.code()),
+            Some(Code::FailedPrecondition)
+        );
+        let refused = cache
+            .set(Request::new(set_req("late", b"x")))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        let refused = cache
+            .get(Request::new(GetRequest { key: "k1".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        let refused = internal
+            .apply(Request::new(ApplyRequest {
+                ops: vec![Op {
+                    op: Some(op::Op::Delete(DeleteRequest {
+                        key: "k1".into(),
+                        if_version: 0,
+                    })),
+                }],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert_eq!(cache.store.delete("k1"), Err(store::StoreError::Frozen));
+
+        // Every entry, with its version, in pages of at most 64.
+        let mut handed = std::collections::HashMap::new();
+        while let Some(page) = pages.next().await {
+            let page = page.unwrap();
+            assert!(page.entries.len() <= 64);
+            for e in page.entries {
+                assert_eq!(e.value, e.key.as_bytes());
+                handed.insert(e.key, e.version);
+            }
+        }
+        assert_eq!(handed, written);
+        drop(pages);
+        assert_eq!(parking.stage(), crate::parking::Stage::Handed);
     }
 
     #[tokio::test]
@@ -1654,7 +1737,7 @@ mod feed_tests {
         // Room for three short-key changes.
         let (svc, log) = logged(3 * crate::changes::ENTRY_OVERHEAD);
         for k in ["a", "b", "c", "d"] {
-            svc.cache.store.delete(k);
+            svc.cache.store.delete(k).unwrap();
         }
         assert_eq!(log.head(), 4);
         // After 1: changes 2..4 are held.
@@ -1673,7 +1756,7 @@ mod feed_tests {
         // Another incarnation: a gap too, then live from the end.
         let mut feed = follow(&svc, 41, 4).await;
         assert!(next(&mut feed).await.gap);
-        svc.cache.store.delete("e");
+        svc.cache.store.delete("e").unwrap();
         let m = next(&mut feed).await;
         assert!(!m.gap);
         assert_eq!(m.changes[0].sequence, 5);

@@ -141,6 +141,9 @@ pub enum StoreError {
         /// The key.
         key: String,
     },
+    /// The store is frozen: the node handed its entries over and stops.
+    #[error("the node is stopping: its entries were handed over and it takes no more writes")]
+    Frozen,
     /// An increment would leave the 64-bit range.
     #[error("incrementing {key:?} ({value}) by {delta} would overflow a 64-bit integer")]
     Overflow {
@@ -445,6 +448,8 @@ pub struct Store {
     clock: Clock,
     /// Where every change is published ([`crate::changes`]); `None`: off.
     changes: Option<Arc<ChangeLog>>,
+    /// Set once by [`Store::freeze`]: every write is refused from then on.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -493,7 +498,26 @@ impl Store {
             shard_capacity,
             clock,
             changes: None,
+            frozen: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Refuses every write from now on ([`StoreError::Frozen`]), and
+    /// returns once no write is running: a write checks under its shard's
+    /// lock, and this takes every shard's lock after setting the flag, so
+    /// a write that passed the check has finished by then. What a reader
+    /// sees afterwards is final (a stopping node hands it over).
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        for shard in &*self.shards {
+            drop(shard.inner.write());
+        }
+    }
+
+    /// Whether writes are refused, checked under a shard's lock (which
+    /// orders it after [`Store::freeze`]'s barrier).
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(Relaxed)
     }
 
     /// Publishes every change to `log`: each write, delete, increment,
@@ -640,6 +664,9 @@ impl Store {
         write: Write<'_>,
         evicted: &mut Vec<(Key, Entry)>,
     ) -> Result<SetOutcome, StoreError> {
+        if self.is_frozen() {
+            return Err(StoreError::Frozen);
+        }
         let Write {
             key,
             owned_key,
@@ -877,17 +904,20 @@ impl Store {
     }
 
     /// Removes `key`. Returns whether a live value was removed.
-    pub fn delete(&self, key: &str) -> bool {
-        self.delete_if(key, None).deleted
+    pub fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.delete_if(key, None).map(|d| d.deleted)
     }
 
     /// Removes `key` if `version` is `None` or equals its current version
     /// (checked and removed under the shard's lock). When it is not
     /// removed, says the current version (0 if absent).
-    pub fn delete_if(&self, key: &str, version: Option<u64>) -> DeleteOutcome {
+    pub fn delete_if(&self, key: &str, version: Option<u64>) -> Result<DeleteOutcome, StoreError> {
         let shard = self.shard(key);
         let removed = {
             let mut inner = shard.inner.write();
+            if self.is_frozen() {
+                return Err(StoreError::Frozen);
+            }
             if let Some(expected) = version {
                 let now = self.clock.now_ms();
                 let current = inner
@@ -896,10 +926,10 @@ impl Store {
                     .filter(|e| e.is_live(|| now))
                     .map_or(0, |e| e.version);
                 if current != expected {
-                    return DeleteOutcome {
+                    return Ok(DeleteOutcome {
                         deleted: false,
                         version: current,
-                    };
+                    });
                 }
             }
             let removed = inner.cache.remove(key);
@@ -925,10 +955,10 @@ impl Store {
             }
             None => false,
         };
-        DeleteOutcome {
+        Ok(DeleteOutcome {
             deleted,
             version: 0,
-        }
+        })
     }
 
     /// Lists up to `limit` live keys from a cursor: `shard`, and

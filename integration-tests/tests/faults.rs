@@ -1216,12 +1216,14 @@ async fn wait_node_on(
     .await;
 }
 
-/// A rolling restart of every node (R=2) under load spread over
+/// A rolling restart of every node under load spread over
 /// `orchestrators` orchestrators, each call to one picked at random; each
 /// node is restarted once every orchestrator has warmed the previous one.
-async fn rolling_restart_spread(orchestrators: usize, mode: Mode) {
-    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", "2"]).await;
-    let others = more_orchestrators(&cluster, orchestrators - 1, &["--replicas", "2"]).await;
+/// Returns the fixed keys lost.
+async fn rolling_restart_spread(orchestrators: usize, replicas: usize, mode: Mode) -> usize {
+    let r = replicas.to_string();
+    let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
+    let others = more_orchestrators(&cluster, orchestrators - 1, &["--replicas", &r]).await;
     let mut cache = cluster.orchestrator.cache().await;
     preload(&mut cache).await;
     let mut apis = Vec::new();
@@ -1249,7 +1251,7 @@ async fn rolling_restart_spread(orchestrators: usize, mode: Mode) {
             "rolling restart, {orchestrators} orchestrators, calls spread{}",
             mode.label()
         ),
-        2,
+        replicas,
         &report,
         Some(lost),
     );
@@ -1257,31 +1259,65 @@ async fn rolling_restart_spread(orchestrators: usize, mode: Mode) {
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
-    assert_eq!(lost, 0, "{report:?}");
+    if replicas > 1 {
+        assert_eq!(lost, 0, "{report:?}");
+    } else {
+        // One copy: kept by the stopping nodes' hand-over.
+        assert!(
+            lost * 100 <= FIXED_KEYS,
+            "more than 1% of the keys lost: {lost} of {FIXED_KEYS}: {report:?}"
+        );
+    }
+    lost
 }
 
 #[tokio::test]
 async fn a_rolling_restart_under_two_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2, Mode::Unary).await;
+    rolling_restart_spread(2, 2, Mode::Unary).await;
 }
 
 /// The same through the Rust client's pipelines: the guarantees hold for
 /// pipelined calls too.
 #[tokio::test]
 async fn a_rolling_restart_under_pipelined_load_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2, Mode::Piped).await;
+    rolling_restart_spread(2, 2, Mode::Piped).await;
 }
 
 /// And with reads straight to the owners, each client following its own
 /// orchestrator's topology.
 #[tokio::test]
 async fn a_rolling_restart_under_direct_reads_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(2, Mode::Direct).await;
+    rolling_restart_spread(2, 2, Mode::Direct).await;
 }
 
 #[tokio::test]
 async fn a_rolling_restart_under_three_orchestrators_fails_loses_and_serves_stale_nothing() {
-    rolling_restart_spread(3, Mode::Unary).await;
+    rolling_restart_spread(3, 2, Mode::Unary).await;
+}
+
+/// The chart's defaults: one copy of each key, two orchestrators. Each
+/// stopping node's entries are claimed by one of them and kept on the
+/// nodes that take its keys; the other learns of it from the feeds. Keys
+/// are kept (0 lost in 18 runs), but a few reads per run can be stale in
+/// the readmission skew (README, "Known gaps"; RELIABILITY.md has the
+/// figures, and the same rows without parking): run with `--ignored`.
+#[tokio::test]
+#[ignore = "known gap: the readmission skew between orchestrators with --replicas 1 (README, Known gaps)"]
+async fn a_rolling_restart_with_one_replica_under_two_orchestrators_keeps_the_keys() {
+    rolling_restart_spread(2, 1, Mode::Unary).await;
+}
+
+/// The same with reads straight to the owners.
+#[tokio::test]
+#[ignore = "known gap: the readmission skew between orchestrators with --replicas 1 (README, Known gaps)"]
+async fn a_rolling_restart_with_one_replica_under_direct_reads_keeps_the_keys() {
+    rolling_restart_spread(2, 1, Mode::Direct).await;
+}
+
+#[tokio::test]
+#[ignore = "known gap: the readmission skew between orchestrators with --replicas 1 (README, Known gaps)"]
+async fn a_rolling_restart_with_one_replica_under_three_orchestrators_keeps_the_keys() {
+    rolling_restart_spread(3, 1, Mode::Unary).await;
 }
 
 /// SIGSTOP past ejection with one replica, under load spread over two

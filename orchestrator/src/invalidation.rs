@@ -176,11 +176,19 @@ impl Pending {
         before - inner.keys.len()
     }
 
-    /// The generation `key` is pending at (`None`: it is not pending), to
-    /// hand to [`Pending::replayed`] once the node is brought up to date
-    /// on it some other way than a delete.
-    pub fn generation(&self, key: &str) -> Option<u64> {
-        self.inner.lock().keys.get(key).map(|r| r.generation)
+    /// The generation `key` is pending at, if it is pending for debt
+    /// records of `holder` alone — then `holder` took every change of it
+    /// the node missed that this record knows of, so its value is the
+    /// one to restore. `None` otherwise (not pending, recorded by this
+    /// orchestrator, or by several holders). Handed to
+    /// [`Pending::replayed`] once the node holds that value.
+    pub fn owed_only_to(&self, key: &str, holder: &str) -> Option<u64> {
+        self.inner
+            .lock()
+            .keys
+            .get(key)
+            .filter(|r| r.owed.as_ref().is_some_and(|(h, _)| h == holder))
+            .map(|r| r.generation)
     }
 
     /// Once nothing is left to replay: the debt records to settle on their
@@ -432,5 +440,48 @@ mod tests {
             Replay::Keys(k) => assert_eq!(k.len(), 20),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod settle_tests {
+    use super::*;
+
+    #[test]
+    fn a_settlement_elsewhere_clears_only_keys_pending_for_those_records_alone() {
+        let p = Pending::new(1 << 20);
+        p.record_owed(Some("parked"), "b", 5);
+        p.record_owed(Some("later"), "b", 9);
+        p.record_owed(Some("two-holders"), "b", 3);
+        p.record_owed(Some("two-holders"), "c", 4);
+        p.record("mine");
+        p.record_owed(Some("mine"), "b", 2);
+        // Restoring from b is right only where b took every change.
+        assert!(p.owed_only_to("parked", "b").is_some());
+        assert!(p.owed_only_to("parked", "c").is_none());
+        assert!(p.owed_only_to("two-holders", "b").is_none());
+        assert!(p.owed_only_to("mine", "b").is_none());
+        // b settled through 5: its records up to 5 were handled.
+        assert_eq!(p.settled("b", 5), 1);
+        assert!(!p.contains("parked"));
+        assert!(p.contains("later"), "recorded after what was settled");
+        assert!(p.contains("two-holders"), "c's record is not settled");
+        assert!(p.contains("mine"), "this orchestrator's own record");
+        assert_eq!(p.settled("b", 100), 1);
+        assert!(!p.contains("later"));
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn a_key_recorded_again_after_its_generation_was_taken_stays() {
+        let p = Pending::new(1 << 20);
+        p.record_owed(Some("k"), "b", 1);
+        let generation = p.owed_only_to("k", "b").unwrap();
+        p.record_owed(Some("k"), "b", 2);
+        p.replayed(&[("k".to_owned(), generation)]);
+        assert!(p.contains("k"), "a newer debt of the same holder");
+        let generation = p.owed_only_to("k", "b").unwrap();
+        p.replayed(&[("k".to_owned(), generation)]);
+        assert!(p.is_empty());
     }
 }

@@ -827,7 +827,9 @@ impl Cluster {
             }
             for (holder, keys) in retired {
                 tracing::info!(node = %node.id, holder = %holder.id, keys = keys.len(), "the node is back: the copies another node kept for it will be deleted there");
-                // At the holder's next replay, not at once (see above).
+                // At the holder's next replay, not at once: another
+                // orchestrator bringing the node back at the same moment
+                // may still restore from them (see above).
                 for key in &keys {
                     self.invalidate_later(holder, key);
                 }

@@ -110,6 +110,14 @@ pub async fn park(cluster: Arc<Cluster>, node: Arc<Node>) {
             return;
         }
     };
+    let replicas = cluster.settings().handoff.replicas;
+    if replicas > 1 {
+        // Other owners keep every key, and warm handoff brings them back:
+        // nothing to hand over. Dropping the stream lets the node stop
+        // now (it refuses data calls from the claim on).
+        tracing::info!(node = %node.id, "a node is stopping: its keys have other owners");
+        return;
+    }
     let started = Instant::now();
     tracing::info!(node = %node.id, "a node is stopping: keeping its entries on the nodes that take its keys");
     let rate = cluster.settings().handoff.rate.max(1);
@@ -125,8 +133,7 @@ pub async fn park(cluster: Arc<Cluster>, node: Arc<Node>) {
         };
         let count = page.len();
         done.read += count as u64;
-        let replicas = cluster.settings().handoff.replicas;
-        let by_target = targets(&topology, replicas, stopping, &positions, page, &mut done);
+        let by_target = targets(&topology, stopping, &positions, page, &mut done);
         let calls = by_target
             .into_iter()
             .map(|(target, copies)| keep(&cluster, &topology.nodes[target], &node.id, copies));
@@ -164,7 +171,6 @@ pub async fn park(cluster: Arc<Cluster>, node: Arc<Node>) {
 /// condition; counts the entries it leaves out in `done`.
 fn targets(
     topology: &Topology,
-    replicas: usize,
     stopping: usize,
     positions: &[Option<Position>],
     page: Vec<CopyRequest>,
@@ -173,11 +179,13 @@ fn targets(
     let node = &topology.nodes[stopping];
     let mut by_target: HashMap<usize, Vec<CopyRequest>> = HashMap::new();
     for mut entry in page {
-        let order = topology.ring.owners(&entry.key, replicas + MAX_SKIPPED);
-        let owns = order.iter().take(replicas).any(|&i| i == stopping);
+        // One copy of each key (see `park`): the key's owner, then the
+        // nodes that take it while the owner is away.
+        let order = topology.ring.owners(&entry.key, 1 + MAX_SKIPPED);
+        let owns = order.first() == Some(&stopping);
         let target = order
             .iter()
-            .skip(replicas)
+            .skip(1)
             .copied()
             .find(|&i| i != stopping && topology.nodes[i].routable());
         let position = target.and_then(|t| positions[t]);
@@ -285,7 +293,8 @@ async fn keep(
 /// delete made there since it came back wins, and a node that did not
 /// restart keeps its changes of the key in its log, so its possibly stale
 /// value is deleted by the replay as before). A key recorded again
-/// meanwhile (a newer debt) stays pending. Returns how many were restored.
+/// meanwhile (a newer debt) stays pending. Returns how many were
+/// restored.
 pub async fn restore(
     cluster: &Cluster,
     owner: &Node,
@@ -297,8 +306,17 @@ pub async fn restore(
         return 0;
     }
     let timeout = cluster.settings().stack.node_timeout;
-    // Generations before the read: a debt recorded after it moves them.
-    let generations: Vec<Option<u64>> = keys.iter().map(|k| owner.pending.generation(k)).collect();
+    // Only keys whose changes while away all went to `holder` (a debt
+    // recorded on another node means that node took one: restoring
+    // `holder`'s value could bring back what it deleted). Generations
+    // are taken before the read: a debt recorded after it moves them.
+    let generations: Vec<Option<u64>> = keys
+        .iter()
+        .map(|k| owner.pending.owed_only_to(k, &holder.id))
+        .collect();
+    if generations.iter().all(Option::is_none) {
+        return 0;
+    }
     let reads = keys
         .iter()
         .map(|key| Op {
@@ -316,9 +334,13 @@ pub async fn restore(
     };
     let mut copies = Vec::new();
     for ((key, answer), generation) in keys.iter().zip(answers).zip(&generations) {
-        if let (Some(op_result::Result::Get(g)), Some(generation)) = (answer.result, generation)
-            && g.found
-        {
+        let Some(generation) = generation else {
+            continue;
+        };
+        let Some(op_result::Result::Get(g)) = answer.result else {
+            continue;
+        };
+        if g.found {
             copies.push((
                 key.clone(),
                 *generation,

@@ -289,7 +289,7 @@ fn run(steps: &[Step]) {
                 }
             }
             Step::Delete { key } => {
-                let deleted = store.delete(&name(key));
+                let deleted = store.delete(&name(key)).unwrap();
                 assert_eq!(deleted, model.live(key, now).is_some(), "step {n}: delete");
                 model.entries.remove(&key);
             }

@@ -30,8 +30,8 @@ fn set_get_delete_round_trip() {
     assert_eq!(&found.value[..], b"hello");
     assert_eq!(found.version, out.version);
     assert_eq!(found.ttl, None);
-    assert!(s.delete("k"));
-    assert!(!s.delete("k"));
+    assert!(s.delete("k").unwrap());
+    assert!(!s.delete("k").unwrap());
     assert_eq!(s.get("k"), None);
     let total = s.total_stats();
     assert_eq!((total.hits, total.misses, total.items), (1, 2, 0));
@@ -54,7 +54,7 @@ fn every_write_gets_a_larger_version() {
         last = v;
     }
     // Deleting and re-creating a key does not reuse versions.
-    s.delete("k");
+    s.delete("k").unwrap();
     assert!(set(&s, "k", b"again").version > last);
 }
 
@@ -115,7 +115,7 @@ fn ttl_expires_and_reports_remaining_time() {
     assert_eq!(s.get("k"), None, "expired entries read as absent");
     // An expired key is absent for conditions too.
     assert!(
-        !s.delete("k"),
+        !s.delete("k").unwrap(),
         "deleting an expired key deletes nothing live"
     );
     s.set("k", b"v", Some(Duration::from_secs(1)), Condition::Always)
@@ -200,7 +200,7 @@ fn overwrite_and_delete_keep_the_expiry_index_exact() {
     )
     .unwrap();
     assert_eq!(s.indexed_expiries(), 1);
-    assert!(s.delete("d"));
+    assert!(s.delete("d").unwrap());
     assert_eq!(s.indexed_expiries(), 0);
 }
 
@@ -524,8 +524,8 @@ fn overwrites_and_deletes_are_not_evictions() {
     set(&s, "k", b"one");
     set(&s, "k", b"two");
     set(&s, "k", b"three");
-    assert!(s.delete("k"));
-    assert!(!s.delete("k"), "nothing live left to delete");
+    assert!(s.delete("k").unwrap());
+    assert!(!s.delete("k").unwrap(), "nothing live left to delete");
     s.set("t", b"v", Some(Duration::from_millis(5)), Condition::Always)
         .unwrap();
     clock.store(10, Relaxed);
@@ -547,7 +547,7 @@ fn overwrites_and_deletes_are_not_evictions() {
 fn a_conditional_delete_removes_only_the_version_it_names() {
     let s = store(MIB, 2);
     assert_eq!(
-        s.delete_if("k", Some(5)),
+        s.delete_if("k", Some(5)).unwrap(),
         DeleteOutcome {
             deleted: false,
             version: 0
@@ -555,14 +555,14 @@ fn a_conditional_delete_removes_only_the_version_it_names() {
     );
     let v = set(&s, "k", b"v").version;
     assert_eq!(
-        s.delete_if("k", Some(v + 1)),
+        s.delete_if("k", Some(v + 1)).unwrap(),
         DeleteOutcome {
             deleted: false,
             version: v
         }
     );
     assert!(s.get("k").is_some());
-    assert!(s.delete_if("k", Some(v)).deleted);
+    assert!(s.delete_if("k", Some(v)).unwrap().deleted);
     assert!(s.get("k").is_none());
 }
 
@@ -711,7 +711,7 @@ fn a_conditional_copy_loses_to_a_change_made_after_its_position() {
     // A copier saw the log up to here, then read "k" elsewhere...
     let seen = log.head();
     // ...and a delete through another orchestrator landed here meanwhile.
-    assert!(s.delete("k"));
+    assert!(s.delete("k").unwrap());
     let copy = |after: u64, incarnation: u64| {
         s.set(
             "k",
@@ -751,4 +751,51 @@ fn a_conditional_copy_loses_to_a_change_made_after_its_position() {
         )
         .unwrap();
     assert!(!out.stored);
+}
+
+#[test]
+fn a_frozen_store_refuses_every_write_and_keeps_what_it_holds() {
+    let s = Arc::new(store(MIB, 4));
+    set(&s, "k", b"v");
+    s.set("n", b"1", None, Condition::Always).unwrap();
+    // Writers racing the freeze: each write either lands before it
+    // returns or is refused; none lands after.
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut landed = Vec::new();
+                for i in 0..20_000 {
+                    let key = format!("w{t}-{i}");
+                    match s.set(&key, b"x", None, Condition::Always) {
+                        Ok(_) => landed.push(key),
+                        Err(StoreError::Frozen) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                landed
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(2));
+    s.freeze();
+    let count = |s: &Store| s.scan(0, 0, usize::MAX).keys.len();
+    let held = count(&s);
+    let landed: Vec<String> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(
+        held,
+        landed.len() + 2,
+        "every acknowledged write is there, nothing after"
+    );
+    assert_eq!(
+        s.set("k", b"w", None, Condition::Always),
+        Err(StoreError::Frozen)
+    );
+    assert_eq!(s.delete("k"), Err(StoreError::Frozen));
+    assert_eq!(s.increment("n", 1, 0, None), Err(StoreError::Frozen));
+    assert_eq!(&s.get("k").unwrap().value[..], b"v");
+    assert_eq!(count(&s), held);
 }
