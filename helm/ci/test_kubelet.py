@@ -4,6 +4,7 @@ scripts/build-image.sh, CoreDNS as the cluster DNS, kube-proxy for the
 Services. Run by scripts/test-kubelet.sh (root).
 """
 
+import base64
 import json
 import os
 import subprocess
@@ -72,3 +73,73 @@ def test_the_charts_pods_run_pass_their_probes_and_helm_test(k8s):
     helm(k8s, "uninstall", "rc", "-n", NS, "--wait", "--timeout", "2m")
     wait_for(lambda: not pods(k8s, "cache-node") and not pods(k8s, "orchestrator"), "the pods gone", timeout=90)
     wait_for(lambda: not k8s.node.running_tasks(), "no container left running", timeout=60)
+
+
+def test_a_helm_upgrade_that_rolls_every_node_keeps_the_keys(k8s):
+    """The chart's defaults (one copy of each key, two orchestrators):
+    keys written before an upgrade that restarts every cache node are all
+    there after it, with their values — each stopping node hands its
+    entries to the others, and gets them back when it returns. Only the
+    sizes are made to fit one small machine."""
+    repo, tag = RINGCACHE_IMAGE.rsplit(":", 1)
+    common = ["--set", f"image.repository={repo}", "--set-string", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+              "--set", "cacheNode.replicas=2", "--set", "cacheNode.memory=256Mi", "--set", "cacheNode.cpu=100m",
+              "--set", "orchestrator.resources.requests.cpu=100m", "--set", "cacheNode.minReadySeconds=5"]
+    helm(k8s, "install", "up", CHART, "-n", NS, "--create-namespace", *common, "--wait", "--timeout", "3m")
+    wait_for(lambda: len(pods(k8s, "orchestrator")) == 2 and all(ready(p) for p in pods(k8s, "orchestrator")),
+             "both orchestrators ready")
+    grpcurl = Path(os.environ["GRPCURL"])
+    keys = [f"kept-{i}" for i in range(300)]
+    value = {k: base64.b64encode(f"value of {k}".encode()).decode() for k in keys}
+
+    def call(method, body):
+        (orch, *_) = pods(k8s, "orchestrator")
+        addr = f"{orch['status']['podIP']}:50051"
+        out = subprocess.run([grpcurl, "-plaintext", "-d", json.dumps(body), addr, f"ringcache.v1.Cache/{method}"],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout)
+
+    call("SetMany", {"entries": [{"key": k, "value": value[k]} for k in keys]})
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(k8s, "cache-node")}
+
+    # Any change to the node's pod template rolls the StatefulSet: here
+    # an annotation, as a new image or chart version would.
+    helm(k8s, "upgrade", "up", CHART, "-n", NS, *common,
+         "--set-string", "cacheNode.podAnnotations.rolled=yes", "--wait", "--timeout", "5m")
+    wait_for(lambda: all(ready(p) for p in pods(k8s, "cache-node"))
+             and {p["metadata"]["uid"] for p in pods(k8s, "cache-node")}.isdisjoint(before.values())
+             and len(pods(k8s, "cache-node")) == 2,
+             "every cache node restarted and ready", timeout=180)
+
+    # The last node's keys come back once the orchestrators have found it
+    # (by DNS, every dnsInterval) and brought it up to date: wait, as a
+    # client would see it, until both report both nodes at their new
+    # addresses healthy.
+    def caught_up():
+        now = {f"{p['status'].get('podIP')}:50061" for p in pods(k8s, "cache-node")}
+        for orch in pods(k8s, "orchestrator"):
+            out = subprocess.run([grpcurl, "-plaintext", f"{orch['status']['podIP']}:50051", "ringcache.v1.Cluster/ListNodes"],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                return False
+            nodes = json.loads(out.stdout).get("nodes", [])
+            if {n["address"] for n in nodes if n.get("state") == "NODE_STATE_HEALTHY"} != now:
+                return False
+        return True
+
+    wait_for(caught_up, "both orchestrators serving both restarted nodes", timeout=60)
+    got = call("GetMany", {"keys": keys})["results"]
+    found = {k: r.get("value") for k, r in zip(keys, got) if r.get("found")}
+    if len(found) != len(keys):
+        # What the pods said, to tell why (the kubelet writes their logs
+        # on this host).
+        for log in sorted(Path("/var/log/pods").glob(f"{NS}_up-ringcache-*/*/*.log")):
+            print(f"== {log}")
+            for line in log.read_text(errors="replace").splitlines():
+                if "hot" not in line:
+                    print(line[:400])
+    assert len(found) == len(keys), f"{len(keys) - len(found)} of {len(keys)} keys lost by the upgrade"
+    assert all(found[k] == value[k] for k in keys)
+
+    helm(k8s, "uninstall", "up", "-n", NS, "--wait", "--timeout", "2m")
+    wait_for(lambda: not pods(k8s, "cache-node") and not pods(k8s, "orchestrator"), "the pods gone", timeout=120)
