@@ -37,11 +37,12 @@ fn metrics_in(path: &str) -> BTreeSet<String> {
 }
 
 /// Labelled families that have no series until something happens (a
-/// refill copies, a miss reads through): checked against the names the
-/// binaries register instead.
-const AFTER_ACTIVITY: [&str; 2] = [
+/// refill copies, a miss reads through, a stopping node is parked):
+/// checked against the names the binaries register instead.
+const AFTER_ACTIVITY: [&str; 3] = [
     "ringcache_handoff_copies_total",
     "ringcache_handoff_reads_total",
+    "ringcache_parked_entries_total",
 ];
 
 /// Each series line's name and labels, from a scrape.
