@@ -47,12 +47,10 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use ringcache_proto::v1::{
-    CopyRequest, GetRequest, GetResponse, GetResult, Op, SetResponse, op, op_result,
-};
+use ringcache_proto::v1::{CopyRequest, GetResponse, GetResult, Op, SetResponse, op, op_result};
 
 use crate::{
-    client::CallError,
+    client::{CallError, get_op},
     nodes::{Cluster, Node, Previous, Topology},
     ring::Preference,
 };
@@ -489,14 +487,7 @@ pub async fn read_through(
             break;
         }
         let calls = groups.into_values().map(|(node, ws)| {
-            let ops = ws
-                .iter()
-                .map(|&w| Op {
-                    op: Some(op::Op::Get(GetRequest {
-                        key: keys[wanted[w].0].clone(),
-                    })),
-                })
-                .collect();
+            let ops = ws.iter().map(|&w| get_op(&keys[wanted[w].0])).collect();
             async move { (ws, node.client.call(ops, deadline, None).await) }
         });
         let mut found_now = Vec::new();
@@ -690,12 +681,7 @@ async fn run_refill(cluster: &Cluster, target: &Arc<Node>) -> Result<Refilled, S
                         "the node's change feed has not been in sync for {FEED_WAIT:?}: its copies cannot be vouched for"
                     ));
                 };
-                let ops = wanted
-                    .iter()
-                    .map(|k| Op {
-                        op: Some(op::Op::Get(GetRequest { key: k.clone() })),
-                    })
-                    .collect();
+                let ops = wanted.iter().map(|k| get_op(k)).collect();
                 match source
                     .client
                     .call(ops, Some(Instant::now() + timeout), None)

@@ -37,6 +37,7 @@ use std::{
 use ringcache_proto::v1::{CopyRequest, Op, OweRequest, SetResponse, op, op_result};
 
 use crate::{
+    client::get_op,
     feeds::Position,
     handoff::CopySince,
     nodes::{Cluster, Node, Topology},
@@ -314,17 +315,15 @@ pub async fn restore(
         .iter()
         .map(|k| owner.pending.owed_only_to(k, &holder.id))
         .collect();
-    if generations.iter().all(Option::is_none) {
+    let wanted: Vec<(&String, u64)> = keys
+        .iter()
+        .zip(generations)
+        .filter_map(|(key, generation)| Some((key, generation?)))
+        .collect();
+    if wanted.is_empty() {
         return 0;
     }
-    let reads = keys
-        .iter()
-        .map(|key| Op {
-            op: Some(op::Op::Get(ringcache_proto::v1::GetRequest {
-                key: key.clone(),
-            })),
-        })
-        .collect();
+    let reads = wanted.iter().map(|(key, _)| get_op(key)).collect();
     let Ok(answers) = holder
         .client
         .call(reads, Some(Instant::now() + timeout), None)
@@ -333,17 +332,14 @@ pub async fn restore(
         return 0;
     };
     let mut copies = Vec::new();
-    for ((key, answer), generation) in keys.iter().zip(answers).zip(&generations) {
-        let Some(generation) = generation else {
-            continue;
-        };
+    for ((key, generation), answer) in wanted.into_iter().zip(answers) {
         let Some(op_result::Result::Get(g)) = answer.result else {
             continue;
         };
         if g.found {
             copies.push((
                 key.clone(),
-                *generation,
+                generation,
                 CopyRequest {
                     key: key.clone(),
                     value: g.value,

@@ -60,7 +60,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     answers::{AnswerEstimate, HeldAnswer},
-    client::{CallError, delete_op},
+    client::{CallError, delete_op, get_op},
     handoff,
     health::State,
     hedge::Hedging,
@@ -264,15 +264,6 @@ fn op_error(node: &Node, result: Option<op_result::Result>, expected: &str) -> K
                 }
             ),
         },
-    }
-}
-
-/// A `Get` op for `key`.
-fn get_op(key: &str) -> Op {
-    Op {
-        op: Some(op::Op::Get(GetRequest {
-            key: key.to_owned(),
-        })),
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use ringcache_proto::v1::{DeleteRequest, Op, OpResult, op};
+use ringcache_proto::v1::{DeleteRequest, GetRequest, Op, OpResult, op};
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 pub mod batch;
@@ -27,6 +27,15 @@ pub mod stream;
 pub mod transport;
 
 pub use error::CallError;
+
+/// An op that reads `key`.
+pub fn get_op(key: &str) -> Op {
+    Op {
+        op: Some(op::Op::Get(GetRequest {
+            key: key.to_owned(),
+        })),
+    }
+}
 
 /// An op that deletes `key` unconditionally.
 pub fn delete_op(key: String) -> Op {
