@@ -108,8 +108,14 @@ pub enum Read {
 /// that).
 pub const ENTRY_OVERHEAD: usize = 96;
 
-/// [`ChangeLog::changed_after`] looks back at most this many changes.
+/// When the change filter cannot rule a key out, [`ChangeLog::changed_after`]
+/// looks through at most this many changes for it.
 pub const MAX_SCAN: u64 = 65_536;
+
+/// Buckets of the change filter ([`ChangeLog::changed_after`]): 2 MiB of
+/// sequences. A copy is refused when another key of its bucket changed
+/// since its position too — a lost copy, never a wrong one.
+const FILTER_BUCKETS: usize = 1 << 18;
 
 /// A `CompactString` keeps keys up to this long inline.
 const INLINE_KEY: usize = 24;
@@ -138,6 +144,21 @@ struct Inner {
     first: u64,
     /// Bytes accounted to `entries`.
     bytes: usize,
+    /// The change filter: for each bucket of key hashes, the sequence of
+    /// the last change of a key in it (a debt recorded for it counts), for
+    /// the whole incarnation — not only the changes still held.
+    last_change: Box<[u64]>,
+    /// The sequence of the last flush (a change of every key).
+    last_flush: u64,
+}
+
+/// The filter bucket of `key`.
+fn bucket(key: &str) -> usize {
+    use std::hash::BuildHasher;
+    static HASHER: foldhash::fast::FixedState =
+        foldhash::fast::FixedState::with_seed(0x6368_616e_6765_7321);
+    // The low bits of a 64-bit hash: the bucket count is a power of two.
+    (HASHER.hash_one(key) as usize) & (FILTER_BUCKETS - 1)
 }
 
 /// The change log of one node process.
@@ -166,7 +187,10 @@ impl ChangeLog {
             max_bytes,
             inner: Mutex::new(Inner {
                 first: 1,
-                ..Inner::default()
+                entries: VecDeque::new(),
+                bytes: 0,
+                last_change: vec![0; FILTER_BUCKETS].into_boxed_slice(),
+                last_flush: 0,
             }),
             waiting: AtomicUsize::new(0),
             wake: tokio::sync::Notify::new(),
@@ -189,40 +213,70 @@ impl ChangeLog {
     /// Appends a change of `key` (which the caller cloned before taking its
     /// shard lock) and wakes waiting readers. Returns its sequence.
     pub fn append(&self, kind: ChangeKind, key: CompactString, version: u64) -> u64 {
-        self.push(Logged {
-            kind,
-            key,
-            version,
-            owner: None,
-        })
+        self.append_with(kind, key, version, true)
+    }
+
+    /// [`ChangeLog::append`], marking the key in the change filter only
+    /// if `filtered` (a copy that only filled in what the node lacked is
+    /// not: a later such copy is ordered by its version, and marking it
+    /// would refuse other keys of its bucket).
+    pub fn append_with(
+        &self,
+        kind: ChangeKind,
+        key: CompactString,
+        version: u64,
+        filtered: bool,
+    ) -> u64 {
+        self.push(
+            Logged {
+                kind,
+                key,
+                version,
+                owner: None,
+            },
+            filtered,
+        )
     }
 
     /// Appends a debt record: `owner` may hold a stale value of `key`
     /// (record `sequence` of the node's debts).
     pub fn append_owed(&self, owner: &str, key: &str, sequence: u64) -> u64 {
-        self.push(Logged {
-            kind: ChangeKind::Owed,
-            key: CompactString::from(key),
-            version: sequence,
-            owner: Some(owner.into()),
-        })
+        self.push(
+            Logged {
+                kind: ChangeKind::Owed,
+                key: CompactString::from(key),
+                version: sequence,
+                owner: Some(owner.into()),
+            },
+            true,
+        )
     }
 
     /// Appends that `owner`'s debt records up to `through` were settled:
     /// it has been brought up to date on those keys.
     pub fn append_settled(&self, owner: &str, through: u64) -> u64 {
-        self.push(Logged {
-            kind: ChangeKind::Settled,
-            key: CompactString::default(),
-            version: through,
-            owner: Some(owner.into()),
-        })
+        self.push(
+            Logged {
+                kind: ChangeKind::Settled,
+                key: CompactString::default(),
+                version: through,
+                owner: Some(owner.into()),
+            },
+            false,
+        )
     }
 
-    fn push(&self, logged: Logged) -> u64 {
+    fn push(&self, logged: Logged, filtered: bool) -> u64 {
         let sequence = {
             let mut inner = self.inner.lock();
             let sequence = inner.first + inner.entries.len() as u64;
+            match logged.kind {
+                ChangeKind::Flush => inner.last_flush = sequence,
+                ChangeKind::Settled => {}
+                // An overflowed debt record (no key) changes no value here.
+                _ if logged.key.is_empty() || !filtered => {}
+                _ => inner.last_change[bucket(&logged.key)] = sequence,
+            }
             inner.bytes += weight(&logged.key, logged.owner.as_deref());
             inner.entries.push_back(logged);
             while inner.bytes > self.max_bytes {
@@ -241,29 +295,36 @@ impl ChangeLog {
     }
 
     /// Whether `key` may have changed after change `after` of incarnation
-    /// `incarnation`: true if it did, and also whenever the log cannot
-    /// tell (another incarnation, a position older than it holds, or more
-    /// than [`MAX_SCAN`] changes ago). A flush counts as a change of every
-    /// key. Scans the changes after `after` (warm handoff asks with a
-    /// position taken milliseconds before, so they are few); writers wait
-    /// for the log's lock meanwhile, hence the bound.
+    /// `incarnation`: true if it did (a write, a delete, a copy, or a debt
+    /// recorded for it: another node missed a change this one took), and
+    /// whenever the log cannot tell (another incarnation, a position it
+    /// never assigned). A flush counts as a change of every key. Answered
+    /// from the change filter in constant time, for any position of this
+    /// incarnation — `after = 0` asks whether the key changed at all since
+    /// the process started. When another key of its bucket changed since,
+    /// the changes still held are looked through (at most [`MAX_SCAN`]);
+    /// beyond them it answers yes: false positives only.
     pub fn changed_after(&self, key: &str, incarnation: u64, after: u64) -> bool {
         let inner = self.inner.lock();
         let head = inner.first + inner.entries.len() as u64 - 1;
-        if incarnation != self.incarnation
-            || after > head
-            || after.saturating_add(1) < inner.first
-            || head - after > MAX_SCAN
-        {
+        if incarnation != self.incarnation || after > head {
             return true;
         }
-        // `first <= after + 1 <= head + 1`: within the buffer.
+        if inner.last_flush > after {
+            return true;
+        }
+        if inner.last_change[bucket(key)] <= after {
+            return false;
+        }
+        // The bucket changed: this key, or another of it. Where the log
+        // still holds every change since, and not too many, the changes
+        // tell exactly; otherwise it may have.
+        if after.saturating_add(1) < inner.first || head - after > MAX_SCAN {
+            return true;
+        }
         let skip = usize::try_from(after + 1 - inner.first).unwrap_or(usize::MAX);
-        // A debt recorded for the key counts: another node missed a
-        // change this one took, so a copy must not overwrite it.
         inner.entries.iter().skip(skip).any(|e| match e.kind {
-            ChangeKind::Settled => false,
-            ChangeKind::Flush => true,
+            ChangeKind::Settled | ChangeKind::Flush => false,
             _ => e.key == key,
         })
     }
@@ -503,11 +564,19 @@ mod tests {
         log.append_owed("n9", "c", 1);
         assert!(log.changed_after("c", 3, 2));
         assert!(!log.changed_after("never", 3, 2));
-        // Wrapped: "a" (1) and "b" (2) dropped; position 0 is gone.
+        // Wrapped: "a" (1) and "b" (2) dropped from the log. The filter
+        // still knows which keys changed since any position: since the
+        // start of the incarnation (0) too.
         log.append(ChangeKind::Set, key("d"), 1);
         log.append(ChangeKind::Set, key("e"), 1);
-        assert!(log.changed_after("never", 3, 0), "older than the log holds");
+        assert!(
+            log.changed_after("a", 3, 0),
+            "changed, though no longer held"
+        );
+        assert!(log.changed_after("b", 3, 0));
+        assert!(!log.changed_after("never", 3, 0));
         assert!(!log.changed_after("a", 3, 3));
+        assert!(log.changed_after("a", 3, 6), "a position never assigned");
         // A flush changes every key.
         log.append(ChangeKind::Flush, CompactString::default(), 0);
         assert!(log.changed_after("never", 3, 5));

@@ -783,8 +783,12 @@ impl Store {
             shard.expirations.fetch_add(expirations, Relaxed);
         }
         if let Some(log) = &self.changes {
-            // Inline for keys up to 24 bytes: no allocation.
-            log.append(kind, Key::from(key), version);
+            // Inline for keys up to 24 bytes: no allocation. A conditional
+            // copy (warm handoff, parking, restore) fills in what the node
+            // lacks: published, but not a change later fills must yield to
+            // (their versions order them).
+            let fill = matches!(condition, Condition::ReplicaUnchanged { .. });
+            log.append_with(kind, Key::from(key), version, !fill);
         }
         Ok(SetOutcome {
             stored: true,

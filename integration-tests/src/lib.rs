@@ -226,11 +226,20 @@ impl Process {
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        // For a failure's post-mortem: `RINGCACHE_TEST_LOG_DIR` keeps
+        // every process's log in `<dir>/<binary>-<pid>.log`.
+        let mut copy = std::env::var_os("RINGCACHE_TEST_LOG_DIR").and_then(|dir| {
+            std::fs::File::create(Path::new(&dir).join(format!("{name}-{}.log", child.id()))).ok()
+        });
         {
             let logs = logs.clone();
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(file) = copy.as_mut() {
+                        use std::io::Write as _;
+                        let _ = writeln!(file, "{line}");
+                    }
                     let serving = serving_addresses(&line);
                     // Stored before `start` returns: a caller reading the
                     // serving line from `logs()` must find it there.

@@ -274,9 +274,14 @@ impl Counts {
             .get_or_init(std::time::Instant::now)
             .elapsed()
             .as_secs_f64();
+        // Wall-clock time too, to find the moment in the processes' logs
+        // (`RINGCACHE_TEST_LOG_DIR`).
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let mut a = self.anomalies.lock().unwrap();
         if a.len() < 10 {
-            a.push(format!("{at:.2}s {what}"));
+            a.push(format!("{at:.2}s (unix {wall:.3}) {what}"));
         }
     }
 
@@ -403,7 +408,8 @@ impl Workload {
                             // DeleteMany and deletes.
                             0..9 => match api.get(&key).await {
                                 Ok((found, value)) => {
-                                    check_read(&counts, &key, &model[&key], found, &value);
+                                    let what = format!("{key} (get)");
+                                    check_read(&counts, &what, &model[&key], found, &value);
                                 }
                                 Err(s) => counts.failed("get", &s),
                             },
@@ -423,7 +429,8 @@ impl Workload {
                             }
                             15 => match api.touch(&key).await {
                                 Ok((found, value, version)) => {
-                                    check_read(&counts, &key, &model[&key], found, &value);
+                                    let what = format!("{key} (touch)");
+                                    check_read(&counts, &what, &model[&key], found, &value);
                                     if found {
                                         versions.insert(key, version);
                                     }
@@ -1220,6 +1227,82 @@ async fn wait_node_on(
 /// `orchestrators` orchestrators, each call to one picked at random; each
 /// node is restarted once every orchestrator has warmed the previous one.
 /// Returns the fixed keys lost.
+/// For a failure's post-mortem: each node's changes of the keys named in
+/// `report`'s anomalies, as far as its feed still holds them (this
+/// incarnation), and who served each key now.
+async fn key_histories(cluster: &TestCluster, report: &Report) -> String {
+    use ringcache_proto::v1::{ChangesRequest, StatsRequest, internal_client::InternalClient};
+    let mut keys: Vec<String> = report
+        .anomalies
+        .iter()
+        .filter_map(|a| {
+            let rest = a
+                .split_once("resurrected: ")
+                .or_else(|| a.split_once("stale: "))?
+                .1;
+            Some(rest.split(' ').next()?.to_owned())
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = String::new();
+    for addr in &cluster.node_addrs {
+        let url = format!("http://{addr}");
+        let Ok(mut node) = ringcache_proto::v1::node_client::NodeClient::connect(url.clone()).await
+        else {
+            continue;
+        };
+        let Ok(stats) = node.stats(StatsRequest {}).await else {
+            continue;
+        };
+        let incarnation = stats.into_inner().incarnation;
+        let Ok(mut internal) = InternalClient::connect(url).await else {
+            continue;
+        };
+        let Ok(stream) = internal
+            .changes(ChangesRequest {
+                incarnation,
+                after: 0,
+            })
+            .await
+        else {
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        let mut lines = Vec::new();
+        while let Ok(Ok(Some(batch))) =
+            tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+        {
+            if batch.gap {
+                lines.push("  (gap: the start of its history is gone)".to_owned());
+            }
+            let mut last = 0;
+            for c in batch.changes {
+                last = c.sequence;
+                if keys.contains(&c.key) {
+                    lines.push(format!(
+                        "  #{} {:?} {} version {} {}",
+                        c.sequence,
+                        c.kind(),
+                        c.key,
+                        c.version,
+                        c.owner
+                    ));
+                }
+            }
+            if last >= batch.head {
+                break;
+            }
+        }
+        out.push_str(&format!("node {addr} (incarnation {incarnation}):\n"));
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 async fn rolling_restart_spread(orchestrators: usize, replicas: usize, mode: Mode) -> usize {
     let r = replicas.to_string();
     let mut cluster = TestCluster::start_with(3, NODE_ARGS, &["--replicas", &r]).await;
@@ -1258,6 +1341,9 @@ async fn rolling_restart_spread(orchestrators: usize, replicas: usize, mode: Mod
     report.check_mode(mode);
     assert!(report.calls > 100, "{report:?}");
     assert_eq!(report.avoidable_failures(), 0, "{report:?}");
+    if report.stale + report.resurrected > 0 {
+        println!("{}", key_histories(&cluster, &report).await);
+    }
     assert_eq!((report.stale, report.resurrected), (0, 0), "{report:?}");
     if replicas > 1 {
         assert_eq!(lost, 0, "{report:?}");

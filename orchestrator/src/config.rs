@@ -378,6 +378,10 @@ impl Config {
                 window: self.handoff_window,
                 rate: self.handoff_rate,
                 replicas: self.replicas.max(1),
+                read_fence: self
+                    .health_interval
+                    .saturating_add(self.health_timeout)
+                    .saturating_add(self.node_timeout),
             },
         }
     }

@@ -69,6 +69,13 @@ pub struct HandoffSettings {
     pub rate: u32,
     /// Copies of a key each write makes (`--replicas`): who owns a key.
     pub replicas: usize,
+    /// How long after this orchestrator readmits a node (or sees it
+    /// restarted) its reads prefer the key's other owners: the read
+    /// fence. Another orchestrator may still hold the node away for up to
+    /// one health round and write around it; the debts it records reach
+    /// this one on the feeds within milliseconds after that. One health
+    /// interval + health timeout + node timeout.
+    pub read_fence: Duration,
 }
 
 impl Default for HandoffSettings {
@@ -77,6 +84,7 @@ impl Default for HandoffSettings {
             window: Duration::from_secs(300),
             rate: 50_000,
             replicas: 1,
+            read_fence: Duration::from_millis(2500),
         }
     }
 }
@@ -92,6 +100,8 @@ pub struct Warmth {
     refill_wanted: AtomicBool,
     /// A refill is running.
     refilling: AtomicBool,
+    /// The incarnation it was last seen restarting as (0: never).
+    restarted_as: AtomicU64,
 }
 
 impl Warmth {
@@ -124,7 +134,21 @@ impl Warmth {
             return false;
         }
         let before = self.incarnation.swap(incarnation, Ordering::AcqRel);
-        before != 0 && before != incarnation
+        let restarted = before != 0 && before != incarnation;
+        if restarted {
+            self.restarted_as.store(incarnation, Ordering::Release);
+        }
+        restarted
+    }
+
+    /// The incarnation the node is warmed in, if it is warmed because it
+    /// restarted (empty) and misses on it still read through: every copy
+    /// to it is then stored only if its key never changed in that
+    /// incarnation (see [`crate::nodes::Cluster::copy_since`]).
+    pub fn restarted_as(&self, now: Instant) -> Option<u64> {
+        let restarted = self.restarted_as.load(Ordering::Acquire);
+        (restarted != 0 && restarted == self.incarnation() && self.reads_through(now))
+            .then_some(restarted)
     }
 
     /// Takes the wish for a refill: true if one is wanted and none runs,
@@ -327,7 +351,9 @@ pub fn holders(
     if target.warmth.reads_through(now) {
         for &i in &owners(topo, key, replicas) {
             let n = &topo.nodes[i];
-            if n.id != target.id && n.usable_for(key) {
+            // Not one whose reads are fenced: it may hold a value another
+            // orchestrator deleted around it a moment ago.
+            if n.id != target.id && n.usable_for(key) && !n.read_fenced() {
                 found.push(n.clone());
             }
         }
@@ -384,6 +410,7 @@ pub async fn copy_to(
         _ => (0, 0),
     };
     let timeout = cluster.settings().stack.node_timeout;
+    tracing::trace!(node = %target.id, ?since, keys = ?entries.iter().map(|(k, g)| (k, g.version)).collect::<Vec<_>>(), "copying entries to a node");
     let ops = entries
         .iter()
         .map(|(key, g)| Op {

@@ -239,7 +239,23 @@ pub struct Node {
     /// Whether this orchestrator tried to claim its entries since it last
     /// served (it reported NOT_SERVING: stopping; see [`crate::parking`]).
     park_tried: AtomicBool,
+    /// Until when reads prefer the key's other owners (the read fence,
+    /// see [`Node::fence_reads`]): nanoseconds after [`fence_epoch`]; 0
+    /// for none.
+    read_fence: AtomicU64,
     health: Arc<NodeHealth>,
+}
+
+/// The instant read fences are counted from (the first use).
+fn fence_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn fence_nanos(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(fence_epoch()).as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl Node {
@@ -286,6 +302,7 @@ impl Node {
             collect_debts: AtomicBool::new(false),
             reported_id: Mutex::new(None),
             park_tried: AtomicBool::new(false),
+            read_fence: AtomicU64::new(0),
             health,
         })
     }
@@ -309,6 +326,27 @@ impl Node {
         !self.routable()
             && self.health.health.lock().answering_while_ejected()
             && !self.pending.contains(key)
+    }
+
+    /// Keeps reads off this node for `fence` when the key's other owners
+    /// can answer: it is coming back (readmitted, or restarted), and
+    /// another orchestrator may not have seen it yet. That one still
+    /// writes around it for up to a health round — its deletes reach the
+    /// other owners and are recorded as debts of this node, which reach
+    /// this orchestrator on the feeds only after they were made. Reads
+    /// from the other owners see those changes at once. Writes go to the
+    /// node as usual.
+    pub fn fence_reads(&self, fence: Duration) {
+        let until = fence_nanos(Instant::now() + fence);
+        self.read_fence.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Whether reads should prefer the key's other owners now (see
+    /// [`Node::fence_reads`]).
+    #[inline]
+    pub fn read_fenced(&self) -> bool {
+        let until = self.read_fence.load(Ordering::Acquire);
+        until != 0 && fence_nanos(Instant::now()) < until
     }
 
     /// Whether calls for `key` may go to this node now: it is routable and
@@ -434,6 +472,18 @@ impl Cluster {
         use crate::handoff::CopySince;
         if !self.feeds.load(Ordering::Acquire) {
             return CopySince::Unconditional;
+        }
+        // A node that restarted holds nothing older than its start: a copy
+        // is wanted only for a key it never changed since. Conditioning on
+        // the start — not on a position taken just before the copy's value
+        // was read — also refuses the copy when a delete reached this node
+        // first and its other holders a moment later, after they were
+        // read: the node knows the key changed, whenever it did.
+        if let Some(incarnation) = target.warmth.restarted_as(Instant::now()) {
+            return CopySince::After(crate::feeds::Position {
+                incarnation,
+                sequence: 0,
+            });
         }
         match target.feed().position() {
             Some(p) => CopySince::After(p),
@@ -662,11 +712,13 @@ impl Cluster {
                 Ok(()) => {
                     // A restarted node is empty: warm it before it gets
                     // calls again.
+                    let mut restarted = false;
                     match node.client.transport().identity(timeout).await {
                         Ok(identity) => {
                             node.saw_id(&identity.id);
                             if node.warmth.saw_incarnation(identity.incarnation) {
                                 tracing::info!(node = %node.id, "node restarted (new incarnation): warming it");
+                                restarted = true;
                                 self.start_warming(node);
                             }
                         }
@@ -682,6 +734,11 @@ impl Cluster {
                     // missed updates of are skipped by routing until then.
                     node.park_tried.store(false, Ordering::Release);
                     let returning = !matches!(node.health().0, State::Healthy);
+                    if restarted || matches!(node.health().0, State::Ejected { .. }) {
+                        // Before it is readmitted: no read reaches it
+                        // unfenced.
+                        node.fence_reads(self.settings.handoff.read_fence);
+                    }
                     let collect = returning || node.collect_debts.swap(false, Ordering::AcqRel);
                     self.catch_up(node, topo, collect).await;
                     node.health.check_succeeded();

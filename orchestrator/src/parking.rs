@@ -355,6 +355,7 @@ pub async fn restore(
     if copies.is_empty() {
         return 0;
     }
+    tracing::trace!(node = %owner.id, holder = %holder.id, keys = ?copies.iter().map(|(k, _, c)| (k, c.version)).collect::<Vec<_>>(), "restoring entries");
     let ops = copies
         .iter()
         .map(|(_, _, c)| Op {

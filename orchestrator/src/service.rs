@@ -149,6 +149,17 @@ fn prefix_len(topo: &Topology, replicas: usize) -> usize {
     (replicas.max(2) + 1 + ejected).min(topo.nodes.len())
 }
 
+/// Moves the key's owners (the first `replicas` of `pref`) whose reads are
+/// fenced ([`Node::fence_reads`]) behind its other owners, keeping their
+/// order otherwise: the first usable one answers reads and is the primary
+/// of writes (which reach every owner all the same). Nodes past the
+/// owners stay where they are: a fenced owner is still a better read than
+/// a node that only stands in for the owners.
+fn fence_order(topo: &Topology, pref: &mut Preference, replicas: usize) {
+    let owners = replicas.min(pref.len());
+    pref[..owners].sort_by_key(|&i| topo.nodes[i].read_fenced());
+}
+
 /// Up to `n` nodes of `pref` usable for `key` and not seen to fail, in
 /// order.
 fn usable_owners(
@@ -549,6 +560,11 @@ impl Router {
             prefs: (0..count).map(|i| topo.ring.owners(key(i), k)).collect(),
             failed: vec![false; topo.nodes.len()],
         };
+        if topo.nodes.iter().any(|n| n.read_fenced()) {
+            for pref in &mut routed.prefs {
+                fence_order(topo, pref, self.replicas);
+            }
+        }
         if topo.nodes.is_empty() {
             let e = no_nodes_error();
             return routed.finish_with(|_| e.clone());
@@ -786,7 +802,7 @@ impl Router {
                 .owners(key, self.replicas)
                 .iter()
                 .copied()
-                .find(|&j| j != n && topo.nodes[j].usable_for(key));
+                .find(|&j| j != n && topo.nodes[j].usable_for(key) && !topo.nodes[j].read_fenced());
             if let Some(j) = next {
                 groups.entry(j).or_default().push(pos);
             }
@@ -1370,6 +1386,9 @@ impl Router {
             _ => |e| e.is_node_fault() && !e.may_have_applied(),
         };
         let mut pref = topo.ring.owners(key, prefix_len(topo, self.replicas));
+        // The op runs on what the primary holds (a touch answers its value,
+        // an increment adds to it): not on a fenced owner's.
+        fence_order(topo, &mut pref, self.replicas);
         let mut failed = vec![false; topo.nodes.len()];
         let mut last = no_nodes_error();
         for _ in 0..self.replicas.max(2) {
@@ -1444,7 +1463,8 @@ impl Router {
             consecutive_failures: failures,
             warming: node.warmth.warming(),
             node_id: node.reported_id().unwrap_or_default(),
-            reads_through: node.warmth.reads_through(Instant::now()),
+            // Fenced reads go to the other owners: so should a client's.
+            reads_through: node.warmth.reads_through(Instant::now()) || node.read_fenced(),
         }
     }
 

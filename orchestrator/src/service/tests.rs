@@ -998,3 +998,65 @@ async fn writes_are_never_hedged() {
         assert!(other.keys_called().is_empty(), "{:?}", other.keys_called());
     }
 }
+
+/// A node coming back is fenced: for a while, reads and the primary of
+/// read-modify-write ops (a touch answers the primary's value) prefer the
+/// key's other owner, while writes still reach it. Another orchestrator
+/// may have deleted the key around it a moment ago.
+#[tokio::test]
+async fn a_fenced_owner_answers_no_read_while_another_owner_can() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    // The first owner holds a value the second no longer has (deleted
+    // around it by another orchestrator).
+    owners[0]
+        .data
+        .lock()
+        .insert("k".into(), (Bytes::from_static(b"stale"), 5));
+    let first = f.node_of(&owners[0]);
+    first.fence_reads(Duration::from_secs(60));
+    assert!(first.read_fenced());
+
+    let got = f.get("k").await.unwrap();
+    assert!(!got.found, "read from the other owner: {got:?}");
+    assert!(
+        owners[0].calls.lock().is_empty(),
+        "no read reached the fenced owner"
+    );
+    let touched = f
+        .router
+        .touch(Request::new(TouchRequest {
+            key: "k".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!touched.found, "touched on the other owner: {touched:?}");
+    assert!(owners[0].calls.lock().is_empty());
+
+    // Writes still reach both owners (the fenced one gets the copy).
+    f.set(set_req("k", "new")).await.unwrap();
+    assert_eq!(&owners[1].data.lock()["k"].0[..], b"new");
+    assert_eq!(owners[0].keys_called(), [vec!["copy k@1".to_owned()]]);
+
+    // A shorter fence does not end a longer one.
+    first.fence_reads(Duration::ZERO);
+    assert!(first.read_fenced());
+}
+
+#[tokio::test]
+async fn a_fenced_owner_answers_reads_again_when_the_fence_is_over() {
+    let f = Fixture::new(3, 2);
+    let owners = f.owners("k");
+    owners[0]
+        .data
+        .lock()
+        .insert("k".into(), (Bytes::from_static(b"v"), 5));
+    let first = f.node_of(&owners[0]);
+    first.fence_reads(Duration::from_millis(30));
+    assert!(!f.get("k").await.unwrap().found);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(!first.read_fenced());
+    assert_eq!(&f.get("k").await.unwrap().value[..], b"v");
+}

@@ -593,8 +593,11 @@ type NodeInfo struct {
 	// True while misses on this node are answered from the key's other
 	// holders (warm handoff's read-through, for --handoff-window after it
 	// joined or restarted): a read sent to it directly could miss a value
-	// the orchestrator would find. Clients that route themselves send its
-	// keys to the orchestrator meanwhile.
+	// the orchestrator would find. Also true for a few seconds after the
+	// node came back (the read fence: one health interval + health timeout
+	// + node timeout), while another orchestrator may still write around
+	// it. Clients that route themselves send its keys to the orchestrator
+	// meanwhile.
 	ReadsThrough  bool `protobuf:"varint,8,opt,name=reads_through,json=readsThrough,proto3" json:"reads_through,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
