@@ -346,7 +346,18 @@ impl Node {
     #[inline]
     pub fn read_fenced(&self) -> bool {
         let until = self.read_fence.load(Ordering::Acquire);
-        until != 0 && fence_nanos(Instant::now()) < until
+        if until == 0 {
+            return false;
+        }
+        if fence_nanos(Instant::now()) < until {
+            return true;
+        }
+        // Over: from now on one load answers (routing asks on every
+        // request), unless a new fence was set meanwhile.
+        let _ = self
+            .read_fence
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed);
+        false
     }
 
     /// Whether calls for `key` may go to this node now: it is routable and
@@ -733,8 +744,9 @@ impl Cluster {
                     // recorded them). Then bring it up to date: keys it
                     // missed updates of are skipped by routing until then.
                     node.park_tried.store(false, Ordering::Release);
-                    let returning = !matches!(node.health().0, State::Healthy);
-                    if restarted || matches!(node.health().0, State::Ejected { .. }) {
+                    let state = node.health().0;
+                    let returning = !matches!(state, State::Healthy);
+                    if restarted || matches!(state, State::Ejected { .. }) {
                         // Before it is readmitted: no read reaches it
                         // unfenced.
                         node.fence_reads(self.settings.handoff.read_fence);
