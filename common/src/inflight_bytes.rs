@@ -222,6 +222,49 @@ impl InFlightBytesLayer {
     pub fn used(&self) -> u64 {
         self.budget.used.load(Ordering::Relaxed)
     }
+
+    /// Registers `ringcache_in_flight_bytes` (held now) and
+    /// `ringcache_in_flight_bytes_limit` in `registry`: read from the
+    /// budget at each scrape, nothing on the call path.
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let used = prometheus::IntGauge::new(
+            "ringcache_in_flight_bytes",
+            "Bytes of requests and responses held by calls in flight now (--max-in-flight-bytes).",
+        )?;
+        let limit = prometheus::IntGauge::new(
+            "ringcache_in_flight_bytes_limit",
+            "The most bytes calls in flight may hold (--max-in-flight-bytes).",
+        )?;
+        limit.set(i64::try_from(self.budget.limit).unwrap_or(i64::MAX));
+        registry.register(Box::new(BudgetCollector {
+            budget: self.budget.clone(),
+            used,
+            limit,
+        }))
+    }
+}
+
+/// The budget's gauges, updated when scraped.
+struct BudgetCollector {
+    budget: Arc<Budget>,
+    used: prometheus::IntGauge,
+    limit: prometheus::IntGauge,
+}
+
+impl prometheus::core::Collector for BudgetCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.used.desc();
+        descs.extend(self.limit.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let used = self.budget.used.load(Ordering::Relaxed);
+        self.used.set(i64::try_from(used).unwrap_or(i64::MAX));
+        let mut families = self.used.collect();
+        families.extend(self.limit.collect());
+        families
+    }
 }
 
 impl<S> Layer<S> for InFlightBytesLayer {
@@ -503,6 +546,29 @@ mod tests {
         assert_eq!(layer.used(), 0, "given back once the answer is gone");
         let again = svc.oneshot(request(10)).await.unwrap();
         assert!(status_of(&again).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_gauges_show_the_bytes_held_when_scraped() {
+        let layer = InFlightBytesLayer::new(1000, "--max-in-flight-bytes");
+        let registry = prometheus::Registry::new();
+        layer.register(&registry).unwrap();
+        let gauge = |name: &str| {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == name)
+                .map(|f| f.get_metric()[0].get_gauge().get_value())
+        };
+        assert_eq!(gauge("ringcache_in_flight_bytes_limit"), Some(1000.0));
+        assert_eq!(gauge("ringcache_in_flight_bytes"), Some(0.0));
+        let svc = layer.layer(echo(1500));
+        let response = svc.oneshot(request(10)).await.unwrap();
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(gauge("ringcache_in_flight_bytes"), Some(1510.0));
+        drop(body);
+        assert_eq!(gauge("ringcache_in_flight_bytes"), Some(0.0));
     }
 
     #[tokio::test]

@@ -256,15 +256,14 @@ pub async fn serve(
     // Spans only when they are exported: the layer costs nothing otherwise.
     let tracing =
         crate::telemetry::tracing_enabled().then(|| ServerTraceLayer::new(services.clone()));
+    let bytes_budget = InFlightBytesLayer::new(max_in_flight_bytes, "--max-in-flight-bytes");
+    bytes_budget.register(&registry)?;
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(grpc_metrics))
         .option_layer(tracing)
         .option_layer(auth)
         .layer(InFlightLimitLayer::new(max_in_flight, "--max-in-flight"))
-        .layer(InFlightBytesLayer::new(
-            max_in_flight_bytes,
-            "--max-in-flight-bytes",
-        ))
+        .layer(bytes_budget)
         .layer(DeadlineLayer::new(request_timeout))
         .layer(ClearRefusalsLayer::new(max_message_bytes));
 

@@ -302,7 +302,8 @@ async fn inconsistent_configuration_is_refused_at_startup() {
 
 #[tokio::test]
 async fn sigterm_drains_then_exits_cleanly() {
-    let mut node = NodeProcess::start(&["--drain-delay", "1s"]).await;
+    // A drain delay long enough for a loaded machine to see it.
+    let mut node = NodeProcess::start(&["--drain-delay", "3s"]).await;
     let url = node.process.grpc_url();
     let mut c = node.cache().await;
     c.set(set("k", b"v")).await.unwrap();
@@ -460,26 +461,20 @@ async fn calls_beyond_the_in_flight_byte_budget_are_refused_and_probes_still_ans
     // A frame announcing 1 MiB, of which 900 KB arrive, and never the rest.
     let mut frame = vec![0u8, 0, 0x10, 0, 0];
     frame.extend(std::iter::repeat_n(0u8, 900_000));
-    // Ask for room beyond the frame: h2 grants it only as the node opens its
-    // window again, i.e. as it reads (and counts) the frame. Waiting for
-    // half a window of it means the node has read all but the last half
-    // window (h2 batches its window updates), so the Sets below cannot be
-    // counted first and make the *large* call the one refused.
-    const SPARE: usize = 32 * 1024;
-    body.reserve_capacity(frame.len() + SPARE);
+    body.reserve_capacity(frame.len());
     body.send_data(bytes::Bytes::from(frame), false).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while body.capacity() < SPARE {
-            if std::future::poll_fn(|cx| body.poll_capacity(cx))
-                .await
-                .is_none()
-            {
-                break;
-            }
+    // Wait until the node counts it (its budget gauge): otherwise the
+    // Sets below could be counted first and make the *large* call the one
+    // refused. (Flow control cannot tell: the frame fits in the node's
+    // initial window, so it is sent before the node reads any of it.)
+    eventually(Duration::from_secs(30), || async {
+        let page = node.process.scrape().await;
+        match metric_value(&page, "ringcache_in_flight_bytes", &[]) {
+            Some(held) if held >= 900_000.0 => Ok(()),
+            other => Err(format!("the node holds {other:?} bytes of the large call")),
         }
     })
-    .await
-    .expect("the node reads the large frame");
+    .await;
 
     let mut cache = node.cache().await;
     let big = SetRequest {
